@@ -1,0 +1,130 @@
+//! The operator CLI: global flags, the subcommand tree, exit codes (0 ok, 1 refused or failed,
+//! 2 usage error) and output (human text, or one JSON document with `--json`).
+
+mod check_config;
+mod init;
+mod routing;
+mod stores;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use switchyard_proxy::telemetry::LogFormat;
+use switchyard_store::Config;
+
+use crate::context::Context;
+
+/// Switchyard control plane: move tenants between event stores with zero downtime.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-control", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML); SWITCHYARD_* variables override it. Without one: the embedded default.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON document instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the control schema and every configured store's schema.
+    Init(init::Args),
+    /// Validate a config file and say what is wrong.
+    CheckConfig(check_config::Args),
+    /// Configured stores and whether each is reachable with its schema.
+    #[command(subcommand)]
+    Stores(stores::Command),
+    /// Read or set tenant routes.
+    #[command(subcommand)]
+    Routing(routing::Command),
+}
+
+/// Why a command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The operation was refused (wrong state, unknown id…): exit 1.
+    #[error("{0}")]
+    Refused(String),
+    /// The operation failed (a database error…): exit 1.
+    #[error("{0}")]
+    Failed(String),
+    /// The command line or config is wrong: exit 2.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Refused(_) | Self::Failed(_) => ExitCode::from(1),
+            Self::Usage(_) => ExitCode::from(2),
+        }
+    }
+}
+
+/// Prints a result as JSON or through its text form.
+pub fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value)
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        );
+    } else {
+        let text = text(value);
+        if !text.is_empty() {
+            println!("{}", text.trim_end());
+        }
+    }
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json = cli.json;
+    let result = match cli.command {
+        Command::CheckConfig(args) => check_config::run(cli.config.as_deref(), &args, json),
+        command => match Config::load(cli.config.as_deref()) {
+            Err(e) => Err(CliError::Usage(e.to_string())),
+            Ok(config) => {
+                let mut ctx = Context::new(config);
+                let result = dispatch(&mut ctx, command, json).await;
+                ctx.close().await;
+                result
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                let kind = match e {
+                    CliError::Refused(_) => "refused",
+                    CliError::Failed(_) => "failed",
+                    CliError::Usage(_) => "usage",
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": kind, "message": e.to_string() })
+                );
+            }
+            eprintln!("switchyard-control: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+    match command {
+        Command::Init(args) => init::run(ctx, &args, json).await,
+        Command::Stores(command) => stores::run(ctx, command, json).await,
+        Command::Routing(command) => routing::run(ctx, command, json).await,
+        Command::CheckConfig(_) => unreachable!("handled before a context is built"),
+    }
+}

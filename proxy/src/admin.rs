@@ -1,0 +1,216 @@
+//! The admin port: health, readiness, metrics, the routing table, reloads. Mutating calls
+//! need the configured bearer token (compared in constant time).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::error::{json_response, ApiError, Body};
+use crate::routing::{Route, UNKNOWN_STORE};
+use crate::AppState;
+
+/// How long `/readyz` waits for each store to answer.
+const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most routes `GET /admin/routes` lists (the count is always given).
+const LIST_LIMIT: usize = 1000;
+
+pub fn service(
+    state: Arc<AppState>,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |request: Request<Incoming>| {
+        let state = Arc::clone(&state);
+        async move {
+            Ok::<_, Infallible>(match handle(&state, request).await {
+                Ok(response) => response,
+                Err(e) => e.into_response(),
+            })
+        }
+    })
+}
+
+async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, ["readyz"]) => Ok(ready(state).await),
+        (&Method::GET, ["metrics"]) => {
+            let mut response = text(StatusCode::OK, &state.metrics.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(response)
+        }
+        (&Method::GET, ["admin", "routes"]) => Ok(list_routes(state)),
+        (&Method::GET, ["admin", "routes", tenant]) => {
+            let tenant = Uuid::parse_str(tenant).map_err(|_| {
+                ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
+            })?;
+            let table = state.routes.load();
+            let has_row = table.row(&tenant).is_some();
+            let mut body = route_json(state, &tenant, table.get(&tenant));
+            body["has_row"] = json!(has_row);
+            body["table_epoch"] = json!(table.epoch());
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        (&Method::POST, ["admin", "routes", "reload"]) => {
+            authorize(state, &request)?;
+            let epoch = crate::watcher::reload(state, "admin").await.map_err(|e| {
+                ApiError::StoreUnavailable {
+                    store_id: "control".to_owned(),
+                    source: Some(e),
+                }
+            })?;
+            Ok(json_response(StatusCode::OK, &json!({ "epoch": epoch })))
+        }
+        (_, ["healthz" | "readyz" | "metrics"] | ["admin", "routes", ..]) => {
+            Err(ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                allow: if path.ends_with("/reload") {
+                    "POST"
+                } else {
+                    "GET"
+                },
+            })
+        }
+        _ => Err(ApiError::NotFound {
+            method: method.to_string(),
+            path,
+        }),
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+pub fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), ApiError> {
+    let expected = state.config.proxy.admin_token.as_bytes();
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .as_bytes();
+    if constant_time_eq(given, expected) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, byte) in b.iter().enumerate() {
+        diff |= byte ^ a.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+async fn ready(state: &AppState) -> Response<Body> {
+    let mut problems = Vec::new();
+    if state.is_shutting_down() {
+        problems.push("shutting down".to_owned());
+    }
+    if !state.routes.is_loaded() {
+        problems.push("routing table not loaded yet".to_owned());
+    }
+    let pings = state.stores.iter().map(|store| async move {
+        match tokio::time::timeout(READY_PING_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("store {} unreachable: {e}", store.id())),
+            Err(_) => Some(format!(
+                "store {} did not answer within {READY_PING_TIMEOUT:?}",
+                store.id()
+            )),
+        }
+    });
+    problems.extend(
+        futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .flatten(),
+    );
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &json!({ "ready": problems.is_empty(), "problems": problems }),
+    )
+}
+
+fn list_routes(state: &AppState) -> Response<Body> {
+    let table = state.routes.load();
+    let routes: Vec<_> = table
+        .iter()
+        .take(LIST_LIMIT)
+        .map(|(tenant, route)| route_json(state, tenant, route))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "epoch": table.epoch(),
+            "loaded": state.routes.is_loaded(),
+            "default_store": state.store_name(table.default_route().store),
+            "tenants": table.len(),
+            "truncated": table.len() > LIST_LIMIT,
+            "routes": routes,
+        }),
+    )
+}
+
+fn route_json(state: &AppState, tenant: &Uuid, route: &Route) -> serde_json::Value {
+    json!({
+        "tenant_id": tenant,
+        "state": route.state,
+        "store_id": state.store_name(route.store),
+        "target_store_id": route.target.map(|t| state.store_name(t)),
+        "epoch": route.epoch,
+        "migration_id": route.migration_id,
+        "store_configured": route.store != UNKNOWN_STORE,
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+}

@@ -1,0 +1,664 @@
+//! The data-plane API (DESIGN.md "Data-plane HTTP API"): path routing, request decoding and
+//! validation, and the three handlers.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use switchyard_store::{AppendError, NewEvent, StoreError, StoredEvent, StreamRef};
+use uuid::Uuid;
+
+use crate::error::{json_response, ApiError, Body};
+use crate::gate::{self, Until};
+use crate::routing::Route;
+use crate::AppState;
+
+/// Largest `limit` a read may ask for.
+pub const MAX_READ_LIMIT: u32 = 10_000;
+const DEFAULT_READ_LIMIT: u32 = 1000;
+/// How often one append follows a moved fence to a newer route before giving up.
+const MAX_REROUTES: usize = 3;
+
+/// A parsed data-plane path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Stream {
+        tenant: Uuid,
+        aggregate_type: String,
+        aggregate_id: Uuid,
+    },
+    Feed {
+        tenant: Uuid,
+    },
+}
+
+impl Endpoint {
+    /// The metric label of a request (bounded).
+    pub fn operation(method: &Method, path: &str) -> &'static str {
+        let segments = path.trim_matches('/').split('/').count();
+        match (method, segments) {
+            (&Method::POST, 7) => "append",
+            (&Method::GET, 7) => "read_stream",
+            (&Method::GET, 4) => "read_feed",
+            _ => "other",
+        }
+    }
+
+    /// Parses `/v1/tenants/{t}/streams/{type}/{id}/events` and `/v1/tenants/{t}/events`.
+    pub fn parse(path: &str, max_field_bytes: usize) -> Result<Option<Self>, ApiError> {
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        match segments.as_slice() {
+            ["v1", "tenants", tenant, "streams", aggregate_type, aggregate_id, "events"] => {
+                let aggregate_type = percent_decode(aggregate_type).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_path",
+                        "aggregate_type is not valid percent-encoded UTF-8",
+                    )
+                })?;
+                if aggregate_type.is_empty() || aggregate_type.len() > max_field_bytes {
+                    return Err(ApiError::invalid(
+                        "invalid_event",
+                        format!("aggregate_type must be 1 to {max_field_bytes} bytes"),
+                    ));
+                }
+                if aggregate_type.contains('\0') {
+                    return Err(ApiError::invalid(
+                        "invalid_event",
+                        "aggregate_type contains a NUL character",
+                    ));
+                }
+                Ok(Some(Self::Stream {
+                    tenant: parse_id(tenant, "tenant_id")?,
+                    aggregate_type,
+                    aggregate_id: parse_id(aggregate_id, "aggregate_id")?,
+                }))
+            }
+            ["v1", "tenants", tenant, "events"] => Ok(Some(Self::Feed {
+                tenant: parse_id(tenant, "tenant_id")?,
+            })),
+            _ => Ok(None),
+        }
+    }
+}
+
+fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} {text:?} is not a UUID")))
+}
+
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The append body as sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendBody {
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+    pub events: Vec<EventBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBody {
+    #[serde(default)]
+    pub event_id: Option<Uuid>,
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    #[serde(default)]
+    pub actor_id: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+/// Limits that decoding enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_field_bytes: usize,
+}
+
+/// A decoded, validated append.
+#[derive(Debug)]
+pub struct AppendCommand {
+    pub expected_version: Option<i32>,
+    pub events: Vec<NewEvent>,
+}
+
+/// Decodes and validates an append body: 400 for what is not the right JSON, 422 for events
+/// that are well-formed but not acceptable.
+pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiError> {
+    let parsed: AppendBody = serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::bad_request("malformed_json", format!("body is not valid JSON: {e}"))
+        } else {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("body does not match the append schema: {e}"),
+            )
+        }
+    })?;
+    let expected_version = match parsed.expected_version {
+        None => None,
+        Some(v) => Some(i32::try_from(v).ok().filter(|v| *v >= 0).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("expected_version {v} must be between 0 and {}", i32::MAX),
+            )
+        })?),
+    };
+    if parsed.events.is_empty() {
+        return Err(ApiError::invalid(
+            "empty_append",
+            "events must hold at least one event",
+        ));
+    }
+    if parsed.events.len() > limits.max_events {
+        return Err(ApiError::invalid(
+            "too_many_events",
+            format!(
+                "{} events in one append; the limit is {}",
+                parsed.events.len(),
+                limits.max_events
+            ),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(parsed.events.len());
+    let mut events = Vec::with_capacity(parsed.events.len());
+    for (i, event) in parsed.events.into_iter().enumerate() {
+        let field = |name: &str, value: &str, required: bool| -> Result<(), ApiError> {
+            if (required && value.is_empty()) || value.len() > limits.max_field_bytes {
+                return Err(ApiError::invalid(
+                    "invalid_event",
+                    format!(
+                        "events[{i}].{name} must be 1 to {} bytes",
+                        limits.max_field_bytes
+                    ),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(ApiError::invalid(
+                    "invalid_event",
+                    format!("events[{i}].{name} contains a NUL character"),
+                ));
+            }
+            Ok(())
+        };
+        field("event_type", &event.event_type, true)?;
+        if let Some(actor) = &event.actor_id {
+            field("actor_id", actor, false)?;
+        }
+        if !event.payload.get().trim_start().starts_with('{') {
+            return Err(ApiError::invalid(
+                "invalid_event",
+                format!("events[{i}].payload must be a JSON object"),
+            ));
+        }
+        // PostgreSQL's jsonb cannot hold U+0000; refuse it here rather than fail in the store.
+        if event.payload.get().contains("\\u0000") {
+            return Err(ApiError::invalid(
+                "invalid_event",
+                format!("events[{i}].payload contains \\u0000, which event stores cannot hold"),
+            ));
+        }
+        let timestamp = event
+            .timestamp
+            .as_deref()
+            .map(|t| {
+                DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        ApiError::invalid(
+                            "invalid_event",
+                            format!("events[{i}].timestamp {t:?} is not RFC 3339: {e}"),
+                        )
+                    })
+            })
+            .transpose()?;
+        let event_id = event.event_id.unwrap_or_else(Uuid::now_v7);
+        if !seen.insert(event_id) {
+            return Err(ApiError::invalid(
+                "duplicate_event_id",
+                format!("event_id {event_id} appears twice in this append"),
+            ));
+        }
+        events.push(NewEvent::new(
+            event_id,
+            event.event_type,
+            event.payload,
+            event.actor_id,
+            timestamp,
+        ));
+    }
+    Ok(AppendCommand {
+        expected_version,
+        events,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct AppendReply<'a> {
+    store_id: &'a str,
+    first_version: i32,
+    last_version: i32,
+    global_positions: Vec<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct EventReply<'a> {
+    #[serde(flatten)]
+    event: &'a StoredEvent,
+    store_id: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ReadReply<'a> {
+    store_id: &'a str,
+    events: Vec<EventReply<'a>>,
+    /// Where the next page starts: the next version (streams) or position (feed).
+    next: Option<i64>,
+}
+
+/// Handles one data-plane request; every failure is already a reply.
+pub async fn handle(
+    state: Arc<AppState>,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    match route(&state, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(
+    state: &AppState,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let Some(endpoint) = Endpoint::parse(&path, state.config.proxy.max_field_bytes)? else {
+        return Err(ApiError::NotFound {
+            method: method.to_string(),
+            path,
+        });
+    };
+    let query = request.uri().query().unwrap_or("").to_owned();
+    match (endpoint, method) {
+        (
+            Endpoint::Stream {
+                tenant,
+                aggregate_type,
+                aggregate_id,
+            },
+            Method::POST,
+        ) => {
+            let body = read_body(state, request).await?;
+            let command = decode_append(
+                &body,
+                Limits {
+                    max_events: state.config.proxy.max_events_per_append,
+                    max_field_bytes: state.config.proxy.max_field_bytes,
+                },
+            )?;
+            let stream = StreamRef {
+                tenant_id: tenant,
+                aggregate_type: &aggregate_type,
+                aggregate_id,
+            };
+            state.metrics.appends_in_flight.inc();
+            let result = append(state, stream, command).await;
+            state.metrics.appends_in_flight.dec();
+            result
+        }
+        (
+            Endpoint::Stream {
+                tenant,
+                aggregate_type,
+                aggregate_id,
+            },
+            Method::GET,
+        ) => {
+            let (from, limit) = read_params(&query, "from_version")?;
+            let from = i32::try_from(from.max(1)).map_err(|_| {
+                ApiError::bad_request("invalid_query", "from_version is out of range")
+            })?;
+            let route = *state.routes.load().get(&tenant);
+            let store = state.store(route.store)?;
+            let stream = StreamRef {
+                tenant_id: tenant,
+                aggregate_type: &aggregate_type,
+                aggregate_id,
+            };
+            let events = store
+                .read_stream(stream, from, limit)
+                .await
+                .map_err(|e| store_error(store.id(), e))?;
+            let next = (events.len() == limit as usize)
+                .then(|| events.last().map(|e| i64::from(e.version) + 1))
+                .flatten();
+            Ok(read_reply(store.id(), &events, next))
+        }
+        (Endpoint::Feed { tenant }, Method::GET) => {
+            let (after, limit) = read_params(&query, "after_position")?;
+            let route = *state.routes.load().get(&tenant);
+            let store = state.store(route.store)?;
+            let events = store
+                .read_tenant(tenant, after, limit)
+                .await
+                .map_err(|e| store_error(store.id(), e))?;
+            let next = (events.len() == limit as usize)
+                .then(|| events.last().map(|e| e.global_position))
+                .flatten();
+            Ok(read_reply(store.id(), &events, next))
+        }
+        (Endpoint::Stream { .. }, method) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "GET, POST",
+        }),
+        (Endpoint::Feed { .. }, method) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "GET",
+        }),
+    }
+}
+
+/// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
+/// route that replaced the stale one, so the client sees only latency.
+async fn append(
+    state: &AppState,
+    stream: StreamRef<'_>,
+    command: AppendCommand,
+) -> Result<Response<Body>, ApiError> {
+    let mut route: Route = *state.routes.load().get(&stream.tenant_id);
+    let mut reroutes = 0;
+    loop {
+        if route.state == switchyard_store::RoutingState::CutoverPaused {
+            route = gate::wait(state, stream.tenant_id, Until::Open).await?;
+        }
+        let store = state.store(route.store)?;
+        match store
+            .append(stream, command.expected_version, &command.events)
+            .await
+        {
+            Ok(appended) => {
+                let reply = AppendReply {
+                    store_id: store.id(),
+                    first_version: appended.first_version,
+                    last_version: appended.last_version,
+                    global_positions: appended.global_positions,
+                };
+                return Ok(json_response(StatusCode::CREATED, &reply));
+            }
+            Err(AppendError::Fenced { moved_to }) => {
+                state.metrics.fence_rejections.inc();
+                tracing::info!(tenant.id = %stream.tenant_id, store.id = store.id(), %moved_to,
+                    "fence moved; reloading routing and re-routing the append");
+                reroutes += 1;
+                if reroutes > MAX_REROUTES {
+                    return Err(ApiError::WritesPaused { retry_after_s: 1 });
+                }
+                let _ = crate::watcher::reload(state, "fence").await;
+                route = gate::wait(
+                    state,
+                    stream.tenant_id,
+                    Until::OpenAfter { epoch: route.epoch },
+                )
+                .await?;
+            }
+            Err(AppendError::Store(e)) => return Err(store_error(store.id(), e)),
+            Err(other) => return Err(other.into()),
+        }
+    }
+}
+
+fn store_error(store_id: &str, e: StoreError) -> ApiError {
+    if e.is_retryable() {
+        ApiError::StoreUnavailable {
+            store_id: store_id.to_owned(),
+            source: Some(e),
+        }
+    } else {
+        ApiError::Internal(Box::new(e))
+    }
+}
+
+fn read_reply(store_id: &str, events: &[StoredEvent], next: Option<i64>) -> Response<Body> {
+    let reply = ReadReply {
+        store_id,
+        events: events
+            .iter()
+            .map(|event| EventReply { event, store_id })
+            .collect(),
+        next,
+    };
+    json_response(StatusCode::OK, &reply)
+}
+
+/// Parses `{start_name}=N&limit=M`; unknown parameters are an error (a typo would otherwise
+/// silently read from the start).
+fn read_params(query: &str, start_name: &str) -> Result<(i64, u32), ApiError> {
+    let mut start = 0i64;
+    let mut limit = DEFAULT_READ_LIMIT;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == start_name {
+            start = value.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("{start_name} {value:?} is not a whole number >= 0"),
+                )
+            })?;
+        } else if key == "limit" {
+            limit = value
+                .parse()
+                .ok()
+                .filter(|v| (1..=MAX_READ_LIMIT).contains(v))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("limit {value:?} must be 1 to {MAX_READ_LIMIT}"),
+                    )
+                })?;
+        } else {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown query parameter {key:?} (expected {start_name}, limit)"),
+            ));
+        }
+    }
+    Ok((start, limit))
+}
+
+/// Reads the body under the size limit: a declared length over it is refused before reading.
+async fn read_body(
+    state: &AppState,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Bytes, ApiError> {
+    let limit = state.config.proxy.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("reading the body failed: {e}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: Limits = Limits {
+        max_events: 3,
+        max_field_bytes: 16,
+    };
+
+    fn code(e: ApiError) -> (u16, String) {
+        let response = e.into_response();
+        let status = response.status().as_u16();
+        (status, format!("{response:?}"))
+    }
+
+    #[test]
+    fn paths_parse_and_reject() {
+        let t = Uuid::new_v4();
+        let a = Uuid::new_v4();
+        assert_eq!(
+            Endpoint::parse(
+                &format!("/v1/tenants/{t}/streams/Order%20Line/{a}/events"),
+                64
+            )
+            .ok()
+            .flatten(),
+            Some(Endpoint::Stream {
+                tenant: t,
+                aggregate_type: "Order Line".into(),
+                aggregate_id: a
+            })
+        );
+        assert_eq!(
+            Endpoint::parse(&format!("/v1/tenants/{t}/events"), 64)
+                .ok()
+                .flatten(),
+            Some(Endpoint::Feed { tenant: t })
+        );
+        assert!(matches!(Endpoint::parse("/v2/x", 64), Ok(None)));
+        assert!(matches!(
+            Endpoint::parse("/v1/tenants/nope/events", 64),
+            Err(ApiError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            Endpoint::parse(
+                &format!("/v1/tenants/{t}/streams/{}/{a}/events", "x".repeat(65)),
+                64
+            ),
+            Err(ApiError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn decoding_sorts_errors_into_400_and_422() {
+        let cases: &[(&str, u16)] = &[
+            ("{", 400),
+            ("[]", 400),
+            (
+                r#"{"events":[{"event_type":"A","payload":{}}],"extra":1}"#,
+                400,
+            ),
+            (
+                r#"{"events":[{"event_id":"nope","event_type":"A","payload":{}}]}"#,
+                400,
+            ),
+            (
+                r#"{"expected_version":-1,"events":[{"event_type":"A","payload":{}}]}"#,
+                400,
+            ),
+            (r#"{"events":[]}"#, 422),
+            (
+                r#"{"events":[{"event_type":"A","payload":{}},{"event_type":"A","payload":{}},{"event_type":"A","payload":{}},{"event_type":"A","payload":{}}]}"#,
+                422,
+            ),
+            (r#"{"events":[{"event_type":"","payload":{}}]}"#, 422),
+            (
+                r#"{"events":[{"event_type":"AAAAAAAAAAAAAAAAA","payload":{}}]}"#,
+                422,
+            ),
+            (r#"{"events":[{"event_type":"A","payload":[1]}]}"#, 422),
+            (
+                r#"{"events":[{"event_type":"A","payload":{"x":"\u0000"}}]}"#,
+                422,
+            ),
+            (
+                r#"{"events":[{"event_type":"A","payload":{},"timestamp":"yesterday"}]}"#,
+                422,
+            ),
+            (
+                r#"{"events":[{"event_id":"0190a6e0-0000-7000-8000-000000000001","event_type":"A","payload":{}},{"event_id":"0190a6e0-0000-7000-8000-000000000001","event_type":"A","payload":{}}]}"#,
+                422,
+            ),
+        ];
+        for (body, status) in cases {
+            let err = decode_append(body.as_bytes(), LIMITS).expect_err(body);
+            assert_eq!(code(err).0, *status, "{body}");
+        }
+        let ok = decode_append(
+            br#"{"expected_version":null,"events":[{"event_type":"A","payload":{"a":1},"actor_id":"me","timestamp":"2024-01-15T10:30:00.1234567Z"}]}"#,
+            LIMITS,
+        )
+        .expect("valid");
+        assert_eq!(ok.expected_version, None);
+        assert_eq!(
+            ok.events[0].timestamp.map(|t| t.timestamp_subsec_nanos()),
+            Some(123_456_000)
+        );
+    }
+
+    #[test]
+    fn read_params_validate() {
+        assert_eq!(
+            read_params("", "from_version").ok(),
+            Some((0, DEFAULT_READ_LIMIT))
+        );
+        assert_eq!(
+            read_params("from_version=5&limit=2", "from_version").ok(),
+            Some((5, 2))
+        );
+        for bad in [
+            "limit=0",
+            "limit=100001",
+            "from_version=-1",
+            "from_version=x",
+            "colour=red",
+        ] {
+            assert!(read_params(bad, "from_version").is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        /// Decoding never panics, whatever the bytes.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_append(&bytes, LIMITS);
+        }
+
+        /// Every valid event list decodes with its ids kept and its count intact.
+        #[test]
+        fn valid_events_decode(n in 1usize..=3, ty in "[A-Za-z]{1,16}") {
+            let events: Vec<String> = (0..n).map(|_| format!(r#"{{"event_id":"{}","event_type":"{ty}","payload":{{"k":1}}}}"#, Uuid::new_v4())).collect();
+            let body = format!(r#"{{"events":[{}]}}"#, events.join(","));
+            let decoded = decode_append(body.as_bytes(), LIMITS).expect("valid");
+            prop_assert_eq!(decoded.events.len(), n);
+        }
+    }
+}

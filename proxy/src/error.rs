@@ -1,0 +1,212 @@
+//! Errors of the request path, and the one place they become HTTP replies.
+//!
+//! Each error knows its kind (client, conflict, unavailable, internal) and whether a retry can
+//! help; internal details are logged here once and never sent to the client.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Map, Value};
+use switchyard_store::{AppendError, StoreError};
+
+pub type Body = Full<Bytes>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("no such route: {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("method {method} is not allowed here (allowed: {allow})")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("version conflict: expected version {}, stream is at version {actual}", expected.map_or_else(|| "any".to_owned(), |v| v.to_string()))]
+    VersionConflict { expected: Option<i32>, actual: i32 },
+    #[error("an event id of this append is already used by a different event")]
+    EventIdReused,
+    #[error("the stream does not exist for this tenant")]
+    StreamNotFound,
+    #[error("writes for this tenant are paused for a cutover; retry shortly")]
+    WritesPaused { retry_after_s: u64 },
+    #[error("store {store_id} is unavailable")]
+    StoreUnavailable {
+        store_id: String,
+        source: Option<StoreError>,
+    },
+    #[error("the proxy is overloaded; retry shortly")]
+    Overloaded,
+    #[error("the request took longer than {0} ms")]
+    Timeout(u64),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The coarse class of an error, for metrics and for clients deciding whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Client,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client_error",
+            Self::Conflict => "conflict",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::BadRequest { .. }
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::Invalid { .. }
+            | Self::StreamNotFound
+            | Self::Unauthorized => Kind::Client,
+            Self::VersionConflict { .. } | Self::EventIdReused => Kind::Conflict,
+            Self::WritesPaused { .. }
+            | Self::StoreUnavailable { .. }
+            | Self::Overloaded
+            | Self::Timeout(_) => Kind::Unavailable,
+            Self::Internal(_) => Kind::Internal,
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == Kind::Unavailable
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound { .. } | Self::StreamNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::VersionConflict { .. } | Self::EventIdReused => StatusCode::CONFLICT,
+            Self::WritesPaused { .. } | Self::StoreUnavailable { .. } | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } | Self::Invalid { code, .. } => code,
+            Self::NotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::VersionConflict { .. } => "version_conflict",
+            Self::EventIdReused => "event_id_conflict",
+            Self::StreamNotFound => "stream_not_found",
+            Self::WritesPaused { .. } => "writes_paused",
+            Self::StoreUnavailable { .. } => "store_unavailable",
+            Self::Overloaded => "overloaded",
+            Self::Timeout(_) => "timeout",
+            Self::Unauthorized => "unauthorized",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The reply. Internal and store errors are logged here, once, with their cause.
+    pub fn into_response(self) -> Response<Body> {
+        match &self {
+            Self::Internal(cause) => tracing::error!(error = %cause, "internal error"),
+            Self::StoreUnavailable {
+                store_id,
+                source: Some(cause),
+            } => tracing::warn!(store.id = %store_id, error = %cause, "store unavailable"),
+            _ => {}
+        }
+        let mut body = Map::new();
+        body.insert("error".into(), json!(self.code()));
+        body.insert("message".into(), json!(self.to_string()));
+        body.insert("retryable".into(), json!(self.is_retryable()));
+        let mut retry_after = None;
+        let mut allow = None;
+        match &self {
+            Self::VersionConflict { expected, actual } => {
+                body.insert("expected_version".into(), json!(expected));
+                body.insert("actual_version".into(), json!(actual));
+            }
+            Self::WritesPaused { retry_after_s } => retry_after = Some(*retry_after_s),
+            Self::Overloaded | Self::StoreUnavailable { .. } => retry_after = Some(1),
+            Self::PayloadTooLarge { limit } => {
+                body.insert("limit_bytes".into(), json!(limit));
+            }
+            Self::MethodNotAllowed { allow: a, .. } => allow = Some(*a),
+            _ => {}
+        }
+        let mut response = json_response(self.status(), &Value::Object(body));
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(allow) = allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::VersionConflict { expected, actual } => {
+                Self::VersionConflict { expected, actual }
+            }
+            AppendError::EventIdReused => Self::EventIdReused,
+            AppendError::StreamOfOtherTenant => Self::StreamNotFound,
+            // The caller re-routes on a fence before it gets here; if it does get here, the
+            // tenant is mid-cutover from this proxy's point of view.
+            AppendError::Fenced { .. } => Self::WritesPaused { retry_after_s: 1 },
+            AppendError::Store(e) => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+/// A JSON reply.
+pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

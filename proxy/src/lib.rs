@@ -1,0 +1,220 @@
+//! `switchyard-proxy`: the data-plane sidecar.
+//!
+//! Applications append and read events through it over HTTP. It routes each tenant through a
+//! lock-free, swappable routing table, holds a tenant's writers at a gate during its cutover,
+//! follows moved fences to the new store, and serves health, readiness, metrics and the routing
+//! table on a separate admin port. [`App::build`] and [`App::run`] let tests start the real
+//! thing in-process on `127.0.0.1:0`.
+
+pub mod admin;
+pub mod api;
+pub mod error;
+pub mod gate;
+pub mod metrics;
+pub mod routing;
+pub mod server;
+pub mod telemetry;
+pub mod watcher;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_store::{Config, ControlDb, EventStore, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex, Notify};
+
+use crate::error::ApiError;
+use crate::metrics::ProxyMetrics;
+use crate::routing::{Routes, RoutingTable, StoreIdx};
+
+/// Everything a request handler needs, shared by all connections.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub stores: Vec<EventStore>,
+    store_index: HashMap<String, StoreIdx>,
+    pub default_store: StoreIdx,
+    pub control: ControlDb,
+    pub routes: Routes,
+    pub metrics: ProxyMetrics,
+    /// Serialises reloads (see `watcher::reload`).
+    pub(crate) reload_lock: Mutex<()>,
+    /// Wakes the watcher to reload now (a notification arrived).
+    pub(crate) reload_now: Notify,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// The index of a configured store.
+    pub fn store_index(&self, id: &str) -> Option<StoreIdx> {
+        self.store_index.get(id).copied()
+    }
+
+    /// The store a route names, or 503 when this proxy does not have it configured.
+    pub fn store(&self, idx: StoreIdx) -> Result<&EventStore, ApiError> {
+        self.stores
+            .get(usize::from(idx))
+            .ok_or_else(|| ApiError::StoreUnavailable {
+                store_id: "<not configured on this proxy>".to_owned(),
+                source: None,
+            })
+    }
+
+    /// A store's id for display.
+    pub fn store_name(&self, idx: StoreIdx) -> String {
+        self.stores
+            .get(usize::from(idx))
+            .map_or_else(|| "<unknown>".to_owned(), |s| s.id().to_owned())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("store {id}: {source}")]
+    Store { id: String, source: StoreError },
+    #[error("control database: {0}")]
+    Control(StoreError),
+    #[error("too many stores configured ({0}); at most {max}", max = StoreIdx::MAX - 1)]
+    TooManyStores(usize),
+}
+
+/// A built proxy, ready to run.
+#[derive(Debug, Clone)]
+pub struct App {
+    state: Arc<AppState>,
+}
+
+impl App {
+    /// Opens (lazily connecting) pools on every store and the control database. Nothing here
+    /// waits for a database: a proxy starts while one is down and reports itself unready.
+    pub fn build(config: Config) -> Result<Self, BuildError> {
+        if config.stores.len() >= usize::from(StoreIdx::MAX) {
+            return Err(BuildError::TooManyStores(config.stores.len()));
+        }
+        let mut stores = Vec::with_capacity(config.stores.len());
+        let mut store_index = HashMap::new();
+        for (i, store) in config.stores.iter().enumerate() {
+            let connected = EventStore::connect(&store.id, &store.url, store.max_connections)
+                .map_err(|source| BuildError::Store {
+                    id: store.id.clone(),
+                    source,
+                })?;
+            stores.push(connected);
+            store_index.insert(
+                store.id.clone(),
+                StoreIdx::try_from(i).expect("checked above"),
+            );
+        }
+        let default_store = *store_index
+            .get(&config.default_store)
+            .expect("validated config names a configured default store");
+        let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
+        let state = AppState {
+            stores,
+            store_index,
+            default_store,
+            control,
+            routes: Routes::new(RoutingTable::empty(default_store)),
+            metrics: ProxyMetrics::new(),
+            reload_lock: Mutex::new(()),
+            reload_now: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+            config,
+        };
+        Ok(Self {
+            state: Arc::new(state),
+        })
+    }
+
+    /// Creates the schemas of embedded (SQLite) databases, so the embedded default runs with no
+    /// `init`. PostgreSQL databases are left to `switchyard-control init`.
+    pub async fn prepare_embedded(&self) -> Result<(), BuildError> {
+        if self.state.control.is_embedded() {
+            self.state
+                .control
+                .ensure_schema()
+                .await
+                .map_err(BuildError::Control)?;
+        }
+        for store in self.state.stores.iter().filter(|s| s.is_embedded()) {
+            store
+                .ensure_schema()
+                .await
+                .map_err(|source| BuildError::Store {
+                    id: store.id().to_owned(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves the data plane on `data` and the admin port on `admin` until `shutdown`
+    /// completes; then readiness goes 503, listeners close, in-flight requests drain within
+    /// the grace period, and pools close last.
+    pub async fn run(
+        self,
+        data: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let state = self.state;
+        let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = tokio::spawn(watcher::run(Arc::clone(&state), stop_rx.clone()));
+        let admin_server = tokio::spawn(server::serve(
+            admin,
+            admin::service(Arc::clone(&state)),
+            stop_rx.clone(),
+            Duration::from_secs(1),
+        ));
+        let data_server = server::serve(
+            data,
+            server::data_service(Arc::clone(&state)),
+            stop_rx,
+            grace,
+        );
+        tokio::pin!(data_server);
+        tokio::select! {
+            () = &mut data_server => {}
+            () = shutdown => {
+                tracing::info!("shutting down: readiness off, draining requests");
+                state.shutting_down.store(true, Ordering::Release);
+                let _ = stop_tx.send(true);
+                data_server.await;
+            }
+        }
+        let _ = admin_server.await;
+        watcher.abort();
+        for store in &state.stores {
+            store.close().await;
+        }
+        state.control.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Binds the configured data and admin addresses.
+pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)> {
+    let data: SocketAddr = config.proxy.listen.parse().map_err(std::io::Error::other)?;
+    let admin: SocketAddr = config
+        .proxy
+        .admin_listen
+        .parse()
+        .map_err(std::io::Error::other)?;
+    Ok((
+        TcpListener::bind(data).await?,
+        TcpListener::bind(admin).await?,
+    ))
+}

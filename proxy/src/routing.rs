@@ -1,0 +1,290 @@
+//! The routing table: tenant → route, read lock-free by every request.
+//!
+//! The table is immutable once built and published through `ArcSwap`; a request takes one
+//! snapshot (`Routes::load`) and uses it to the end. Tenants are spread over [`SHARDS`]
+//! shards, each an `Arc<HashMap>`, so applying a change clones only the shards it touches
+//! (about 4,000 entries each at a million tenants) instead of the whole map, and the new table
+//! shares every other shard with the old one. A change is applied whole or not at all.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use switchyard_store::{RouteRecord, RoutingState};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Index of a store in the proxy's configured store list.
+pub type StoreIdx = u16;
+
+/// A route naming a store this proxy does not have configured; requests for it fail with 503.
+pub const UNKNOWN_STORE: StoreIdx = StoreIdx::MAX;
+
+const SHARDS: usize = 256;
+
+/// Where one tenant's requests go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub state: RoutingState,
+    /// The authoritative store (the source while migrating).
+    pub store: StoreIdx,
+    /// The migration's target, while one is active.
+    pub target: Option<StoreIdx>,
+    pub epoch: i64,
+    pub migration_id: Option<Uuid>,
+}
+
+impl Route {
+    pub fn normal(store: StoreIdx) -> Self {
+        Self {
+            state: RoutingState::Normal,
+            store,
+            target: None,
+            epoch: 0,
+            migration_id: None,
+        }
+    }
+}
+
+/// Hashes UUIDs (already random) with one multiply per word instead of SipHash.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UuidHasher(u64);
+
+impl Hasher for UuidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_usize(&mut self, _len: usize) {
+        // The length prefix `Hash for [u8]` writes is always 16 for a UUID: nothing to mix.
+    }
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BuildUuidHasher;
+
+impl BuildHasher for BuildUuidHasher {
+    type Hasher = UuidHasher;
+    fn build_hasher(&self) -> UuidHasher {
+        UuidHasher::default()
+    }
+}
+
+type Shard = HashMap<Uuid, Route, BuildUuidHasher>;
+
+fn shard_of(tenant: &Uuid) -> usize {
+    // The last byte is random in both v4 and v7 UUIDs.
+    usize::from(tenant.as_bytes()[15]) % SHARDS
+}
+
+/// One immutable version of the routing table.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    epoch: i64,
+    default: Route,
+    shards: Arc<[Arc<Shard>]>,
+    len: usize,
+}
+
+impl RoutingTable {
+    /// A table with no tenant rows: everyone goes to `default_store`.
+    pub fn empty(default_store: StoreIdx) -> Self {
+        let shards: Vec<Arc<Shard>> = (0..SHARDS).map(|_| Arc::new(Shard::default())).collect();
+        Self {
+            epoch: 0,
+            default: Route::normal(default_store),
+            shards: shards.into(),
+            len: 0,
+        }
+    }
+
+    /// The tenant's route: its row, or the default store.
+    #[inline]
+    pub fn get(&self, tenant: &Uuid) -> &Route {
+        self.shards[shard_of(tenant)]
+            .get(tenant)
+            .unwrap_or(&self.default)
+    }
+
+    /// The tenant's row, if it has one.
+    pub fn row(&self, tenant: &Uuid) -> Option<&Route> {
+        self.shards[shard_of(tenant)].get(tenant)
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Tenants with a row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn default_route(&self) -> &Route {
+        &self.default
+    }
+
+    /// Every row, for the admin listing (not for the request path).
+    pub fn iter(&self) -> impl Iterator<Item = (&Uuid, &Route)> {
+        self.shards.iter().flat_map(|shard| shard.iter())
+    }
+
+    /// The next table: this one with `changes` applied (later changes of a tenant win), at
+    /// `epoch`. Only the shards the changes touch are copied.
+    pub fn with_changes(
+        &self,
+        changes: impl IntoIterator<Item = (Uuid, Route)>,
+        epoch: i64,
+    ) -> Self {
+        let mut shards: Vec<Arc<Shard>> = self.shards.to_vec();
+        let mut len = self.len;
+        for (tenant, route) in changes {
+            let shard = Arc::make_mut(&mut shards[shard_of(&tenant)]);
+            if shard.insert(tenant, route).is_none() {
+                len += 1;
+            }
+        }
+        Self {
+            epoch: epoch.max(self.epoch),
+            default: self.default,
+            shards: shards.into(),
+            len,
+        }
+    }
+}
+
+/// The live table plus a signal for whoever waits on a change (writers at a gate).
+#[derive(Debug)]
+pub struct Routes {
+    table: ArcSwap<RoutingTable>,
+    changed: watch::Sender<i64>,
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+impl Routes {
+    pub fn new(table: RoutingTable) -> Self {
+        let (changed, _) = watch::channel(table.epoch());
+        Self {
+            table: ArcSwap::from_pointee(table),
+            changed,
+            loaded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// One snapshot of the table; hold it for the whole request.
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.table.load()
+    }
+
+    /// A full `Arc` of the current table, for work that outlives a request.
+    pub fn load_full(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a new table and wakes everyone waiting for a change.
+    pub fn store(&self, table: RoutingTable) {
+        let epoch = table.epoch();
+        self.table.store(Arc::new(table));
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.changed.send_replace(epoch);
+    }
+
+    /// Whether a table has been loaded from the control database at least once.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A receiver that fires on every published table.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Translates control-database rows into routes, naming stores by index.
+pub fn route_of(record: &RouteRecord, index: impl Fn(&str) -> Option<StoreIdx>) -> Route {
+    Route {
+        state: record.migration_state,
+        store: index(&record.store_id).unwrap_or(UNKNOWN_STORE),
+        target: record
+            .target_store_id
+            .as_deref()
+            .map(|id| index(id).unwrap_or(UNKNOWN_STORE)),
+        epoch: record.epoch,
+        migration_id: record.active_migration_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn route(store: StoreIdx, epoch: i64) -> Route {
+        Route {
+            epoch,
+            ..Route::normal(store)
+        }
+    }
+
+    #[test]
+    fn absent_tenants_take_the_default() {
+        let table = RoutingTable::empty(3);
+        assert_eq!(table.get(&Uuid::new_v4()).store, 3);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_change_leaves_the_old_snapshot_untouched() {
+        let t = Uuid::new_v4();
+        let old = RoutingTable::empty(0).with_changes([(t, route(1, 1))], 1);
+        let new = old.with_changes([(t, route(2, 2))], 2);
+        assert_eq!(old.get(&t).store, 1);
+        assert_eq!(new.get(&t).store, 2);
+        assert_eq!((old.epoch(), new.epoch()), (1, 2));
+        assert_eq!(new.len(), 1);
+    }
+
+    proptest! {
+        /// Any sequence of batches applied shard-wise equals a plain map built from the same
+        /// changes.
+        #[test]
+        fn sharded_updates_equal_a_plain_map(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0u8..40, 0u16..5), 0..20), 1..10)
+        ) {
+            let tenants: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+            let mut table = RoutingTable::empty(9);
+            let mut model: HashMap<Uuid, StoreIdx> = HashMap::new();
+            for (epoch, batch) in (1..).zip(&batches) {
+                let changes: Vec<(Uuid, Route)> = batch
+                    .iter()
+                    .map(|&(t, s)| (tenants[usize::from(t)], route(s, epoch)))
+                    .collect();
+                for (t, r) in &changes {
+                    model.insert(*t, r.store);
+                }
+                table = table.with_changes(changes, epoch);
+            }
+            prop_assert_eq!(table.len(), model.len());
+            for t in &tenants {
+                prop_assert_eq!(table.get(t).store, model.get(t).copied().unwrap_or(9));
+            }
+        }
+    }
+}

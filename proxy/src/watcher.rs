@@ -1,0 +1,153 @@
+//! Keeps the routing table current: a full load at start, then deltas (`epoch > current`) on
+//! every `NOTIFY switchyard_routing`, on an epoch poll (the safety net when notifications are
+//! lost, and the only mechanism on SQLite), and on demand (admin reload, a fenced append).
+//! A failed reload keeps the old table and is counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_store::StoreError;
+use tokio::sync::watch;
+
+use crate::routing::{route_of, RoutingTable};
+use crate::AppState;
+
+/// Applies every routing change newer than the table in use. Reloads are serialised so a slow
+/// one can never publish an older table over a newer one.
+pub async fn reload(state: &AppState, trigger: &'static str) -> Result<i64, StoreError> {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    let result = reload_locked(state).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    state
+        .metrics
+        .routing_reloads
+        .with_label_values(&[trigger, outcome])
+        .inc();
+    if let Err(e) = &result {
+        tracing::warn!(trigger, error = %e, "routing reload failed; keeping the current table");
+    }
+    result
+}
+
+async fn reload_locked(state: &AppState) -> Result<i64, StoreError> {
+    let current = state.routes.load_full();
+    let full = !state.routes.is_loaded();
+    let since = if full { 0 } else { current.epoch() };
+    let records = state.control.routes_since(since).await?;
+    if records.is_empty() && !full {
+        return Ok(since);
+    }
+    let epoch = records
+        .iter()
+        .map(|r| r.epoch)
+        .max()
+        .unwrap_or(0)
+        .max(since);
+    let base = if full {
+        RoutingTable::empty(state.default_store)
+    } else {
+        (*current).clone()
+    };
+    let index = |id: &str| state.store_index(id);
+    let changes: Vec<_> = records
+        .iter()
+        .map(|record| {
+            let route = route_of(record, index);
+            if route.store == crate::routing::UNKNOWN_STORE
+                || route.target == Some(crate::routing::UNKNOWN_STORE)
+            {
+                tracing::warn!(tenant.id = %record.tenant_id, store.id = %record.store_id,
+                    "route names a store this proxy has not configured; its requests will get 503");
+                state.metrics.routing_unknown_stores.inc();
+            }
+            (record.tenant_id, route)
+        })
+        .collect();
+    let table = base.with_changes(changes, epoch);
+    state.metrics.routing_epoch.set(table.epoch());
+    state
+        .metrics
+        .routing_tenants
+        .set(i64::try_from(table.len()).unwrap_or(i64::MAX));
+    tracing::debug!(
+        epoch = table.epoch(),
+        changed = records.len(),
+        full,
+        "routing table replaced"
+    );
+    state.routes.store(table);
+    Ok(epoch)
+}
+
+/// Runs until `shutdown` flips: loads the table (retrying until the control database answers),
+/// then follows notifications and polls.
+pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    while !state.routes.is_loaded() {
+        if reload(&state, "start").await.is_ok() {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    if state.control.supports_notify() && state.config.proxy.routing_listen {
+        tokio::spawn(listen(Arc::clone(&state), shutdown.clone()));
+    }
+    let mut poll = tokio::time::interval(Duration::from_millis(state.config.proxy.routing_poll_ms));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                match state.control.routing_epoch().await {
+                    Ok(epoch) if epoch > state.routes.load().epoch() => {
+                        let _ = reload(&state, "poll").await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        state.metrics.routing_reloads.with_label_values(&["poll", "error"]).inc();
+                        tracing::debug!(error = %e, "routing poll failed; keeping the current table");
+                    }
+                }
+            }
+            () = state.reload_now.notified() => {
+                let _ = reload(&state, "notify").await;
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// LISTENs for routing notifications, reconnecting after a lost connection (and catching up,
+/// since notifications sent meanwhile are gone).
+async fn listen(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match state.control.routing_listener().await {
+            Ok(Some(mut listener)) => {
+                state.reload_now.notify_one();
+                loop {
+                    tokio::select! {
+                        note = listener.recv() => match note {
+                            Ok(_) => state.reload_now.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "routing listener lost; reconnecting");
+                                break;
+                            }
+                        },
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for routing changes; polling meanwhile")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,138 @@
+-- Switchyard's additive objects in a PostgreSQL event store. Run by `switchyard-control init`
+-- after the eventsource-py DDL (which is only run when the `events` table does not exist yet),
+-- inside one transaction holding an advisory lock, so two concurrent inits cannot race.
+-- Everything here is idempotent and never rewrites `events`: ALTERs that would take an
+-- ACCESS EXCLUSIVE lock run only when their object is missing.
+
+CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_position
+    ON events (tenant_id, global_position);
+
+DO $$
+BEGIN
+    -- Stores made by eventsource-py 0.15.1 already carry txid; older ones do not. Added
+    -- nullable without default (metadata only), then given its default (future rows only).
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema() AND table_name = 'events'
+                      AND column_name = 'txid') THEN
+        ALTER TABLE events ADD COLUMN txid xid8;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema() AND table_name = 'events'
+                      AND column_name = 'txid' AND column_default IS NOT NULL) THEN
+        ALTER TABLE events ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
+    END IF;
+END
+$$;
+
+CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_txid
+    ON events (tenant_id, txid);
+
+-- The fence: the truth about whether a tenant may still write here (see DESIGN.md "Cutover").
+CREATE TABLE IF NOT EXISTS switchyard_fences (
+    tenant_id  UUID PRIMARY KEY,
+    state      TEXT NOT NULL CHECK (state IN ('open', 'moved')),
+    epoch      BIGINT NOT NULL DEFAULT 0,
+    moved_to   TEXT,
+    updated_at TIMESTAMPTZ DEFAULT NOW()
+);
+
+CREATE TABLE IF NOT EXISTS switchyard_schema (
+    component  TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+-- One append, one round trip: fence check, idempotent-retry check, optimistic concurrency,
+-- insert. Errors carry SQLSTATEs of our own so the caller can tell them apart:
+--   SWF01 fence moved (DETAIL = the store the tenant moved to)
+--   SWI01 an event id is already used by a different event
+--   SWS01 the stream belongs to another tenant
+--   SWV01 version conflict (DETAIL = the stream's actual version)
+--   SWV02 lost a race: a concurrent append took the version or inserted the same ids; the whole
+--         statement is rolled back and the caller retries (DETAIL = the actual version)
+CREATE OR REPLACE FUNCTION switchyard_append(
+    p_tenant         UUID,
+    p_aggregate_type TEXT,
+    p_aggregate_id   UUID,
+    p_expected       INTEGER,
+    p_event_ids      UUID[],
+    p_event_types    TEXT[],
+    p_payloads       JSONB[],
+    p_actors         TEXT[],
+    p_timestamps     TIMESTAMPTZ[]
+) RETURNS TABLE (out_position BIGINT, out_version INTEGER)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_n        INTEGER := cardinality(p_event_ids);
+    v_state    TEXT;
+    v_moved_to TEXT;
+    v_owner    UUID;
+    v_current  INTEGER;
+    v_existing INTEGER;
+    v_matching INTEGER;
+    v_inserted INTEGER;
+BEGIN
+    -- FOR SHARE: a cutover's FOR UPDATE waits for this append to commit, and this append
+    -- waits for a cutover in progress.
+    SELECT f.state, f.moved_to INTO v_state, v_moved_to
+      FROM switchyard_fences f WHERE f.tenant_id = p_tenant FOR SHARE;
+    IF v_state = 'moved' THEN
+        RAISE EXCEPTION 'tenant % has moved to store %', p_tenant, v_moved_to
+              USING ERRCODE = 'SWF01', DETAIL = coalesce(v_moved_to, '');
+    END IF;
+
+    SELECT count(*) INTO v_existing FROM events e WHERE e.event_id = ANY (p_event_ids);
+    IF v_existing > 0 THEN
+        SELECT count(*) INTO v_matching
+          FROM events e
+          JOIN unnest(p_event_ids, p_event_types, p_payloads, p_actors, p_timestamps)
+               AS u(id, typ, payload, actor, ts) ON e.event_id = u.id
+         WHERE e.tenant_id = p_tenant
+           AND e.aggregate_type = p_aggregate_type
+           AND e.aggregate_id = p_aggregate_id
+           AND e.event_type = u.typ
+           AND e.payload = u.payload
+           AND e.actor_id IS NOT DISTINCT FROM u.actor
+           AND (u.ts IS NULL OR e.timestamp = u.ts);
+        IF v_existing = v_n AND v_matching = v_n THEN
+            RETURN QUERY SELECT e.global_position, e.version
+                           FROM events e WHERE e.event_id = ANY (p_event_ids)
+                          ORDER BY e.version;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'event id already used by a different event' USING ERRCODE = 'SWI01';
+    END IF;
+
+    SELECT e.version, e.tenant_id INTO v_current, v_owner
+      FROM events e
+     WHERE e.aggregate_id = p_aggregate_id AND e.aggregate_type = p_aggregate_type
+     ORDER BY e.version DESC LIMIT 1;
+    IF v_current IS NOT NULL AND v_owner IS DISTINCT FROM p_tenant THEN
+        RAISE EXCEPTION 'stream not found' USING ERRCODE = 'SWS01';
+    END IF;
+    v_current := coalesce(v_current, 0);
+    IF p_expected IS NOT NULL AND p_expected <> v_current THEN
+        RAISE EXCEPTION 'version conflict' USING ERRCODE = 'SWV01', DETAIL = v_current::text;
+    END IF;
+
+    RETURN QUERY
+    INSERT INTO events AS e (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                             actor_id, version, timestamp, payload)
+    SELECT u.id, p_aggregate_id, p_aggregate_type, u.typ, p_tenant, u.actor,
+           v_current + u.ord::INTEGER, coalesce(u.ts, now()), u.payload
+      FROM unnest(p_event_ids, p_event_types, p_payloads, p_actors, p_timestamps)
+           WITH ORDINALITY AS u(id, typ, payload, actor, ts, ord)
+    ON CONFLICT DO NOTHING
+    RETURNING e.global_position, e.version;
+    GET DIAGNOSTICS v_inserted = ROW_COUNT;
+    IF v_inserted < v_n THEN
+        SELECT max(e.version) INTO v_current FROM events e
+         WHERE e.aggregate_id = p_aggregate_id AND e.aggregate_type = p_aggregate_type;
+        RAISE EXCEPTION 'lost a race for the stream''s next version' USING ERRCODE = 'SWV02',
+              DETAIL = coalesce(v_current, 0)::text;
+    END IF;
+END
+$fn$;
+
+INSERT INTO switchyard_schema (component, version) VALUES ('store', 1)
+ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();

@@ -1,0 +1,574 @@
+//! The one configuration file both programs read.
+//!
+//! A TOML file (`--config FILE` or `SWITCHYARD_CONFIG`), then `SWITCHYARD_…` environment
+//! overrides, then `${VAR}` expansion in the values that carry secrets (store and control URLs,
+//! the admin token), then validation. With no file at all the embedded default applies: SQLite
+//! files under `./switchyard-data/`. Unknown keys are an error, in the file and in the
+//! environment, so a typo never silently becomes a default.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::url::StoreUrl;
+
+/// Where the embedded default keeps its files.
+pub const EMBEDDED_DIR: &str = "switchyard-data";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration, as validated. Field docs give the defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Control database: routing, migrations, audit. Default: `sqlite://switchyard-data/control.db`.
+    #[serde(default = "default_control_url")]
+    pub control_url: String,
+    /// Store for tenants that have no routing row. Default: `shared`.
+    #[serde(default = "default_store_id")]
+    pub default_store: String,
+    /// Event stores. Default: the embedded `shared` and `dedicated` SQLite files.
+    #[serde(default = "default_stores")]
+    pub stores: Vec<StoreConfig>,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub id: String,
+    /// `postgres://…` or `sqlite://path`; `${VAR}` is expanded from the environment.
+    pub url: String,
+    /// Connections each process keeps to this store at most. Default: 16.
+    #[serde(default = "default_pool_size")]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Data-plane listener. Default `127.0.0.1:7070`.
+    pub listen: String,
+    /// Admin listener (health, metrics, routes). Default `127.0.0.1:7071`.
+    pub admin_listen: String,
+    /// Bearer token required by mutating admin calls; empty means none. `${VAR}` is expanded.
+    pub admin_token: String,
+    /// Identifies this proxy in the control database's `proxies` table. Default: hostname-pid.
+    pub proxy_id: String,
+    /// Largest request body accepted, in bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Most events in one append. Default 1000.
+    pub max_events_per_append: usize,
+    /// Longest `event_type`, `aggregate_type` and `actor_id`, in bytes (the columns are
+    /// VARCHAR(255)). Default 255.
+    pub max_field_bytes: usize,
+    /// How long a writer waits at a closed gate before 503 `writes_paused`. Default 5000.
+    pub gate_wait_ms: u64,
+    /// Whole-request deadline. Default 30000.
+    pub request_timeout_ms: u64,
+    /// Requests handled at once before new ones are shed with 503. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Routing safety-net poll interval. Default 1000.
+    pub routing_poll_ms: u64,
+    /// Whether to LISTEN for routing notifications (PostgreSQL control database only).
+    /// Default true; turning it off leaves only the poll.
+    pub routing_listen: bool,
+    /// How long shutdown waits for in-flight requests. Default 10000.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// `serve` admin listener. Default `127.0.0.1:7072`.
+    pub admin_listen: String,
+    /// Budget of the whole cutover sequence. Default 2000.
+    pub cutover_timeout_ms: u64,
+    /// Largest lag at which cutover proceeds without `--force`. Default 0.
+    pub cutover_max_lag_events: u64,
+    /// Events per copy batch. Default 5000.
+    pub batch_size: u32,
+    /// Copy rate limit in events per second; 0 = unlimited. Default 0.
+    pub max_rate: u64,
+}
+
+fn default_control_url() -> String {
+    format!("sqlite://{EMBEDDED_DIR}/control.db")
+}
+fn default_store_id() -> String {
+    "shared".to_owned()
+}
+fn default_pool_size() -> u32 {
+    16
+}
+fn default_stores() -> Vec<StoreConfig> {
+    ["shared", "dedicated"]
+        .into_iter()
+        .map(|id| StoreConfig {
+            id: id.to_owned(),
+            url: format!("sqlite://{EMBEDDED_DIR}/{id}.db"),
+            max_connections: default_pool_size(),
+        })
+        .collect()
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".to_owned(),
+            admin_listen: "127.0.0.1:7071".to_owned(),
+            admin_token: String::new(),
+            proxy_id: String::new(),
+            max_body_bytes: 1 << 20,
+            max_events_per_append: 1000,
+            max_field_bytes: 255,
+            gate_wait_ms: 5000,
+            request_timeout_ms: 30_000,
+            max_concurrent_requests: 1024,
+            routing_poll_ms: 1000,
+            routing_listen: true,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: "127.0.0.1:7072".to_owned(),
+            cutover_timeout_ms: 2000,
+            cutover_max_lag_events: 0,
+            batch_size: 5000,
+            max_rate: 0,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The embedded default: SQLite files under `./switchyard-data/`.
+    fn default() -> Self {
+        Self {
+            control_url: default_control_url(),
+            default_store: default_store_id(),
+            stores: default_stores(),
+            proxy: ProxyConfig::default(),
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), applies the process environment, expands secrets, validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        let text = match path {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Self::from_parts(text.as_deref(), path, &vars)
+    }
+
+    /// [`Config::load`] with the file text and environment given, for tests and `check-config`.
+    pub fn from_parts(
+        text: Option<&str>,
+        path: Option<&Path>,
+        vars: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let path_buf = path.map_or_else(|| PathBuf::from("<none>"), Path::to_owned);
+        let mut config: Config = match text {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path_buf.clone(),
+                message: e.to_string(),
+            })?,
+            None => Config::default(),
+        };
+        config.apply_env(vars)?;
+        config.expand_secrets(vars)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies `SWITCHYARD_<KEY>`, `SWITCHYARD_PROXY_<KEY>`, `SWITCHYARD_CONTROL_<KEY>` and
+    /// `SWITCHYARD_STORE_<ID>_URL` overrides. A variable in one of those families that names no
+    /// key is an error; other `SWITCHYARD_` variables (`SWITCHYARD_CONFIG`, `SWITCHYARD_LOG`) are
+    /// not configuration keys and are left alone.
+    fn apply_env(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
+        let mut tree = toml::Value::try_from(&*self)
+            .map_err(|e| ConfigError::Invalid(format!("serialising defaults: {e}")))?;
+        let mut changed = false;
+        for (var, value) in vars {
+            let Some(key) = var.strip_prefix("SWITCHYARD_") else {
+                continue;
+            };
+            if let Some(rest) = key.strip_prefix("STORE_") {
+                let store = rest
+                    .strip_suffix("_URL")
+                    .and_then(|id| self.stores.iter_mut().find(|s| env_name(&s.id) == id));
+                match store {
+                    Some(store) => store.url.clone_from(value),
+                    None => {
+                        return Err(ConfigError::Env {
+                            var: var.clone(),
+                            message:
+                                "names no configured store (expected SWITCHYARD_STORE_<ID>_URL)"
+                                    .to_owned(),
+                        })
+                    }
+                }
+                continue;
+            }
+            let table = tree.as_table_mut().expect("a struct serialises to a table");
+            let slot = find_env_slot(table, key);
+            match slot {
+                Some(slot) => {
+                    *slot = parse_like(slot, value).map_err(|message| ConfigError::Env {
+                        var: var.clone(),
+                        message,
+                    })?;
+                    changed = true;
+                }
+                None if key.starts_with("PROXY_") || key.starts_with("CONTROL_") => {
+                    return Err(ConfigError::Env {
+                        var: var.clone(),
+                        message: "names no configuration key".to_owned(),
+                    })
+                }
+                None => {}
+            }
+        }
+        if changed {
+            // Keep the store URLs set above: they live in `self`, not in the tree.
+            let stores = std::mem::take(&mut self.stores);
+            *self = tree
+                .try_into()
+                .map_err(|e| ConfigError::Invalid(format!("after environment overrides: {e}")))?;
+            self.stores = stores;
+        }
+        Ok(())
+    }
+
+    fn expand_secrets(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
+        self.control_url = expand(&self.control_url, vars)?;
+        self.proxy.admin_token = expand(&self.proxy.admin_token, vars)?;
+        for store in &mut self.stores {
+            store.url = expand(&store.url, vars)?;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without a network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.stores.is_empty() {
+            return invalid("no [[stores]] configured".to_owned());
+        }
+        let mut seen = BTreeSet::new();
+        for store in &self.stores {
+            if store.id.is_empty() || store.id.len() > 64 {
+                return invalid(format!(
+                    "store id {:?} must be 1 to 64 characters",
+                    store.id
+                ));
+            }
+            if !store
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return invalid(format!(
+                    "store id {:?} may hold only letters, digits, '-' and '_'",
+                    store.id
+                ));
+            }
+            if !seen.insert(store.id.as_str()) {
+                return invalid(format!("store id {:?} is configured twice", store.id));
+            }
+            if store.max_connections == 0 {
+                return invalid(format!("store {:?}: max_connections must be > 0", store.id));
+            }
+            StoreUrl::parse(&store.url)
+                .map_err(|e| ConfigError::Invalid(format!("store {:?}: {e}", store.id)))?;
+        }
+        if !seen.contains(self.default_store.as_str()) {
+            return invalid(format!(
+                "default_store {:?} is not one of the configured stores ({})",
+                self.default_store,
+                seen.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        StoreUrl::parse(&self.control_url)
+            .map_err(|e| ConfigError::Invalid(format!("control_url: {e}")))?;
+        for (name, addr) in [
+            ("proxy.listen", &self.proxy.listen),
+            ("proxy.admin_listen", &self.proxy.admin_listen),
+            ("control.admin_listen", &self.control.admin_listen),
+        ] {
+            addr.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::Invalid(format!("{name} = {addr:?} is not an address:port ({e})"))
+            })?;
+        }
+        let p = &self.proxy;
+        for (name, value) in [
+            ("proxy.max_body_bytes", p.max_body_bytes as u64),
+            (
+                "proxy.max_events_per_append",
+                p.max_events_per_append as u64,
+            ),
+            ("proxy.max_field_bytes", p.max_field_bytes as u64),
+            ("proxy.request_timeout_ms", p.request_timeout_ms),
+            (
+                "proxy.max_concurrent_requests",
+                p.max_concurrent_requests as u64,
+            ),
+            ("proxy.routing_poll_ms", p.routing_poll_ms),
+            (
+                "control.cutover_timeout_ms",
+                self.control.cutover_timeout_ms,
+            ),
+            ("control.batch_size", u64::from(self.control.batch_size)),
+        ] {
+            if value == 0 {
+                return invalid(format!("{name} must be > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn store(&self, id: &str) -> Option<&StoreConfig> {
+        self.stores.iter().find(|s| s.id == id)
+    }
+
+    /// The configuration as TOML with every secret replaced, for `check-config` and logs.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.control_url = crate::url::redact(&copy.control_url);
+        if !copy.proxy.admin_token.is_empty() {
+            copy.proxy.admin_token = "<redacted>".to_owned();
+        }
+        for store in &mut copy.stores {
+            store.url = crate::url::redact(&store.url);
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# unprintable: {e}"))
+    }
+}
+
+/// `dedicated-a` → `DEDICATED_A`.
+fn env_name(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Finds the scalar that `KEY` or `SECTION_KEY` names, case-insensitively.
+fn find_env_slot<'a>(
+    table: &'a mut toml::map::Map<String, toml::Value>,
+    key: &str,
+) -> Option<&'a mut toml::Value> {
+    let mut found: Option<(String, Option<String>)> = None;
+    for (name, value) in table.iter() {
+        match value {
+            toml::Value::Table(inner) => {
+                for inner_name in inner.keys() {
+                    if format!("{}_{}", env_name(name), env_name(inner_name)) == key {
+                        found = Some((name.clone(), Some(inner_name.clone())));
+                    }
+                }
+            }
+            toml::Value::Array(_) => {}
+            _ => {
+                if env_name(name) == key {
+                    found = Some((name.clone(), None));
+                }
+            }
+        }
+    }
+    let (outer, inner) = found?;
+    let slot = table.get_mut(&outer)?;
+    match inner {
+        Some(inner) => slot.as_table_mut()?.get_mut(&inner),
+        None => Some(slot),
+    }
+}
+
+fn parse_like(existing: &toml::Value, text: &str) -> Result<toml::Value, String> {
+    match existing {
+        toml::Value::Integer(_) => text
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("{text:?} is not a whole number")),
+        toml::Value::Boolean(_) => match text.trim() {
+            "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("{text:?} is not true or false")),
+        },
+        _ => Ok(toml::Value::String(text.to_owned())),
+    }
+}
+
+/// Expands `${VAR}` from the environment; an unset variable is an error (never an empty secret).
+fn expand(value: &str, vars: &[(String, String)]) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "unclosed ${{ in a configured value near {:?}",
+                &rest[start..]
+            ))
+        })?;
+        let name = &after[..end];
+        let found = vars
+            .iter()
+            .find(|(k, _)| k == name)
+            .ok_or_else(|| ConfigError::Env {
+                var: name.to_owned(),
+                message: "is referenced as ${…} in the config but is not set".to_owned(),
+            })?;
+        out.push_str(&found.1);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn no_file_is_the_embedded_default() {
+        let c = Config::from_parts(None, None, &[]).expect("defaults are valid");
+        assert_eq!(c.default_store, "shared");
+        assert_eq!(c.stores.len(), 2);
+        assert!(c.control_url.starts_with("sqlite://switchyard-data/"));
+        assert_eq!(c.proxy.listen, "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_parts(Some("[proxy]\nlisten_addr = \"x\"\n"), None, &[])
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = Config::from_parts(Some("colour = 1\n"), None, &[]).expect_err("unknown key");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_sections_top_level_and_store_urls() {
+        let text = r#"
+control_url = "postgres://postgres@127.0.0.1/control"
+default_store = "shared"
+[[stores]]
+id = "shared"
+url = "postgres://postgres@127.0.0.1/a"
+[[stores]]
+id = "dedicated-a"
+url = "postgres://postgres@127.0.0.1/b"
+"#;
+        let c = Config::from_parts(
+            Some(text),
+            None,
+            &vars(&[
+                ("SWITCHYARD_PROXY_LISTEN", "127.0.0.1:9000"),
+                ("SWITCHYARD_PROXY_GATE_WAIT_MS", "250"),
+                ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
+                ("SWITCHYARD_CONTROL_BATCH_SIZE", "7"),
+                ("SWITCHYARD_DEFAULT_STORE", "dedicated-a"),
+                ("SWITCHYARD_STORE_DEDICATED_A_URL", "postgres://u:${PW}@h/b"),
+                ("PW", "s3cret"),
+                ("SWITCHYARD_CONFIG", "ignored.toml"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.proxy.listen, "127.0.0.1:9000");
+        assert_eq!(c.proxy.gate_wait_ms, 250);
+        assert!(!c.proxy.routing_listen);
+        assert_eq!(c.control.batch_size, 7);
+        assert_eq!(c.default_store, "dedicated-a");
+        assert_eq!(
+            c.store("dedicated-a").map(|s| s.url.as_str()),
+            Some("postgres://u:s3cret@h/b")
+        );
+        assert!(!c.redacted_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_env_values_and_names_are_errors() {
+        let err = Config::from_parts(
+            None,
+            None,
+            &vars(&[("SWITCHYARD_PROXY_GATE_WAIT_MS", "soon")]),
+        )
+        .expect_err("not a number");
+        assert!(
+            err.to_string().contains("SWITCHYARD_PROXY_GATE_WAIT_MS"),
+            "{err}"
+        );
+        let err = Config::from_parts(None, None, &vars(&[("SWITCHYARD_PROXY_LISTN", "x")]))
+            .expect_err("typo");
+        assert!(err.to_string().contains("LISTN"), "{err}");
+        let err = Config::from_parts(None, None, &vars(&[("SWITCHYARD_STORE_NOPE_URL", "x")]))
+            .expect_err("no such store");
+        assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let cases = [
+            ("default_store = \"nope\"\n", "default_store"),
+            ("[proxy]\nlisten = \"localhost\"\n", "proxy.listen"),
+            ("[proxy]\nmax_body_bytes = 0\n", "max_body_bytes"),
+            ("[[stores]]\nid = \"shared\"\nurl = \"mysql://x\"\n", "shared"),
+            (
+                "[[stores]]\nid = \"shared\"\nurl = \"sqlite://a\"\n[[stores]]\nid = \"shared\"\nurl = \"sqlite://b\"\n",
+                "twice",
+            ),
+            ("control_url = \"postgres://${UNSET_VAR_FOR_TEST}@h/db\"\n", "UNSET_VAR_FOR_TEST"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_parts(Some(text), None, &[]).expect_err(text);
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The control database: tenant routing now; migrations, audit, positions and proxies join it
+//! as the engine grows. PostgreSQL in production (routing changes are NOTIFYed), SQLite for
+//! the embedded default (routing changes are polled).
+
+mod routing;
+
+pub use routing::{RouteRecord, RouteUpdate, RoutingListener, RoutingState};
+
+use sqlx::{PgPool, SqlitePool};
+
+use crate::event::StoreError;
+use crate::url::{pg_pool, sqlite_pool, StoreUrl};
+
+const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
+const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
+const SCHEMA_LOCK: i64 = 0x5359_5244_0002;
+
+/// A connected control database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ControlDb {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl ControlDb {
+    pub fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let backend = match StoreUrl::parse(url)? {
+            StoreUrl::Postgres(url) => Backend::Postgres(pg_pool(&url, max_connections)?),
+            StoreUrl::Sqlite(path) => Backend::Sqlite(sqlite_pool(&path, max_connections)?),
+        };
+        Ok(Self { backend })
+    }
+
+    /// Whether this is the embedded (SQLite) control database, whose schema programs create on
+    /// start.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
+    }
+
+    /// Whether routing changes are pushed (PostgreSQL NOTIFY) or only polled.
+    pub fn supports_notify(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Creates or upgrades the control schema. Idempotent and safe to run concurrently.
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(SCHEMA_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::raw_sql(PG_DDL).execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Backend::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::raw_sql(SQLITE_DDL).execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Backend::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.close().await,
+            Backend::Sqlite(pool) => pool.close().await,
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! An event store: one database holding an eventsource-py `events` table, on PostgreSQL or
+//! SQLite. Append (with optimistic concurrency and idempotent retries), stream reads, tenant
+//! feed reads, and the store's schema.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use sqlx::{PgPool, SqlitePool};
+use uuid::Uuid;
+
+use crate::event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
+use crate::url::{pg_pool, sqlite_pool, StoreUrl};
+
+/// How many times an append that lost a race for its stream's next version is retried before
+/// the conflict is reported. Only `expected_version = null` appends can keep losing.
+const MAX_RACE_RETRIES: usize = 16;
+
+/// One try of an append: a lost race is retried by the caller, anything else is final.
+enum Attempt {
+    LostRace { actual: i32 },
+    Failed(AppendError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Self::Failed(AppendError::Store(e))
+    }
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Failed(AppendError::Store(e.into()))
+    }
+}
+
+/// A connected event store. Cheap to clone (pools are shared).
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    id: Arc<str>,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// What `stores check` reports about a store's schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaStatus {
+    /// No `events` table: `init` will create it.
+    Empty,
+    /// An `events` table without Switchyard's objects (a store eventsource-py made): run `init`.
+    NeedsInit,
+    /// Ready for Switchyard.
+    Ready,
+}
+
+impl EventStore {
+    /// Opens a lazily connecting pool on `url`.
+    pub fn connect(id: &str, url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let backend = match StoreUrl::parse(url)? {
+            StoreUrl::Postgres(url) => Backend::Postgres(pg_pool(&url, max_connections)?),
+            StoreUrl::Sqlite(path) => Backend::Sqlite(sqlite_pool(&path, max_connections)?),
+        };
+        Ok(Self {
+            id: Arc::from(id),
+            backend,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A shared handle on the id, for replies that outlive the borrow.
+    pub fn id_arc(&self) -> Arc<str> {
+        Arc::clone(&self.id)
+    }
+
+    /// Whether this is an embedded (SQLite) store, whose schema programs create on start.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres(_) => "postgres",
+            Backend::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Creates the store's schema or adds what Switchyard needs to an existing one. Idempotent,
+    /// safe to run concurrently, never rewrites the `events` table.
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::ensure_schema(pool).await,
+            Backend::Sqlite(pool) => sqlite::ensure_schema(pool).await,
+        }
+    }
+
+    pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::schema_status(pool).await,
+            Backend::Sqlite(pool) => sqlite::schema_status(pool).await,
+        }
+    }
+
+    /// One cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await?,
+            Backend::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                return Ok(());
+            }
+        };
+        Ok(())
+    }
+
+    /// Appends `events` to the stream as one unit. With `expected_version` the stream must be
+    /// at exactly that version; `None` appends at whatever the version is. A retry of an
+    /// append that already committed (same event ids, same stream, same content) answers the
+    /// original result.
+    #[tracing::instrument(level = "debug", skip_all, fields(store.id = %self.id, stream.id = %stream.aggregate_id, events = events.len()))]
+    pub async fn append(
+        &self,
+        stream: StreamRef<'_>,
+        expected_version: Option<i32>,
+        events: &[NewEvent],
+    ) -> Result<Appended, AppendError> {
+        let mut attempt = 0;
+        loop {
+            let result = match &self.backend {
+                Backend::Postgres(pool) => {
+                    postgres::append(pool, stream, expected_version, events).await
+                }
+                Backend::Sqlite(pool) => {
+                    sqlite::append(pool, stream, expected_version, events).await
+                }
+            };
+            match result {
+                Err(Attempt::LostRace { actual }) => {
+                    attempt += 1;
+                    if attempt >= MAX_RACE_RETRIES {
+                        return Err(AppendError::VersionConflict {
+                            expected: expected_version,
+                            actual,
+                        });
+                    }
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(appended) => return Ok(appended),
+            }
+        }
+    }
+
+    /// The stream's events from `from_version` on, at most `limit`, in version order. Events of
+    /// the same stream id under another tenant are not returned.
+    pub async fn read_stream(
+        &self,
+        stream: StreamRef<'_>,
+        from_version: i32,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                postgres::read_stream(pool, stream, from_version, limit).await
+            }
+            Backend::Sqlite(pool) => sqlite::read_stream(pool, stream, from_version, limit).await,
+        }
+    }
+
+    /// The tenant's events after `after_position`, at most `limit`, in global position order.
+    pub async fn read_tenant(
+        &self,
+        tenant_id: Uuid,
+        after_position: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                postgres::read_tenant(pool, tenant_id, after_position, limit).await
+            }
+            Backend::Sqlite(pool) => {
+                sqlite::read_tenant(pool, tenant_id, after_position, limit).await
+            }
+        }
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.close().await,
+            Backend::Sqlite(pool) => pool.close().await,
+        }
+    }
+}

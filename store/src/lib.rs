@@ -1,0 +1,17 @@
+//! Everything of Switchyard that touches a database.
+//!
+//! Event stores (the eventsource-py `events` table on PostgreSQL or SQLite) with append, reads
+//! and schema; the control database (routing now, migrations later); and the configuration both
+//! programs share. Every SQL string of the project lives in this crate; nothing here knows
+//! about HTTP.
+
+pub mod config;
+pub mod control;
+pub mod event;
+pub mod events;
+pub mod url;
+
+pub use config::Config;
+pub use control::{ControlDb, RouteRecord, RouteUpdate, RoutingState};
+pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
+pub use events::{EventStore, SchemaStatus};

@@ -1,0 +1,131 @@
+//! Database URLs: which backend a URL names, how to open a pool on it, and how to print it
+//! without its password.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+/// A parsed database URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Postgres(String),
+    /// The path of the database file.
+    Sqlite(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://PATH")]
+    Scheme(String),
+    #[error("sqlite URL {0:?} names no file")]
+    EmptyPath(String),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| UrlError::Scheme(redact(url)))?;
+        // Options after '?' are ours to set; keep only the path.
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(UrlError::EmptyPath(url.to_owned()));
+        }
+        Ok(Self::Sqlite(path.to_owned()))
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Opens a PostgreSQL pool. Connections are made lazily so a process can start (and report
+/// itself unready) while a database is down.
+pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?.application_name("switchyard");
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_lazy_with(options))
+}
+
+/// Opens a SQLite pool on a file, creating it and its folder if missing. WAL lets readers run
+/// beside the one writer; writers wait up to the busy timeout for the write lock.
+pub fn sqlite_pool(path: &str, max_connections: u32) -> Result<SqlitePool, sqlx::Error> {
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+        }
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    Ok(SqlitePoolOptions::new()
+        .max_connections(max_connections.clamp(1, 8))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_backends_and_refuses_others() {
+        assert!(matches!(
+            StoreUrl::parse("postgres://u@h/db"),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        assert!(matches!(
+            StoreUrl::parse("postgresql://u@h/db"),
+            Ok(StoreUrl::Postgres(_))
+        ));
+        assert_eq!(
+            StoreUrl::parse("sqlite://data/x.db?mode=rwc").ok(),
+            Some(StoreUrl::Sqlite("data/x.db".to_owned()))
+        );
+        assert!(StoreUrl::parse("sqlite://").is_err());
+        let err = StoreUrl::parse("mysql://root:pw@h/db").expect_err("unsupported");
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://a/b.db"), "sqlite://a/b.db");
+    }
+}
