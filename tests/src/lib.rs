@@ -1,1 +1,522 @@
-//! placeholder
+//! The end-to-end test harness: fresh databases per test (a PostgreSQL database with a unique
+//! name, or SQLite files in a temporary folder), config files for them, the real binaries
+//! started as processes on random ports, and a small HTTP client.
+//!
+//! PostgreSQL is found at `SWITCHYARD_TEST_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); the test script makes sure one runs.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use sqlx::Connection;
+use uuid::Uuid;
+
+pub use anyhow::Result;
+
+/// The admin URL of the test PostgreSQL server.
+pub fn pg_admin_url() -> String {
+    std::env::var("SWITCHYARD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The URL of database `name` on the test server.
+pub fn pg_url(name: &str) -> String {
+    let admin = pg_admin_url();
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    format!("{base}/{name}")
+}
+
+/// A PostgreSQL database that exists for one test and is dropped (with its connections) after.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create(label: &str) -> Result<Self> {
+        let name = format!("sy_{label}_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let mut admin = sqlx::PgConnection::connect(&pg_admin_url())
+            .await
+            .with_context(|| format!("connecting to test PostgreSQL at {}", pg_admin_url()))?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        Ok(Self {
+            url: pg_url(&name),
+            name,
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside and outside runtimes alike: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A folder removed after the test.
+#[derive(Debug)]
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("switchyard-{label}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Which database product a test environment uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub const ALL: [Self; 2] = [Self::Postgres, Self::Sqlite];
+}
+
+/// A control database and stores, fresh for one test, with a config file naming them.
+#[derive(Debug)]
+pub struct Env {
+    pub backend: Backend,
+    pub dir: TempDir,
+    pub control_url: String,
+    /// `(store id, url)` in config order; the first is the default store.
+    pub stores: Vec<(String, String)>,
+    pub config_path: PathBuf,
+    _dbs: Vec<TestDb>,
+}
+
+impl Env {
+    /// A control database plus `stores` (the first is the default), with `extra` appended to
+    /// the config file (e.g. a `[proxy]` section).
+    pub async fn new(backend: Backend, stores: &[&str], extra: &str) -> Result<Self> {
+        let dir = TempDir::new("env")?;
+        let mut dbs = Vec::new();
+        let sqlite_url = |label: &str| {
+            format!(
+                "sqlite://{}",
+                dir.path.join(format!("{label}.db")).display()
+            )
+        };
+        let control_url;
+        let mut store_urls = Vec::new();
+        match backend {
+            Backend::Sqlite => {
+                control_url = sqlite_url("control");
+                for id in stores {
+                    store_urls.push(((*id).to_owned(), sqlite_url(id)));
+                }
+            }
+            Backend::Postgres => {
+                let db = TestDb::create("control").await?;
+                control_url = db.url.clone();
+                dbs.push(db);
+                for id in stores {
+                    let db = TestDb::create(&id.replace('-', "_")).await?;
+                    store_urls.push(((*id).to_owned(), db.url.clone()));
+                    dbs.push(db);
+                }
+            }
+        }
+        let mut toml = format!(
+            "control_url = \"{control_url}\"\ndefault_store = \"{}\"\n",
+            stores
+                .first()
+                .ok_or_else(|| anyhow!("an env needs a store"))?
+        );
+        for (id, url) in &store_urls {
+            toml.push_str(&format!(
+                "\n[[stores]]\nid = \"{id}\"\nurl = \"{url}\"\nmax_connections = 8\n"
+            ));
+        }
+        toml.push('\n');
+        toml.push_str(extra);
+        let config_path = dir.path.join("switchyard.toml");
+        std::fs::write(&config_path, toml)?;
+        Ok(Self {
+            backend,
+            dir,
+            control_url,
+            stores: store_urls,
+            config_path,
+            _dbs: dbs,
+        })
+    }
+
+    pub fn store_url(&self, id: &str) -> &str {
+        self.stores
+            .iter()
+            .find(|(s, _)| s == id)
+            .map_or("", |(_, url)| url.as_str())
+    }
+
+    /// Runs `switchyard-control --config <this env> ARGS` and returns its output.
+    pub fn control(&self, args: &[&str]) -> Result<CommandOutput> {
+        run_control(&self.config_path, args, &[])
+    }
+
+    /// Like [`Env::control`] but fails unless the command exits 0; parses `--json` output.
+    pub fn control_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.control(&all)?;
+        if out.code != 0 {
+            bail!(
+                "switchyard-control {args:?} exited {}: {}{}",
+                out.code,
+                out.stdout,
+                out.stderr
+            );
+        }
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("parsing output of {args:?}: {}", out.stdout))
+    }
+
+    /// Starts a proxy on random ports with this env's config plus `env` variables.
+    pub fn proxy(&self, env: &[(&str, &str)]) -> Result<ProxyProcess> {
+        ProxyProcess::spawn(&self.config_path, env)
+    }
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A binary of this workspace, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+pub fn run_control(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<CommandOutput> {
+    let mut command = Command::new(bin("switchyard-control"));
+    command.arg("--config").arg(config).args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.stdin(Stdio::null()).output()?;
+    Ok(CommandOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// A running `switchyard-proxy`, killed when dropped.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Child,
+    pub data: String,
+    pub admin: String,
+    stderr_path: PathBuf,
+}
+
+impl ProxyProcess {
+    pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let stderr_path =
+            std::env::temp_dir().join(format!("switchyard-proxy-{}.log", Uuid::new_v4().simple()));
+        let mut command = Command::new(bin("switchyard-proxy"));
+        command
+            .arg("--config")
+            .arg(config)
+            .env("SWITCHYARD_PROXY_LISTEN", "127.0.0.1:0")
+            .env("SWITCHYARD_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path)?);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                bail!("proxy did not report its ports within 20 s; stderr:\n{log}");
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("unexpected first line {line:?}"))
+        };
+        Ok(Self {
+            data: format!("http://{}", field("data=")?),
+            admin: format!("http://{}", field("admin=")?),
+            child,
+            stderr_path,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("proxy did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, http: &Http) -> Result<()> {
+        let url = format!("{}/readyz", self.admin);
+        wait_for(Duration::from_secs(20), || async {
+            Ok(http
+                .get(&url)
+                .await
+                .map(|r| r.status == StatusCode::OK)
+                .unwrap_or(false))
+        })
+        .await
+        .with_context(|| format!("proxy not ready; log:\n{}", self.log()))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A reply, with the body parsed as JSON when it is JSON.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub json: Value,
+}
+
+/// A keep-alive HTTP client (HTTP/1.1, or h2c with prior knowledge).
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// HTTP/2 over cleartext (prior knowledge), as the proxy serves on the same port.
+    pub fn h2c() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let body: Bytes = body.into();
+        if !body.is_empty() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let response = self.client.request(builder.body(Full::new(body))?).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            json,
+        })
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Reply> {
+        self.request(Method::GET, url, Bytes::new(), &[]).await
+    }
+
+    pub async fn post(&self, url: &str, body: &Value) -> Result<Reply> {
+        self.request(Method::POST, url, serde_json::to_vec(body)?, &[])
+            .await
+    }
+}
+
+/// Paths of the data-plane API.
+pub fn stream_url(base: &str, tenant: Uuid, aggregate_type: &str, aggregate_id: Uuid) -> String {
+    format!("{base}/v1/tenants/{tenant}/streams/{aggregate_type}/{aggregate_id}/events")
+}
+
+pub fn feed_url(base: &str, tenant: Uuid) -> String {
+    format!("{base}/v1/tenants/{tenant}/events")
+}
+
+/// An append body of `n` events of type `kind` with fresh ids.
+pub fn events_body(expected_version: Option<i64>, n: usize, kind: &str) -> Value {
+    let events: Vec<Value> = (0..n)
+        .map(|i| serde_json::json!({ "event_id": Uuid::new_v4(), "event_type": kind, "payload": { "i": i, "note": "x" } }))
+        .collect();
+    serde_json::json!({ "expected_version": expected_version, "events": events })
+}
+
+/// Counts the rows of `events` in a store (any backend), optionally for one tenant.
+pub async fn count_events(url: &str, tenant: Option<Uuid>) -> Result<i64> {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await?;
+        let n = match tenant {
+            Some(t) => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = ?1")
+                    .bind(t.to_string())
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+        };
+        Ok(n)
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let n = match tenant {
+            Some(t) => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = $1")
+                    .bind(t)
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+        };
+        Ok(n)
+    }
+}
