@@ -172,11 +172,13 @@ impl App {
         let state = self.state;
         let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The admin port outlives the data port's drain, so `/readyz` can say 503 meanwhile.
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let watcher = tokio::spawn(watcher::run(Arc::clone(&state), stop_rx.clone()));
         let admin_server = tokio::spawn(server::serve(
             admin,
             admin::service(Arc::clone(&state)),
-            stop_rx.clone(),
+            admin_stop_rx,
             Duration::from_secs(1),
         ));
         let data_server = server::serve(
@@ -195,6 +197,7 @@ impl App {
                 data_server.await;
             }
         }
+        let _ = admin_stop_tx.send(true);
         let _ = admin_server.await;
         watcher.abort();
         for store in &state.stores {

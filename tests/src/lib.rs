@@ -520,3 +520,32 @@ pub async fn count_events(url: &str, tenant: Option<Uuid>) -> Result<i64> {
         Ok(n)
     }
 }
+
+/// An initialised env with one proxy running and ready: the common start of a data-plane test.
+pub async fn started(
+    backend: Backend,
+    stores: &[&str],
+    extra: &str,
+    proxy_env: &[(&str, &str)],
+) -> Result<(Env, ProxyProcess, Http)> {
+    let env = Env::new(backend, stores, extra).await?;
+    env.control_json(&["init"])?;
+    let proxy = env.proxy(proxy_env)?;
+    let http = Http::new();
+    proxy.wait_ready(&http).await?;
+    Ok((env, proxy, http))
+}
+
+/// Runs `body` once per backend, naming the backend in any failure.
+pub async fn for_each_backend<F, Fut>(mut body: F) -> Result<()>
+where
+    F: FnMut(Backend) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    for backend in Backend::ALL {
+        body(backend)
+            .await
+            .with_context(|| format!("on {backend:?}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The data-plane API through the real proxy over real HTTP, on PostgreSQL and SQLite:
+//! round trips, optimistic concurrency under contention, idempotent retries, every bad input,
+//! h2c, and tenant isolation.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use switchyard_tests::{
+    count_events, events_body, feed_url, for_each_backend, started, stream_url, Backend, Http,
+    Result,
+};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_and_read_round_trip() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared", "dedicated"], "", &[]).await?;
+        let (tenant, aggregate) = (Uuid::new_v4(), Uuid::new_v4());
+        let url = stream_url(&proxy.data, tenant, "Order", aggregate);
+        let event_id = Uuid::new_v4();
+        let body = json!({"expected_version": 0, "events": [
+            {"event_id": event_id, "event_type": "OrderCreated", "payload": {"total": 12.5, "lines": [1, 2]},
+             "actor_id": "user-7", "timestamp": "2024-01-15T10:30:00.123456Z"},
+            {"event_type": "OrderPaid", "payload": {}}
+        ]});
+        let reply = http.post(&url, &body).await?;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+        assert_eq!(reply.json["store_id"], "shared");
+        assert_eq!(reply.json["first_version"], 1);
+        assert_eq!(reply.json["last_version"], 2);
+        let positions = reply.json["global_positions"].as_array().expect("positions").clone();
+        assert_eq!(positions.len(), 2);
+
+        let read = http.get(&url).await?;
+        assert_eq!(read.status, StatusCode::OK);
+        let events = read.json["events"].as_array().expect("events");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["event_id"], json!(event_id));
+        assert_eq!(events[0]["event_type"], "OrderCreated");
+        assert_eq!(events[0]["payload"], json!({"total": 12.5, "lines": [1, 2]}));
+        assert_eq!(events[0]["actor_id"], "user-7");
+        assert_eq!(events[0]["timestamp"], "2024-01-15T10:30:00.123456Z");
+        assert_eq!(events[0]["tenant_id"], json!(tenant));
+        assert_eq!(events[1]["version"], 2);
+        assert!(Uuid::parse_str(events[1]["event_id"].as_str().unwrap_or("")).is_ok(), "generated id");
+        assert_eq!(json!([events[0]["global_position"], events[1]["global_position"]]), Value::Array(positions));
+
+        // from_version and limit page through the stream.
+        let page = http.get(&format!("{url}?from_version=2&limit=1")).await?;
+        assert_eq!(page.json["events"].as_array().map(Vec::len), Some(1));
+        assert_eq!(page.json["events"][0]["version"], 2);
+
+        // The feed lists the tenant's events in position order, each with its store.
+        let feed = http.get(&feed_url(&proxy.data, tenant)).await?;
+        let feed_events = feed.json["events"].as_array().expect("feed");
+        assert_eq!(feed_events.len(), 2);
+        assert_eq!(feed_events[0]["store_id"], "shared");
+        let first = feed_events[0]["global_position"].as_i64().unwrap_or_default();
+        let after = http.get(&format!("{}?after_position={first}", feed_url(&proxy.data, tenant))).await?;
+        assert_eq!(after.json["events"].as_array().map(Vec::len), Some(1));
+
+        // A conflict names both versions and writes nothing.
+        let conflict = http.post(&url, &events_body(Some(1), 1, "Late")).await?;
+        assert_eq!(conflict.status, StatusCode::CONFLICT);
+        assert_eq!(conflict.json["error"], "version_conflict");
+        assert_eq!(conflict.json["expected_version"], 1);
+        assert_eq!(conflict.json["actual_version"], 2);
+        assert_eq!(count_events(env.store_url("shared"), Some(tenant)).await?, 2);
+
+        // h2c on the same port.
+        let h2 = Http::h2c().get(&url).await?;
+        assert_eq!(h2.status, StatusCode::OK);
+        assert_eq!(h2.json["events"].as_array().map(Vec::len), Some(2));
+        Ok(())
+    })
+    .await
+}
+
+/// Writers racing on one stream with expected_version: every version has exactly one winner,
+/// and the stream has no gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_have_one_winner_per_version() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (_env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let (tenant, aggregate) = (Uuid::new_v4(), Uuid::new_v4());
+        let url = Arc::new(stream_url(&proxy.data, tenant, "Account", aggregate));
+        let won: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let target = 60;
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (http, url, won) = (http.clone(), Arc::clone(&url), Arc::clone(&won));
+            tasks.push(tokio::spawn(async move {
+                let mut version = 0i64;
+                let mut conflicts = 0;
+                while won.lock().await.len() < target {
+                    let reply = http
+                        .post(&url, &events_body(Some(version), 1, "Deposited"))
+                        .await?;
+                    match reply.status {
+                        StatusCode::CREATED => {
+                            let v = reply.json["first_version"].as_i64().unwrap_or(-1);
+                            assert_eq!(v, version + 1);
+                            won.lock().await.push(v);
+                            version = v;
+                        }
+                        StatusCode::CONFLICT => {
+                            conflicts += 1;
+                            version = reply.json["actual_version"].as_i64().unwrap_or(version);
+                        }
+                        other => anyhow::bail!("unexpected {other}: {:?}", reply.json),
+                    }
+                }
+                Ok::<_, anyhow::Error>(conflicts)
+            }));
+        }
+        let mut conflicts = 0;
+        for task in tasks {
+            conflicts += task.await??;
+        }
+        let won = won.lock().await.clone();
+        let distinct: BTreeSet<i64> = won.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            won.len(),
+            "a version was won twice: {won:?}"
+        );
+        assert_eq!(
+            distinct,
+            (1..=won.len() as i64).collect(),
+            "gaps in {won:?}"
+        );
+        assert!(
+            conflicts > 0,
+            "16 writers on one stream should have collided"
+        );
+        let read = http.get(&format!("{url}?limit=1000")).await?;
+        let versions: Vec<i64> = read.json["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["version"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(versions, (1..=won.len() as i64).collect::<Vec<_>>());
+        Ok(())
+    })
+    .await
+}
+
+/// `expected_version: null` appends never surface a conflict, however many race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_version_appends_all_land_without_gaps() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (_env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let url = Arc::new(stream_url(
+            &proxy.data,
+            Uuid::new_v4(),
+            "Log",
+            Uuid::new_v4(),
+        ));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (http, url) = (http.clone(), Arc::clone(&url));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    let reply = http.post(&url, &events_body(None, 2, "Line")).await?;
+                    anyhow::ensure!(reply.status == StatusCode::CREATED, "{:?}", reply.json);
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let read = http.get(&format!("{url}?limit=1000")).await?;
+        let versions: Vec<i64> = read.json["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["version"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(versions, (1..=160).collect::<Vec<_>>());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_idempotent_and_reused_ids_are_refused() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let body = json!({"expected_version": 0, "events": [
+            {"event_id": Uuid::new_v4(), "event_type": "A", "payload": {"k": 1}, "actor_id": "me"},
+            {"event_id": Uuid::new_v4(), "event_type": "B", "payload": {"k": 2}, "timestamp": "2025-05-05T05:05:05.5Z"}
+        ]});
+        let first = http.post(&url, &body).await?;
+        assert_eq!(first.status, StatusCode::CREATED);
+        // The same append again (a client that timed out): the original answer, nothing new.
+        let again = http.post(&url, &body).await?;
+        assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.json);
+        assert_eq!(again.json, first.json);
+        assert_eq!(count_events(env.store_url("shared"), Some(tenant)).await?, 2);
+
+        // Same id, different content: refused.
+        let mut changed = body.clone();
+        changed["events"][0]["payload"] = json!({"k": 999});
+        let refused = http.post(&url, &changed).await?;
+        assert_eq!(refused.status, StatusCode::CONFLICT);
+        assert_eq!(refused.json["error"], "event_id_conflict");
+        // Same ids to another stream: refused too.
+        let other_stream = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let refused = http.post(&other_stream, &body).await?;
+        assert_eq!(refused.status, StatusCode::CONFLICT);
+        assert_eq!(refused.json["error"], "event_id_conflict");
+        // Part old, part new: refused whole.
+        let mut partly = body.clone();
+        partly["events"][1]["event_id"] = json!(Uuid::new_v4());
+        partly["expected_version"] = json!(2);
+        let refused = http.post(&url, &partly).await?;
+        assert_eq!(refused.status, StatusCode::CONFLICT);
+        assert_eq!(count_events(env.store_url("shared"), Some(tenant)).await?, 2);
+        Ok(())
+    })
+    .await
+}
+
+/// Every bad input gets its status and JSON error code, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_its_status_and_writes_nothing() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let extra = "[proxy]\nmax_body_bytes = 4096\nmax_events_per_append = 5\n";
+        let (env, proxy, http) = started(backend, &["shared"], extra, &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let event = json!({"event_type": "A", "payload": {}});
+        let many: Vec<Value> = (0..6).map(|_| event.clone()).collect();
+        let cases: Vec<(&str, Method, String, Vec<u8>, u16, &str)> = vec![
+            ("malformed json", Method::POST, url.clone(), b"{\"events\": [".to_vec(), 400, "malformed_json"),
+            ("not an object", Method::POST, url.clone(), b"[1,2]".to_vec(), 400, "invalid_body"),
+            ("bad event id", Method::POST, url.clone(), br#"{"events":[{"event_id":"nope","event_type":"A","payload":{}}]}"#.to_vec(), 400, "invalid_body"),
+            ("unknown field", Method::POST, url.clone(), br#"{"events":[],"expected":1}"#.to_vec(), 400, "invalid_body"),
+            ("bad tenant id", Method::POST, url.replace(&tenant.to_string(), "not-a-uuid"), serde_json::to_vec(&json!({"events": [event]}))?, 400, "invalid_id"),
+            ("bad aggregate id", Method::POST, format!("{}/v1/tenants/{tenant}/streams/Order/123/events", proxy.data), serde_json::to_vec(&json!({"events": [event]}))?, 400, "invalid_id"),
+            ("empty event list", Method::POST, url.clone(), br#"{"events":[]}"#.to_vec(), 422, "empty_append"),
+            ("too many events", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": many}))?, 422, "too_many_events"),
+            ("field too long", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "x".repeat(256), "payload": {}}]}))?, 422, "invalid_event"),
+            ("actor too long", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "actor_id": "x".repeat(256), "payload": {}}]}))?, 422, "invalid_event"),
+            ("bad timestamp", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "payload": {}, "timestamp": "noon"}]}))?, 422, "invalid_event"),
+            ("NUL in payload", Method::POST, url.clone(), br#"{"events":[{"event_type":"A","payload":{"x":"\u0000"}}]}"#.to_vec(), 422, "invalid_event"),
+            ("oversized body", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "payload": {"x": "y".repeat(5000)}}]}))?, 413, "payload_too_large"),
+            ("unknown path", Method::GET, format!("{}/v1/nothing", proxy.data), Vec::new(), 404, "not_found"),
+            ("wrong method", Method::DELETE, url.clone(), Vec::new(), 405, "method_not_allowed"),
+            ("wrong method on feed", Method::POST, feed_url(&proxy.data, tenant), serde_json::to_vec(&json!({"events": [event]}))?, 405, "method_not_allowed"),
+            ("bad query", Method::GET, format!("{url}?limit=0"), Vec::new(), 400, "invalid_query"),
+        ];
+        for (name, method, target, body, status, code) in cases {
+            let reply = http.request(method, &target, body, &[]).await?;
+            assert_eq!(reply.status.as_u16(), status, "{name}: {:?}", reply.body);
+            assert_eq!(reply.json["error"], code, "{name}: {:?}", reply.json);
+            assert!(reply.json["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
+        }
+        assert_eq!(count_events(env.store_url("shared"), None).await?, 0, "nothing was written");
+        Ok(())
+    })
+    .await
+}
+
+/// A stream of one tenant is invisible through another tenant's path, and a tenant's feed
+/// never shows another tenant's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let (owner, intruder, aggregate) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let owned = stream_url(&proxy.data, owner, "Order", aggregate);
+        assert_eq!(http.post(&owned, &events_body(Some(0), 3, "Secret")).await?.status, StatusCode::CREATED);
+        assert_eq!(http.post(&stream_url(&proxy.data, intruder, "Order", Uuid::new_v4()), &events_body(None, 1, "Mine")).await?.status, StatusCode::CREATED);
+
+        let foreign = stream_url(&proxy.data, intruder, "Order", aggregate);
+        let read = http.get(&foreign).await?;
+        assert_eq!(read.status, StatusCode::OK);
+        assert_eq!(read.json["events"], json!([]), "another tenant's stream reads as empty");
+        for expected in [json!(0), json!(3), Value::Null] {
+            let body = json!({"expected_version": expected, "events": [{"event_type": "Hijack", "payload": {}}]});
+            let append = http.post(&foreign, &body).await?;
+            assert_eq!(append.status, StatusCode::NOT_FOUND, "{:?}", append.json);
+            assert_eq!(append.json["error"], "stream_not_found");
+            assert!(!append.body.windows(6).any(|w| w == b"Secret"), "nothing of the owner leaks");
+        }
+        let feed = http.get(&feed_url(&proxy.data, intruder)).await?;
+        let types: Vec<&str> = feed.json["events"].as_array().expect("feed").iter().filter_map(|e| e["event_type"].as_str()).collect();
+        assert_eq!(types, vec!["Mine"]);
+        assert_eq!(count_events(env.store_url("shared"), Some(owner)).await?, 3);
+        assert_eq!(count_events(env.store_url("shared"), Some(intruder)).await?, 1);
+        Ok(())
+    })
+    .await
+}
+
+/// Not a backend matter, but the proxy must not hang on a body that never finishes: the
+/// request deadline answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_store_hits_the_request_deadline() -> Result<()> {
+    let extra = "[proxy]\nrequest_timeout_ms = 300\n";
+    let (env, proxy, http) = started(Backend::Postgres, &["shared"], extra, &[]).await?;
+    // Hold an exclusive lock on events so the append waits in the database.
+    let mut blocker =
+        <sqlx::PgConnection as sqlx::Connection>::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut blocker).await?;
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await?;
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, Uuid::new_v4(), "A", Uuid::new_v4()),
+            &events_body(None, 1, "E"),
+        )
+        .await?;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{:?}",
+        reply.json
+    );
+    assert_eq!(reply.json["error"], "timeout");
+    assert_eq!(reply.json["retryable"], true);
+    sqlx::query("ROLLBACK").execute(&mut blocker).await?;
+    Ok(())
+}
