@@ -228,6 +228,9 @@ async fn retries_are_idempotent_and_reused_ids_are_refused() -> Result<()> {
     .await
 }
 
+/// `(name, method, url, body, status, error code)`.
+type BadCase = (&'static str, Method, String, Vec<u8>, u16, &'static str);
+
 /// Every bad input gets its status and JSON error code, and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_its_status_and_writes_nothing() -> Result<()> {
@@ -238,7 +241,7 @@ async fn bad_input_is_refused_with_its_status_and_writes_nothing() -> Result<()>
         let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
         let event = json!({"event_type": "A", "payload": {}});
         let many: Vec<Value> = (0..6).map(|_| event.clone()).collect();
-        let cases: Vec<(&str, Method, String, Vec<u8>, u16, &str)> = vec![
+        let cases: Vec<BadCase> = vec![
             ("malformed json", Method::POST, url.clone(), b"{\"events\": [".to_vec(), 400, "malformed_json"),
             ("not an object", Method::POST, url.clone(), b"[1,2]".to_vec(), 400, "invalid_body"),
             ("bad event id", Method::POST, url.clone(), br#"{"events":[{"event_id":"nope","event_type":"A","payload":{}}]}"#.to_vec(), 400, "invalid_body"),
