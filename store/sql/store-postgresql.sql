@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
 --   SWV01 version conflict (DETAIL = the stream's actual version)
 --   SWV02 lost a race: a concurrent append took the version or inserted the same ids; the whole
 --         statement is rolled back and the caller retries (DETAIL = the actual version)
+-- Returns what the caller needs to mirror the events exactly (positions, versions, and the
+-- timestamps the store filled in).
 CREATE OR REPLACE FUNCTION switchyard_append(
     p_tenant         UUID,
     p_aggregate_type TEXT,
@@ -60,7 +62,8 @@ CREATE OR REPLACE FUNCTION switchyard_append(
     p_payloads       JSONB[],
     p_actors         TEXT[],
     p_timestamps     TIMESTAMPTZ[]
-) RETURNS TABLE (out_position BIGINT, out_version INTEGER)
+) RETURNS TABLE (out_position BIGINT, out_version INTEGER, out_timestamp TIMESTAMPTZ,
+                out_created_at TIMESTAMPTZ)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_n        INTEGER := cardinality(p_event_ids);
@@ -95,7 +98,7 @@ BEGIN
            AND e.actor_id IS NOT DISTINCT FROM u.actor
            AND (u.ts IS NULL OR e.timestamp = u.ts);
         IF v_existing = v_n AND v_matching = v_n THEN
-            RETURN QUERY SELECT e.global_position, e.version
+            RETURN QUERY SELECT e.global_position, e.version, e.timestamp, e.created_at
                            FROM events e WHERE e.event_id = ANY (p_event_ids)
                           ORDER BY e.version;
             RETURN;
@@ -123,7 +126,7 @@ BEGIN
       FROM unnest(p_event_ids, p_event_types, p_payloads, p_actors, p_timestamps)
            WITH ORDINALITY AS u(id, typ, payload, actor, ts, ord)
     ON CONFLICT DO NOTHING
-    RETURNING e.global_position, e.version;
+    RETURNING e.global_position, e.version, e.timestamp, e.created_at;
     GET DIAGNOSTICS v_inserted = ROW_COUNT;
     IF v_inserted < v_n THEN
         SELECT max(e.version) INTO v_current FROM events e

@@ -50,6 +50,13 @@ pub struct Appended {
     pub first_version: i32,
     pub last_version: i32,
     pub global_positions: Vec<i64>,
+    /// Each event's `timestamp` as stored (the store's clock where the client gave none), so
+    /// a mirror can copy the events exactly.
+    #[serde(skip)]
+    pub timestamps: Vec<DateTime<Utc>>,
+    /// Each event's `created_at` as stored.
+    #[serde(skip)]
+    pub created_at: Vec<DateTime<Utc>>,
 }
 
 /// An event read back from a store.
@@ -64,6 +71,9 @@ pub struct StoredEvent {
     pub version: i32,
     pub actor_id: Option<String>,
     pub timestamp: DateTime<Utc>,
+    /// When the store persisted it (kept across a migration; not part of the API replies).
+    #[serde(skip)]
+    pub created_at: DateTime<Utc>,
     pub payload: Box<RawValue>,
 }
 
@@ -143,7 +153,11 @@ pub(crate) fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, StoreError> {
             return Ok(t.with_timezone(&Utc));
         }
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, format) {
             return Ok(t.and_utc());
         }
@@ -176,5 +190,12 @@ mod tests {
             assert_eq!(parse_timestamp(text).expect(text), t, "{text}");
         }
         assert!(parse_timestamp("yesterday").is_err());
+        // SQLite's datetime('now'), eventsource-py's created_at default.
+        assert_eq!(
+            parse_timestamp("2024-01-15 10:30:00")
+                .map(|t| format_timestamp(&t))
+                .ok(),
+            Some("2024-01-15T10:30:00.000000+00:00".to_owned())
+        );
     }
 }

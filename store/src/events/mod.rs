@@ -2,8 +2,11 @@
 //! SQLite. Append (with optimistic concurrency and idempotent retries), stream reads, tenant
 //! feed reads, and the store's schema.
 
+mod copy;
 mod postgres;
 mod sqlite;
+
+pub use copy::PassWindow;
 
 use std::sync::Arc;
 

@@ -62,7 +62,7 @@ pub(super) async fn append(
     let actors: Vec<Option<&str>> = events.iter().map(|e| e.actor_id.as_deref()).collect();
     let timestamps: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.timestamp).collect();
     let rows = sqlx::query(
-        "SELECT out_position, out_version
+        "SELECT out_position, out_version, out_timestamp, out_created_at
            FROM switchyard_append($1, $2, $3, $4, $5, $6, $7::text[]::jsonb[], $8, $9)",
     )
     .bind(stream.tenant_id)
@@ -80,27 +80,44 @@ pub(super) async fn append(
         Ok(rows) => rows,
         Err(e) => return Err(classify(e, expected_version)),
     };
-    let mut pairs = Vec::with_capacity(rows.len());
+    let mut rows_out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let position: i64 = row.try_get(0)?;
-        let version: i32 = row.try_get(1)?;
-        pairs.push((version, position));
+        rows_out.push(AppendedRow {
+            version: row.try_get(1)?,
+            position: row.try_get(0)?,
+            timestamp: row.try_get(2)?,
+            created_at: row.try_get(3)?,
+        });
     }
-    pairs.sort_unstable();
-    appended(&pairs, events.len()).map_err(Attempt::from)
+    appended(rows_out, events.len()).map_err(Attempt::from)
 }
 
-/// Builds the reply from `(version, position)` pairs sorted by version.
-pub(super) fn appended(pairs: &[(i32, i64)], expected_len: usize) -> Result<Appended, StoreError> {
-    match (pairs.first(), pairs.last()) {
-        (Some(first), Some(last)) if pairs.len() == expected_len => Ok(Appended {
-            first_version: first.0,
-            last_version: last.0,
-            global_positions: pairs.iter().map(|p| p.1).collect(),
+/// One stored event of an append, as the store reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct AppendedRow {
+    pub version: i32,
+    pub position: i64,
+    pub timestamp: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Builds the reply from the stored rows, in version order.
+pub(super) fn appended(
+    mut rows: Vec<AppendedRow>,
+    expected_len: usize,
+) -> Result<Appended, StoreError> {
+    rows.sort_unstable();
+    match (rows.first(), rows.last()) {
+        (Some(first), Some(last)) if rows.len() == expected_len => Ok(Appended {
+            first_version: first.version,
+            last_version: last.version,
+            global_positions: rows.iter().map(|r| r.position).collect(),
+            timestamps: rows.iter().map(|r| r.timestamp).collect(),
+            created_at: rows.iter().map(|r| r.created_at).collect(),
         }),
         _ => Err(StoreError::Corrupt(format!(
             "append returned {} rows for {expected_len} events",
-            pairs.len()
+            rows.len()
         ))),
     }
 }
@@ -131,7 +148,7 @@ fn classify(e: sqlx::Error, expected: Option<i32>) -> Attempt {
 }
 
 const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
-     event_type, version, actor_id, timestamp, payload::text AS payload";
+     event_type, version, actor_id, timestamp, payload::text AS payload, created_at";
 
 pub(super) async fn read_stream(
     pool: &PgPool,
@@ -187,6 +204,7 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredEvent, StoreError> {
         version: row.try_get("version")?,
         actor_id: row.try_get("actor_id")?,
         timestamp: row.try_get("timestamp")?,
+        created_at: row.try_get("created_at")?,
         payload: RawValue::from_string(payload)
             .map_err(|e| StoreError::Corrupt(format!("payload is not JSON: {e}")))?,
     })

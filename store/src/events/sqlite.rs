@@ -2,13 +2,13 @@
 //! short write transaction of a few statements and can never lose a race half-way. UUIDs and
 //! timestamps are TEXT, as eventsource-py writes them.
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use serde_json::value::RawValue;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
-use super::postgres::appended;
+use super::postgres::{appended, AppendedRow};
 use super::{Attempt, SchemaStatus};
 use crate::event::{
     format_timestamp, parse_timestamp, AppendError, Appended, NewEvent, StoreError, StoredEvent,
@@ -83,12 +83,16 @@ pub(super) async fn append(
         if !all_match {
             return Err(Attempt::Failed(AppendError::EventIdReused));
         }
-        let mut pairs: Vec<(i32, i64)> = existing
+        let rows = existing
             .iter()
-            .map(|e| (e.version, e.global_position))
+            .map(|e| AppendedRow {
+                version: e.version,
+                position: e.global_position,
+                timestamp: e.timestamp,
+                created_at: e.created_at,
+            })
             .collect();
-        pairs.sort_unstable();
-        return appended(&pairs, events.len()).map_err(Attempt::from);
+        return appended(rows, events.len()).map_err(Attempt::from);
     }
 
     let head: Option<(i32, Option<String>)> = sqlx::query_as(
@@ -115,13 +119,14 @@ pub(super) async fn append(
         }
     }
 
-    let now = format_timestamp(&Utc::now());
-    let mut pairs = Vec::with_capacity(events.len());
+    let now = Utc::now().trunc_subsecs(6);
+    let mut rows = Vec::with_capacity(events.len());
     for (version, event) in (current + 1..).zip(events) {
+        let timestamp = event.timestamp.unwrap_or(now);
         let position: i64 = sqlx::query_scalar(
             "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
-                                 actor_id, version, timestamp, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING global_position",
+                                 actor_id, version, timestamp, payload, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING global_position",
         )
         .bind(event.event_id.to_string())
         .bind(&aggregate_id)
@@ -130,19 +135,20 @@ pub(super) async fn append(
         .bind(&tenant)
         .bind(event.actor_id.as_deref())
         .bind(version)
-        .bind(
-            event
-                .timestamp
-                .as_ref()
-                .map_or_else(|| now.clone(), format_timestamp),
-        )
+        .bind(format_timestamp(&timestamp))
         .bind(event.payload.get())
+        .bind(format_timestamp(&now))
         .fetch_one(&mut *tx)
         .await?;
-        pairs.push((version, position));
+        rows.push(AppendedRow {
+            version,
+            position,
+            timestamp,
+            created_at: now,
+        });
     }
     tx.commit().await?;
-    appended(&pairs, events.len()).map_err(Attempt::from)
+    appended(rows, events.len()).map_err(Attempt::from)
 }
 
 /// Whether a stored event is the one a retry re-sends (payloads compared as JSON values).
@@ -164,7 +170,7 @@ fn same_event(old: &StoredEvent, new: &NewEvent, stream: StreamRef<'_>) -> bool 
 }
 
 const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
-     event_type, version, actor_id, timestamp, payload";
+     event_type, version, actor_id, timestamp, payload, created_at";
 
 pub(super) async fn read_stream(
     pool: &SqlitePool,
@@ -218,6 +224,7 @@ pub(crate) fn decode(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
     let tenant_id: Option<String> = row.try_get("tenant_id")?;
     let timestamp: String = row.try_get("timestamp")?;
     let payload: String = row.try_get("payload")?;
+    let created_at: String = row.try_get("created_at")?;
     Ok(StoredEvent {
         global_position: row.try_get("global_position")?,
         event_id: parse_uuid(&event_id, "event_id")?,
@@ -231,6 +238,7 @@ pub(crate) fn decode(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
         version: row.try_get("version")?,
         actor_id: row.try_get("actor_id")?,
         timestamp: parse_timestamp(&timestamp)?,
+        created_at: parse_timestamp(&created_at)?,
         payload: RawValue::from_string(payload)
             .map_err(|e| StoreError::Corrupt(format!("payload is not JSON: {e}")))?,
     })

@@ -1,0 +1,238 @@
+//! The store primitives the migration engine stands on: stable-horizon passes that never skip
+//! a late-committing transaction, and the target-order insert.
+
+use chrono::Utc;
+use serde_json::value::RawValue;
+use sqlx::Connection;
+use switchyard_store::{EventStore, NewEvent, PassWindow, StoredEvent, StreamRef};
+use switchyard_tests::{for_each_backend, Backend, Env, Result};
+use uuid::Uuid;
+
+fn event(kind: &str) -> Result<NewEvent> {
+    Ok(NewEvent::new(
+        Uuid::new_v4(),
+        kind,
+        RawValue::from_string(r#"{"k":1}"#.to_owned())?,
+        None,
+        None,
+    ))
+}
+
+async fn stores(env: &Env) -> Result<(EventStore, EventStore)> {
+    let source = EventStore::connect("shared", env.store_url("shared"), 4)?;
+    let target = EventStore::connect("dedicated", env.store_url("dedicated"), 4)?;
+    source.ensure_schema().await?;
+    target.ensure_schema().await?;
+    Ok((source, target))
+}
+
+/// Copies one pass window into the target; returns how many rows it read.
+async fn copy_pass(
+    source: &EventStore,
+    target: &EventStore,
+    tenant: Uuid,
+    window: PassWindow,
+) -> Result<usize> {
+    let mut after = 0;
+    let mut copied = 0;
+    loop {
+        let batch = source.read_window(tenant, window, after, 3).await?;
+        let Some(last) = batch.last() else {
+            return Ok(copied);
+        };
+        after = last.global_position;
+        let landed = target.insert_copied(&batch).await?;
+        assert!(
+            landed.iter().all(Option::is_some),
+            "source order keeps streams in version order"
+        );
+        copied += batch.len();
+    }
+}
+
+async fn all_ids(store: &EventStore, tenant: Uuid) -> Result<Vec<Uuid>> {
+    let mut ids: Vec<Uuid> = store
+        .read_tenant(tenant, 0, 10_000)
+        .await?
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// A transaction that took its position early but commits late is copied by the next pass,
+/// where a position-based tail would have stepped over it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_is_never_skipped() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let (source, target) = stores(&env).await?;
+    let tenant = Uuid::new_v4();
+    let stream = |aggregate_id| StreamRef {
+        tenant_id: tenant,
+        aggregate_type: "Order",
+        aggregate_id,
+    };
+    source
+        .append(stream(Uuid::new_v4()), Some(0), &[event("Early")?])
+        .await?;
+
+    // Hold a writer's transaction open after its insert took a position.
+    let mut late = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut late).await?;
+    let late_id = Uuid::new_v4();
+    let late_position: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+         VALUES ($1, $2, 'Order', 'Late', $3, 1, now(), '{}') RETURNING global_position",
+    )
+    .bind(late_id)
+    .bind(Uuid::new_v4())
+    .bind(tenant)
+    .fetch_one(&mut late)
+    .await?;
+    // Others commit after it, with higher positions.
+    for _ in 0..4 {
+        source
+            .append(stream(Uuid::new_v4()), Some(0), &[event("After")?])
+            .await?;
+    }
+
+    let first = PassWindow::first(source.horizon().await?);
+    copy_pass(&source, &target, tenant, first).await?;
+    let copied = all_ids(&target, tenant).await?;
+    assert!(
+        !copied.contains(&late_id),
+        "an open transaction's row is not final yet"
+    );
+    assert!(
+        copied.len() <= 1,
+        "rows of transactions newer than the open one wait too"
+    );
+
+    sqlx::query("COMMIT").execute(&mut late).await?;
+    // Pass after pass, as the tail does, until the target holds what the source holds. (Any
+    // transaction open anywhere in the cluster holds the horizon back, so how many passes that
+    // takes depends on what else runs; the test only bounds the time.)
+    let mut window = first;
+    let expected = all_ids(&source, tenant).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while all_ids(&target, tenant).await? != expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tail never caught up"
+        );
+        window = window.next(source.horizon().await?);
+        copy_pass(&source, &target, tenant, window).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(expected.contains(&late_id));
+    let source_max = source
+        .read_tenant(tenant, 0, 100)
+        .await?
+        .iter()
+        .map(|e| e.global_position)
+        .max();
+    assert!(
+        source_max > Some(late_position),
+        "the late row had a lower position than rows copied before it"
+    );
+    assert_eq!(
+        source
+            .count_window(tenant, PassWindow::first(source.horizon().await?))
+            .await?,
+        6
+    );
+    Ok(())
+}
+
+fn copy_of(e: &StoredEvent) -> StoredEvent {
+    StoredEvent {
+        payload: e.payload.clone(),
+        ..e.clone()
+    }
+}
+
+/// Versions land only after their predecessor; re-inserting is idempotent; every field but the
+/// position is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_never_gets_a_gap() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], "").await?;
+        let (source, target) = stores(&env).await?;
+        let tenant = Uuid::new_v4();
+        let aggregate_id = Uuid::new_v4();
+        let stream = StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Cart",
+            aggregate_id,
+        };
+        let ts = Utc::now();
+        let events = vec![
+            NewEvent::new(
+                Uuid::new_v4(),
+                "A",
+                RawValue::from_string(r#"{"x":{"y":[1,2]}}"#.to_owned())?,
+                Some("me".into()),
+                Some(ts),
+            ),
+            event("B")?,
+            event("C")?,
+        ];
+        source.append(stream, Some(0), &events).await?;
+        let stored = source.read_stream(stream, 1, 10).await?;
+
+        // v2 and v3 before v1: nothing lands.
+        let landed = target
+            .insert_copied(&[copy_of(&stored[1]), copy_of(&stored[2])])
+            .await?;
+        assert_eq!(landed, vec![None, None]);
+        // v1 then v3: only v1.
+        let landed = target
+            .insert_copied(&[copy_of(&stored[0]), copy_of(&stored[2])])
+            .await?;
+        assert!(landed[0].is_some() && landed[1].is_none(), "{landed:?}");
+        // Everything, twice: all land, the second time with the same positions.
+        let all: Vec<StoredEvent> = stored.iter().map(copy_of).collect();
+        let first = target.insert_copied(&all).await?;
+        let second = target.insert_copied(&all).await?;
+        assert!(first.iter().all(Option::is_some));
+        assert_eq!(first, second);
+        let copied = target.read_stream(stream, 1, 10).await?;
+        for (a, b) in stored.iter().zip(&copied) {
+            assert_eq!(
+                (
+                    a.event_id,
+                    a.version,
+                    &a.event_type,
+                    &a.actor_id,
+                    a.timestamp,
+                    a.created_at
+                ),
+                (
+                    b.event_id,
+                    b.version,
+                    &b.event_type,
+                    &b.actor_id,
+                    b.timestamp,
+                    b.created_at
+                )
+            );
+            let (pa, pb): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_str(a.payload.get())?,
+                serde_json::from_str(b.payload.get())?,
+            );
+            assert_eq!(pa, pb);
+        }
+        assert_eq!(target.count_tenant(tenant).await?, 3);
+        // Fences open idempotently.
+        target.open_fence(tenant, 1).await?;
+        target.open_fence(tenant, 2).await?;
+        assert_eq!(
+            target.fence(tenant).await?.map(|f| f.0),
+            Some("open".to_owned())
+        );
+        assert_eq!(target.delete_tenant(tenant).await?, 3);
+        Ok(())
+    })
+    .await
+}
