@@ -66,6 +66,9 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             let has_row = table.row(&tenant).is_some();
             let mut body = route_json(state, &tenant, table.get(&tenant));
             body["has_row"] = json!(has_row);
+            body["mirroring"] =
+                json!(table.get(&tenant).state == switchyard_store::RoutingState::DualWrite);
+            body["mirror"] = json!(state.mirror.stats(&tenant));
             body["table_epoch"] = json!(table.epoch());
             Ok(json_response(StatusCode::OK, &body))
         }

@@ -10,11 +10,12 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use switchyard_store::{AppendError, NewEvent, StoreError, StoredEvent, StreamRef};
+use switchyard_store::{AppendError, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
 use crate::gate::{self, Until};
+use crate::mirror::MirrorJob;
 use crate::routing::Route;
 use crate::AppState;
 
@@ -260,7 +261,7 @@ struct AppendReply<'a> {
     store_id: &'a str,
     first_version: i32,
     last_version: i32,
-    global_positions: Vec<i64>,
+    global_positions: &'a [i64],
 }
 
 #[derive(Debug, Serialize)]
@@ -386,12 +387,12 @@ async fn route(
 async fn append(
     state: &AppState,
     stream: StreamRef<'_>,
-    command: AppendCommand,
+    mut command: AppendCommand,
 ) -> Result<Response<Body>, ApiError> {
     let mut route: Route = *state.routes.load().get(&stream.tenant_id);
     let mut reroutes = 0;
     loop {
-        if route.state == switchyard_store::RoutingState::CutoverPaused {
+        if route.state == RoutingState::CutoverPaused {
             route = gate::wait(state, stream.tenant_id, Until::Open).await?;
         }
         let store = state.store(route.store)?;
@@ -400,13 +401,23 @@ async fn append(
             .await
         {
             Ok(appended) => {
-                let reply = AppendReply {
-                    store_id: store.id(),
-                    first_version: appended.first_version,
-                    last_version: appended.last_version,
-                    global_positions: appended.global_positions,
-                };
-                return Ok(json_response(StatusCode::CREATED, &reply));
+                let reply = json_response(
+                    StatusCode::CREATED,
+                    &AppendReply {
+                        store_id: store.id(),
+                        first_version: appended.first_version,
+                        last_version: appended.last_version,
+                        global_positions: &appended.global_positions,
+                    },
+                );
+                // The reply is settled before the mirror sees the events; queueing never waits.
+                if let (RoutingState::DualWrite, Some(target)) = (route.state, route.target) {
+                    let events = std::mem::take(&mut command.events);
+                    state
+                        .mirror
+                        .enqueue(target, MirrorJob::from_append(stream, events, &appended));
+                }
+                return Ok(reply);
             }
             Err(AppendError::Fenced { moved_to }) => {
                 state.metrics.fence_rejections.inc();

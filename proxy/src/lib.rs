@@ -11,6 +11,7 @@ pub mod api;
 pub mod error;
 pub mod gate;
 pub mod metrics;
+pub mod mirror;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
@@ -29,6 +30,7 @@ use tokio::sync::{watch, Mutex, Notify};
 
 use crate::error::ApiError;
 use crate::metrics::ProxyMetrics;
+use crate::mirror::Mirror;
 use crate::routing::{Routes, RoutingTable, StoreIdx};
 
 /// Everything a request handler needs, shared by all connections.
@@ -41,6 +43,7 @@ pub struct AppState {
     pub control: ControlDb,
     pub routes: Routes,
     pub metrics: ProxyMetrics,
+    pub mirror: Mirror,
     /// Serialises reloads (see `watcher::reload`).
     pub(crate) reload_lock: Mutex<()>,
     /// Wakes the watcher to reload now (a notification arrived).
@@ -117,13 +120,15 @@ impl App {
             .get(&config.default_store)
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
+        let metrics = ProxyMetrics::new();
         let state = AppState {
+            mirror: Mirror::new(stores.len(), metrics.clone()),
             stores,
             store_index,
             default_store,
             control,
             routes: Routes::new(RoutingTable::empty(default_store)),
-            metrics: ProxyMetrics::new(),
+            metrics,
             reload_lock: Mutex::new(()),
             reload_now: Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -175,6 +180,7 @@ impl App {
         // The admin port outlives the data port's drain, so `/readyz` can say 503 meanwhile.
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let watcher = tokio::spawn(watcher::run(Arc::clone(&state), stop_rx.clone()));
+        let mirror_workers = state.mirror.start(&state.stores);
         let admin_server = tokio::spawn(server::serve(
             admin,
             admin::service(Arc::clone(&state)),
@@ -197,9 +203,18 @@ impl App {
                 data_server.await;
             }
         }
+        // Mirror work still queued gets a moment; what is left the tail copies.
+        if !state.mirror.drain(Duration::from_secs(2)).await {
+            tracing::warn!(
+                "mirror queues not empty at shutdown; the migration tail will copy the rest"
+            );
+        }
         let _ = admin_stop_tx.send(true);
         let _ = admin_server.await;
         watcher.abort();
+        for worker in mirror_workers {
+            worker.abort();
+        }
         for store in &state.stores {
             store.close().await;
         }
