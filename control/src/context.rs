@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use switchyard_store::{Config, ControlDb, EventStore, StoreError};
 
+use crate::engine::{default_worker_id, Engine};
+
 use crate::cli::CliError;
 
 /// The config plus connections, opened on first use.
@@ -57,6 +59,17 @@ impl Context {
             self.stores.insert(id.to_owned(), store);
         }
         Ok(&self.stores[id])
+    }
+
+    /// The migration engine over this config (its own pools), with embedded schemas ready.
+    pub async fn engine(&self) -> Result<Engine, CliError> {
+        let engine = Engine::new(&self.config, default_worker_id())
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        engine
+            .prepare_embedded()
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        Ok(engine)
     }
 
     /// Every configured store id, in config order.

@@ -3,3 +3,5 @@
 
 pub mod cli;
 pub mod context;
+pub mod engine;
+pub mod serve;

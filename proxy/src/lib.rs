@@ -236,3 +236,24 @@ pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)
         TcpListener::bind(admin).await?,
     ))
 }
+
+/// Completes on SIGTERM or SIGINT: the shutdown signal of both programs.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -63,27 +63,7 @@ async fn main() -> ExitCode {
     // One machine-readable line on stdout, so supervisors and tests learn the bound ports.
     println!("switchyard-proxy listening data={data_addr} admin={admin_addr}");
     tracing::info!(%data_addr, %admin_addr, "listening");
-    app.run(data, admin, shutdown_signal()).await;
+    app.run(data, admin, switchyard_proxy::shutdown_signal())
+        .await;
     ExitCode::SUCCESS
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

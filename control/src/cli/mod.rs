@@ -1,9 +1,20 @@
 //! The operator CLI: global flags, the subcommand tree, exit codes (0 ok, 1 refused or failed,
 //! 2 usage error) and output (human text, or one JSON document with `--json`).
 
+mod abort;
+mod audit;
 mod check_config;
 mod init;
+mod lag;
+mod list;
+mod migrate;
+mod pause;
+mod positions;
+mod resume;
 mod routing;
+mod serve;
+mod shared;
+mod status;
 mod stores;
 
 use std::path::PathBuf;
@@ -44,6 +55,28 @@ pub enum Command {
     /// Read or set tenant routes.
     #[command(subcommand)]
     Routing(routing::Command),
+    /// Create a migration and run it.
+    #[command(subcommand)]
+    Migrate(migrate::Command),
+    /// A migration's state, progress, lag, rate and ETA (every active one without an id).
+    Status(status::Args),
+    /// Migrations, newest first.
+    List(list::Args),
+    /// Pause a migration at its next batch boundary, keeping progress.
+    Pause(pause::Args),
+    /// Resume a paused migration from its checkpoint.
+    Resume(resume::Args),
+    /// Abort a migration: routing back to the source, state rolled_back.
+    Abort(abort::Args),
+    /// A migration's sync lag in events.
+    Lag(lag::Args),
+    /// Translate subscription checkpoints from source to target positions.
+    #[command(subcommand)]
+    Positions(positions::Command),
+    /// A migration's audit log.
+    Audit(audit::Args),
+    /// Run the worker that drives migrations (admin port with /metrics).
+    Serve(serve::Args),
 }
 
 /// Why a command did not succeed.
@@ -125,6 +158,16 @@ async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(),
         Command::Init(args) => init::run(ctx, &args, json).await,
         Command::Stores(command) => stores::run(ctx, command, json).await,
         Command::Routing(command) => routing::run(ctx, command, json).await,
+        Command::Migrate(command) => migrate::run(ctx, command, json).await,
+        Command::Status(args) => status::run(ctx, &args, json).await,
+        Command::List(args) => list::run(ctx, &args, json).await,
+        Command::Pause(args) => pause::run(ctx, &args, json).await,
+        Command::Resume(args) => resume::run(ctx, &args, json).await,
+        Command::Abort(args) => abort::run(ctx, &args, json).await,
+        Command::Lag(args) => lag::run(ctx, &args, json).await,
+        Command::Positions(command) => positions::run(ctx, command, json).await,
+        Command::Audit(args) => audit::run(ctx, &args, json).await,
+        Command::Serve(args) => serve::run(ctx, &args).await,
         Command::CheckConfig(_) => unreachable!("handled before a context is built"),
     }
 }

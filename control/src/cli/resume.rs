@@ -1,0 +1,28 @@
+//! `resume MIGRATION`: back to the phase it paused; the copy continues from its checkpoint and
+//! the tail catches up (`serve` or a foreground `migrate` drives it).
+
+use uuid::Uuid;
+
+use super::shared::{operator_note, Status};
+use super::{emit, CliError};
+use crate::context::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub migration: Uuid,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+    let engine = ctx.engine().await?;
+    let record = engine
+        .resume(args.migration, &operator_note(args.reason.as_deref()))
+        .await?;
+    let status = Status::of(&engine, record).await;
+    emit(json, &status, |s| {
+        format!("Migration resumed\nNew state: {}\n\n{}", s.state, s.text())
+    });
+    Ok(())
+}

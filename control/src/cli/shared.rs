@@ -1,0 +1,143 @@
+//! Pieces several subcommands share: turning engine errors into exit codes, the operator's
+//! audit note, and the status view of a migration.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use switchyard_store::{AuditNote, MigrationRecord, MigrationState};
+use uuid::Uuid;
+
+use super::CliError;
+use crate::engine::{os_user, Engine, EngineError};
+
+impl From<EngineError> for CliError {
+    fn from(e: EngineError) -> Self {
+        if e.is_refusal() {
+            CliError::Refused(e.to_string())
+        } else {
+            CliError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<switchyard_store::MigrationError> for CliError {
+    fn from(e: switchyard_store::MigrationError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+/// The audit note of an operator command: the OS user and the given reason.
+pub fn operator_note(reason: Option<&str>) -> AuditNote {
+    let note = AuditNote::new(os_user());
+    match reason {
+        Some(reason) => note.with_reason(reason),
+        None => note,
+    }
+}
+
+/// Everything `status` shows of a migration (DESIGN.md's `status` keys, plus rate and ETA).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub state: MigrationState,
+    pub paused_from: Option<MigrationState>,
+    pub source_store_id: String,
+    pub target_store_id: String,
+    pub events_total: i64,
+    pub events_copied: i64,
+    pub progress_percentage: f64,
+    pub lag: Option<i64>,
+    /// Average bulk-copy rate since the copy started, events per second.
+    pub rate_events_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    pub error_message: Option<String>,
+    pub claimed_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Status {
+    /// Builds the view; `lag` costs a count in each store, so it is taken only while the
+    /// migration is active (the stores may be unreachable: then it is left out).
+    pub async fn of(engine: &Engine, record: MigrationRecord) -> Self {
+        let lag = if record.is_active() {
+            engine.lag(&record).await.ok()
+        } else {
+            None
+        };
+        #[allow(clippy::cast_precision_loss)] // counts stay far below 2^52
+        let rate = record.started_at.and_then(|started| {
+            let end = record.completed_at.unwrap_or(record.updated_at);
+            let secs = (end - started).num_milliseconds() as f64 / 1000.0;
+            (secs > 0.0 && record.events_copied > 0).then(|| record.events_copied as f64 / secs)
+        });
+        #[allow(clippy::cast_precision_loss)]
+        let eta = match (record.state, rate) {
+            (MigrationState::BulkCopy, Some(rate)) if rate > 0.0 => {
+                Some((record.events_total - record.events_copied).max(0) as f64 / rate)
+            }
+            _ => None,
+        };
+        Self {
+            id: record.id,
+            tenant_id: record.tenant_id,
+            state: record.state,
+            paused_from: record.paused_from,
+            source_store_id: record.source_store_id.clone(),
+            target_store_id: record.target_store_id.clone(),
+            events_total: record.events_total,
+            events_copied: record.events_copied,
+            progress_percentage: (record.progress_percentage() * 10.0).round() / 10.0,
+            lag,
+            rate_events_per_second: rate.map(|r| r.round()),
+            eta_seconds: eta.map(|e| e.round()),
+            error_message: record.error_message.clone(),
+            claimed_by: record.claimed_by.clone(),
+            created_at: record.created_at,
+            started_at: record.started_at,
+            completed_at: record.completed_at,
+            updated_at: record.updated_at,
+        }
+    }
+
+    /// The runbook's "check migration status" layout.
+    pub fn text(&self) -> String {
+        let opt =
+            |t: Option<DateTime<Utc>>| t.map_or_else(|| "None".to_owned(), |t| t.to_rfc3339());
+        let mut out = format!(
+            "Migration ID: {}\nTenant ID: {}\nState: {}{}\nSource Store: {}\nTarget Store: {}\n",
+            self.id,
+            self.tenant_id,
+            self.state,
+            self.paused_from
+                .map_or_else(String::new, |p| format!(" (paused from {p})")),
+            self.source_store_id,
+            self.target_store_id
+        );
+        out.push_str(&format!(
+            "Progress: {:.1}%\nEvents Copied: {}/{}\n",
+            self.progress_percentage, self.events_copied, self.events_total
+        ));
+        if let Some(lag) = self.lag {
+            out.push_str(&format!("Lag: {lag} events\n"));
+        }
+        if let Some(rate) = self.rate_events_per_second {
+            out.push_str(&format!("Rate: {rate:.0} events/s\n"));
+        }
+        if let Some(eta) = self.eta_seconds {
+            out.push_str(&format!("ETA: {eta:.0} s\n"));
+        }
+        if let Some(error) = &self.error_message {
+            out.push_str(&format!("Error: {error}\n"));
+        }
+        out.push_str(&format!(
+            "Created: {}\nStarted: {}\nCompleted: {}\n",
+            self.created_at.to_rfc3339(),
+            opt(self.started_at),
+            opt(self.completed_at)
+        ));
+        out
+    }
+}

@@ -1,0 +1,317 @@
+//! The migration engine: starts migrations, drives them through bulk copy and the catch-up
+//! tail, and applies the operator's pause, resume and abort — every state change a
+//! compare-and-set in the control database, written together with the tenant's route.
+//!
+//! A migration is driven by whoever holds its claim (a foreground `migrate start`, or one of
+//! the `serve` replicas); progress is checkpointed after every batch, so a driver that dies
+//! loses at most one batch of work and the next claimant continues from the checkpoint.
+
+mod copy;
+mod metrics;
+mod ops;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard_store::config::ControlConfig;
+use switchyard_store::{
+    Config, ControlDb, EventStore, MigrationError, MigrationRecord, MigrationState, StoreError,
+};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub use self::metrics::EngineMetrics;
+pub use self::ops::StartRequest;
+
+/// How long a driver's claim lasts without renewal; another worker takes over after it.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(5);
+/// How long the tail rests when a pass found nothing new.
+const TAIL_IDLE: Duration = Duration::from_millis(100);
+/// How often the tail recomputes the lag (two counts) while it has nothing to copy.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// How a migration proceeds from dual-write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CutoverMode {
+    /// The operator runs `cutover`.
+    Manual,
+    /// The worker cuts over by itself once the lag reaches 0.
+    Auto,
+}
+
+/// The options a migration was started with, kept in its `config` column.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationOptions {
+    pub batch_size: u32,
+    /// Events per second; 0 = unlimited.
+    pub max_rate: u64,
+    pub cutover: CutoverMode,
+    pub reset_target: bool,
+}
+
+impl MigrationOptions {
+    pub fn of(record: &MigrationRecord, defaults: &ControlConfig) -> Self {
+        serde_json::from_value(record.config.clone()).unwrap_or(Self {
+            batch_size: defaults.batch_size,
+            max_rate: defaults.max_rate,
+            cutover: CutoverMode::Manual,
+            reset_target: false,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error("store {store}: {source}")]
+    Store { store: String, source: StoreError },
+    /// The operator asked for something the migration's situation does not allow.
+    #[error("{0}")]
+    Refused(String),
+    /// The target holds data that contradicts the source; copying cannot go on.
+    #[error("migration {id}: {message}")]
+    Divergence { id: Uuid, message: String },
+}
+
+impl EngineError {
+    pub fn store(store: &str) -> impl FnOnce(StoreError) -> Self + '_ {
+        move |source| Self::Store {
+            store: store.to_owned(),
+            source,
+        }
+    }
+
+    /// Whether the operator's request was refused (as opposed to failing).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused(_))
+            || matches!(
+                self,
+                Self::Migration(
+                    MigrationError::AlreadyActive { .. }
+                        | MigrationError::StateChanged { .. }
+                        | MigrationError::Illegal { .. }
+                        | MigrationError::NotFound(_)
+                        | MigrationError::SameStore(_)
+                )
+            )
+    }
+}
+
+/// Why [`Engine::drive`] returned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Driven {
+    /// The migration reached a state this driver does not act in (paused, terminal).
+    Settled(MigrationState),
+    /// The stop signal arrived; the migration keeps its state and checkpoint.
+    Stopped,
+    /// Another worker holds the claim.
+    ClaimLost,
+}
+
+/// Progress a driver reports as it goes (for a progress bar, `status --watch`, metrics).
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub record: MigrationRecord,
+    /// Events copied per second over the last batch.
+    pub rate: f64,
+    pub lag: Option<i64>,
+}
+
+/// The engine over one config's control database and stores.
+#[derive(Debug)]
+pub struct Engine {
+    pub control: ControlDb,
+    stores: HashMap<String, EventStore>,
+    pub settings: ControlConfig,
+    pub default_store: String,
+    /// Who holds claims and writes progress: `host:pid` or a `serve` replica's id.
+    pub worker: String,
+    pub metrics: EngineMetrics,
+}
+
+impl Engine {
+    /// Opens lazily connecting pools on the control database and every store.
+    pub fn new(config: &Config, worker: String) -> Result<Self, EngineError> {
+        let control =
+            ControlDb::connect(&config.control_url, 8).map_err(EngineError::store("control"))?;
+        let mut stores = HashMap::new();
+        for store in &config.stores {
+            let connected =
+                EventStore::connect(&store.id, &store.url, store.max_connections.min(8))
+                    .map_err(EngineError::store(&store.id))?;
+            stores.insert(store.id.clone(), connected);
+        }
+        Ok(Self {
+            control,
+            stores,
+            settings: config.control.clone(),
+            default_store: config.default_store.clone(),
+            worker,
+            metrics: EngineMetrics::new(),
+        })
+    }
+
+    /// Creates embedded (SQLite) schemas, as the embedded default needs no `init`.
+    pub async fn prepare_embedded(&self) -> Result<(), EngineError> {
+        if self.control.is_embedded() {
+            self.control
+                .ensure_schema()
+                .await
+                .map_err(EngineError::store("control"))?;
+        }
+        for store in self.stores.values().filter(|s| s.is_embedded()) {
+            store
+                .ensure_schema()
+                .await
+                .map_err(EngineError::store(store.id()))?;
+        }
+        Ok(())
+    }
+
+    pub fn store(&self, id: &str) -> Result<&EventStore, EngineError> {
+        self.stores.get(id).ok_or_else(|| {
+            let mut known: Vec<&str> = self.stores.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            EngineError::Refused(format!(
+                "store {id:?} is not configured here (configured: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// The tenant's source events not yet in the target.
+    pub async fn lag(&self, record: &MigrationRecord) -> Result<i64, EngineError> {
+        let source = self.store(&record.source_store_id)?;
+        let target = self.store(&record.target_store_id)?;
+        let (s, t) = tokio::try_join!(
+            async {
+                source
+                    .count_tenant(record.tenant_id)
+                    .await
+                    .map_err(EngineError::store(source.id()))
+            },
+            async {
+                target
+                    .count_tenant(record.tenant_id)
+                    .await
+                    .map_err(EngineError::store(target.id()))
+            },
+        )?;
+        Ok((s - t).max(0))
+    }
+
+    /// Drives migration `id` until it settles (paused or terminal), `stop` flips, or the claim
+    /// is lost; `report` hears of every batch and tail pass.
+    pub async fn drive(
+        &self,
+        id: Uuid,
+        stop: &watch::Receiver<bool>,
+        report: &(dyn Fn(&Report) + Send + Sync),
+    ) -> Result<Driven, EngineError> {
+        if !self.control.claim(id, &self.worker, CLAIM_LEASE).await? {
+            return Ok(Driven::ClaimLost);
+        }
+        let result = self.drive_claimed(id, stop, report).await;
+        // Hand the migration back at once rather than after the lease runs out.
+        let _ = self.control.release(id, &self.worker).await;
+        if let Ok(record) = self.control.migration(id).await {
+            self.metrics.forget(&record);
+        }
+        match result {
+            Err(EngineError::Migration(MigrationError::ClaimLost { .. })) => Ok(Driven::ClaimLost),
+            other => other,
+        }
+    }
+
+    async fn drive_claimed(
+        &self,
+        id: Uuid,
+        stop: &watch::Receiver<bool>,
+        report: &(dyn Fn(&Report) + Send + Sync),
+    ) -> Result<Driven, EngineError> {
+        let mut last_lag_at: Option<std::time::Instant> = None;
+        loop {
+            if *stop.borrow() {
+                return Ok(Driven::Stopped);
+            }
+            if !self.control.claim(id, &self.worker, CLAIM_LEASE).await? {
+                return Ok(Driven::ClaimLost);
+            }
+            let record = self.control.migration(id).await?;
+            match record.state {
+                MigrationState::Pending => {
+                    self.begin_copy(&record).await?;
+                }
+                MigrationState::BulkCopy => {
+                    if self.bulk_copy(&record, stop, report).await? {
+                        self.finish_copy(id).await?;
+                    }
+                }
+                MigrationState::DualWrite => {
+                    let copied = self.tail_pass(&record, stop, report).await?;
+                    let due = last_lag_at.is_none_or(|at| at.elapsed() >= LAG_EVERY);
+                    if copied == 0 && due {
+                        let lag = self.lag(&record).await?;
+                        last_lag_at = Some(std::time::Instant::now());
+                        self.metrics.observe_lag(&record, lag);
+                        report(&Report {
+                            record: record.clone(),
+                            rate: 0.0,
+                            lag: Some(lag),
+                        });
+                    }
+                    if copied == 0 {
+                        let mut stop = stop.clone();
+                        tokio::select! {
+                            () = tokio::time::sleep(TAIL_IDLE) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
+                state @ (MigrationState::Paused
+                | MigrationState::Cutover
+                | MigrationState::Migrated
+                | MigrationState::Failed
+                | MigrationState::RolledBack) => return Ok(Driven::Settled(state)),
+            }
+        }
+    }
+}
+
+/// The OS user, for the audit log of operator actions: `$USER`, `$LOGNAME`, or the name of
+/// this process's uid in /etc/passwd.
+pub fn os_user() -> String {
+    if let Ok(user) = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        return user;
+    }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        });
+    let name = uid.and_then(|uid| {
+        std::fs::read_to_string("/etc/passwd")
+            .ok()
+            .and_then(|passwd| {
+                passwd.lines().find_map(|line| {
+                    let fields: Vec<&str> = line.split(':').collect();
+                    (fields.get(2) == Some(&uid.as_str())).then(|| fields[0].to_owned())
+                })
+            })
+    });
+    name.unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// This process's worker id: `host:pid`.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}
