@@ -28,3 +28,85 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
 );
 INSERT INTO switchyard_schema (component, version) VALUES ('control', 1)
 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();
+
+-- Migrations (DESIGN.md "Migration lifecycle"). `state` changes only by a compare-and-set on its
+-- current value, each change with its row in migration_audit_log. `revision` counts every change
+-- of the row (state, progress, error) so a watcher can tell that something moved.
+--
+-- Horizons are BIGINT. On PostgreSQL `copy_horizon` and `tail_horizon` hold transaction-id
+-- watermarks: an xid8 from `pg_snapshot_xmin(pg_current_snapshot())` (epoch << 32 | xid, always
+-- below 2^63, so it fits a BIGINT unchanged). The bulk copy takes the tenant's rows with
+-- `txid < copy_horizon` (or NULL txid); the tail has copied every row with
+-- `txid < tail_horizon`. On SQLite, whose writers are serialised, both hold a global_position.
+-- `copy_position` and `tail_position` are the checkpoint inside a pass: the last source
+-- global_position copied.
+--
+-- `claimed_by` / `claimed_until`: the `serve` worker driving the migration and its lease.
+CREATE TABLE IF NOT EXISTS tenant_migrations (
+    id              UUID PRIMARY KEY,
+    tenant_id       UUID NOT NULL,
+    source_store_id TEXT NOT NULL,
+    target_store_id TEXT NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'bulk_copy', 'dual_write', 'cutover', 'migrated',
+                                     'paused', 'failed', 'rolled_back')),
+    paused_from     TEXT CHECK (paused_from IN ('bulk_copy', 'dual_write')),
+    events_total    BIGINT NOT NULL DEFAULT 0,
+    events_copied   BIGINT NOT NULL DEFAULT 0,
+    copy_horizon    BIGINT,
+    copy_position   BIGINT,
+    tail_horizon    BIGINT,
+    tail_position   BIGINT,
+    error_message   TEXT,
+    config          JSONB NOT NULL DEFAULT '{}'::jsonb,
+    revision        BIGINT NOT NULL DEFAULT 0,
+    claimed_by      TEXT,
+    claimed_until   TIMESTAMPTZ,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    started_at      TIMESTAMPTZ,
+    completed_at    TIMESTAMPTZ,
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    CHECK ((state = 'paused') = (paused_from IS NOT NULL)),
+    CHECK (source_store_id <> target_store_id)
+);
+-- At most one non-terminal migration per tenant; two racing creators get one winner.
+CREATE UNIQUE INDEX IF NOT EXISTS tenant_migrations_one_active ON tenant_migrations (tenant_id)
+    WHERE state NOT IN ('migrated', 'failed', 'rolled_back');
+CREATE INDEX IF NOT EXISTS tenant_migrations_by_tenant ON tenant_migrations (tenant_id, created_at);
+
+-- Every operator action and every state change. `to_state` is NULL for actions that change no
+-- state (then `from_state` is the state the action found).
+CREATE TABLE IF NOT EXISTS migration_audit_log (
+    id           BIGSERIAL PRIMARY KEY,
+    migration_id UUID NOT NULL REFERENCES tenant_migrations (id),
+    tenant_id    UUID NOT NULL,
+    at           TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    actor        TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    from_state   TEXT,
+    to_state     TEXT,
+    reason       TEXT,
+    details      JSONB
+);
+CREATE INDEX IF NOT EXISTS migration_audit_log_by_migration ON migration_audit_log (migration_id, id);
+CREATE INDEX IF NOT EXISTS migration_audit_log_by_tenant ON migration_audit_log (tenant_id, id);
+
+-- Source → target positions of every copied event, for translating subscription checkpoints.
+-- The primary key's index also serves "nearest source_position at or below P" (a backward scan
+-- from P), so there is no second index; and no foreign key, to keep bulk inserts cheap.
+CREATE TABLE IF NOT EXISTS migration_position_map (
+    migration_id    UUID NOT NULL,
+    source_position BIGINT NOT NULL,
+    target_position BIGINT NOT NULL,
+    event_id        UUID NOT NULL,
+    PRIMARY KEY (migration_id, source_position)
+);
+
+-- Heartbeat of live proxies: the routing epoch each has applied.
+CREATE TABLE IF NOT EXISTS proxies (
+    proxy_id      TEXT PRIMARY KEY,
+    admin_url     TEXT NOT NULL,
+    routing_epoch BIGINT NOT NULL,
+    last_seen     TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    details       JSONB
+);

@@ -12,6 +12,9 @@ pub mod events;
 pub mod url;
 
 pub use config::Config;
-pub use control::{ControlDb, RouteRecord, RouteUpdate, RoutingState};
+pub use control::{
+    AuditEntry, AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState,
+    NewMigration, RouteRecord, RouteUpdate, RoutingState,
+};
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
-pub use events::{EventStore, SchemaStatus};
+pub use events::{EventStore, PassWindow, SchemaStatus};

@@ -2,8 +2,17 @@
 //! as the engine grows. PostgreSQL in production (routing changes are NOTIFYed), SQLite for
 //! the embedded default (routing changes are polled).
 
+mod audit;
+pub mod lifecycle;
+mod migrations;
 mod routing;
 
+pub use audit::{AuditEntry, AuditNote};
+pub use lifecycle::{Action, IllegalTransition, MigrationState, Phase};
+pub use migrations::{
+    MigrationError, MigrationErrorKind, MigrationRecord, NewMigration, Progress, ProxyRecord,
+    Transitioned, Translation,
+};
 pub use routing::{RouteRecord, RouteUpdate, RoutingListener, RoutingState};
 
 use sqlx::{PgPool, SqlitePool};

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use sqlx::{Postgres, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{Backend, ControlDb};
@@ -157,62 +157,13 @@ impl ControlDb {
         match &self.backend {
             Backend::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let epoch: i64 = sqlx::query_scalar(
-                    "UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch",
-                )
-                .fetch_one(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
-                         target_store_id, active_migration_id, epoch, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, NOW())
-                     ON CONFLICT (tenant_id) DO UPDATE SET store_id = EXCLUDED.store_id,
-                         migration_state = EXCLUDED.migration_state,
-                         target_store_id = EXCLUDED.target_store_id,
-                         active_migration_id = EXCLUDED.active_migration_id,
-                         epoch = EXCLUDED.epoch, updated_at = EXCLUDED.updated_at",
-                )
-                .bind(update.tenant_id)
-                .bind(&update.store_id)
-                .bind(update.migration_state.as_str())
-                .bind(update.target_store_id.as_deref())
-                .bind(update.active_migration_id)
-                .bind(epoch)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(ROUTING_CHANNEL)
-                    .bind(epoch.to_string())
-                    .execute(&mut *tx)
-                    .await?;
+                let epoch = write_route_pg(&mut tx, update).await?;
                 tx.commit().await?;
                 Ok(epoch)
             }
             Backend::Sqlite(pool) => {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let epoch: i64 = sqlx::query_scalar(
-                    "UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch",
-                )
-                .fetch_one(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
-                         target_store_id, active_migration_id, epoch, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                     ON CONFLICT (tenant_id) DO UPDATE SET store_id = excluded.store_id,
-                         migration_state = excluded.migration_state,
-                         target_store_id = excluded.target_store_id,
-                         active_migration_id = excluded.active_migration_id,
-                         epoch = excluded.epoch, updated_at = excluded.updated_at",
-                )
-                .bind(update.tenant_id.to_string())
-                .bind(&update.store_id)
-                .bind(update.migration_state.as_str())
-                .bind(update.target_store_id.as_deref())
-                .bind(update.active_migration_id.map(|id| id.to_string()))
-                .bind(epoch)
-                .execute(&mut *tx)
-                .await?;
+                let epoch = write_route_sqlite(&mut tx, update).await?;
                 tx.commit().await?;
                 Ok(epoch)
             }
@@ -230,6 +181,73 @@ impl ControlDb {
             Backend::Sqlite(_) => Ok(None),
         }
     }
+}
+
+/// Writes `update` inside `tx` under the next routing epoch and queues `NOTIFY
+/// switchyard_routing` (delivered at commit). Takes the epoch row's lock until `tx` ends, so
+/// call it last before committing. The caller commits; returns the epoch.
+pub(super) async fn write_route_pg(
+    tx: &mut Transaction<'_, Postgres>,
+    update: &RouteUpdate,
+) -> Result<i64, StoreError> {
+    let epoch: i64 =
+        sqlx::query_scalar("UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch")
+            .fetch_one(&mut **tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
+             target_store_id, active_migration_id, epoch, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, NOW())
+         ON CONFLICT (tenant_id) DO UPDATE SET store_id = EXCLUDED.store_id,
+             migration_state = EXCLUDED.migration_state,
+             target_store_id = EXCLUDED.target_store_id,
+             active_migration_id = EXCLUDED.active_migration_id,
+             epoch = EXCLUDED.epoch, updated_at = EXCLUDED.updated_at",
+    )
+    .bind(update.tenant_id)
+    .bind(&update.store_id)
+    .bind(update.migration_state.as_str())
+    .bind(update.target_store_id.as_deref())
+    .bind(update.active_migration_id)
+    .bind(epoch)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(ROUTING_CHANNEL)
+        .bind(epoch.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(epoch)
+}
+
+/// [`write_route_pg`] for SQLite (no NOTIFY: proxies poll). `tx` should be `BEGIN IMMEDIATE`.
+pub(super) async fn write_route_sqlite(
+    tx: &mut Transaction<'_, Sqlite>,
+    update: &RouteUpdate,
+) -> Result<i64, StoreError> {
+    let epoch: i64 =
+        sqlx::query_scalar("UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch")
+            .fetch_one(&mut **tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
+             target_store_id, active_migration_id, epoch, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (tenant_id) DO UPDATE SET store_id = excluded.store_id,
+             migration_state = excluded.migration_state,
+             target_store_id = excluded.target_store_id,
+             active_migration_id = excluded.active_migration_id,
+             epoch = excluded.epoch, updated_at = excluded.updated_at",
+    )
+    .bind(update.tenant_id.to_string())
+    .bind(&update.store_id)
+    .bind(update.migration_state.as_str())
+    .bind(update.target_store_id.as_deref())
+    .bind(update.active_migration_id.map(|id| id.to_string()))
+    .bind(epoch)
+    .execute(&mut **tx)
+    .await?;
+    Ok(epoch)
 }
 
 /// Receives `NOTIFY switchyard_routing`.

@@ -1,0 +1,1099 @@
+//! `tenant_migrations` and what hangs off it: the migration records with their compare-and-set
+//! state changes, progress and worker claims; the source → target position map; and the
+//! proxies' heartbeat rows.
+//!
+//! Every state change is one transaction that checks the stored state is the one the caller
+//! saw (so of two racing operators exactly one wins), asks [`lifecycle::next`] whether the action
+//! is legal, writes the audit row and, when asked, the tenant's route under the next routing
+//! epoch. The database enforces one non-terminal migration per tenant with a unique partial
+//! index, so of two racing creators exactly one wins too.
+//!
+//! Each query is written once for both backends: [`on_backend!`] compiles a body against the
+//! PostgreSQL and the SQLite pool, and the two dialect types spell what differs (the clock, and
+//! UUIDs, which SQLite stores as TEXT).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
+use uuid::Uuid;
+
+use super::audit::{AuditNote, NewAuditRow};
+use super::lifecycle::{self, Action, IllegalTransition, MigrationState, Phase};
+use super::routing::{write_route_pg, write_route_sqlite};
+use super::{Backend, ControlDb, RouteUpdate, RoutingState};
+use crate::event::{parse_timestamp, StoreError};
+
+/// Why a migration operation did not happen. Nothing was written in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("migration {0} not found")]
+    NotFound(Uuid),
+    #[error(
+        "tenant {tenant_id} already has an active migration {existing_id} ({state}); \
+         let it finish or abort it first"
+    )]
+    AlreadyActive {
+        tenant_id: Uuid,
+        existing_id: Uuid,
+        state: MigrationState,
+    },
+    #[error(
+        "migration {id} is {actual}, not {expected}: someone else changed it first; \
+         check its status and retry if still wanted"
+    )]
+    StateChanged {
+        id: Uuid,
+        expected: MigrationState,
+        actual: MigrationState,
+    },
+    #[error("migration {id}: {refused}")]
+    Illegal {
+        id: Uuid,
+        refused: IllegalTransition,
+    },
+    #[error("migration {id} is not claimed by worker {worker:?} (holder: {holder:?})")]
+    ClaimLost {
+        id: Uuid,
+        worker: String,
+        holder: Option<String>,
+    },
+    #[error("a migration needs two stores: source and target are both {0:?}")]
+    SameStore(String),
+    #[error(
+        "migration {id} is of tenant {tenant_id}; refusing to write a route for {route_tenant}"
+    )]
+    RouteOfOtherTenant {
+        id: Uuid,
+        tenant_id: Uuid,
+        route_tenant: Uuid,
+    },
+    #[error("tenant {0}: migrations were created and ended concurrently; retry")]
+    Contended(Uuid),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The coarse class of a [`MigrationError`], for exit codes and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationErrorKind {
+    /// The request cannot succeed as asked (unknown id, illegal action, bad arguments).
+    Client,
+    /// Someone else got there first; re-read and decide again.
+    Conflict,
+    /// The control database is unreachable or busy; the same request may succeed later.
+    Unavailable,
+    Internal,
+}
+
+impl MigrationError {
+    pub fn kind(&self) -> MigrationErrorKind {
+        match self {
+            Self::NotFound(_)
+            | Self::Illegal { .. }
+            | Self::SameStore(_)
+            | Self::RouteOfOtherTenant { .. } => MigrationErrorKind::Client,
+            Self::AlreadyActive { .. } | Self::StateChanged { .. } | Self::ClaimLost { .. } => {
+                MigrationErrorKind::Conflict
+            }
+            Self::Contended(_) => MigrationErrorKind::Unavailable,
+            Self::Store(e) if e.is_retryable() => MigrationErrorKind::Unavailable,
+            Self::Store(_) => MigrationErrorKind::Internal,
+        }
+    }
+
+    /// Whether the same request, later, can help.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == MigrationErrorKind::Unavailable
+    }
+}
+
+impl From<sqlx::Error> for MigrationError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// A `tenant_migrations` row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MigrationRecord {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub source_store_id: String,
+    pub target_store_id: String,
+    pub state: MigrationState,
+    /// The phase a paused migration resumes to; `Some` exactly while paused.
+    pub paused_from: Option<MigrationState>,
+    pub events_total: i64,
+    pub events_copied: i64,
+    /// PostgreSQL: the bulk copy's xid8 watermark; SQLite: its last global_position.
+    pub copy_horizon: Option<i64>,
+    /// The last source global_position the bulk copy checkpointed.
+    pub copy_position: Option<i64>,
+    /// PostgreSQL: the xid8 watermark the tail has copied below; SQLite: a global_position.
+    pub tail_horizon: Option<i64>,
+    /// The last source global_position the current tail pass checkpointed.
+    pub tail_position: Option<i64>,
+    pub error_message: Option<String>,
+    /// The options the migration was started with (batch size, rate, cutover mode, …).
+    pub config: Value,
+    /// Counts every change of the row but claims, so a watcher can tell that something moved.
+    pub revision: i64,
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl MigrationRecord {
+    pub fn phase(&self) -> Phase {
+        Phase {
+            state: self.state,
+            paused_from: self.paused_from,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        !self.state.is_terminal()
+    }
+
+    /// Whether the bulk copy has reached its horizon.
+    pub fn copy_done(&self) -> bool {
+        matches!(
+            self.state,
+            MigrationState::DualWrite | MigrationState::Cutover | MigrationState::Migrated
+        ) || self.paused_from == Some(MigrationState::DualWrite)
+    }
+
+    /// Bulk-copy progress, 0 to 100.
+    #[allow(clippy::cast_precision_loss)] // event counts stay far below 2^52
+    pub fn progress_percentage(&self) -> f64 {
+        if self.events_total <= 0 {
+            return if self.copy_done() { 100.0 } else { 0.0 };
+        }
+        (self.events_copied as f64 * 100.0 / self.events_total as f64).clamp(0.0, 100.0)
+    }
+
+    /// The route of this migration's tenant while the migration is in `state`: `normal` on the
+    /// target once migrated, `normal` on the source before it starts and after it failed or
+    /// rolled back, and otherwise the state's routing on the source with the target and this
+    /// migration named.
+    pub fn implied_route(&self, state: MigrationState) -> RouteUpdate {
+        match state.routing_state() {
+            RoutingState::Normal if state == MigrationState::Migrated => {
+                RouteUpdate::normal(self.tenant_id, &self.target_store_id)
+            }
+            RoutingState::Normal => RouteUpdate::normal(self.tenant_id, &self.source_store_id),
+            routing => RouteUpdate {
+                tenant_id: self.tenant_id,
+                store_id: self.source_store_id.clone(),
+                migration_state: routing,
+                target_store_id: Some(self.target_store_id.clone()),
+                active_migration_id: Some(self.id),
+            },
+        }
+    }
+}
+
+/// What [`ControlDb::create_migration`] needs.
+#[derive(Debug, Clone)]
+pub struct NewMigration {
+    pub tenant_id: Uuid,
+    pub source_store_id: String,
+    pub target_store_id: String,
+    pub config: Value,
+}
+
+/// A state change that happened.
+#[derive(Debug, Clone)]
+pub struct Transitioned {
+    pub record: MigrationRecord,
+    /// The routing epoch the route was written under, when a route was given.
+    pub routing_epoch: Option<i64>,
+}
+
+/// Progress to record; `None` leaves a column as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub events_total: Option<i64>,
+    pub events_copied: Option<i64>,
+    pub copy_horizon: Option<i64>,
+    pub copy_position: Option<i64>,
+    pub tail_horizon: Option<i64>,
+    pub tail_position: Option<i64>,
+}
+
+/// A source position's place in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Translation {
+    /// The mapped source position used: the one asked for when `exact`, else the nearest below.
+    pub source_position: i64,
+    pub target_position: i64,
+    pub exact: bool,
+}
+
+/// A `proxies` row: a live proxy's heartbeat.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProxyRecord {
+    pub proxy_id: String,
+    pub admin_url: String,
+    pub routing_epoch: i64,
+    pub last_seen: DateTime<Utc>,
+    pub details: Option<Value>,
+}
+
+/// Runs `$body` against this database's backend with `$pool` its pool and `$d` its dialect
+/// ([`Pg`] or [`Lite`]). The body is compiled once per backend, so the same text binds
+/// natively typed values on each.
+macro_rules! on_backend {
+    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {
+        match &$db.backend {
+            Backend::Postgres($pool) => {
+                let $d = Pg;
+                $body
+            }
+            Backend::Sqlite($pool) => {
+                let $d = Lite;
+                $body
+            }
+        }
+    };
+}
+pub(super) use on_backend;
+
+/// PostgreSQL's spelling of what differs between the backends.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pg;
+
+/// SQLite's: UUIDs are TEXT, timestamps TEXT in one sortable format, writers `BEGIN IMMEDIATE`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lite;
+
+impl Pg {
+    pub(super) fn now(self) -> &'static str {
+        "NOW()"
+    }
+
+    /// The time `seconds_param` (a float8 parameter) from now.
+    pub(super) fn now_plus(self, seconds_param: &str) -> String {
+        format!("(NOW() + make_interval(secs => {seconds_param}))")
+    }
+
+    pub(super) fn id(self, id: Uuid) -> Uuid {
+        id
+    }
+
+    pub(super) async fn begin(
+        self,
+        pool: &PgPool,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        pool.begin().await
+    }
+
+    async fn write_route(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        update: &RouteUpdate,
+    ) -> Result<i64, StoreError> {
+        write_route_pg(tx, update).await
+    }
+}
+
+impl Lite {
+    pub(super) fn now(self) -> &'static str {
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    }
+
+    pub(super) fn now_plus(self, seconds_param: &str) -> String {
+        format!("strftime('%Y-%m-%dT%H:%M:%fZ', julianday('now') + {seconds_param} / 86400.0)")
+    }
+
+    pub(super) fn id(self, id: Uuid) -> String {
+        id.to_string()
+    }
+
+    /// A write transaction that holds the write lock from its start, so a read-then-write
+    /// inside it cannot fail to upgrade.
+    pub(super) async fn begin(
+        self,
+        pool: &SqlitePool,
+    ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn write_route(
+        self,
+        tx: &mut Transaction<'_, Sqlite>,
+        update: &RouteUpdate,
+    ) -> Result<i64, StoreError> {
+        write_route_sqlite(tx, update).await
+    }
+}
+
+/// Typed column reads that differ between the backends' rows.
+pub(super) trait Columns {
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError>;
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError>;
+
+    fn uuid(&self, column: &str) -> Result<Uuid, StoreError> {
+        self.opt_uuid(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
+        self.opt_time(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
+    }
+
+    fn opt_state(&self, column: &str) -> Result<Option<MigrationState>, StoreError> {
+        self.opt_text(column)?
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+            })
+            .transpose()
+    }
+
+    fn state(&self, column: &str) -> Result<MigrationState, StoreError> {
+        self.opt_state(column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
+    }
+}
+
+impl Columns for PgRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+}
+
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
+        self.opt_text(column)?
+            .map(|t| {
+                Uuid::parse_str(&t).map_err(|e| StoreError::Corrupt(format!("{column} {t:?}: {e}")))
+            })
+            .transpose()
+    }
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.opt_text(column)?
+            .map(|t| parse_timestamp(&t))
+            .transpose()
+    }
+    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
+        self.opt_text(column)?
+            .map(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Corrupt(format!("{column} is not JSON: {e}")))
+            })
+            .transpose()
+    }
+}
+
+/// The states no action leaves, as SQL; must match [`MigrationState::is_terminal`] and the
+/// unique index in the DDL.
+const TERMINAL: &str = "('migrated', 'failed', 'rolled_back')";
+
+const COLUMNS: &str = "id, tenant_id, source_store_id, target_store_id, state, paused_from, \
+     events_total, events_copied, copy_horizon, copy_position, tail_horizon, tail_position, \
+     error_message, config, revision, claimed_by, claimed_until, created_at, started_at, \
+     completed_at, updated_at";
+
+fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, StoreError> {
+    Ok(MigrationRecord {
+        id: row.uuid("id")?,
+        tenant_id: row.uuid("tenant_id")?,
+        source_store_id: row.text("source_store_id")?,
+        target_store_id: row.text("target_store_id")?,
+        state: row.state("state")?,
+        paused_from: row.opt_state("paused_from")?,
+        events_total: row.int("events_total")?,
+        events_copied: row.int("events_copied")?,
+        copy_horizon: row.opt_int("copy_horizon")?,
+        copy_position: row.opt_int("copy_position")?,
+        tail_horizon: row.opt_int("tail_horizon")?,
+        tail_position: row.opt_int("tail_position")?,
+        error_message: row.opt_text("error_message")?,
+        config: row.opt_json("config")?.unwrap_or(Value::Null),
+        revision: row.int("revision")?,
+        claimed_by: row.opt_text("claimed_by")?,
+        claimed_until: row.opt_time("claimed_until")?,
+        created_at: row.time("created_at")?,
+        started_at: row.opt_time("started_at")?,
+        completed_at: row.opt_time("completed_at")?,
+        updated_at: row.time("updated_at")?,
+    })
+}
+
+fn decode_proxy(row: &impl Columns) -> Result<ProxyRecord, StoreError> {
+    Ok(ProxyRecord {
+        proxy_id: row.text("proxy_id")?,
+        admin_url: row.text("admin_url")?,
+        routing_epoch: row.int("routing_epoch")?,
+        last_seen: row.time("last_seen")?,
+        details: row.opt_json("details")?,
+    })
+}
+
+/// How often `create_migration` retries when the unique index refuses it but the migration
+/// that held the slot has ended by the time we look.
+const CREATE_ATTEMPTS: usize = 5;
+
+impl ControlDb {
+    /// Creates a `pending` migration and its `create` audit row. Refused with
+    /// [`MigrationError::AlreadyActive`] while the tenant has a non-terminal migration; the
+    /// database decides, so of two racing creators exactly one wins.
+    pub async fn create_migration(
+        &self,
+        new: &NewMigration,
+        note: &AuditNote,
+    ) -> Result<MigrationRecord, MigrationError> {
+        if new.source_store_id == new.target_store_id {
+            return Err(MigrationError::SameStore(new.source_store_id.clone()));
+        }
+        for _ in 0..CREATE_ATTEMPTS {
+            let id = Uuid::now_v7();
+            let created = on_backend!(self, |pool, d| {
+                let mut tx = d.begin(pool).await?;
+                let sql = format!(
+                    "INSERT INTO tenant_migrations (id, tenant_id, source_store_id,
+                         target_store_id, state, config, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, 'pending', $5, {now}, {now})
+                     RETURNING {COLUMNS}",
+                    now = d.now()
+                );
+                let inserted = sqlx::query(&sql)
+                    .bind(d.id(id))
+                    .bind(d.id(new.tenant_id))
+                    .bind(&new.source_store_id)
+                    .bind(&new.target_store_id)
+                    .bind(&new.config)
+                    .fetch_one(&mut *tx)
+                    .await;
+                match inserted {
+                    Ok(row) => {
+                        let record = decode_migration(&row)?;
+                        d.insert_audit(
+                            &mut tx,
+                            &NewAuditRow {
+                                migration_id: id,
+                                tenant_id: new.tenant_id,
+                                action: "create",
+                                from_state: None,
+                                to_state: Some(MigrationState::Pending),
+                                note,
+                            },
+                        )
+                        .await?;
+                        tx.commit().await?;
+                        Some(record)
+                    }
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => None,
+                    Err(e) => return Err(e.into()),
+                }
+            });
+            if let Some(record) = created {
+                return Ok(record);
+            }
+            if let Some(existing) = self.active_migration(new.tenant_id).await? {
+                return Err(MigrationError::AlreadyActive {
+                    tenant_id: new.tenant_id,
+                    existing_id: existing.id,
+                    state: existing.state,
+                });
+            }
+        }
+        Err(MigrationError::Contended(new.tenant_id))
+    }
+
+    /// One migration.
+    pub async fn migration(&self, id: Uuid) -> Result<MigrationRecord, MigrationError> {
+        let sql = format!("SELECT {COLUMNS} FROM tenant_migrations WHERE id = $1");
+        let record = on_backend!(self, |pool, d| {
+            sqlx::query(&sql)
+                .bind(d.id(id))
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?
+        });
+        record.ok_or(MigrationError::NotFound(id))
+    }
+
+    /// The tenant's non-terminal migration, if it has one.
+    pub async fn active_migration(
+        &self,
+        tenant_id: Uuid,
+    ) -> Result<Option<MigrationRecord>, MigrationError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tenant_migrations
+             WHERE tenant_id = $1 AND state NOT IN {TERMINAL}"
+        );
+        Ok(on_backend!(self, |pool, d| {
+            sqlx::query(&sql)
+                .bind(d.id(tenant_id))
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?
+        }))
+    }
+
+    /// Migrations, oldest first; only non-terminal ones when `active_only`.
+    pub async fn migrations(
+        &self,
+        active_only: bool,
+    ) -> Result<Vec<MigrationRecord>, MigrationError> {
+        let filter = if active_only {
+            format!("WHERE state NOT IN {TERMINAL}")
+        } else {
+            String::new()
+        };
+        let sql =
+            format!("SELECT {COLUMNS} FROM tenant_migrations {filter} ORDER BY created_at, id");
+        Ok(on_backend!(self, |pool, _d| {
+            sqlx::query(&sql)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_migration)
+                .collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
+    /// Applies `action` to migration `id` if it is still in `expected`, in one transaction:
+    /// the compare-and-set of the state, `started_at` / `completed_at`, the audit row, and —
+    /// when `route` is given — the tenant's route under the next routing epoch (NOTIFYed on
+    /// PostgreSQL, as [`ControlDb::set_route`] does). A `fail` records the reason as the
+    /// migration's error; reaching a terminal state releases the worker claim.
+    ///
+    /// Refused, with nothing written: [`MigrationError::NotFound`], [`MigrationError::StateChanged`]
+    /// when the stored state is not `expected` (or changed under us), and
+    /// [`MigrationError::Illegal`] when the lifecycle does not allow `action` there.
+    pub async fn transition(
+        &self,
+        id: Uuid,
+        expected: MigrationState,
+        action: Action,
+        note: &AuditNote,
+        route: Option<&RouteUpdate>,
+    ) -> Result<Transitioned, MigrationError> {
+        let select = format!("SELECT {COLUMNS} FROM tenant_migrations WHERE id = $1");
+        on_backend!(self, |pool, d| {
+            let mut tx = d.begin(pool).await?;
+            let current = sqlx::query(&select)
+                .bind(d.id(id))
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?
+                .ok_or(MigrationError::NotFound(id))?;
+            if current.state != expected {
+                return Err(MigrationError::StateChanged {
+                    id,
+                    expected,
+                    actual: current.state,
+                });
+            }
+            let after = lifecycle::next(current.phase(), action)
+                .map_err(|refused| MigrationError::Illegal { id, refused })?;
+            if let Some(route) = route {
+                if route.tenant_id != current.tenant_id {
+                    return Err(MigrationError::RouteOfOtherTenant {
+                        id,
+                        tenant_id: current.tenant_id,
+                        route_tenant: route.tenant_id,
+                    });
+                }
+            }
+            let terminal = after.state.is_terminal();
+            let error = if action == Action::Fail {
+                note.reason.as_deref()
+            } else {
+                None
+            };
+            // The state (and paused phase) read above is the compare half of the
+            // compare-and-set: on PostgreSQL a racing change that commits first makes this
+            // match nothing; SQLite's write lock already excludes one.
+            let update = format!(
+                "UPDATE tenant_migrations SET state = $3, paused_from = $4,
+                     started_at = CASE WHEN $5 THEN COALESCE(started_at, {now}) ELSE started_at END,
+                     completed_at = CASE WHEN $6 THEN {now} ELSE completed_at END,
+                     claimed_by = CASE WHEN $6 THEN NULL ELSE claimed_by END,
+                     claimed_until = CASE WHEN $6 THEN NULL ELSE claimed_until END,
+                     error_message = COALESCE($7, error_message),
+                     revision = revision + 1, updated_at = {now}
+                 WHERE id = $1 AND state = $2 AND paused_from IS NOT DISTINCT FROM $8
+                 RETURNING {COLUMNS}",
+                now = d.now()
+            );
+            let updated = sqlx::query(&update)
+                .bind(d.id(id))
+                .bind(expected.as_str())
+                .bind(after.state.as_str())
+                .bind(after.paused_from.map(MigrationState::as_str))
+                .bind(action == Action::StartCopy)
+                .bind(terminal)
+                .bind(error)
+                .bind(current.paused_from.map(MigrationState::as_str))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(row) = updated else {
+                let actual: String =
+                    sqlx::query_scalar("SELECT state FROM tenant_migrations WHERE id = $1")
+                        .bind(d.id(id))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                return Err(MigrationError::StateChanged {
+                    id,
+                    expected,
+                    actual: actual
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("state: {e}")))?,
+                });
+            };
+            let record = decode_migration(&row)?;
+            d.insert_audit(
+                &mut tx,
+                &NewAuditRow {
+                    migration_id: id,
+                    tenant_id: record.tenant_id,
+                    action: action.as_str(),
+                    from_state: Some(current.state),
+                    to_state: Some(record.state),
+                    note,
+                },
+            )
+            .await?;
+            // Last: the routing write holds the epoch row's lock until commit.
+            let routing_epoch = match route {
+                Some(route) => Some(d.write_route(&mut tx, route).await?),
+                None => None,
+            };
+            tx.commit().await?;
+            Ok(Transitioned {
+                record,
+                routing_epoch,
+            })
+        })
+    }
+
+    /// Records progress. With `worker`, only while that worker holds the claim (else
+    /// [`MigrationError::ClaimLost`]), so a worker that lost its lease stops writing.
+    pub async fn update_progress(
+        &self,
+        id: Uuid,
+        worker: Option<&str>,
+        progress: &Progress,
+    ) -> Result<MigrationRecord, MigrationError> {
+        let updated = on_backend!(self, |pool, d| {
+            let sql = format!(
+                "UPDATE tenant_migrations SET
+                     events_total = COALESCE($2, events_total),
+                     events_copied = COALESCE($3, events_copied),
+                     copy_horizon = COALESCE($4, copy_horizon),
+                     copy_position = COALESCE($5, copy_position),
+                     tail_horizon = COALESCE($6, tail_horizon),
+                     tail_position = COALESCE($7, tail_position),
+                     revision = revision + 1, updated_at = {now}
+                 WHERE id = $1 AND ($8 IS NULL OR claimed_by = $8)
+                 RETURNING {COLUMNS}",
+                now = d.now()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(id))
+                .bind(progress.events_total)
+                .bind(progress.events_copied)
+                .bind(progress.copy_horizon)
+                .bind(progress.copy_position)
+                .bind(progress.tail_horizon)
+                .bind(progress.tail_position)
+                .bind(worker)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?
+        });
+        match updated {
+            Some(record) => Ok(record),
+            None => {
+                let current = self.migration(id).await?;
+                Err(MigrationError::ClaimLost {
+                    id,
+                    worker: worker.unwrap_or_default().to_owned(),
+                    holder: current.claimed_by,
+                })
+            }
+        }
+    }
+
+    /// Sets (or with `None` clears) the migration's error message, leaving its state.
+    pub async fn set_error(
+        &self,
+        id: Uuid,
+        message: Option<&str>,
+    ) -> Result<MigrationRecord, MigrationError> {
+        let record = on_backend!(self, |pool, d| {
+            let sql = format!(
+                "UPDATE tenant_migrations SET error_message = $2,
+                     revision = revision + 1, updated_at = {now}
+                 WHERE id = $1 RETURNING {COLUMNS}",
+                now = d.now()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(id))
+                .bind(message)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?
+        });
+        record.ok_or(MigrationError::NotFound(id))
+    }
+
+    /// Claims migration `id` for `worker` for `lease` if it is active and unclaimed, its lease
+    /// expired, or already `worker`'s (then it renews). Times are the database's clock, so
+    /// replicas on different hosts agree on expiry.
+    pub async fn claim(
+        &self,
+        id: Uuid,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<bool, MigrationError> {
+        let affected = on_backend!(self, |pool, d| {
+            let sql = format!(
+                "UPDATE tenant_migrations SET claimed_by = $2, claimed_until = {until}
+                 WHERE id = $1 AND state NOT IN {TERMINAL}
+                   AND (claimed_by IS NULL OR claimed_by = $2
+                        OR claimed_until IS NULL OR claimed_until < {now})",
+                until = d.now_plus("$3"),
+                now = d.now()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(id))
+                .bind(worker)
+                .bind(lease.as_secs_f64())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Gives up `worker`'s claim on `id`. False when it did not hold it.
+    pub async fn release(&self, id: Uuid, worker: &str) -> Result<bool, MigrationError> {
+        let affected = on_backend!(self, |pool, d| {
+            sqlx::query(
+                "UPDATE tenant_migrations SET claimed_by = NULL, claimed_until = NULL
+                 WHERE id = $1 AND claimed_by = $2",
+            )
+            .bind(d.id(id))
+            .bind(worker)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Active migrations `worker` could claim now (unclaimed, lease expired, or its own),
+    /// oldest first.
+    pub async fn claimable(&self, worker: &str) -> Result<Vec<MigrationRecord>, MigrationError> {
+        Ok(on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tenant_migrations
+                 WHERE state NOT IN {TERMINAL}
+                   AND (claimed_by IS NULL OR claimed_by = $1
+                        OR claimed_until IS NULL OR claimed_until < {now})
+                 ORDER BY created_at, id",
+                now = d.now()
+            );
+            sqlx::query(&sql)
+                .bind(worker)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_migration)
+                .collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
+    /// Records `(source_position, target_position, event_id)` triples of copied events in one
+    /// statement. Idempotent: a source position already mapped keeps its first mapping.
+    /// Returns how many were new.
+    pub async fn insert_position_map(
+        &self,
+        migration_id: Uuid,
+        positions: &[(i64, i64, Uuid)],
+    ) -> Result<u64, MigrationError> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let affected = match &self.backend {
+            Backend::Postgres(pool) => {
+                let (sources, (targets, ids)): (Vec<i64>, (Vec<i64>, Vec<Uuid>)) =
+                    positions.iter().map(|&(s, t, e)| (s, (t, e))).unzip();
+                sqlx::query(
+                    "INSERT INTO migration_position_map
+                         (migration_id, source_position, target_position, event_id)
+                     SELECT $1, s, t, e FROM UNNEST($2::bigint[], $3::bigint[], $4::uuid[])
+                         AS batch (s, t, e)
+                     ON CONFLICT (migration_id, source_position) DO NOTHING",
+                )
+                .bind(migration_id)
+                .bind(sources)
+                .bind(targets)
+                .bind(ids)
+                .execute(pool)
+                .await?
+                .rows_affected()
+            }
+            Backend::Sqlite(pool) => {
+                // One JSON array parameter, so any batch size fits SQLite's parameter limit.
+                let batch = serde_json::to_string(positions)
+                    .map_err(|e| StoreError::Corrupt(format!("position batch: {e}")))?;
+                sqlx::query(
+                    "INSERT INTO migration_position_map
+                         (migration_id, source_position, target_position, event_id)
+                     SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                            json_extract(value, '$[2]')
+                     FROM json_each($2) WHERE true
+                     ON CONFLICT (migration_id, source_position) DO NOTHING",
+                )
+                .bind(migration_id.to_string())
+                .bind(batch)
+                .execute(pool)
+                .await?
+                .rows_affected()
+            }
+        };
+        Ok(affected)
+    }
+
+    /// How many events the position map holds for the migration.
+    pub async fn position_map_len(&self, migration_id: Uuid) -> Result<i64, MigrationError> {
+        Ok(on_backend!(self, |pool, d| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM migration_position_map WHERE migration_id = $1",
+            )
+            .bind(d.id(migration_id))
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
+    /// The target position of `source_position`: exact when that event was mapped, else the
+    /// nearest mapped position below it; `None` below the first mapped position.
+    pub async fn translate_position(
+        &self,
+        migration_id: Uuid,
+        source_position: i64,
+    ) -> Result<Option<Translation>, MigrationError> {
+        let found: Option<(i64, i64)> = on_backend!(self, |pool, d| {
+            sqlx::query_as(
+                "SELECT source_position, target_position FROM migration_position_map
+                 WHERE migration_id = $1 AND source_position <= $2
+                 ORDER BY source_position DESC LIMIT 1",
+            )
+            .bind(d.id(migration_id))
+            .bind(source_position)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(found.map(|(source, target)| Translation {
+            source_position: source,
+            target_position: target,
+            exact: source == source_position,
+        }))
+    }
+
+    /// A proxy's heartbeat: its admin URL and the routing epoch it has applied.
+    pub async fn upsert_proxy(
+        &self,
+        proxy_id: &str,
+        admin_url: &str,
+        routing_epoch: i64,
+        details: Option<&Value>,
+    ) -> Result<(), MigrationError> {
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "INSERT INTO proxies (proxy_id, admin_url, routing_epoch, last_seen, details)
+                 VALUES ($1, $2, $3, {now}, $4)
+                 ON CONFLICT (proxy_id) DO UPDATE SET admin_url = excluded.admin_url,
+                     routing_epoch = excluded.routing_epoch, last_seen = excluded.last_seen,
+                     details = excluded.details",
+                now = d.now()
+            );
+            sqlx::query(&sql)
+                .bind(proxy_id)
+                .bind(admin_url)
+                .bind(routing_epoch)
+                .bind(details)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Every proxy that ever sent a heartbeat, by id; `last_seen` tells which are live.
+    pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, MigrationError> {
+        let sql = "SELECT proxy_id, admin_url, routing_epoch, last_seen, details
+                   FROM proxies ORDER BY proxy_id";
+        Ok(on_backend!(self, |pool, _d| {
+            sqlx::query(sql)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_proxy)
+                .collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_terminal_sql_list_matches_the_lifecycle() {
+        let terminal: Vec<String> = MigrationState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(TERMINAL, format!("({})", terminal.join(", ")));
+        for ddl in [
+            include_str!("../../sql/control-postgresql.sql"),
+            include_str!("../../sql/control-sqlite.sql"),
+        ] {
+            assert!(ddl.contains(&format!("WHERE state NOT IN {TERMINAL}")));
+        }
+    }
+
+    fn record(state: MigrationState) -> MigrationRecord {
+        let now = Utc::now();
+        MigrationRecord {
+            id: Uuid::new_v4(),
+            tenant_id: Uuid::new_v4(),
+            source_store_id: "shared".to_owned(),
+            target_store_id: "dedicated".to_owned(),
+            state,
+            paused_from: (state == MigrationState::Paused).then_some(MigrationState::DualWrite),
+            events_total: 0,
+            events_copied: 0,
+            copy_horizon: None,
+            copy_position: None,
+            tail_horizon: None,
+            tail_position: None,
+            error_message: None,
+            config: Value::Null,
+            revision: 0,
+            claimed_by: None,
+            claimed_until: None,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn implied_routes_point_at_the_right_store() {
+        let r = record(MigrationState::DualWrite);
+        let route = r.implied_route(MigrationState::DualWrite);
+        assert_eq!(route.store_id, "shared");
+        assert_eq!(route.migration_state, RoutingState::DualWrite);
+        assert_eq!(route.target_store_id.as_deref(), Some("dedicated"));
+        assert_eq!(route.active_migration_id, Some(r.id));
+
+        let paused = r.implied_route(MigrationState::Paused);
+        assert_eq!(paused.migration_state, RoutingState::BulkCopy);
+        assert_eq!(paused.active_migration_id, Some(r.id));
+
+        let migrated = r.implied_route(MigrationState::Migrated);
+        assert_eq!(migrated.store_id, "dedicated");
+        assert_eq!(migrated.migration_state, RoutingState::Normal);
+        assert_eq!(migrated.active_migration_id, None);
+
+        for state in [MigrationState::RolledBack, MigrationState::Failed] {
+            let back = r.implied_route(state);
+            assert_eq!(back.store_id, "shared");
+            assert_eq!(back.migration_state, RoutingState::Normal);
+            assert_eq!(back.target_store_id, None);
+        }
+    }
+
+    #[test]
+    fn progress_is_a_percentage_of_the_copy() {
+        let mut r = record(MigrationState::BulkCopy);
+        assert!(r.progress_percentage().abs() < f64::EPSILON);
+        r.events_total = 200;
+        r.events_copied = 50;
+        assert!((r.progress_percentage() - 25.0).abs() < 1e-9);
+        let empty_done = record(MigrationState::Paused);
+        assert!((empty_done.progress_percentage() - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn errors_know_their_kind() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            MigrationError::NotFound(id).kind(),
+            MigrationErrorKind::Client
+        );
+        let changed = MigrationError::StateChanged {
+            id,
+            expected: MigrationState::BulkCopy,
+            actual: MigrationState::Paused,
+        };
+        assert_eq!(changed.kind(), MigrationErrorKind::Conflict);
+        assert!(changed
+            .to_string()
+            .starts_with(&format!("migration {id} is paused, not bulk_copy")));
+        assert!(MigrationError::Contended(id).is_retryable());
+    }
+}
