@@ -48,6 +48,10 @@ pub struct AppState {
     pub(crate) reload_lock: Mutex<()>,
     /// Wakes the watcher to reload now (a notification arrived).
     pub(crate) reload_now: Notify,
+    /// This proxy's id in the control database's `proxies` table.
+    pub proxy_id: String,
+    /// Where this proxy's admin port answers, as reported in `proxies` (set when it binds).
+    pub admin_url: std::sync::OnceLock<String>,
     shutting_down: AtomicBool,
 }
 
@@ -131,6 +135,15 @@ impl App {
             metrics,
             reload_lock: Mutex::new(()),
             reload_now: Notify::new(),
+            proxy_id: if config.proxy.proxy_id.is_empty() {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".to_owned());
+                format!("{host}:{}", std::process::id())
+            } else {
+                config.proxy.proxy_id.clone()
+            },
+            admin_url: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             config,
         };
@@ -176,6 +189,9 @@ impl App {
     ) {
         let state = self.state;
         let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
+        if let Ok(addr) = admin.local_addr() {
+            let _ = state.admin_url.set(format!("http://{addr}"));
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         // The admin port outlives the data port's drain, so `/readyz` can say 503 meanwhile.
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);

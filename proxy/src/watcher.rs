@@ -98,12 +98,17 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     }
     let mut poll = tokio::time::interval(Duration::from_millis(state.config.proxy.routing_poll_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = heartbeat.tick() => report(&state).await,
             _ = poll.tick() => {
                 match state.control.routing_epoch().await {
                     Ok(epoch) if epoch > state.routes.load().epoch() => {
-                        let _ = reload(&state, "poll").await;
+                        if reload(&state, "poll").await.is_ok() {
+                            report(&state).await;
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -113,10 +118,40 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             () = state.reload_now.notified() => {
-                let _ = reload(&state, "notify").await;
+                if reload(&state, "notify").await.is_ok() {
+                    report(&state).await;
+                }
             }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// How often a proxy reports itself in the control database's `proxies` table.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// Reports this proxy's routing epoch and the tenants it mirrors (for `verify-post` and
+/// operators) in `proxies`. A failure only logs: the data plane does not depend on it.
+pub async fn report(state: &AppState) {
+    let table = state.routes.load_full();
+    let mirroring: Vec<String> = table
+        .iter()
+        .filter(|(_, route)| route.state == switchyard_store::RoutingState::DualWrite)
+        .take(1000)
+        .map(|(tenant, _)| tenant.to_string())
+        .collect();
+    let details = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "mirroring_tenants": mirroring,
+        "shutting_down": state.is_shutting_down(),
+    });
+    let admin_url = state.admin_url.get().map_or("", String::as_str);
+    if let Err(e) = state
+        .control
+        .upsert_proxy(&state.proxy_id, admin_url, table.epoch(), Some(&details))
+        .await
+    {
+        tracing::debug!(error = %e, "proxy heartbeat failed");
     }
 }
 

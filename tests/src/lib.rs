@@ -374,8 +374,22 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut check: F) -> Result<()>
+/// Polls `check` every 20 ms until it returns true or `timeout` passes.
+pub async fn wait_for<F, Fut>(timeout: Duration, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    wait_for_every(timeout, Duration::from_millis(20), check).await
+}
+
+/// Polls `check` every `interval` (for checks that cost a process or a table count) until it
+/// returns true or `timeout` passes.
+pub async fn wait_for_every<F, Fut>(
+    timeout: Duration,
+    interval: Duration,
+    mut check: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
@@ -388,7 +402,7 @@ where
         if Instant::now() > deadline {
             bail!("condition not met within {timeout:?}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -548,4 +562,282 @@ where
             .with_context(|| format!("on {backend:?}"))?;
     }
     Ok(())
+}
+
+/// A running `switchyard-control serve`, killed when dropped.
+#[derive(Debug)]
+pub struct ServeProcess {
+    child: Child,
+    pub admin: String,
+    pub worker: String,
+    stderr_path: PathBuf,
+}
+
+impl ServeProcess {
+    pub fn spawn(config: &Path, worker: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let stderr_path =
+            std::env::temp_dir().join(format!("switchyard-serve-{}.log", Uuid::new_v4().simple()));
+        let mut command = Command::new(bin("switchyard-control"));
+        command
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--worker-id", worker])
+            .env("SWITCHYARD_CONTROL_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("SWITCHYARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path)?);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            bail!(
+                "serve did not start; stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        let admin = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .map(|a| format!("http://{a}"))
+            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?;
+        Ok(Self {
+            child,
+            admin,
+            worker: worker.to_owned(),
+            stderr_path,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no goodbye: claims stay until their lease runs out.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// A TCP forwarder in front of a database that a test can close (refusing new connections and
+/// cutting open ones) and open again: a target "that stops accepting connections".
+#[derive(Debug)]
+pub struct TcpGate {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpGate {
+    /// Forwards a random local port to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let upstream = upstream.to_owned();
+        let (open2, generation2) = (open.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !open2.load(std::sync::atomic::Ordering::Acquire) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut cut = generation2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            open,
+            generation,
+            task,
+        })
+    }
+
+    /// Refuses new connections and cuts the open ones.
+    pub fn close(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `url` (a PostgreSQL URL on 127.0.0.1:5432) rewritten to go through this gate.
+    pub fn url(&self, url: &str) -> String {
+        url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port), 1)
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writers appending through proxies until stopped, each recording what was acknowledged.
+#[derive(Debug)]
+pub struct Writers {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<Acked>>>>,
+}
+
+/// One acknowledged append: which events, in which stream, at which versions, on which store.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub aggregate_id: Uuid,
+    pub event_ids: Vec<Uuid>,
+    pub first_version: i64,
+    pub store_id: String,
+}
+
+impl Writers {
+    /// `n` writers for `tenant`, writer `i` through `proxies[i % len]`, each on its own streams
+    /// (`streams_each`, round robin) with `expected_version`, pausing `pause` between appends.
+    pub fn start(
+        http: &Http,
+        proxies: &[String],
+        tenant: Uuid,
+        n: usize,
+        streams_each: usize,
+        pause: Duration,
+    ) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let tasks = (0..n)
+            .map(|i| {
+                let http = http.clone();
+                let base = proxies[i % proxies.len()].clone();
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let streams: Vec<Uuid> = (0..streams_each).map(|_| Uuid::new_v4()).collect();
+                    let mut versions = vec![0i64; streams_each];
+                    let mut acked = Vec::new();
+                    let mut k = 0usize;
+                    while !*rx.borrow() {
+                        let s = k % streams_each;
+                        k += 1;
+                        let body = events_body(Some(versions[s]), 1 + k % 2, "Written");
+                        let ids: Vec<Uuid> = body["events"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|e| {
+                                        e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let url = stream_url(&base, tenant, "Load", streams[s]);
+                        // Retry the same body until it is acknowledged: appends are idempotent.
+                        loop {
+                            match http.post(&url, &body).await {
+                                Ok(reply) if reply.status == StatusCode::CREATED => {
+                                    versions[s] =
+                                        reply.json["last_version"].as_i64().unwrap_or(versions[s]);
+                                    acked.push(Acked {
+                                        aggregate_id: streams[s],
+                                        event_ids: ids.clone(),
+                                        first_version: reply.json["first_version"]
+                                            .as_i64()
+                                            .unwrap_or(-1),
+                                        store_id: reply.json["store_id"]
+                                            .as_str()
+                                            .unwrap_or_default()
+                                            .to_owned(),
+                                    });
+                                    break;
+                                }
+                                Ok(reply) if reply.status.is_server_error() => {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                Ok(reply) => {
+                                    bail!("append refused: {} {:?}", reply.status, reply.json)
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                            }
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    Ok(acked)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the writers and returns every acknowledged append.
+    pub async fn stop(self) -> Result<Vec<Acked>> {
+        let _ = self.stop.send(true);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await??);
+        }
+        Ok(all)
+    }
+}
+
+/// A tenant's events in a store as `(aggregate_id, version, event_id)`, plus a digest of
+/// everything a migration must keep, sorted by stream and version.
+pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
+    let store = switchyard_store::EventStore::connect("check", url, 2)?;
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_tenant(tenant, after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        for e in &page {
+            let payload: Value = serde_json::from_str(e.payload.get())?;
+            let digest = format!(
+                "{}|{}|{:?}|{}|{}",
+                e.aggregate_type,
+                e.event_type,
+                e.actor_id,
+                e.timestamp.to_rfc3339(),
+                payload
+            );
+            out.push((e.aggregate_id, e.version, e.event_id, digest));
+        }
+    }
+    store.close().await;
+    out.sort();
+    Ok(out)
 }

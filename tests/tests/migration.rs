@@ -1,0 +1,555 @@
+//! Migrations end to end with the real binaries: proxies and `serve` as processes, writers
+//! appending throughout, and the target compared with the source event by event.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchyard_store::{EventStore, NewEvent, StreamRef};
+use switchyard_tests::{
+    tenant_events, wait_for, wait_for_every, Backend, Env, Http, ProxyProcess, Result,
+    ServeProcess, TcpGate, Writers,
+};
+use uuid::Uuid;
+
+/// Seeds `streams` streams of `per_stream` events for `tenant` straight into a store.
+async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) -> Result<()> {
+    let store = EventStore::connect("seed", url, 4)?;
+    for _ in 0..streams {
+        let aggregate_id = Uuid::new_v4();
+        let events: Vec<NewEvent> = (0..per_stream)
+            .map(|i| {
+                let payload = serde_json::value::RawValue::from_string(
+                    json!({"i": i, "pad": "x".repeat(40)}).to_string(),
+                )?;
+                Ok(NewEvent::new(
+                    Uuid::new_v4(),
+                    "Seeded",
+                    payload,
+                    Some("seeder".into()),
+                    None,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        store
+            .append(
+                StreamRef {
+                    tenant_id: tenant,
+                    aggregate_type: "Seed",
+                    aggregate_id,
+                },
+                Some(0),
+                &events,
+            )
+            .await?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn migration_id(started: &Value) -> Result<String> {
+    started["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no id in {started}"))
+}
+
+async fn status(env: &Env, id: &str) -> Result<Value> {
+    env.control_json(&["status", id])
+}
+
+/// Waits until the migration is dual-writing with lag 0.
+async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
+    wait_for_every(timeout, Duration::from_millis(250), || async {
+        let s = status(env, id).await?;
+        Ok(s["state"] == "dual_write" && s["lag"] == 0)
+    })
+    .await
+}
+
+/// Every acknowledged append is in the store exactly once, at its acknowledged versions.
+fn assert_acked_present(acked: &[switchyard_tests::Acked], events: &[(Uuid, i32, Uuid, String)]) {
+    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> =
+        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
+    assert_eq!(by_id.len(), events.len(), "no event id twice");
+    for append in acked {
+        for (i, id) in append.event_ids.iter().enumerate() {
+            let expected = (
+                append.aggregate_id,
+                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0),
+            );
+            assert_eq!(
+                by_id.get(id),
+                Some(&expected),
+                "acknowledged event {id} missing or moved"
+            );
+        }
+    }
+}
+
+/// The main scenario: a 100,000-event tenant over 1,000 streams migrates while 16
+/// writers append through two proxies; the target ends up holding exactly the source's events
+/// of that tenant and nothing of any other tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 200\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let (tenant, neighbour) = (Uuid::new_v4(), Uuid::new_v4());
+    seed(env.store_url("shared"), tenant, 1000, 100).await?;
+    seed(env.store_url("shared"), neighbour, 20, 10).await?;
+    let http = Http::new();
+    let proxies = [env.proxy(&[])?, env.proxy(&[])?];
+    for p in &proxies {
+        p.wait_ready(&http).await?;
+    }
+    let bases: Vec<String> = proxies.iter().map(|p| p.data.clone()).collect();
+    let writers = Writers::start(&http, &bases, tenant, 16, 4, Duration::from_millis(20));
+    let neighbours = Writers::start(&http, &bases, neighbour, 2, 2, Duration::from_millis(50));
+    let _serve = ServeProcess::spawn(&env.config_path, "w1", &[])?;
+
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--batch-size",
+        "5000",
+        "--detach",
+    ])?;
+    assert_eq!(started["tenant_id"], json!(tenant));
+    let id = migration_id(&started)?;
+    caught_up(&env, &id, Duration::from_secs(120)).await?;
+    // Keep writing in dual-write for a moment: the mirror and the tail both carry writes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = writers.stop().await?;
+    neighbours.stop().await?;
+    caught_up(&env, &id, Duration::from_secs(30)).await?;
+
+    let source = tenant_events(env.store_url("shared"), tenant).await?;
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert!(
+        source.len() > 100_000,
+        "writers added to the seed: {}",
+        source.len()
+    );
+    assert_eq!(source.len(), target.len());
+    assert!(source == target, "the target differs from the source");
+    assert_acked_present(&acked, &target);
+    assert!(
+        tenant_events(env.store_url("dedicated"), neighbour)
+            .await?
+            .is_empty(),
+        "no other tenant's events"
+    );
+
+    // Each stream's versions appear in the target's global order.
+    let store = EventStore::connect("t", env.store_url("dedicated"), 2)?;
+    let mut last: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_tenant(tenant, after, 10_000).await?;
+        let Some(tail) = page.last() else { break };
+        after = tail.global_position;
+        for e in &page {
+            let previous = last.insert(e.aggregate_id, e.version).unwrap_or(0);
+            assert_eq!(
+                e.version,
+                previous + 1,
+                "stream {} out of order in the target",
+                e.aggregate_id
+            );
+        }
+    }
+    let s = status(&env, &id).await?;
+    // The copy horizon also took in what the writers committed before the copy began.
+    assert!(s["events_total"].as_i64().unwrap_or(0) >= 100_000, "{s}");
+    assert_eq!(s["events_copied"], s["events_total"]);
+    assert_eq!(s["progress_percentage"], 100.0);
+    for key in [
+        "id",
+        "tenant_id",
+        "state",
+        "source_store_id",
+        "target_store_id",
+        "error_message",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "lag",
+    ] {
+        assert!(s.get(key).is_some(), "status --json lacks {key}");
+    }
+    // Every target event is mapped for checkpoint translation.
+    let translated = env.control_json(&[
+        "positions",
+        "translate",
+        &id,
+        "--source-position",
+        "1000000000",
+    ])?;
+    assert_eq!(translated["exact"], false);
+    Ok(())
+}
+
+/// `serve` killed with SIGKILL in the middle of the copy: another replica takes the claim over
+/// within seconds and continues from the checkpoint; at most one batch is redone and nothing
+/// is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_replaced_and_the_copy_resumes_from_its_checkpoint() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 300, 100).await?;
+    let batch = 1000;
+    let mut first = ServeProcess::spawn(&env.config_path, "first", &[])?;
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--batch-size",
+        &batch.to_string(),
+        "--max-rate",
+        "6000",
+        "--detach",
+    ])?;
+    let id = migration_id(&started)?;
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            Ok(status(&env, &id).await?["events_copied"]
+                .as_i64()
+                .unwrap_or(0)
+                >= 5000)
+        },
+    )
+    .await?;
+    let claimed_by = status(&env, &id).await?["claimed_by"].clone();
+    assert_eq!(claimed_by, "first");
+    first.kill9();
+    let killed_at = Instant::now();
+    let checkpoint = status(&env, &id).await?["events_copied"]
+        .as_i64()
+        .unwrap_or(0);
+    let in_target =
+        switchyard_tests::count_events(env.store_url("dedicated"), Some(tenant)).await?;
+    assert!(
+        in_target >= checkpoint && in_target - checkpoint <= batch,
+        "target {in_target} vs checkpoint {checkpoint}"
+    );
+
+    let _second = ServeProcess::spawn(&env.config_path, "second", &[])?;
+    wait_for(Duration::from_secs(15), || async {
+        Ok(status(&env, &id).await?["claimed_by"] == "second")
+    })
+    .await?;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(12),
+        "taken over after {:?}",
+        killed_at.elapsed()
+    );
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    let (source, target) = (
+        tenant_events(env.store_url("shared"), tenant).await?,
+        tenant_events(env.store_url("dedicated"), tenant).await?,
+    );
+    assert_eq!(source.len(), 30_000);
+    assert!(source == target);
+    let redone = in_target - checkpoint;
+    eprintln!("checkpoint {checkpoint}, rows already in the target at the kill {in_target}: {redone} redone (batch {batch})");
+    Ok(())
+}
+
+/// Pause and resume in bulk copy and in dual-write, then abort: states, routing, audit rows
+/// and data exactly as the runbook describes; on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
+    switchyard_tests::for_each_backend(|backend| async move {
+        let env = Env::new(
+            backend,
+            &["shared", "dedicated"],
+            "[proxy]\nrouting_poll_ms = 100\n",
+        )
+        .await?;
+        env.control_json(&["init"])?;
+        let tenant = Uuid::new_v4();
+        seed(env.store_url("shared"), tenant, 100, 100).await?;
+        let http = Http::new();
+        let proxy = env.proxy(&[])?;
+        proxy.wait_ready(&http).await?;
+        let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        let started = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--batch-size",
+            "500",
+            "--max-rate",
+            "4000",
+            "--detach",
+        ])?;
+        let id = migration_id(&started)?;
+        wait_for(Duration::from_secs(20), || async {
+            Ok(status(&env, &id).await?["events_copied"]
+                .as_i64()
+                .unwrap_or(0)
+                > 0)
+        })
+        .await?;
+
+        // Pause in bulk copy: progress stops at a batch boundary and stays.
+        let paused = env.control_json(&["pause", &id, "--reason", "maintenance"])?;
+        assert_eq!(paused["state"], "paused");
+        assert_eq!(paused["paused_from"], "bulk_copy");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = status(&env, &id).await?["events_copied"].clone();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            status(&env, &id).await?["events_copied"],
+            held,
+            "nothing copied while paused"
+        );
+        assert_eq!(
+            held.as_i64().unwrap_or(0) % 500,
+            0,
+            "paused at a batch boundary"
+        );
+        let again = env.control(&["pause", &id])?;
+        assert_eq!(again.code, 1, "pausing a paused migration is refused");
+        assert!(again.stderr.contains("paused"), "{}", again.stderr);
+
+        env.control_json(&["resume", &id])?;
+        caught_up(&env, &id, Duration::from_secs(60)).await?;
+        wait_for(Duration::from_secs(3), || async {
+            Ok(routed(&http, &proxy, tenant).await?["state"] == "dual_write")
+        })
+        .await?;
+
+        // Pause in dual-write: writes go to the source only (no mirror) and the target falls behind.
+        env.control_json(&["pause", &id, "--reason", "target maintenance"])?;
+        wait_for(Duration::from_secs(3), || async {
+            Ok(routed(&http, &proxy, tenant).await?["mirroring"] == false)
+        })
+        .await?;
+        let url = switchyard_tests::stream_url(&proxy.data, tenant, "Late", Uuid::new_v4());
+        let reply = http
+            .post(
+                &url,
+                &switchyard_tests::events_body(Some(0), 3, "WhilePaused"),
+            )
+            .await?;
+        assert_eq!(reply.json["store_id"], "shared");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            env.control_json(&["lag", &id])?["lag"],
+            3,
+            "paused: nothing reaches the target"
+        );
+        env.control_json(&["resume", &id])?;
+        caught_up(&env, &id, Duration::from_secs(30)).await?;
+        assert!(
+            tenant_events(env.store_url("shared"), tenant).await?
+                == tenant_events(env.store_url("dedicated"), tenant).await?
+        );
+
+        // Abort: back to normal on the source, state rolled_back, reason audited.
+        let aborted = env.control_json(&["abort", &id, "--reason", "business decision"])?;
+        assert_eq!(aborted["state"], "rolled_back");
+        let shown = env.control_json(&["routing", "get", &tenant.to_string()])?;
+        assert_eq!(
+            (
+                shown["store_id"].as_str(),
+                shown["migration_state"].as_str()
+            ),
+            (Some("shared"), Some("normal"))
+        );
+        wait_for(Duration::from_secs(3), || async {
+            Ok(routed(&http, &proxy, tenant).await?["state"] == "normal")
+        })
+        .await?;
+        let second = env.control(&["abort", &id, "--reason", "again"])?;
+        assert_eq!(second.code, 1);
+        let audit = env.control_json(&["audit", &id])?;
+        let actions: Vec<&str> = audit
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["action"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            actions,
+            vec![
+                "create",
+                "start_copy",
+                "pause",
+                "resume",
+                "copy_done",
+                "pause",
+                "resume",
+                "abort"
+            ]
+        );
+        let abort_row = audit
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(abort_row["reason"], "business decision");
+        assert_eq!(abort_row["from_state"], "dual_write");
+
+        // A new migration refuses a target holding the tenant's events unless reset; abort in
+        // bulk copy.
+        let refused = env.control(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--detach",
+        ])?;
+        assert_eq!(refused.code, 1);
+        assert!(
+            refused.stderr.contains("--reset-target"),
+            "{}",
+            refused.stderr
+        );
+        let restarted = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--reset-target",
+            "--max-rate",
+            "2000",
+            "--batch-size",
+            "500",
+            "--detach",
+        ])?;
+        let id2 = migration_id(&restarted)?;
+        let dup = env.control(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--detach",
+        ])?;
+        assert_eq!(dup.code, 1, "one active migration per tenant");
+        wait_for(Duration::from_secs(20), || async {
+            Ok(status(&env, &id2).await?["state"] == "bulk_copy")
+        })
+        .await?;
+        assert_eq!(
+            env.control_json(&["abort", &id2, "--reason", "wrong target"])?["state"],
+            "rolled_back"
+        );
+        assert_eq!(
+            env.control_json(&["routing", "get", &tenant.to_string()])?["migration_state"],
+            "normal"
+        );
+        Ok(())
+    })
+    .await
+}
+
+async fn routed(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
+    Ok(http
+        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
+        .await?
+        .json)
+}
+
+/// The target stops accepting connections during dual-write: appends still succeed promptly,
+/// mirror failures are counted, and the tail closes the gap once the target is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Result<()> {
+    let gate = TcpGate::start("127.0.0.1:5432").await?;
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    // Proxy and serve reach the target through the gate.
+    let gated = gate.url(env.store_url("dedicated"));
+    let via_gate = [("SWITCHYARD_STORE_DEDICATED_URL", gated.as_str())];
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 10, 10).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&via_gate)?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &via_gate)?;
+    let id = migration_id(&env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?)?;
+    caught_up(&env, &id, Duration::from_secs(30)).await?;
+    wait_for(Duration::from_secs(3), || async {
+        Ok(routed(&http, &proxy, tenant).await?["mirroring"] == true)
+    })
+    .await?;
+
+    gate.close();
+    let aggregate = Uuid::new_v4();
+    let url = switchyard_tests::stream_url(&proxy.data, tenant, "Order", aggregate);
+    let mut slowest = Duration::ZERO;
+    for version in 0..20 {
+        let t = Instant::now();
+        let reply = http
+            .post(
+                &url,
+                &switchyard_tests::events_body(Some(version), 1, "WhileTargetDown"),
+            )
+            .await?;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(reply.status, http::StatusCode::CREATED, "{:?}", reply.json);
+    }
+    // Far below the mirror's 2 s write timeout: the mirror never sits on the client's path.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an append took {slowest:?} while the target was down"
+    );
+    wait_for(Duration::from_secs(10), || async {
+        let r = routed(&http, &proxy, tenant).await?;
+        Ok(r["mirror"]["total_failures"].as_u64().unwrap_or(0)
+            + r["mirror"]["events_dropped"].as_u64().unwrap_or(0)
+            >= 1)
+    })
+    .await?;
+    assert!(switchyard_tests::count_events(env.store_url("dedicated"), Some(tenant)).await? < 120);
+
+    gate.open();
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    assert!(
+        tenant_events(env.store_url("shared"), tenant).await?
+            == tenant_events(env.store_url("dedicated"), tenant).await?
+    );
+    let ids: HashSet<Uuid> = tenant_events(env.store_url("dedicated"), tenant)
+        .await?
+        .into_iter()
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(ids.len(), 120);
+    Ok(())
+}
