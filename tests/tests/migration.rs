@@ -553,3 +553,55 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
     assert_eq!(ids.len(), 120);
     Ok(())
 }
+
+/// Writers whose transactions commit out of position order during dual-write (held open on
+/// purpose, bypassing the proxy so only the tail can copy them): the tail still copies every
+/// row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_copies_rows_of_transactions_that_commit_late() -> Result<()> {
+    use sqlx::Connection;
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 10, 10).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migration_id(&env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?)?;
+    caught_up(&env, &id, Duration::from_secs(30)).await?;
+
+    // Three transactions take positions, then stay open while later ones commit.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+        sqlx::query("BEGIN").execute(&mut conn).await?;
+        sqlx::query(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+             VALUES ($1, $2, 'Direct', 'Held', $3, 1, now(), '{}')",
+        )
+        .bind(Uuid::new_v4())
+        .bind(Uuid::new_v4())
+        .bind(tenant)
+        .execute(&mut conn)
+        .await?;
+        held.push(conn);
+    }
+    seed(env.store_url("shared"), tenant, 5, 3).await?;
+    // The tail runs meanwhile and copies what is final; then the held ones commit, last first.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    while let Some(mut conn) = held.pop() {
+        sqlx::query("COMMIT").execute(&mut conn).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    caught_up(&env, &id, Duration::from_secs(30)).await?;
+    let source = tenant_events(env.store_url("shared"), tenant).await?;
+    assert_eq!(source.len(), 118);
+    assert!(source == tenant_events(env.store_url("dedicated"), tenant).await?);
+    Ok(())
+}
