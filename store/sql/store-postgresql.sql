@@ -79,6 +79,12 @@ BEGIN
     -- waits for a cutover in progress.
     SELECT f.state, f.moved_to INTO v_state, v_moved_to
       FROM switchyard_fences f WHERE f.tenant_id = p_tenant FOR SHARE;
+    -- This transaction holds the fence now: the statement trigger need not check it again.
+    PERFORM set_config('switchyard.fenced_tenant', p_tenant::text, true);
+    -- Appends to one stream take turns (always after the fence lock, so the order of locks is
+    -- the same everywhere): an `expected_version = null` append never starves in a retry loop,
+    -- and a conflict is decided by the version check below rather than by a lost race.
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_aggregate_type || '/' || p_aggregate_id::text, 7));
     IF v_state = 'moved' THEN
         RAISE EXCEPTION 'tenant % has moved to store %', p_tenant, v_moved_to
               USING ERRCODE = 'SWF01', DETAIL = coalesce(v_moved_to, '');
@@ -136,6 +142,45 @@ BEGIN
     END IF;
 END
 $fn$;
+
+-- The fence for everyone else: every INSERT into events (an application writing directly,
+-- eventsource-py itself) takes FOR SHARE on the fence rows of the tenants it inserts and fails
+-- with a clear error if one has moved. Statement-level, so a bulk insert pays once. Rows are
+-- already inserted when it runs; the error rolls the statement back.
+CREATE OR REPLACE FUNCTION switchyard_fence_check() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_fence RECORD;
+    v_checked TEXT := current_setting('switchyard.fenced_tenant', true);
+BEGIN
+    -- Lock every fence row of the tenants inserted, open or moved: holding FOR SHARE until
+    -- commit is what makes a cutover's FOR UPDATE wait for this writer (and its final
+    -- catch-up see these rows), or this writer wait for the cutover and then fail.
+    FOR v_fence IN
+        SELECT f.tenant_id, f.state, f.moved_to
+          FROM switchyard_fences f
+         WHERE f.tenant_id IN (SELECT DISTINCT n.tenant_id FROM switchyard_new_rows n
+                                WHERE n.tenant_id IS NOT NULL
+                                  AND n.tenant_id::text IS DISTINCT FROM v_checked)
+         ORDER BY f.tenant_id
+           FOR SHARE
+    LOOP
+        IF v_fence.state = 'moved' THEN
+            RAISE EXCEPTION 'switchyard: tenant % has moved to store %; write through the Switchyard proxy or to the new store',
+                  v_fence.tenant_id, v_fence.moved_to
+                  USING ERRCODE = 'SWF01', DETAIL = coalesce(v_fence.moved_to, ''),
+                        HINT = 'the tenant was migrated; its events are no longer accepted here';
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS switchyard_fence ON events;
+CREATE TRIGGER switchyard_fence
+    AFTER INSERT ON events
+    REFERENCING NEW TABLE AS switchyard_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION switchyard_fence_check();
 
 INSERT INTO switchyard_schema (component, version) VALUES ('store', 1)
 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();
