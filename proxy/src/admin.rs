@@ -82,6 +82,21 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             })?;
             Ok(json_response(StatusCode::OK, &json!({ "epoch": epoch })))
         }
+        (&Method::POST, ["admin", "tenants", tenant, "resume-writes"]) => {
+            authorize(state, &request)?;
+            let tenant = Uuid::parse_str(tenant).map_err(|_| {
+                ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
+            })?;
+            let route = resume_writes(state, tenant).await;
+            let mut body = route_json(state, &tenant, &route);
+            body["local_override"] = json!(true);
+            body["note"] = json!("this proxy only, until the tenant's next routing change");
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        (_, ["admin", "tenants", _, "resume-writes"]) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "POST",
+        }),
         (_, ["healthz" | "readyz" | "metrics"] | ["admin", "routes", ..]) => {
             Err(ApiError::MethodNotAllowed {
                 method: method.to_string(),
@@ -97,6 +112,26 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             path,
         }),
     }
+}
+
+/// The emergency local override (runbook procedure 8 when the control database cannot be
+/// reached): the tenant's route on this proxy becomes `normal` on the store it is routed to —
+/// gate open, mirror off — until the control database next changes the tenant's route.
+async fn resume_writes(state: &AppState, tenant: Uuid) -> Route {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    let table = state.routes.load_full();
+    let current = *table.get(&tenant);
+    let route = Route {
+        state: switchyard_store::RoutingState::Normal,
+        target: None,
+        migration_id: None,
+        ..current
+    };
+    state
+        .routes
+        .store(table.with_changes([(tenant, route)], table.epoch()));
+    tracing::warn!(tenant.id = %tenant, store = %state.store_name(route.store), "writes resumed by a local override");
+    route
 }
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.

@@ -17,4 +17,4 @@ pub use control::{
     NewMigration, RouteRecord, RouteUpdate, RoutingState,
 };
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
-pub use events::{EventStore, PassWindow, SchemaStatus};
+pub use events::{EventStore, FenceLock, PassWindow, SchemaStatus};

@@ -50,12 +50,6 @@ pub struct StartArgs {
 
 pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     let Command::Start(args) = command;
-    if args.cutover == CutoverMode::Auto {
-        return Err(CliError::Refused(
-            "--cutover auto is not available yet: start with --cutover manual and run `switchyard-control cutover`"
-                .to_owned(),
-        ));
-    }
     let engine = ctx.engine().await?;
     let request = StartRequest {
         tenant_id: args.tenant,
@@ -106,7 +100,10 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
     let caught_up = std::sync::atomic::AtomicBool::new(false);
     let report = |r: &Report| {
         display.show(r);
-        if r.record.state == MigrationState::DualWrite && r.lag == Some(0) {
+        if args.cutover == CutoverMode::Manual
+            && r.record.state == MigrationState::DualWrite
+            && r.lag == Some(0)
+        {
             caught_up.store(true, std::sync::atomic::Ordering::Release);
             let _ = stop_tx.send(true);
         }

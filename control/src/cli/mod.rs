@@ -4,6 +4,8 @@
 mod abort;
 mod audit;
 mod check_config;
+mod cutover;
+mod emergency_stop;
 mod init;
 mod lag;
 mod list;
@@ -75,6 +77,10 @@ pub enum Command {
     Positions(positions::Command),
     /// A migration's audit log.
     Audit(audit::Args),
+    /// Cut a dual-writing migration over to its target (automatic rollback on failure).
+    Cutover(cutover::Args),
+    /// Put tenants back to normal on their source at once; fail their migrations.
+    EmergencyStop(emergency_stop::Args),
     /// Run the worker that drives migrations (admin port with /metrics).
     Serve(serve::Args),
 }
@@ -167,6 +173,8 @@ async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(),
         Command::Lag(args) => lag::run(ctx, &args, json).await,
         Command::Positions(command) => positions::run(ctx, command, json).await,
         Command::Audit(args) => audit::run(ctx, &args, json).await,
+        Command::Cutover(args) => cutover::run(ctx, &args, json).await,
+        Command::EmergencyStop(args) => emergency_stop::run(ctx, &args, json).await,
         Command::Serve(args) => serve::run(ctx, &args).await,
         Command::CheckConfig(_) => unreachable!("handled before a context is built"),
     }

@@ -24,7 +24,11 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
     loop {
         let done = match args.migration {
             Some(id) => {
-                let record = engine.control.migration(id).await?;
+                let mut record = engine.control.migration(id).await?;
+                // A cutover whose driver died is finished (or rolled back) by the next command.
+                if engine.recover_cutover(&record).await?.is_some() {
+                    record = engine.control.migration(id).await?;
+                }
                 let active = record.is_active();
                 let status = Status::of(&engine, record).await;
                 if args.watch && tty && !json {

@@ -7,6 +7,7 @@
 //! loses at most one batch of work and the next claimant continues from the checkpoint.
 
 mod copy;
+mod cutover;
 mod metrics;
 mod ops;
 
@@ -21,8 +22,9 @@ use switchyard_store::{
 use tokio::sync::watch;
 use uuid::Uuid;
 
+pub use self::cutover::CutoverOutcome;
 pub use self::metrics::EngineMetrics;
-pub use self::ops::StartRequest;
+pub use self::ops::{StartRequest, Stopped};
 
 /// How long a driver's claim lasts without renewal; another worker takes over after it.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(5);
@@ -263,6 +265,23 @@ impl Engine {
                             lag: Some(lag),
                         });
                     }
+                    if copied == 0
+                        && due
+                        && MigrationOptions::of(&record, &self.settings).cutover
+                            == CutoverMode::Auto
+                    {
+                        let lag = self.lag(&record).await?;
+                        if lag == 0 {
+                            let note =
+                                switchyard_store::AuditNote::new(format!("worker:{}", self.worker))
+                                    .with_reason("--cutover auto: lag reached 0");
+                            let budget = Duration::from_millis(self.settings.cutover_timeout_ms);
+                            let outcome = self.cutover(id, false, budget, &note).await?;
+                            tracing::info!(migration.id = %id, success = outcome.success, pause_ms = outcome.pause_ms,
+                                error = outcome.error.as_deref().unwrap_or(""), "automatic cutover");
+                            continue;
+                        }
+                    }
                     if copied == 0 {
                         let mut stop = stop.clone();
                         tokio::select! {
@@ -271,8 +290,15 @@ impl Engine {
                         }
                     }
                 }
+                MigrationState::Cutover => {
+                    // A cutover in progress belongs to whoever runs it; one whose driver died
+                    // is finished or rolled back from what the fence says.
+                    match self.recover_cutover(&record).await? {
+                        Some(_) => continue,
+                        None => return Ok(Driven::Settled(MigrationState::Cutover)),
+                    }
+                }
                 state @ (MigrationState::Paused
-                | MigrationState::Cutover
                 | MigrationState::Migrated
                 | MigrationState::Failed
                 | MigrationState::RolledBack) => return Ok(Driven::Settled(state)),

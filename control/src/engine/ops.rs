@@ -15,6 +15,17 @@ use super::{CutoverMode, Engine, EngineError, MigrationOptions};
 /// How long an abort waits for a running cutover to commit or roll back.
 const ABORT_WAITS_FOR_CUTOVER: Duration = Duration::from_secs(30);
 
+/// What emergency stop did for one tenant.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stopped {
+    pub tenant_id: Uuid,
+    /// The store the tenant is routed to now (normal).
+    pub store_id: String,
+    pub failed_migration: Option<Uuid>,
+    /// Whether a moved fence in that store was opened again.
+    pub reopened_fence: bool,
+}
+
 /// What `migrate start` asks for.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
@@ -156,6 +167,103 @@ impl Engine {
         }
         self.change(&record, Action::Abort, MigrationState::RolledBack, note)
             .await
+    }
+
+    /// Runbook procedure 8: every listed tenant (or every tenant with `all`) back to normal on
+    /// its source at once — gates open, mirrors off, a moved source fence opened again — and
+    /// its active migration failed with the reason. Returns what it did per tenant.
+    pub async fn emergency_stop(
+        &self,
+        tenants: &[Uuid],
+        all: bool,
+        note: &AuditNote,
+    ) -> Result<Vec<Stopped>, EngineError> {
+        let mut wanted: Vec<Uuid> = tenants.to_vec();
+        if all {
+            for r in self.control.migrations(true).await? {
+                wanted.push(r.tenant_id);
+            }
+            for route in self
+                .control
+                .routes_since(0)
+                .await
+                .map_err(EngineError::store("control"))?
+            {
+                if route.migration_state != RoutingState::Normal {
+                    wanted.push(route.tenant_id);
+                }
+            }
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut out = Vec::new();
+        for tenant in wanted {
+            out.push(self.stop_tenant(tenant, note).await?);
+        }
+        Ok(out)
+    }
+
+    async fn stop_tenant(&self, tenant: Uuid, note: &AuditNote) -> Result<Stopped, EngineError> {
+        let mut failed_migration = None;
+        let mut source = None;
+        // The state may change under us (a worker, a cutover finishing): retry the CAS.
+        for _ in 0..10 {
+            let Some(record) = self.control.active_migration(tenant).await? else {
+                break;
+            };
+            source = Some(record.source_store_id.clone());
+            let route = record.implied_route(MigrationState::Failed);
+            let note = note
+                .clone()
+                .with_details(serde_json::json!({ "emergency_stop": true }));
+            match self
+                .control
+                .transition(record.id, record.state, Action::Fail, &note, Some(&route))
+                .await
+            {
+                Ok(_) => {
+                    failed_migration = Some(record.id);
+                    break;
+                }
+                Err(MigrationError::StateChanged { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // A tenant routed oddly without a migration (or whose migration just ended): normal on
+        // the store it is routed to.
+        let route = self
+            .control
+            .route(tenant)
+            .await
+            .map_err(EngineError::store("control"))?;
+        let store = match (&source, &route) {
+            (Some(s), _) => s.clone(),
+            (None, Some(r)) => r.store_id.clone(),
+            (None, None) => self.default_store.clone(),
+        };
+        if route
+            .as_ref()
+            .is_some_and(|r| r.migration_state != RoutingState::Normal || r.store_id != store)
+        {
+            self.control
+                .set_route(&switchyard_store::RouteUpdate::normal(tenant, &store))
+                .await
+                .map_err(EngineError::store("control"))?;
+        }
+        // Writes must be able to land on the store the tenant is routed to.
+        let reopened = match self.store(&store) {
+            Ok(s) => s
+                .reopen_fence(tenant)
+                .await
+                .map_err(EngineError::store(&store))?,
+            Err(_) => false,
+        };
+        Ok(Stopped {
+            tenant_id: tenant,
+            store_id: store,
+            failed_migration,
+            reopened_fence: reopened,
+        })
     }
 
     async fn change(

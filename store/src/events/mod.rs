@@ -3,10 +3,12 @@
 //! feed reads, and the store's schema.
 
 mod copy;
+mod fence;
 mod postgres;
 mod sqlite;
 
 pub use copy::PassWindow;
+pub use fence::FenceLock;
 
 use std::sync::Arc;
 

@@ -1,0 +1,53 @@
+//! `emergency-stop [--tenant T…] [--all] --reason R` (runbook procedure 8): every listed tenant
+//! back to normal on its source, gates open, mirrors off, active migrations failed.
+
+use uuid::Uuid;
+
+use super::shared::operator_note;
+use super::{emit, CliError};
+use crate::context::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A tenant to stop (repeat for several).
+    #[arg(long = "tenant")]
+    pub tenants: Vec<Uuid>,
+    /// Every tenant with an active migration or a non-normal route.
+    #[arg(long)]
+    pub all: bool,
+    /// Why, for the audit log (required).
+    #[arg(long)]
+    pub reason: String,
+}
+
+pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+    if args.tenants.is_empty() && !args.all {
+        return Err(CliError::Usage(
+            "name tenants with --tenant, or use --all".to_owned(),
+        ));
+    }
+    let engine = ctx.engine().await?;
+    let stopped = engine
+        .emergency_stop(&args.tenants, args.all, &operator_note(Some(&args.reason)))
+        .await?;
+    emit(json, &stopped, |stopped| {
+        let mut out = String::from("EMERGENCY STOP - migrations disabled\n");
+        for s in stopped {
+            out.push_str(&format!(
+                "  Tenant {}: writes enabled on {}, dual-write cleared{}{}\n",
+                s.tenant_id,
+                s.store_id,
+                s.failed_migration
+                    .map_or_else(String::new, |m| format!(", migration {m} failed")),
+                if s.reopened_fence {
+                    ", source fence reopened"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push_str("\nAll listed tenants back to normal operation (proxies follow within their routing poll).");
+        out
+    });
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! The cutover (DESIGN.md "Cutover (the fence)"), inside one budget:
+//!
+//! 1. refuse unless dual_write and the lag is within `cutover_max_lag_events` (unless forced);
+//! 2. routing → `cutover_paused` (proxies close the tenant's gate);
+//! 3. take the tenant's fence in the source (waits for appends in flight, holds every other);
+//! 4. copy the final delta past the tail horizon, verify it landed (unless forced), mark the
+//!    fence moved, commit;
+//! 5. routing → `normal` on the target (gates open onto the target): migrated.
+//!
+//! On timeout or any failure before step 4 commits, the source transaction rolls back (the
+//! fence stays open), routing returns to `dual_write` and the migration to dual_write, with
+//! the error and the number of held writers reported. After step 4 commits, the fence is the
+//! truth: whatever happens, the migration can only finish (`recover` does it after a crash).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use switchyard_store::control::Action;
+use switchyard_store::{
+    AuditNote, FenceLock, MigrationError, MigrationRecord, MigrationState, PassWindow,
+};
+use uuid::Uuid;
+
+use super::{Engine, EngineError};
+
+/// How long a migration may sit in `cutover` past its budget before a recoverer treats the
+/// cutover as abandoned (its driver died) and finishes or rolls it back.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3);
+/// Most events the final catch-up reads per batch.
+const DELTA_BATCH: u32 = 5000;
+
+/// What `cutover` reports (DESIGN.md's `cutover --json` keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct CutoverOutcome {
+    pub migration_id: Uuid,
+    pub success: bool,
+    pub state: MigrationState,
+    /// The whole command, from the lag check to the last routing change.
+    pub duration_ms: u64,
+    /// The write pause: routing `cutover_paused` until routing `normal` on the target.
+    pub pause_ms: u64,
+    /// Writers the fence was holding when it moved (or when the cutover rolled back).
+    pub blocked_writers: i64,
+    /// Events the final catch-up copied.
+    pub delta_events: u64,
+    pub lag_before: i64,
+    pub forced: bool,
+    pub error: Option<String>,
+}
+
+/// Why a cutover attempt must roll back.
+#[derive(Debug)]
+struct Abort {
+    message: String,
+    blocked_writers: i64,
+}
+
+impl Engine {
+    /// Cuts migration `id` over within `budget`.
+    pub async fn cutover(
+        &self,
+        id: Uuid,
+        force: bool,
+        budget: Duration,
+        note: &AuditNote,
+    ) -> Result<CutoverOutcome, EngineError> {
+        let started = Instant::now();
+        let record = self.control.migration(id).await?;
+        if record.state != MigrationState::DualWrite {
+            return Err(EngineError::Refused(format!(
+                "migration {id} is {}: cutover needs dual_write{}",
+                record.state,
+                match record.state {
+                    MigrationState::BulkCopy | MigrationState::Pending =>
+                        " (the bulk copy is still running; wait for it)",
+                    MigrationState::Paused => " (resume it first)",
+                    _ => "",
+                }
+            )));
+        }
+        let lag = self.lag(&record).await?;
+        let max_lag = i64::try_from(self.settings.cutover_max_lag_events).unwrap_or(i64::MAX);
+        if lag > max_lag && !force {
+            return Err(EngineError::Refused(format!(
+                "migration {id} lags by {lag} events (cutover_max_lag_events = {max_lag}); wait for the tail \
+                 (`switchyard-control lag {id}`), or use --force to cut over anyway"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let source = self.store(&record.source_store_id)?;
+        let target = self.store(&record.target_store_id)?;
+
+        // 2. Close the gates.
+        let paused_route = record.implied_route(MigrationState::Cutover);
+        let detail_note = note.clone().with_details(
+            serde_json::json!({ "force": force, "budget_ms": budget.as_millis(), "lag": lag }),
+        );
+        let closed = self
+            .control
+            .transition(
+                id,
+                MigrationState::DualWrite,
+                Action::Cutover,
+                &detail_note,
+                Some(&paused_route),
+            )
+            .await?;
+        let pause_started = Instant::now();
+        crash_point("after_gate_closed");
+        let epoch = closed.routing_epoch.unwrap_or(closed.record.revision);
+
+        // 3 and 4, within what is left of the budget.
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            self.fence_and_copy(&closed.record, source, target, force, epoch, deadline),
+        )
+        .await;
+        let failure = match attempt {
+            Ok(Ok((delta, blocked))) => {
+                crash_point("after_fence");
+                // 5. The fence moved: only forward from here.
+                let finished = self.finish_cutover(&closed.record, note).await;
+                let pause_ms = elapsed_ms(pause_started);
+                return match finished {
+                    Ok(record) => Ok(CutoverOutcome {
+                        migration_id: id,
+                        success: true,
+                        state: record.state,
+                        duration_ms: elapsed_ms(started),
+                        pause_ms,
+                        blocked_writers: blocked,
+                        delta_events: delta,
+                        lag_before: lag,
+                        forced: force,
+                        error: None,
+                    }),
+                    Err(e) => Err(EngineError::Refused(format!(
+                        "migration {id}: the fence moved (the tenant's writes are held) but routing could not be \
+                         finished: {e}; `switchyard-control serve` or the next `status {id}` finishes it"
+                    ))),
+                };
+            }
+            Ok(Err(abort)) => abort,
+            Err(_) => Abort {
+                message: format!("cutover budget of {} ms exceeded", budget.as_millis()),
+                blocked_writers: 0,
+            },
+        };
+        // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
+        let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
+            serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
+        );
+        let back = closed.record.implied_route(MigrationState::DualWrite);
+        let rolled = self
+            .control
+            .transition(
+                id,
+                MigrationState::Cutover,
+                Action::CutoverRollback,
+                &rollback_note,
+                Some(&back),
+            )
+            .await;
+        let state = match rolled {
+            Ok(t) => t.record.state,
+            Err(MigrationError::StateChanged { actual, .. }) => actual,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(CutoverOutcome {
+            migration_id: id,
+            success: false,
+            state,
+            duration_ms: elapsed_ms(started),
+            pause_ms: elapsed_ms(pause_started),
+            blocked_writers: failure.blocked_writers,
+            delta_events: 0,
+            lag_before: lag,
+            forced: force,
+            error: Some(failure.message),
+        })
+    }
+
+    /// Steps 3 and 4: take the fence, copy and verify the final delta, move the fence.
+    /// Returns the delta size and the writers held at the moment the fence moved.
+    async fn fence_and_copy(
+        &self,
+        record: &MigrationRecord,
+        source: &switchyard_store::EventStore,
+        target: &switchyard_store::EventStore,
+        force: bool,
+        epoch: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(u64, i64), Abort> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let fail = |message: String| Abort {
+            message,
+            blocked_writers: 0,
+        };
+        let mut lock: FenceLock = source
+            .lock_fence(record.tenant_id, left)
+            .await
+            .map_err(|e| fail(format!("taking the fence in {}: {e}", source.id())))?;
+        // Holding the fence, make sure nobody (an operator's emergency stop, a recoverer) took
+        // the migration out of cutover meanwhile: they act under the same lock or before it.
+        match self.control.migration(record.id).await {
+            Ok(current) if current.state == MigrationState::Cutover => {}
+            Ok(current) => {
+                let _ = lock.release().await;
+                return Err(fail(format!(
+                    "the migration left cutover meanwhile (now {})",
+                    current.state
+                )));
+            }
+            Err(e) => {
+                let _ = lock.release().await;
+                return Err(fail(format!("reading the migration: {e}")));
+            }
+        }
+        let outcome = self.copy_delta(record, source, target, force).await;
+        let blocked = lock.blocked_writers().await.unwrap_or(0);
+        let delta = match outcome {
+            Ok(delta) => delta,
+            Err(message) => {
+                let _ = lock.release().await;
+                return Err(Abort {
+                    message,
+                    blocked_writers: blocked,
+                });
+            }
+        };
+        lock.move_to(&record.target_store_id, epoch)
+            .await
+            .map_err(|e| Abort {
+                message: format!("moving the fence: {e}"),
+                blocked_writers: blocked,
+            })?;
+        Ok((delta, blocked))
+    }
+
+    /// The final catch-up: every event of the tenant past the tail horizon (no upper bound:
+    /// with the fence held, nothing more can commit), then the check that it all landed.
+    async fn copy_delta(
+        &self,
+        record: &MigrationRecord,
+        source: &switchyard_store::EventStore,
+        target: &switchyard_store::EventStore,
+        force: bool,
+    ) -> Result<u64, String> {
+        let window = PassWindow {
+            from: record.tail_horizon,
+            to: i64::MAX,
+        };
+        let mut after = 0;
+        let mut copied = 0u64;
+        let mut touched: BTreeSet<(String, Uuid)> = BTreeSet::new();
+        loop {
+            let batch = source
+                .read_window(record.tenant_id, window, after, DELTA_BATCH)
+                .await
+                .map_err(|e| format!("reading the final delta: {e}"))?;
+            let Some(last) = batch.last() else { break };
+            after = last.global_position;
+            let landed = target
+                .insert_copied(&batch)
+                .await
+                .map_err(|e| format!("copying the final delta: {e}"))?;
+            let map: Vec<(i64, i64, Uuid)> = batch
+                .iter()
+                .zip(&landed)
+                .filter_map(|(e, p)| p.map(|p| (e.global_position, p, e.event_id)))
+                .collect();
+            self.control
+                .insert_position_map(record.id, &map)
+                .await
+                .map_err(|e| format!("recording positions: {e}"))?;
+            if !force {
+                if let Some((e, _)) = batch.iter().zip(&landed).find(|(_, p)| p.is_none()) {
+                    return Err(format!(
+                        "verification failed: event {} ({}/{} version {}) cannot land in the target",
+                        e.event_id, e.aggregate_type, e.aggregate_id, e.version
+                    ));
+                }
+            }
+            copied += landed.iter().filter(|p| p.is_some()).count() as u64;
+            touched.extend(
+                batch
+                    .iter()
+                    .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
+            );
+        }
+        self.metrics
+            .copied(usize::try_from(copied).unwrap_or(usize::MAX));
+        if force {
+            return Ok(copied);
+        }
+        // Verify: the streams the delta touched agree in count and last version, and so do
+        // the tenant's totals.
+        let streams: Vec<(String, Uuid)> = touched.into_iter().collect();
+        let (s, t) = tokio::try_join!(
+            source.stream_heads(record.tenant_id, &streams),
+            target.stream_heads(record.tenant_id, &streams)
+        )
+        .map_err(|e| format!("verifying the delta: {e}"))?;
+        let mut differing: Vec<String> = streams
+            .iter()
+            .filter(|k| s.get(*k) != t.get(*k))
+            .take(10)
+            .map(|(ty, id)| {
+                format!(
+                    "{ty}/{id} (source {:?}, target {:?})",
+                    s.get(&(ty.clone(), *id)),
+                    t.get(&(ty.clone(), *id))
+                )
+            })
+            .collect();
+        let (sc, tc) = tokio::try_join!(
+            source.count_tenant(record.tenant_id),
+            target.count_tenant(record.tenant_id)
+        )
+        .map_err(|e| format!("verifying the totals: {e}"))?;
+        if sc != tc {
+            differing.push(format!("tenant totals: source {sc} events, target {tc}"));
+        }
+        if differing.is_empty() {
+            Ok(copied)
+        } else {
+            Err(format!(
+                "verification failed; streams differ: {}",
+                differing.join("; ")
+            ))
+        }
+    }
+
+    /// Step 5: cutover → migrated, routing normal on the target. Retried briefly: the fence
+    /// already moved, so this is the only way forward.
+    async fn finish_cutover(
+        &self,
+        record: &MigrationRecord,
+        note: &AuditNote,
+    ) -> Result<MigrationRecord, EngineError> {
+        let route = record.implied_route(MigrationState::Migrated);
+        let mut last = None;
+        for attempt in 0..5u32 {
+            match self
+                .control
+                .transition(
+                    record.id,
+                    MigrationState::Cutover,
+                    Action::CutoverDone,
+                    note,
+                    Some(&route),
+                )
+                .await
+            {
+                Ok(done) => return Ok(done.record),
+                // A recoverer finished it meanwhile.
+                Err(MigrationError::StateChanged {
+                    actual: MigrationState::Migrated,
+                    ..
+                }) => {
+                    return Ok(self.control.migration(record.id).await?);
+                }
+                Err(e) if e.is_retryable() => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(
+            || EngineError::Refused("routing not finished".to_owned()),
+            EngineError::from,
+        ))
+    }
+
+    /// Finishes or rolls back a cutover whose driver died, from what the source fence says:
+    /// moved → migrated on the target; open → back to dual_write. Acts only once the
+    /// migration has sat in `cutover` past the configured budget plus a margin, and holds the
+    /// fence while it decides and applies, so a live cutover can never move the fence under a
+    /// rollback (it re-checks the state under the same lock). Returns the state it left.
+    pub async fn recover_cutover(
+        &self,
+        record: &MigrationRecord,
+    ) -> Result<Option<MigrationState>, EngineError> {
+        if record.state != MigrationState::Cutover {
+            return Ok(None);
+        }
+        let age = (chrono::Utc::now() - record.updated_at)
+            .to_std()
+            .unwrap_or_default();
+        if age < ABANDONED_AFTER + Duration::from_millis(self.settings.cutover_timeout_ms) {
+            return Ok(None);
+        }
+        let source = self.store(&record.source_store_id)?;
+        let mut lock = match source
+            .lock_fence(record.tenant_id, Duration::from_millis(500))
+            .await
+        {
+            Ok(lock) => lock,
+            // Someone holds it (a live cutover): not abandoned after all.
+            Err(_) => return Ok(None),
+        };
+        let (state, moved_to) = match lock.state().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = lock.release().await;
+                return Err(EngineError::store(source.id())(e));
+            }
+        };
+        let note = AuditNote::new(format!("worker:{}", self.worker))
+            .with_reason("recovering a cutover whose driver stopped");
+        let (action, to) =
+            if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str()) {
+                (Action::CutoverDone, MigrationState::Migrated)
+            } else {
+                (Action::CutoverRollback, MigrationState::DualWrite)
+            };
+        let route = record.implied_route(to);
+        let applied = self
+            .control
+            .transition(
+                record.id,
+                MigrationState::Cutover,
+                action,
+                &note,
+                Some(&route),
+            )
+            .await;
+        let _ = lock.release().await;
+        match applied {
+            Ok(done) => {
+                tracing::warn!(migration.id = %record.id, state = %done.record.state, "recovered an abandoned cutover");
+                Ok(Some(done.record.state))
+            }
+            Err(MigrationError::StateChanged { actual, .. }) => Ok(Some(actual)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Fault injection for the crash-safety tests: `SWITCHYARD_CRASH_AT=<point>` kills the process
+/// (as `kill -9` would: no cleanup, no unwinding) when it reaches that point. A precise crash
+/// between two steps is the one fault a real component cannot produce on demand.
+fn crash_point(point: &str) {
+    if std::env::var("SWITCHYARD_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("switchyard: crashing at {point} (SWITCHYARD_CRASH_AT)");
+        std::process::abort();
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
