@@ -27,6 +27,8 @@ use super::{Engine, EngineError};
 /// How long a migration may sit in `cutover` past its budget before a recoverer treats the
 /// cutover as abandoned (its driver died) and finishes or rolls it back.
 const ABANDONED_AFTER: Duration = Duration::from_secs(3);
+/// How many more times the lag is sampled (100 ms apart) before a cutover is refused for it.
+const LAG_SAMPLES: usize = 10;
 /// Most events the final catch-up reads per batch.
 const DELTA_BATCH: u32 = 5000;
 
@@ -79,8 +81,16 @@ impl Engine {
                 }
             )));
         }
-        let lag = self.lag(&record).await?;
+        // Writers keep writing: sample the lag a few times before refusing.
         let max_lag = i64::try_from(self.settings.cutover_max_lag_events).unwrap_or(i64::MAX);
+        let mut lag = self.lag(&record).await?;
+        for _ in 0..LAG_SAMPLES {
+            if lag <= max_lag || force {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lag = self.lag(&record).await?;
+        }
         if lag > max_lag && !force {
             return Err(EngineError::Refused(format!(
                 "migration {id} lags by {lag} events (cutover_max_lag_events = {max_lag}); wait for the tail \

@@ -184,6 +184,81 @@ impl EventStore {
         }
     }
 
+    /// Ids of the tenant's events in `window` that were written at least `settled` ago (by
+    /// the store's clock), at most `limit`: what a lag measurement checks against the target.
+    pub async fn settled_ids(
+        &self,
+        tenant: Uuid,
+        window: PassWindow,
+        settled: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let millis = i64::try_from(settled.as_millis()).unwrap_or(i64::MAX);
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let sql = format!(
+                    "SELECT event_id FROM events WHERE {PG_WINDOW}
+                        AND created_at < clock_timestamp() - make_interval(secs => $5::float8 / 1000)
+                      LIMIT $6"
+                );
+                Ok(sqlx::query_scalar(&sql)
+                    .bind(tenant)
+                    .bind(0i64)
+                    .bind(window.from.map(|f| f.to_string()))
+                    .bind(window.to.to_string())
+                    .bind(millis)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?)
+            }
+            Backend::Sqlite(pool) => {
+                let cutoff =
+                    format_timestamp(&(Utc::now() - chrono::Duration::milliseconds(millis)));
+                let sql = format!(
+                    "SELECT event_id FROM events WHERE {SQLITE_WINDOW} AND created_at < ?5 LIMIT ?6"
+                );
+                let ids: Vec<String> = sqlx::query_scalar(&sql)
+                    .bind(tenant.to_string())
+                    .bind(0i64)
+                    .bind(window.from)
+                    .bind(window.to)
+                    .bind(cutoff)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?;
+                ids.iter()
+                    .map(|id| {
+                        Uuid::parse_str(id)
+                            .map_err(|e| StoreError::Corrupt(format!("event_id {id:?}: {e}")))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// How many of `ids` are here.
+    pub async fn count_present(&self, ids: &[Uuid]) -> Result<i64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        match &self.backend {
+            Backend::Postgres(pool) => Ok(sqlx::query_scalar(
+                "SELECT count(*) FROM events WHERE event_id = ANY ($1)",
+            )
+            .bind(ids)
+            .fetch_one(pool)
+            .await?),
+            Backend::Sqlite(pool) => {
+                let json =
+                    serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id IN (SELECT value FROM json_each(?1))")
+                    .bind(json)
+                    .fetch_one(pool)
+                    .await?)
+            }
+        }
+    }
+
     /// How many events the tenant has here.
     pub async fn count_tenant(&self, tenant: Uuid) -> Result<i64, StoreError> {
         match &self.backend {

@@ -1,0 +1,603 @@
+//! Cutover end to end (DESIGN.md "Cutover (the fence)"): real proxies and `serve` as
+//! processes, writers throughout, a proxy that never hears of the cutover, direct writers,
+//! budgets too small, a control process killed between the fence and the routing update, and
+//! emergency stops.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::Connection;
+use switchyard_tests::{
+    events_body, run_control, stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend,
+    Env, Http, ProxyProcess, Result, ServeProcess, Writers,
+};
+use uuid::Uuid;
+
+/// Seeds `events` events of `tenant` (streams of 100) with one INSERT … SELECT.
+async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, timestamp, payload)
+         SELECT gen_random_uuid(),
+                (md5($1::text || (g / 100)::text))::uuid,
+                'Seed', 'Seeded', $1, 'seeder', (g % 100) + 1, now(),
+                jsonb_build_object('g', g, 'pad', repeat('x', 60))
+           FROM generate_series(0, $2 - 1) AS g",
+    )
+    .bind(tenant)
+    .bind(events)
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
+async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    wait_for_every(
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || async {
+            let s = env.control_json(&["status", &id])?;
+            Ok(s["state"] == "dual_write" && s["lag"] == 0)
+        },
+    )
+    .await?;
+    Ok(id)
+}
+
+async fn route_state(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
+    Ok(http
+        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
+        .await?
+        .json)
+}
+
+/// Every acknowledged append is in `events` exactly once at its acknowledged versions.
+fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
+    let by_id: HashMap<Uuid, (Uuid, i32)> =
+        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
+    assert_eq!(by_id.len(), events.len(), "an event id appears twice");
+    for append in acked {
+        for (i, id) in append.event_ids.iter().enumerate() {
+            let version =
+                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0);
+            assert_eq!(
+                by_id.get(id),
+                Some(&(append.aggregate_id, version)),
+                "acknowledged event {id} lost or moved"
+            );
+        }
+    }
+}
+
+/// Three proxies (one of them never hears of routing changes), 16 writers over them, a
+/// 200,000-event tenant, two other tenants writing on the same source: the cutover succeeds,
+/// every acknowledged append is in the target exactly once, none reached the source after the
+/// fence, and the other tenants never wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 10000\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let (tenant, others) = (Uuid::new_v4(), [Uuid::new_v4(), Uuid::new_v4()]);
+    seed_sql(env.store_url("shared"), tenant, 200_000).await?;
+    let http = Http::new();
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant).await?;
+    // The third proxy is started in dual_write and then hears nothing: no NOTIFY, no poll.
+    let deaf = [
+        ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
+        ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "600000"),
+    ];
+    let proxies = [env.proxy(&[])?, env.proxy(&[])?, env.proxy(&deaf)?];
+    for p in &proxies {
+        p.wait_ready(&http).await?;
+        wait_for(Duration::from_secs(5), || async {
+            Ok(route_state(&http, p, tenant).await?["state"] == "dual_write")
+        })
+        .await?;
+    }
+    let bases: Vec<String> = proxies.iter().map(|p| p.data.clone()).collect();
+    let writers = Writers::start(&http, &bases, tenant, 16, 3, Duration::from_millis(5));
+    let neighbours: Vec<Writers> = others
+        .iter()
+        .map(|t| Writers::start(&http, &bases, *t, 2, 2, Duration::from_millis(10)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let outcome = env.control_json(&["cutover", &id])?;
+    assert_eq!(outcome["success"], true, "{outcome}");
+    assert_eq!(outcome["state"], "migrated");
+    assert!(outcome["pause_ms"].as_u64().is_some() && outcome["duration_ms"].as_u64().is_some());
+    // Keep writing on the target for a moment (the deaf proxy learns through the fence).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let acked = writers.stop().await?;
+    let mut neighbour_acked = Vec::new();
+    for n in neighbours {
+        neighbour_acked.extend(n.stop().await?);
+    }
+
+    let source = tenant_events(env.store_url("shared"), tenant).await?;
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&acked, &target);
+    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.2).collect();
+    for append in acked.iter().filter(|a| a.store_id == "dedicated") {
+        assert!(
+            append.event_ids.iter().all(|id| !source_ids.contains(id)),
+            "an append reached the source after the fence"
+        );
+    }
+    assert!(
+        acked.iter().any(|a| a.store_id == "dedicated"),
+        "writers went on after the cutover"
+    );
+    // The target holds the source's events plus what was written after the cutover.
+    let target_only: Vec<_> = target
+        .iter()
+        .filter(|e| !source_ids.contains(&e.2))
+        .collect();
+    assert_eq!(target.len() - target_only.len(), source.len());
+    assert!(
+        source.iter().all(|e| target.binary_search(e).is_ok()),
+        "every source event is in the target unchanged"
+    );
+
+    // The deaf proxy was held by the fence and re-routed.
+    let metrics = http.get(&format!("{}/metrics", proxies[2].admin)).await?;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        !text.contains("switchyard_proxy_fence_rejections_total 0"),
+        "the fence turned the deaf proxy's writers away"
+    );
+    assert_eq!(
+        route_state(&http, &proxies[2], tenant).await?["store_id"],
+        "dedicated"
+    );
+
+    // Other tenants stayed on the source and were never held at a gate.
+    assert!(neighbour_acked.iter().all(|a| a.store_id == "shared"));
+    assert!(!neighbour_acked.is_empty());
+    let status = env.control_json(&["status", &id])?;
+    assert_eq!(status["state"], "migrated");
+    assert!(status["completed_at"].is_string());
+    Ok(())
+}
+
+/// Writers that bypass the proxy are held by the fence during a cutover and refused, with a
+/// clear error, once it moved; nothing of theirs lands in the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writers_are_held_then_refused_by_the_fence() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_sql(env.store_url("shared"), tenant, 100).await?;
+    let store = switchyard_store::EventStore::connect("shared", env.store_url("shared"), 2)?;
+    store.open_fence(tenant, 1).await?;
+    // A cutover holding the fence.
+    let lock = store.lock_fence(tenant, Duration::from_secs(10)).await?;
+    let insert = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+                  VALUES (gen_random_uuid(), gen_random_uuid(), 'Direct', 'Bypass', $1, 1, now(), '{}')";
+    let url = env.store_url("shared").to_owned();
+    let held = tokio::spawn(async move {
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        let result = sqlx::query(insert).bind(tenant).execute(&mut conn).await;
+        Ok::<_, anyhow::Error>(result)
+    });
+    // Wait until the direct insert is queued behind the fence.
+    let mut watcher = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO events%'",
+        )
+        .fetch_one(&mut watcher)
+        .await?;
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the direct insert never waited on the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.move_to("dedicated", 2).await?;
+    let result = held.await??;
+    let err = result.expect_err("the held insert is refused once the fence moved");
+    let message = err.to_string();
+    assert!(
+        message.contains("has moved to store dedicated"),
+        "{message}"
+    );
+    // And afterwards, at once.
+    let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let err = sqlx::query(insert)
+        .bind(tenant)
+        .execute(&mut conn)
+        .await
+        .expect_err("fenced");
+    assert!(
+        err.as_database_error().and_then(|d| d.code()).as_deref() == Some("SWF01"),
+        "{err}"
+    );
+    assert_eq!(
+        switchyard_tests::count_events(env.store_url("shared"), Some(tenant)).await?,
+        100
+    );
+    // Other tenants still write directly.
+    sqlx::query(insert)
+        .bind(Uuid::new_v4())
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// A budget too small (the fence is held by another session): the cutover times out, rolls
+/// back to dual_write, writers resume on the source, state and audit say so; a retry with a
+/// larger budget succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Result<()> {
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 10000\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_sql(env.store_url("shared"), tenant, 1000).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant).await?;
+    let writers = Writers::start(
+        &http,
+        &[proxy.data.clone()],
+        tenant,
+        4,
+        2,
+        Duration::from_millis(10),
+    );
+
+    // Another session holds the fence (FOR SHARE, as an append in flight would).
+    let mut holder = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
+        .bind(tenant)
+        .execute(&mut holder)
+        .await?;
+    let out = env.control(&["--json", "cutover", &id, "--timeout-ms", "300"])?;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let report: Value = serde_json::from_str(out.stdout.lines().next().map_or("", |_| {
+        out.stdout.split("\n{\"error\"").next().unwrap_or("")
+    }))?;
+    assert_eq!(report["success"], false);
+    assert_eq!(report["state"], "dual_write");
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("budget")
+                || e.contains("lock timeout")
+                || e.contains("fence")),
+        "{report}"
+    );
+    assert!(
+        report["duration_ms"].as_u64().unwrap_or(u64::MAX) < 2000,
+        "rolled back within the budget: {report}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+
+    // Writers resume on the source.
+    wait_for(Duration::from_secs(3), || async {
+        Ok(route_state(&http, &proxy, tenant).await?["state"] == "dual_write")
+    })
+    .await?;
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, tenant, "Probe", Uuid::new_v4()),
+            &events_body(Some(0), 1, "P"),
+        )
+        .await?;
+    assert_eq!(reply.json["store_id"], "shared");
+    let audit = env.control_json(&["audit", &id])?;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["action"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        actions.ends_with(&["cutover", "cutover_rollback"]),
+        "{actions:?}"
+    );
+    let rollback = audit
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rollback["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("automatic rollback")),
+        "{rollback}"
+    );
+
+    // Retry with a larger budget once the tail caught up.
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async { Ok(env.control_json(&["lag", &id])?["lag"] == 0) },
+    )
+    .await?;
+    let outcome = env.control_json(&["cutover", &id, "--timeout-ms", "5000"])?;
+    assert_eq!(outcome["success"], true, "{outcome}");
+    let acked = writers.stop().await?;
+    assert_all_acked(
+        &acked,
+        &tenant_events(env.store_url("dedicated"), tenant).await?,
+    );
+    Ok(())
+}
+
+/// The control process dies (abort, like kill -9) right after the fence committed and before
+/// routing moved: writers wait at their gates, the next command finishes the cutover, nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 20000\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_sql(env.store_url("shared"), tenant, 1000).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let id = {
+        let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        migrate_to_dual_write(&env, tenant).await?
+    };
+    let writers = Writers::start(
+        &http,
+        &[proxy.data.clone()],
+        tenant,
+        4,
+        2,
+        Duration::from_millis(10),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = run_control(
+        &env.config_path,
+        &["cutover", &id],
+        &[("SWITCHYARD_CRASH_AT", "after_fence")],
+    )?;
+    assert_ne!(out.code, 0, "the control process died: {}", out.stderr);
+    let status = env.control_json(&["list", "--active"])?;
+    assert_eq!(
+        status[0]["state"], "cutover",
+        "routing was not finished: {status}"
+    );
+    let store = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
+    assert_eq!(
+        store.fence(tenant).await?.map(|f| f.0),
+        Some("moved".to_owned())
+    );
+
+    // The next command finishes it once the cutover is clearly abandoned.
+    wait_for_every(
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+    )
+    .await?;
+    wait_for(Duration::from_secs(3), || async {
+        Ok(route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked = writers.stop().await?;
+    assert!(acked.iter().any(|a| a.store_id == "dedicated"));
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&acked, &target);
+    let source: HashSet<Uuid> = tenant_events(env.store_url("shared"), tenant)
+        .await?
+        .into_iter()
+        .map(|e| e.2)
+        .collect();
+    assert!(source.iter().all(|id| target.iter().any(|e| e.2 == *id)));
+    Ok(())
+}
+
+/// Emergency stop from bulk copy, from dual-write, and during a cutover: routing normal on the
+/// source, gates open, mirror off, migrations failed with the reason, writes succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_stop_from_every_phase() -> Result<()> {
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let (copying, dual, cutting) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    seed_sql(env.store_url("shared"), copying, 50_000).await?;
+    seed_sql(env.store_url("shared"), dual, 100).await?;
+    seed_sql(env.store_url("shared"), cutting, 100).await?;
+    let slow = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &copying.to_string(),
+        "--to",
+        "dedicated",
+        "--max-rate",
+        "2000",
+        "--batch-size",
+        "500",
+        "--detach",
+    ])?;
+    let dual_id = migrate_to_dual_write(&env, dual).await?;
+    let cut_id = migrate_to_dual_write(&env, cutting).await?;
+    wait_for_every(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            Ok(
+                env.control_json(&["status", slow["id"].as_str().unwrap_or_default()])?["state"]
+                    == "bulk_copy",
+            )
+        },
+    )
+    .await?;
+
+    // A cutover that is waiting for the fence (held by another session) when the stop comes.
+    let mut holder = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
+        .bind(cutting)
+        .execute(&mut holder)
+        .await?;
+    let config = env.config_path.clone();
+    let cut = cut_id.clone();
+    let cutover = tokio::task::spawn_blocking(move || {
+        run_control(
+            &config,
+            &["--json", "cutover", &cut, "--timeout-ms", "8000"],
+            &[],
+        )
+    });
+    wait_for(Duration::from_secs(5), || async {
+        Ok(env.control_json(&["status", &cut_id])?["state"] == "cutover")
+    })
+    .await?;
+
+    let out = env.control_json(&[
+        "emergency-stop",
+        "--tenant",
+        &copying.to_string(),
+        "--tenant",
+        &dual.to_string(),
+        "--tenant",
+        &cutting.to_string(),
+        "--reason",
+        "incident 42",
+    ])?;
+    assert_eq!(out.as_array().map(Vec::len), Some(3), "{out}");
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let cut_result = cutover.await??;
+    assert_eq!(
+        cut_result.code, 1,
+        "the cutover gave up: {}",
+        cut_result.stdout
+    );
+
+    for (tenant, id) in [
+        (copying, slow["id"].as_str().unwrap_or_default().to_owned()),
+        (dual, dual_id),
+        (cutting, cut_id),
+    ] {
+        let s = env.control_json(&["status", &id])?;
+        assert_eq!(s["state"], "failed", "{s}");
+        let r = env.control_json(&["routing", "get", &tenant.to_string()])?;
+        assert_eq!(
+            (r["store_id"].as_str(), r["migration_state"].as_str()),
+            (Some("shared"), Some("normal"))
+        );
+        wait_for(Duration::from_secs(3), || async {
+            let route = route_state(&http, &proxy, tenant).await?;
+            Ok(route["state"] == "normal" && route["mirroring"] == false)
+        })
+        .await?;
+        let reply = http
+            .post(
+                &stream_url(&proxy.data, tenant, "After", Uuid::new_v4()),
+                &events_body(Some(0), 1, "E"),
+            )
+            .await?;
+        assert_eq!(
+            (reply.status.as_u16(), reply.json["store_id"].as_str()),
+            (201, Some("shared")),
+            "{:?}",
+            reply.json
+        );
+        let audit = env.control_json(&["audit", &id])?;
+        let last = audit
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(last["reason"], "incident 42");
+    }
+    Ok(())
+}
+
+/// The proxy's local override when the control database cannot be reached: a tenant stuck at
+/// a closed gate gets its writes back on this proxy (token required when configured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_writes_opens_a_stuck_gate_locally() -> Result<()> {
+    let extra = "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 300\nadmin_token = \"t0ken\"\n";
+    let (env, proxy, http) =
+        switchyard_tests::started(Backend::Sqlite, &["shared", "dedicated"], extra, &[]).await?;
+    let tenant = Uuid::new_v4();
+    let control = switchyard_store::ControlDb::connect(&env.control_url, 1)?;
+    control
+        .set_route(&switchyard_store::RouteUpdate {
+            tenant_id: tenant,
+            store_id: "shared".into(),
+            migration_state: switchyard_store::RoutingState::CutoverPaused,
+            target_store_id: Some("dedicated".into()),
+            active_migration_id: Some(Uuid::new_v4()),
+        })
+        .await?;
+    wait_for(Duration::from_secs(3), || async {
+        Ok(route_state(&http, &proxy, tenant).await?["state"] == "cutover_paused")
+    })
+    .await?;
+    let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+    let paused = http.post(&url, &events_body(Some(0), 1, "E")).await?;
+    assert_eq!(paused.status.as_u16(), 503);
+    assert_eq!(paused.json["error"], "writes_paused");
+    assert!(paused.headers.contains_key("retry-after"));
+
+    let resume = format!("{}/admin/tenants/{tenant}/resume-writes", proxy.admin);
+    let denied = http
+        .request(http::Method::POST, &resume, Vec::new(), &[])
+        .await?;
+    assert_eq!(denied.status.as_u16(), 401);
+    let ok = http
+        .request(
+            http::Method::POST,
+            &resume,
+            Vec::new(),
+            &[("authorization", "Bearer t0ken")],
+        )
+        .await?;
+    assert_eq!(ok.status.as_u16(), 200, "{:?}", ok.json);
+    assert_eq!(ok.json["state"], "normal");
+    let reply = http.post(&url, &events_body(Some(0), 1, "E")).await?;
+    assert_eq!(
+        (reply.status.as_u16(), reply.json["store_id"].as_str()),
+        (201, Some("shared"))
+    );
+    Ok(())
+}
