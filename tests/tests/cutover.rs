@@ -601,3 +601,81 @@ async fn resume_writes_opens_a_stuck_gate_locally() -> Result<()> {
     );
     Ok(())
 }
+
+/// The SQL-level emergency stop of docs/operations.md, taken from the document as written and
+/// run on a real control database: routing back to normal, migrations failed, proxies follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_sql_emergency_stop_works() -> Result<()> {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))?;
+    let section = doc
+        .split("### When `switchyard-control` cannot run at all")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("section missing"))?;
+    let mut blocks = section
+        .split("```sql")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or_default().to_owned());
+    let (control_sql, fence_sql) = (
+        blocks.next().unwrap_or_default(),
+        blocks.next().unwrap_or_default(),
+    );
+    assert!(control_sql.contains("tenant_routing") && fence_sql.contains("switchyard_fences"));
+
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 600000\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_sql(env.store_url("shared"), tenant, 50).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let id = {
+        let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        migrate_to_dual_write(&env, tenant).await?
+    };
+    // Make the source fence moved too, as after a cutover that died half-way.
+    let store = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
+    store
+        .lock_fence(tenant, Duration::from_secs(5))
+        .await?
+        .move_to("dedicated", 9)
+        .await?;
+
+    let mut control = sqlx::PgConnection::connect(&env.control_url).await?;
+    sqlx::raw_sql(&control_sql).execute(&mut control).await?;
+    let mut source = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::raw_sql(&fence_sql.replace("'T'", &format!("'{tenant}'")))
+        .execute(&mut source)
+        .await?;
+
+    assert_eq!(env.control_json(&["status", &id])?["state"], "failed");
+    assert_eq!(
+        env.control_json(&["routing", "get", &tenant.to_string()])?["migration_state"],
+        "normal"
+    );
+    // The NOTIFY reaches the proxy even with its poll off.
+    wait_for(Duration::from_secs(3), || async {
+        Ok(route_state(&http, &proxy, tenant).await?["state"] == "normal")
+    })
+    .await?;
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, tenant, "After", Uuid::new_v4()),
+            &events_body(Some(0), 1, "E"),
+        )
+        .await?;
+    assert_eq!(
+        (reply.status.as_u16(), reply.json["store_id"].as_str()),
+        (201, Some("shared")),
+        "{:?}",
+        reply.json
+    );
+    Ok(())
+}
