@@ -679,3 +679,70 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
     );
     Ok(())
 }
+
+/// `migrate start --cutover auto` in the foreground copies, catches up and cuts over by itself;
+/// on both backends (on SQLite the fence is a write transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_cutover_finishes_the_migration_by_itself() -> Result<()> {
+    switchyard_tests::for_each_backend(|backend| async move {
+        let (env, proxy, http) = switchyard_tests::started(
+            backend,
+            &["shared", "dedicated"],
+            "[proxy]\nrouting_poll_ms = 100\n",
+            &[],
+        )
+        .await?;
+        let tenant = Uuid::new_v4();
+        let aggregate = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", aggregate);
+        for version in 0..30 {
+            assert_eq!(
+                http.post(&url, &events_body(Some(version), 1, "Before"))
+                    .await?
+                    .status
+                    .as_u16(),
+                201
+            );
+        }
+        let done = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--cutover",
+            "auto",
+        ])?;
+        assert_eq!(done["state"], "migrated", "{done}");
+        let id = done["id"].as_str().unwrap_or_default().to_owned();
+        wait_for(Duration::from_secs(3), || async {
+            Ok(route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
+        })
+        .await?;
+        let reply = http.post(&url, &events_body(Some(30), 1, "After")).await?;
+        assert_eq!(
+            (
+                reply.status.as_u16(),
+                reply.json["store_id"].as_str(),
+                reply.json["first_version"].as_i64()
+            ),
+            (201, Some("dedicated"), Some(31))
+        );
+        let audit = env.control_json(&["audit", &id])?;
+        let last = audit
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(last["action"], "cutover_done");
+        assert_eq!(
+            tenant_events(env.store_url("dedicated"), tenant)
+                .await?
+                .len(),
+            31
+        );
+        Ok(())
+    })
+    .await
+}

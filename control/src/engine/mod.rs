@@ -263,10 +263,13 @@ impl Engine {
             if *stop.borrow() {
                 return Ok(Driven::Stopped);
             }
+            let record = self.control.migration(id).await?;
+            if record.state.is_terminal() {
+                return Ok(Driven::Settled(record.state));
+            }
             if !self.control.claim(id, &self.worker, CLAIM_LEASE).await? {
                 return Ok(Driven::ClaimLost);
             }
-            let record = self.control.migration(id).await?;
             match record.state {
                 MigrationState::Pending => {
                     self.begin_copy(&record).await?;
