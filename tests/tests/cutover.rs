@@ -267,7 +267,7 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
     let id = migrate_to_dual_write(&env, tenant).await?;
     let writers = Writers::start(
         &http,
-        &[proxy.data.clone()],
+        std::slice::from_ref(&proxy.data),
         tenant,
         4,
         2,
@@ -375,7 +375,7 @@ async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> 
     };
     let writers = Writers::start(
         &http,
-        &[proxy.data.clone()],
+        std::slice::from_ref(&proxy.data),
         tenant,
         4,
         2,
