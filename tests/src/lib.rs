@@ -841,3 +841,30 @@ pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uu
     out.sort();
     Ok(out)
 }
+
+/// A proxy's admin view of a tenant's route (`GET /admin/routes/{tenant}`).
+pub async fn route_state(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
+    Ok(http
+        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
+        .await?
+        .json)
+}
+
+/// Every acknowledged append is in `events` (as [`tenant_events`] lists them) exactly once, at
+/// its acknowledged stream and versions.
+pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
+    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> =
+        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
+    assert_eq!(by_id.len(), events.len(), "an event id appears twice");
+    for append in acked {
+        for (i, id) in append.event_ids.iter().enumerate() {
+            let version =
+                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0);
+            assert_eq!(
+                by_id.get(id),
+                Some(&(append.aggregate_id, version)),
+                "acknowledged event {id} lost or moved"
+            );
+        }
+    }
+}

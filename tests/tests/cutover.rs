@@ -3,14 +3,14 @@
 //! budgets too small, a control process killed between the fence and the routing update, and
 //! emergency stops.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::{
-    events_body, run_control, stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend,
-    Env, Http, ProxyProcess, Result, ServeProcess, Writers,
+    events_body, run_control, stream_url, tenant_events, wait_for, wait_for_every, Backend, Env,
+    Http, Result, ServeProcess, Writers,
 };
 use uuid::Uuid;
 
@@ -55,31 +55,6 @@ async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
     Ok(id)
 }
 
-async fn route_state(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
-    Ok(http
-        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
-        .await?
-        .json)
-}
-
-/// Every acknowledged append is in `events` exactly once at its acknowledged versions.
-fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
-    let by_id: HashMap<Uuid, (Uuid, i32)> =
-        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
-    assert_eq!(by_id.len(), events.len(), "an event id appears twice");
-    for append in acked {
-        for (i, id) in append.event_ids.iter().enumerate() {
-            let version =
-                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0);
-            assert_eq!(
-                by_id.get(id),
-                Some(&(append.aggregate_id, version)),
-                "acknowledged event {id} lost or moved"
-            );
-        }
-    }
-}
-
 /// Three proxies (one of them never hears of routing changes), 16 writers over them, a
 /// 200,000-event tenant, two other tenants writing on the same source: the cutover succeeds,
 /// every acknowledged append is in the target exactly once, none reached the source after the
@@ -107,7 +82,7 @@ async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
     for p in &proxies {
         p.wait_ready(&http).await?;
         wait_for(Duration::from_secs(5), || async {
-            Ok(route_state(&http, p, tenant).await?["state"] == "dual_write")
+            Ok(switchyard_tests::route_state(&http, p, tenant).await?["state"] == "dual_write")
         })
         .await?;
     }
@@ -133,7 +108,7 @@ async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
 
     let source = tenant_events(env.store_url("shared"), tenant).await?;
     let target = tenant_events(env.store_url("dedicated"), tenant).await?;
-    assert_all_acked(&acked, &target);
+    switchyard_tests::assert_all_acked(&acked, &target);
     let source_ids: HashSet<Uuid> = source.iter().map(|e| e.2).collect();
     for append in acked.iter().filter(|a| a.store_id == "dedicated") {
         assert!(
@@ -164,7 +139,7 @@ async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
         "the fence turned the deaf proxy's writers away"
     );
     assert_eq!(
-        route_state(&http, &proxies[2], tenant).await?["store_id"],
+        switchyard_tests::route_state(&http, &proxies[2], tenant).await?["store_id"],
         "dedicated"
     );
 
@@ -304,7 +279,7 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
 
     // Writers resume on the source.
     wait_for(Duration::from_secs(3), || async {
-        Ok(route_state(&http, &proxy, tenant).await?["state"] == "dual_write")
+        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["state"] == "dual_write")
     })
     .await?;
     let reply = http
@@ -345,7 +320,7 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
     let outcome = env.control_json(&["cutover", &id, "--timeout-ms", "5000"])?;
     assert_eq!(outcome["success"], true, "{outcome}");
     let acked = writers.stop().await?;
-    assert_all_acked(
+    switchyard_tests::assert_all_acked(
         &acked,
         &tenant_events(env.store_url("dedicated"), tenant).await?,
     );
@@ -407,14 +382,14 @@ async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> 
     )
     .await?;
     wait_for(Duration::from_secs(3), || async {
-        Ok(route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
+        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acked = writers.stop().await?;
     assert!(acked.iter().any(|a| a.store_id == "dedicated"));
     let target = tenant_events(env.store_url("dedicated"), tenant).await?;
-    assert_all_acked(&acked, &target);
+    switchyard_tests::assert_all_acked(&acked, &target);
     let source: HashSet<Uuid> = tenant_events(env.store_url("shared"), tenant)
         .await?
         .into_iter()
@@ -524,7 +499,7 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
             (Some("shared"), Some("normal"))
         );
         wait_for(Duration::from_secs(3), || async {
-            let route = route_state(&http, &proxy, tenant).await?;
+            let route = switchyard_tests::route_state(&http, &proxy, tenant).await?;
             Ok(route["state"] == "normal" && route["mirroring"] == false)
         })
         .await?;
@@ -570,7 +545,10 @@ async fn resume_writes_opens_a_stuck_gate_locally() -> Result<()> {
         })
         .await?;
     wait_for(Duration::from_secs(3), || async {
-        Ok(route_state(&http, &proxy, tenant).await?["state"] == "cutover_paused")
+        Ok(
+            switchyard_tests::route_state(&http, &proxy, tenant).await?["state"]
+                == "cutover_paused",
+        )
     })
     .await?;
     let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
@@ -662,7 +640,7 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
     );
     // The NOTIFY reaches the proxy even with its poll off.
     wait_for(Duration::from_secs(3), || async {
-        Ok(route_state(&http, &proxy, tenant).await?["state"] == "normal")
+        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["state"] == "normal")
     })
     .await?;
     let reply = http
@@ -717,7 +695,10 @@ async fn auto_cutover_finishes_the_migration_by_itself() -> Result<()> {
         assert_eq!(done["state"], "migrated", "{done}");
         let id = done["id"].as_str().unwrap_or_default().to_owned();
         wait_for(Duration::from_secs(3), || async {
-            Ok(route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
+            Ok(
+                switchyard_tests::route_state(&http, &proxy, tenant).await?["store_id"]
+                    == "dedicated",
+            )
         })
         .await?;
         let reply = http.post(&url, &events_body(Some(30), 1, "After")).await?;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use switchyard_store::{EventStore, NewEvent, StreamRef};
 use switchyard_tests::{
-    tenant_events, wait_for, wait_for_every, Backend, Env, Http, ProxyProcess, Result,
-    ServeProcess, TcpGate, Writers,
+    tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result, ServeProcess, TcpGate,
+    Writers,
 };
 use uuid::Uuid;
 
@@ -94,26 +94,6 @@ async fn converged(env: &Env, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, Stri
     }
 }
 
-/// Every acknowledged append is in the store exactly once, at its acknowledged versions.
-fn assert_acked_present(acked: &[switchyard_tests::Acked], events: &[(Uuid, i32, Uuid, String)]) {
-    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> =
-        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
-    assert_eq!(by_id.len(), events.len(), "no event id twice");
-    for append in acked {
-        for (i, id) in append.event_ids.iter().enumerate() {
-            let expected = (
-                append.aggregate_id,
-                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0),
-            );
-            assert_eq!(
-                by_id.get(id),
-                Some(&expected),
-                "acknowledged event {id} missing or moved"
-            );
-        }
-    }
-}
-
 /// The main scenario: a 100,000-event tenant over 1,000 streams migrates while 16
 /// writers append through two proxies; the target ends up holding exactly the source's events
 /// of that tenant and nothing of any other tenant.
@@ -165,7 +145,7 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
         "writers added to the seed: {}",
         target.len()
     );
-    assert_acked_present(&acked, &target);
+    switchyard_tests::assert_all_acked(&acked, &target);
     assert!(
         tenant_events(env.store_url("dedicated"), neighbour)
             .await?
@@ -353,14 +333,17 @@ async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
         env.control_json(&["resume", &id])?;
         caught_up(&env, &id, Duration::from_secs(60)).await?;
         wait_for(Duration::from_secs(3), || async {
-            Ok(routed(&http, &proxy, tenant).await?["state"] == "dual_write")
+            Ok(
+                switchyard_tests::route_state(&http, &proxy, tenant).await?["state"]
+                    == "dual_write",
+            )
         })
         .await?;
 
         // Pause in dual-write: writes go to the source only (no mirror) and the target falls behind.
         env.control_json(&["pause", &id, "--reason", "target maintenance"])?;
         wait_for(Duration::from_secs(3), || async {
-            Ok(routed(&http, &proxy, tenant).await?["mirroring"] == false)
+            Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["mirroring"] == false)
         })
         .await?;
         let url = switchyard_tests::stream_url(&proxy.data, tenant, "Late", Uuid::new_v4());
@@ -393,7 +376,7 @@ async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
             (Some("shared"), Some("normal"))
         );
         wait_for(Duration::from_secs(3), || async {
-            Ok(routed(&http, &proxy, tenant).await?["state"] == "normal")
+            Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["state"] == "normal")
         })
         .await?;
         let second = env.control(&["abort", &id, "--reason", "again"])?;
@@ -483,13 +466,6 @@ async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
     .await
 }
 
-async fn routed(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
-    Ok(http
-        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
-        .await?
-        .json)
-}
-
 /// The target stops accepting connections during dual-write: appends still succeed promptly,
 /// mirror failures are counted, and the tail closes the gap once the target is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,7 +498,7 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
     ])?)?;
     caught_up(&env, &id, Duration::from_secs(30)).await?;
     wait_for(Duration::from_secs(3), || async {
-        Ok(routed(&http, &proxy, tenant).await?["mirroring"] == true)
+        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["mirroring"] == true)
     })
     .await?;
 
@@ -547,7 +523,7 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
         "an append took {slowest:?} while the target was down"
     );
     wait_for(Duration::from_secs(10), || async {
-        let r = routed(&http, &proxy, tenant).await?;
+        let r = switchyard_tests::route_state(&http, &proxy, tenant).await?;
         Ok(r["mirror"]["total_failures"].as_u64().unwrap_or(0)
             + r["mirror"]["events_dropped"].as_u64().unwrap_or(0)
             >= 1)
