@@ -552,7 +552,7 @@ async fn the_tail_copies_rows_of_transactions_that_commit_late() -> Result<()> {
     env.control_json(&["init"])?;
     let tenant = Uuid::new_v4();
     seed(env.store_url("shared"), tenant, 10, 10).await?;
-    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let id = migration_id(&env.control_json(&[
         "migrate",
         "start",
@@ -563,6 +563,22 @@ async fn the_tail_copies_rows_of_transactions_that_commit_late() -> Result<()> {
         "--detach",
     ])?)?;
     caught_up(&env, &id, Duration::from_secs(30)).await?;
+    // serve exports the lag (and its health) on its admin port.
+    let http = Http::new();
+    wait_for(Duration::from_secs(5), || async {
+        let m = http.get(&format!("{}/metrics", serve.admin)).await?;
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        Ok(text.contains(&format!("switchyard_control_migration_lag_events{{migration_id=\"{id}\",tenant_id=\"{tenant}\"}} 0"))
+            && text.contains("switchyard_control_copy_events_total 100"))
+    })
+    .await?;
+    assert_eq!(
+        http.get(&format!("{}/readyz", serve.admin))
+            .await?
+            .status
+            .as_u16(),
+        200
+    );
 
     // Three transactions take positions, then stay open while later ones commit.
     let mut held = Vec::new();
