@@ -44,7 +44,7 @@ async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
     ])?;
     let id = started["id"].as_str().unwrap_or_default().to_owned();
     wait_for_every(
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         Duration::from_millis(250),
         || async {
             let s = env.control_json(&["status", &id])?;
@@ -312,7 +312,7 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
 
     // Retry with a larger budget once the tail caught up.
     wait_for_every(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         Duration::from_millis(250),
         || async { Ok(env.control_json(&["lag", &id])?["lag"] == 0) },
     )
@@ -376,7 +376,7 @@ async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> 
 
     // The next command finishes it once the cutover is clearly abandoned.
     wait_for_every(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         Duration::from_millis(500),
         || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
     )
@@ -434,7 +434,7 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
     let dual_id = migrate_to_dual_write(&env, dual).await?;
     let cut_id = migrate_to_dual_write(&env, cutting).await?;
     wait_for_every(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         Duration::from_millis(200),
         || async {
             Ok(
