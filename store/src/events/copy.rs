@@ -236,6 +236,41 @@ impl EventStore {
         }
     }
 
+    /// Where each of `ids` that is here sits: event id → global position.
+    pub async fn positions_of(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+                    "SELECT event_id, global_position FROM events WHERE event_id = ANY ($1)",
+                )
+                .bind(ids)
+                .fetch_all(pool)
+                .await?;
+                Ok(rows.into_iter().collect())
+            }
+            Backend::Sqlite(pool) => {
+                let json =
+                    serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT event_id, global_position FROM events WHERE event_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(json)
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|(id, p)| {
+                        Uuid::parse_str(&id)
+                            .map(|id| (id, p))
+                            .map_err(|e| StoreError::Corrupt(format!("event_id {id:?}: {e}")))
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// How many of `ids` are here.
     pub async fn count_present(&self, ids: &[Uuid]) -> Result<i64, StoreError> {
         if ids.is_empty() {
