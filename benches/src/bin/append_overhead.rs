@@ -1,0 +1,647 @@
+// Run: cargo run --release -p switchyard-benches --bin append_overhead -- --writers 16 --seconds 10
+
+//! What the proxy adds to an append: the same appends, from the same number of concurrent
+//! writers, once through the real proxy over HTTP/1.1 keep-alive and once straight into the
+//! store with sqlx (`EventStore::append`), in one run against one fresh PostgreSQL database.
+//!
+//! The harness creates `sy_bench_<random>` through the admin URL, creates the store and control
+//! schemas in it (the one database serves as both), starts the proxy in-process on
+//! `127.0.0.1:0`, and for each mode lets every writer append one event at a time (about 200
+//! bytes of JSON) to a stream of its own with `expected_version`, for a warm-up and then the
+//! measured window. It prints latency percentiles per mode, the proxy's added latency and its
+//! share of direct throughput, as one JSON line and as a Markdown table, then stops the proxy
+//! and drops the database (also after a failure or Ctrl-C).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use switchyard_proxy::telemetry::{self, LogFormat};
+use switchyard_proxy::App;
+use switchyard_store::{Config, ControlDb, EventStore, NewEvent, StreamRef};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Latencies above this (a minute) are recorded as this.
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// Targets from the performance issue, printed beside the figures (a benchmark never fails a
+/// build on a time).
+const TARGET_P50_DIFF_US: i64 = 150;
+const TARGET_P99_DIFF_US: i64 = 500;
+const TARGET_THROUGHPUT_RATIO: f64 = 0.85;
+const AGGREGATE_TYPE: &str = "BenchOrder";
+const EVENT_TYPE: &str = "OrderPlaced";
+const ACTOR: &str = "append-overhead";
+
+/// Measures the latency and throughput the proxy adds to appends over direct sqlx.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "append_overhead")]
+struct Args {
+    /// Concurrent writers, each appending to a stream of its own.
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
+    /// Measured seconds per mode (per round).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Unmeasured seconds per mode before the measured window (pools fill, statements get
+    /// prepared).
+    #[arg(long, default_value_t = 2.0)]
+    warmup_seconds: f64,
+    /// Connections in the proxy's store pool and in the direct pool.
+    #[arg(long, default_value_t = 16)]
+    pool_size: u32,
+    /// Rounds of both modes; the order alternates (direct first in odd rounds) and each mode's
+    /// histograms are merged, so slow drift in the database does not favour one mode.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Admin connection used only to create and drop the benchmark database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_url: String,
+    /// Proxy log filter, as the real binary takes it (its default is `info`; the per-request
+    /// spans are created at info level, so this is part of what is measured).
+    #[arg(long, default_value = "info")]
+    log: String,
+    /// About a second per mode with 2 writers: checks the harness works (CI), measures nothing.
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl Args {
+    fn effective(mut self) -> Self {
+        if self.smoke {
+            self.writers = 2;
+            self.pool_size = 2;
+            self.seconds = 1.0;
+            self.warmup_seconds = 0.2;
+            self.rounds = 1;
+        }
+        self
+    }
+}
+
+/// The two ways an append is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Proxy,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Proxy => "proxy",
+        }
+    }
+}
+
+/// One mode's measurements, merged over writers and rounds.
+struct Outcome {
+    latencies_us: Histogram<u64>,
+    /// Appends completed inside the measured windows.
+    count: u64,
+    /// Total length of the measured windows.
+    window: Duration,
+}
+
+impl Outcome {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .context("histogram bounds")?,
+            count: 0,
+            window: Duration::ZERO,
+        })
+    }
+
+    fn rate(&self) -> f64 {
+        self.count as f64 / self.window.as_secs_f64()
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        self.latencies_us.value_at_quantile(q)
+    }
+
+    fn summary(&self) -> Value {
+        json!({
+            "count": self.count,
+            "appends_per_s": round1(self.rate()),
+            "p50_us": self.quantile(0.50),
+            "p90_us": self.quantile(0.90),
+            "p99_us": self.quantile(0.99),
+            "p999_us": self.quantile(0.999),
+            "max_us": self.latencies_us.max(),
+        })
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// What a writer did in one run of one mode.
+struct WriterResult {
+    latencies_us: Histogram<u64>,
+    count: u64,
+}
+
+/// The window every writer of one run shares.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Appends that complete before this are warm-up.
+    measure_from: Instant,
+    /// No append starts at or after this; appends that complete after it are not counted.
+    end: Instant,
+}
+
+impl Window {
+    /// Records an append that ran from `started` to `finished`, if it completed in the window.
+    fn record(self, started: Instant, finished: Instant, result: &mut WriterResult) {
+        if finished >= self.measure_from && finished <= self.end {
+            let us = u64::try_from(finished.duration_since(started).as_micros())
+                .unwrap_or(MAX_LATENCY_US);
+            result
+                .latencies_us
+                .saturating_record(us.clamp(1, MAX_LATENCY_US));
+            result.count += 1;
+        }
+    }
+}
+
+/// A JSON object of about 200 bytes, different per event.
+fn payload(writer: usize, seq: u64) -> String {
+    json!({
+        "order_id": Uuid::new_v4(),
+        "customer": format!("customer-{writer:04}"),
+        "seq": seq,
+        "amount_cents": 12_345 + seq % 1000,
+        "currency": "EUR",
+        "items": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
+        "note": "benchmark payload padding.....",
+    })
+    .to_string()
+}
+
+/// The stream a writer appends to in one run: new each run, so versions start at 1.
+fn new_stream() -> (Uuid, Uuid) {
+    (Uuid::new_v4(), Uuid::new_v4())
+}
+
+async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Result<WriterResult> {
+    let mut result = WriterResult {
+        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        count: 0,
+    };
+    let (tenant_id, aggregate_id) = new_stream();
+    let stream = StreamRef {
+        tenant_id,
+        aggregate_type: AGGREGATE_TYPE,
+        aggregate_id,
+    };
+    let mut version: u64 = 0;
+    loop {
+        let started = Instant::now();
+        if started >= window.end {
+            return Ok(result);
+        }
+        let events = [NewEvent::new(
+            Uuid::now_v7(),
+            EVENT_TYPE,
+            RawValue::from_string(payload(writer, version)).context("payload is JSON")?,
+            Some(ACTOR.to_owned()),
+            None,
+        )];
+        let expected = i32::try_from(version).context("stream version fits i32")?;
+        let appended = store
+            .append(stream, Some(expected), &events)
+            .await
+            .with_context(|| format!("direct append, writer {writer}, version {version}"))?;
+        let finished = Instant::now();
+        if appended.last_version != expected + 1 {
+            bail!(
+                "direct append landed at version {} instead of {}",
+                appended.last_version,
+                expected + 1
+            );
+        }
+        version += 1;
+        window.record(started, finished, &mut result);
+    }
+}
+
+async fn proxy_writer(
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    writer: usize,
+    window: Window,
+) -> Result<WriterResult> {
+    let mut result = WriterResult {
+        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        count: 0,
+    };
+    let (tenant_id, aggregate_id) = new_stream();
+    let uri =
+        format!("{base}/v1/tenants/{tenant_id}/streams/{AGGREGATE_TYPE}/{aggregate_id}/events");
+    let mut version: u64 = 0;
+    loop {
+        let started = Instant::now();
+        if started >= window.end {
+            return Ok(result);
+        }
+        let body = format!(
+            r#"{{"expected_version":{version},"events":[{{"event_id":"{}","event_type":"{EVENT_TYPE}","payload":{},"actor_id":"{ACTOR}"}}]}}"#,
+            Uuid::now_v7(),
+            payload(writer, version),
+        );
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(&uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .context("building the request")?;
+        let response = client
+            .request(request)
+            .await
+            .with_context(|| format!("proxy append, writer {writer}, version {version}"))?;
+        let status = response.status();
+        let reply = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the reply")?
+            .to_bytes();
+        let finished = Instant::now();
+        if status != StatusCode::CREATED {
+            bail!(
+                "proxy append, writer {writer}, version {version}: {status} {}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+        version += 1;
+        window.record(started, finished, &mut result);
+    }
+}
+
+/// Everything a run of one mode needs.
+struct Harness {
+    args: Args,
+    direct: EventStore,
+    client: Client<HttpConnector, Full<Bytes>>,
+    proxy_base: String,
+}
+
+impl Harness {
+    /// Runs one mode once (warm-up plus window) with every writer, and merges into `into`.
+    async fn run(&self, mode: Mode, into: &mut Outcome) -> Result<()> {
+        let start = Instant::now();
+        let window = Window {
+            measure_from: start + Duration::from_secs_f64(self.args.warmup_seconds),
+            end: start + Duration::from_secs_f64(self.args.warmup_seconds + self.args.seconds),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for writer in 0..self.args.writers {
+            match mode {
+                Mode::Direct => {
+                    tasks.spawn(direct_writer(self.direct.clone(), writer, window));
+                }
+                Mode::Proxy => {
+                    tasks.spawn(proxy_writer(
+                        self.client.clone(),
+                        self.proxy_base.clone(),
+                        writer,
+                        window,
+                    ));
+                }
+            }
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.context("writer task panicked")??;
+            into.latencies_us
+                .add(&result.latencies_us)
+                .context("merging histograms")?;
+            into.count += result.count;
+        }
+        into.window += Duration::from_secs_f64(self.args.seconds);
+        eprintln!(
+            "{}: {} appends in the window so far",
+            mode.name(),
+            into.count
+        );
+        Ok(())
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").context("--pg-url has no scheme")? + 3;
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn proxy_config(db_url: &str, pool_size: u32) -> Result<Config> {
+    let url = toml_string(db_url);
+    let text = format!(
+        "control_url = {url}\n\
+         default_store = \"shared\"\n\
+         \n\
+         [[stores]]\n\
+         id = \"shared\"\n\
+         url = {url}\n\
+         max_connections = {pool_size}\n\
+         \n\
+         [proxy]\n\
+         listen = \"127.0.0.1:0\"\n\
+         admin_listen = \"127.0.0.1:0\"\n\
+         proxy_id = \"append-overhead-bench\"\n"
+    );
+    Config::from_parts(Some(&text), None, &[]).context("benchmark proxy config")
+}
+
+/// Polls the admin port's `/readyz` until it answers 200 (routing loaded, store reachable).
+async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uri = format!("{admin}/readyz");
+    loop {
+        let request = Request::get(&uri)
+            .body(Full::new(Bytes::new()))
+            .context("building the readiness request")?;
+        if let Ok(response) = client.request(request).await {
+            if response.status() == StatusCode::OK {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the proxy did not become ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts the proxy, runs every round, stops the proxy. The database exists already.
+async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
+    EventStore::connect("shared", db_url, 2)
+        .context("store pool")?
+        .ensure_schema()
+        .await
+        .context("creating the store schema")?;
+    ControlDb::connect(db_url, 2)
+        .context("control pool")?
+        .ensure_schema()
+        .await
+        .context("creating the control schema")?;
+
+    let app = App::build(proxy_config(db_url, args.pool_size)?).context("building the proxy")?;
+    let data = TcpListener::bind("127.0.0.1:0").await?;
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_base = format!("http://{}", data.local_addr()?);
+    let admin_base = format!("http://{}", admin.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let proxy = tokio::spawn(app.run(data, admin, async {
+        let _ = stopped.await;
+    }));
+
+    let mut connector = HttpConnector::new();
+    // What any latency-minded client does; the proxy sets it on its side too.
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.writers.max(1))
+        .build(connector);
+    wait_ready(&client, &admin_base).await?;
+
+    let direct = EventStore::connect("shared", db_url, args.pool_size).context("direct pool")?;
+    let rounds = args.rounds.max(1);
+    let harness = Harness {
+        args,
+        direct,
+        client,
+        proxy_base,
+    };
+    let mut direct_outcome = Outcome::new()?;
+    let mut proxy_outcome = Outcome::new()?;
+    let mut result = Ok(());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Mode::Direct, Mode::Proxy]
+        } else {
+            [Mode::Proxy, Mode::Direct]
+        };
+        for mode in order {
+            let into = match mode {
+                Mode::Direct => &mut direct_outcome,
+                Mode::Proxy => &mut proxy_outcome,
+            };
+            result = harness.run(mode, into).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_err() {
+            break;
+        }
+    }
+
+    let _ = stop.send(());
+    drop(harness.client);
+    harness.direct.close().await;
+    match tokio::time::timeout(Duration::from_secs(15), proxy).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("the proxy task ended abnormally: {e}"),
+        Err(_) => eprintln!("the proxy did not stop within 15 s"),
+    }
+    result.map(|()| (direct_outcome, proxy_outcome))
+}
+
+/// The 1-minute load average (Linux), to print beside figures measured on a shared machine.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What the machine was doing around the measurement.
+struct Conditions<'a> {
+    database_version: &'a str,
+    load_before: Option<f64>,
+    load_after: Option<f64>,
+}
+
+fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Outcome) -> String {
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let diff_p50 = to_i64(proxy.quantile(0.50)) - to_i64(direct.quantile(0.50));
+    let diff_p99 = to_i64(proxy.quantile(0.99)) - to_i64(direct.quantile(0.99));
+    let ratio = proxy.rate() / direct.rate();
+    let summary = json!({
+        "bench": "append_overhead",
+        "writers": args.writers,
+        "pool_size": args.pool_size,
+        "seconds": args.seconds,
+        "warmup_seconds": args.warmup_seconds,
+        "rounds": args.rounds.max(1),
+        "smoke": args.smoke,
+        "postgres": conditions.database_version,
+        "load_average_1m_before": conditions.load_before,
+        "load_average_1m_after": conditions.load_after,
+        "direct": direct.summary(),
+        "proxy": proxy.summary(),
+        "proxy_minus_direct_p50_us": diff_p50,
+        "proxy_minus_direct_p99_us": diff_p99,
+        "throughput_ratio": (ratio * 1000.0).round() / 1000.0,
+    });
+    let mut out = format!("{summary}\n\n");
+    out.push_str(
+        "| mode | appends | appends/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (mode, o) in [(Mode::Direct, direct), (Mode::Proxy, proxy)] {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            mode.name(),
+            o.count,
+            o.rate(),
+            o.quantile(0.50),
+            o.quantile(0.90),
+            o.quantile(0.99),
+            o.quantile(0.999),
+            o.latencies_us.max(),
+        );
+    }
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let _ = write!(
+        out,
+        "\nproxy − direct: p50 {diff_p50:+} µs (target ≤ {TARGET_P50_DIFF_US}: {}), \
+         p99 {diff_p99:+} µs (target ≤ {TARGET_P99_DIFF_US}: {}); \
+         throughput {:.1}% of direct (target ≥ {:.0}%: {})\n",
+        verdict(diff_p50 <= TARGET_P50_DIFF_US),
+        verdict(diff_p99 <= TARGET_P99_DIFF_US),
+        ratio * 100.0,
+        TARGET_THROUGHPUT_RATIO * 100.0,
+        verdict(ratio >= TARGET_THROUGHPUT_RATIO),
+    );
+    out
+}
+
+/// Creates the database, measures, and drops the database whatever happened.
+async fn run(args: Args) -> Result<()> {
+    let mut admin = PgConnection::connect(&args.pg_url)
+        .await
+        .with_context(|| format!("connecting to --pg-url {}", redact(&args.pg_url)))?;
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&mut admin)
+        .await?;
+    let name = format!("sy_bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("creating database {name}"))?;
+    eprintln!("created database {name}");
+    let db_url = with_database(&args.pg_url, &name)?;
+
+    let load_before = load_average();
+    let measured = tokio::select! {
+        measured = measure(args.clone(), &db_url) => measured,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+
+    let load_after = load_average();
+    let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("dropping database {name}"));
+    let _ = admin.close().await;
+    if dropped.is_ok() {
+        eprintln!("dropped database {name}");
+    }
+    let (direct, proxy) = measured?;
+    dropped?;
+    eprintln!(
+        "writers {}, {} s measured + {} s warm-up per mode, {} round(s){}",
+        args.writers,
+        args.seconds,
+        args.warmup_seconds,
+        args.rounds.max(1),
+        if args.smoke {
+            " (smoke: the figures mean nothing)"
+        } else {
+            ""
+        }
+    );
+    let conditions = Conditions {
+        database_version: &version,
+        load_before,
+        load_after,
+    };
+    print!("{}", report(&args, &conditions, &direct, &proxy));
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse().effective();
+    if args.writers == 0 || args.seconds <= 0.0 || args.warmup_seconds < 0.0 {
+        bail!("--writers and --seconds must be > 0 and --warmup-seconds >= 0");
+    }
+    telemetry::init(LogFormat::Text, &args.log);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}

@@ -1,0 +1,803 @@
+// Run: cargo run --release -p switchyard-benches --bin dual_write -- --writers 16 --seconds 10
+
+//! What the dual-write mirror costs a client: the same appends through the real proxy, from
+//! the same concurrent writers, to one tenant routed `normal` (source only) and then routed
+//! `dual_write` (source, then mirrored to a target store), in one run.
+//!
+//! The harness creates two fresh databases, `sy_dw_<random>` (control database and the source
+//! store `shared`) and `sy_dw_<random>_target` (the target store `dedicated`), starts the
+//! proxy in-process on `127.0.0.1:0` with both stores, and alternates phases — normal, dual,
+//! normal, dual, … (`--rounds` pairs) — so slow drift in the machine does not favour one
+//! routing. Before each phase it writes the tenant's route with `ControlDb::set_route` and waits
+//! until the proxy's `/admin/routes/{tenant}` reports it; each writer then appends one event
+//! (~200 bytes of JSON) at a time with `expected_version` to a new stream of the tenant, for a
+//! warm-up and the measured window. After a dual phase the harness waits for the mirror to
+//! write everything it was given (`switchyard_proxy_mirror_writes_total` on `/metrics`) before
+//! the next phase, and reports how long that took. It prints latency percentiles per routing,
+//! the mirror's outcome counters, and the target's event count, as one JSON line and a
+//! Markdown table, then stops the proxy and drops both databases (also after a failure or
+//! Ctrl-C).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use switchyard_proxy::telemetry::{self, LogFormat};
+use switchyard_proxy::App;
+use switchyard_store::{Config, ControlDb, EventStore, RouteUpdate, RoutingState};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Latencies above this (a minute) are recorded as this.
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// Target from the performance issues: dual-write p99 within 10% of normal.
+const TARGET_P99_RATIO: f64 = 1.10;
+const AGGREGATE_TYPE: &str = "BenchOrder";
+const EVENT_TYPE: &str = "OrderPlaced";
+const ACTOR: &str = "dual-write-bench";
+/// How long the mirror may take to catch up after a dual phase before the run fails.
+const MIRROR_DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Measures append latency and throughput through the proxy with the mirror on versus off.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dual_write")]
+struct Args {
+    /// Concurrent writers, each appending to a stream of its own.
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
+    /// Measured seconds per phase.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Unmeasured seconds at the start of each phase.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_seconds: f64,
+    /// Pairs of phases (normal, then dual); each routing's histograms are merged.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Connections in the proxy's pool to each store.
+    #[arg(long, default_value_t = 16)]
+    pool_size: u32,
+    /// Admin connection used only to create and drop the benchmark databases.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_url: String,
+    /// Proxy log filter, as the real binary takes it (default `info`, as in production).
+    #[arg(long, default_value = "info")]
+    log: String,
+    /// About a second per phase with 2 writers, one round: checks the harness works (CI),
+    /// measures nothing.
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl Args {
+    fn effective(mut self) -> Self {
+        if self.smoke {
+            self.writers = 2;
+            self.pool_size = 2;
+            self.seconds = 1.0;
+            self.warmup_seconds = 0.2;
+            self.rounds = 1;
+        }
+        self
+    }
+}
+
+/// How the tenant is routed in a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    Normal,
+    Dual,
+}
+
+impl Routing {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Dual => "dual_write",
+        }
+    }
+}
+
+/// One routing's measurements, merged over writers and phases.
+struct Outcome {
+    latencies_us: Histogram<u64>,
+    /// Appends completed inside the measured windows.
+    count: u64,
+    /// Appends sent in the phases, warm-up included (what the mirror is given in dual phases).
+    sent: u64,
+    /// Total length of the measured windows.
+    window: Duration,
+    /// CPU seconds this process (proxy, writers, harness) used in the phases.
+    cpu_seconds: f64,
+}
+
+impl Outcome {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .context("histogram bounds")?,
+            count: 0,
+            sent: 0,
+            window: Duration::ZERO,
+            cpu_seconds: 0.0,
+        })
+    }
+
+    fn rate(&self) -> f64 {
+        self.count as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        self.latencies_us.value_at_quantile(q)
+    }
+
+    fn summary(&self) -> Value {
+        json!({
+            "count": self.count,
+            "appends_per_s": round1(self.rate()),
+            "p50_us": self.quantile(0.50),
+            "p90_us": self.quantile(0.90),
+            "p99_us": self.quantile(0.99),
+            "p999_us": self.quantile(0.999),
+            "max_us": self.latencies_us.max(),
+            "process_cpu_s_per_s": round3(self.cpu_seconds / self.window.as_secs_f64().max(1e-9)),
+        })
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// What a writer did in one phase.
+struct WriterResult {
+    latencies_us: Histogram<u64>,
+    count: u64,
+    sent: u64,
+}
+
+/// The window every writer of one phase shares.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Appends that complete before this are warm-up.
+    measure_from: Instant,
+    /// No append starts at or after this; appends that complete after it are not counted.
+    end: Instant,
+}
+
+impl Window {
+    fn record(self, started: Instant, finished: Instant, result: &mut WriterResult) {
+        if finished >= self.measure_from && finished <= self.end {
+            let us = u64::try_from(finished.duration_since(started).as_micros())
+                .unwrap_or(MAX_LATENCY_US);
+            result
+                .latencies_us
+                .saturating_record(us.clamp(1, MAX_LATENCY_US));
+            result.count += 1;
+        }
+    }
+}
+
+/// A JSON object of about 200 bytes, different per event.
+fn payload(writer: usize, seq: u64) -> String {
+    json!({
+        "order_id": Uuid::new_v4(),
+        "customer": format!("customer-{writer:04}"),
+        "seq": seq,
+        "amount_cents": 12_345 + seq % 1000,
+        "currency": "EUR",
+        "items": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
+        "note": "benchmark payload padding.....",
+    })
+    .to_string()
+}
+
+/// One writer: appends to a new stream of `tenant` until the window ends.
+async fn writer(
+    client: HttpClient,
+    base: String,
+    tenant: Uuid,
+    writer: usize,
+    window: Window,
+) -> Result<WriterResult> {
+    let mut result = WriterResult {
+        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        count: 0,
+        sent: 0,
+    };
+    // A new stream every phase, so its versions start at 1 and the mirror can land them.
+    let aggregate_id = Uuid::new_v4();
+    let uri = format!("{base}/v1/tenants/{tenant}/streams/{AGGREGATE_TYPE}/{aggregate_id}/events");
+    let mut version: u64 = 0;
+    loop {
+        let started = Instant::now();
+        if started >= window.end {
+            return Ok(result);
+        }
+        let body = format!(
+            r#"{{"expected_version":{version},"events":[{{"event_id":"{}","event_type":"{EVENT_TYPE}","payload":{},"actor_id":"{ACTOR}"}}]}}"#,
+            Uuid::now_v7(),
+            payload(writer, version),
+        );
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(&uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .context("building the request")?;
+        let response = client
+            .request(request)
+            .await
+            .with_context(|| format!("append, writer {writer}, version {version}"))?;
+        let status = response.status();
+        let reply = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the reply")?
+            .to_bytes();
+        let finished = Instant::now();
+        if status != StatusCode::CREATED {
+            bail!(
+                "append, writer {writer}, version {version}: {status} {}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+        version += 1;
+        result.sent += 1;
+        window.record(started, finished, &mut result);
+    }
+}
+
+/// `GET uri`, answering status and body.
+async fn get(client: &HttpClient, uri: &str) -> Result<(StatusCode, Bytes)> {
+    let request = Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .context("building a GET")?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// Polls `/readyz` until it answers 200 (routing loaded, stores reachable).
+async fn wait_ready(client: &HttpClient, admin: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uri = format!("{admin}/readyz");
+    loop {
+        if let Ok((StatusCode::OK, _)) = get(client, &uri).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the proxy did not become ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `switchyard_proxy_mirror_writes_total` by outcome, from the proxy's `/metrics`.
+async fn mirror_counters(client: &HttpClient, admin: &str) -> Result<BTreeMap<String, u64>> {
+    let (status, body) = get(client, &format!("{admin}/metrics")).await?;
+    if status != StatusCode::OK {
+        bail!("/metrics answered {status}");
+    }
+    let text = String::from_utf8_lossy(&body);
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("switchyard_proxy_mirror_writes_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let outcome = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("outcome=\""))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(labels);
+        let value: f64 = value.trim().parse().unwrap_or(0.0);
+        // Prometheus counters print as floats; these are whole event counts.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        out.insert(outcome.to_owned(), value as u64);
+    }
+    Ok(out)
+}
+
+/// Everything a phase needs.
+struct Harness {
+    args: Args,
+    client: HttpClient,
+    proxy_base: String,
+    admin_base: String,
+    control: ControlDb,
+    tenant: Uuid,
+}
+
+impl Harness {
+    /// Routes the tenant and waits until the proxy's table says so.
+    async fn route(&self, routing: Routing) -> Result<Duration> {
+        let update = match routing {
+            Routing::Normal => RouteUpdate::normal(self.tenant, "shared"),
+            Routing::Dual => RouteUpdate {
+                tenant_id: self.tenant,
+                store_id: "shared".to_owned(),
+                migration_state: RoutingState::DualWrite,
+                target_store_id: Some("dedicated".to_owned()),
+                active_migration_id: Some(Uuid::new_v4()),
+            },
+        };
+        let started = Instant::now();
+        let epoch = self
+            .control
+            .set_route(&update)
+            .await
+            .context("writing the route")?;
+        let uri = format!("{}/admin/routes/{}", self.admin_base, self.tenant);
+        let deadline = started + Duration::from_secs(10);
+        loop {
+            let (status, body) = get(&self.client, &uri).await?;
+            if status == StatusCode::OK {
+                let route: Value = serde_json::from_slice(&body)?;
+                if route["state"] == routing.name() && route["epoch"].as_i64() >= Some(epoch) {
+                    return Ok(started.elapsed());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the proxy did not apply route {} (epoch {epoch}) within 10 s",
+                    routing.name()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// One phase: every writer, warm-up plus window; merged into `into`.
+    async fn run(&self, routing: Routing, into: &mut Outcome) -> Result<()> {
+        let cpu_before = process_cpu();
+        let start = Instant::now();
+        let window = Window {
+            measure_from: start + Duration::from_secs_f64(self.args.warmup_seconds),
+            end: start + Duration::from_secs_f64(self.args.warmup_seconds + self.args.seconds),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..self.args.writers {
+            tasks.spawn(writer(
+                self.client.clone(),
+                self.proxy_base.clone(),
+                self.tenant,
+                w,
+                window,
+            ));
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.context("writer task panicked")??;
+            into.latencies_us
+                .add(&result.latencies_us)
+                .context("merging histograms")?;
+            into.count += result.count;
+            into.sent += result.sent;
+        }
+        into.window += Duration::from_secs_f64(self.args.seconds);
+        // Warm-up included; the mirror's catch-up after the phase is not.
+        into.cpu_seconds +=
+            (process_cpu() - cpu_before) * self.args.seconds / start.elapsed().as_secs_f64();
+        eprintln!(
+            "{}: {} appends in the window so far (p99 {} µs)",
+            routing.name(),
+            into.count,
+            into.quantile(0.99)
+        );
+        Ok(())
+    }
+
+    /// Waits until the mirror has handled `expected` events (any outcome); answers how long.
+    async fn wait_mirror(&self, expected: u64) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let counters = mirror_counters(&self.client, &self.admin_base).await?;
+            let handled: u64 = counters.values().sum();
+            if handled >= expected {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() >= MIRROR_DRAIN_LIMIT {
+                bail!(
+                    "the mirror handled {handled} of {expected} events within {} s",
+                    MIRROR_DRAIN_LIMIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// This process's CPU seconds so far (user + system), from `/proc/self/stat`.
+fn process_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Clock ticks of 1/100 s (`getconf CLK_TCK` on Linux).
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").context("--pg-url has no scheme")? + 3;
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn proxy_config(source_url: &str, target_url: &str, pool_size: u32) -> Result<Config> {
+    let source = toml_string(source_url);
+    let target = toml_string(target_url);
+    let text = format!(
+        "control_url = {source}\n\
+         default_store = \"shared\"\n\
+         \n\
+         [[stores]]\n\
+         id = \"shared\"\n\
+         url = {source}\n\
+         max_connections = {pool_size}\n\
+         \n\
+         [[stores]]\n\
+         id = \"dedicated\"\n\
+         url = {target}\n\
+         max_connections = {pool_size}\n\
+         \n\
+         [proxy]\n\
+         listen = \"127.0.0.1:0\"\n\
+         admin_listen = \"127.0.0.1:0\"\n\
+         proxy_id = \"dual-write-bench\"\n"
+    );
+    Config::from_parts(Some(&text), None, &[]).context("benchmark proxy config")
+}
+
+/// What a run measured.
+struct Measured {
+    normal: Outcome,
+    dual: Outcome,
+    mirror: BTreeMap<String, u64>,
+    /// How long the mirror took to catch up after each dual phase.
+    drains: Vec<Duration>,
+    /// How long each route change took to reach the proxy.
+    route_changes: Vec<Duration>,
+    target_events: i64,
+}
+
+/// Starts the proxy, runs every phase, stops the proxy. The databases exist already.
+async fn measure(args: Args, source_url: &str, target_url: &str) -> Result<Measured> {
+    for url in [source_url, target_url] {
+        EventStore::connect("store", url, 1)
+            .context("store pool")?
+            .ensure_schema()
+            .await
+            .context("creating a store schema")?;
+    }
+    let control = ControlDb::connect(source_url, 2).context("control pool")?;
+    control
+        .ensure_schema()
+        .await
+        .context("creating the control schema")?;
+    let tenant = Uuid::new_v4();
+    control
+        .set_route(&RouteUpdate::normal(tenant, "shared"))
+        .await
+        .context("routing the tenant")?;
+
+    let app = App::build(proxy_config(source_url, target_url, args.pool_size)?)
+        .context("building the proxy")?;
+    let data = TcpListener::bind("127.0.0.1:0").await?;
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_base = format!("http://{}", data.local_addr()?);
+    let admin_base = format!("http://{}", admin.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let proxy = tokio::spawn(app.run(data, admin, async {
+        let _ = stopped.await;
+    }));
+
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.writers.max(1) + 2)
+        .build(connector);
+    wait_ready(&client, &admin_base).await?;
+
+    let harness = Harness {
+        args: args.clone(),
+        client,
+        proxy_base,
+        admin_base,
+        control,
+        tenant,
+    };
+    let result = phases(&harness, args.rounds.max(1)).await;
+
+    let _ = stop.send(());
+    let Harness {
+        client, control, ..
+    } = harness;
+    drop(client);
+    match tokio::time::timeout(Duration::from_secs(15), proxy).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("the proxy task ended abnormally: {e}"),
+        Err(_) => eprintln!("the proxy did not stop within 15 s"),
+    }
+    control.close().await;
+    let mut measured = result?;
+    let mut target = PgConnection::connect(target_url).await?;
+    measured.target_events = sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(&mut target)
+        .await?;
+    target.close().await?;
+    Ok(measured)
+}
+
+/// normal, dual, normal, dual, … with the mirror drained after each dual phase.
+async fn phases(harness: &Harness, rounds: usize) -> Result<Measured> {
+    let mut measured = Measured {
+        normal: Outcome::new()?,
+        dual: Outcome::new()?,
+        mirror: BTreeMap::new(),
+        drains: Vec::new(),
+        route_changes: Vec::new(),
+        target_events: 0,
+    };
+    for _ in 0..rounds {
+        for routing in [Routing::Normal, Routing::Dual] {
+            measured.route_changes.push(harness.route(routing).await?);
+            match routing {
+                Routing::Normal => harness.run(routing, &mut measured.normal).await?,
+                Routing::Dual => {
+                    harness.run(routing, &mut measured.dual).await?;
+                    measured
+                        .drains
+                        .push(harness.wait_mirror(measured.dual.sent).await?);
+                }
+            }
+        }
+    }
+    measured.mirror = mirror_counters(&harness.client, &harness.admin_base).await?;
+    Ok(measured)
+}
+
+/// The 1, 5 and 15-minute load averages (Linux).
+fn load_averages() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut out = [f64::NAN; 3];
+    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
+        *slot = field.parse().unwrap_or(f64::NAN);
+    }
+    out
+}
+
+fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) -> String {
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let (normal, dual) = (&m.normal, &m.dual);
+    let diff_p50 = to_i64(dual.quantile(0.50)) - to_i64(normal.quantile(0.50));
+    let diff_p99 = to_i64(dual.quantile(0.99)) - to_i64(normal.quantile(0.99));
+    let p99_ratio = dual.quantile(0.99) as f64 / normal.quantile(0.99).max(1) as f64;
+    let rate_ratio = dual.rate() / normal.rate().max(1e-9);
+    let ms = |d: &Duration| round1(d.as_secs_f64() * 1000.0);
+    let summary = json!({
+        "bench": "dual_write",
+        "writers": args.writers,
+        "pool_size": args.pool_size,
+        "seconds": args.seconds,
+        "warmup_seconds": args.warmup_seconds,
+        "rounds": args.rounds.max(1),
+        "smoke": args.smoke,
+        "postgres": version,
+        "load_average_before": load.0,
+        "load_average_after": load.1,
+        "normal": normal.summary(),
+        "dual_write": dual.summary(),
+        "dual_minus_normal_p50_us": diff_p50,
+        "dual_minus_normal_p99_us": diff_p99,
+        "p99_ratio": round3(p99_ratio),
+        "throughput_ratio": round3(rate_ratio),
+        "mirror_writes_total": m.mirror,
+        "events_sent_in_dual_phases": dual.sent,
+        "target_events": m.target_events,
+        "mirror_drain_ms": m.drains.iter().map(ms).collect::<Vec<_>>(),
+        "route_change_ms": m.route_changes.iter().map(ms).collect::<Vec<_>>(),
+    });
+    let mut out = format!("{summary}\n\n");
+    out.push_str(
+        "| routing | appends | appends/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | harness+proxy CPU s/s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (routing, o) in [(Routing::Normal, normal), (Routing::Dual, dual)] {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.2} |",
+            routing.name(),
+            o.count,
+            o.rate(),
+            o.quantile(0.50),
+            o.quantile(0.90),
+            o.quantile(0.99),
+            o.quantile(0.999),
+            o.latencies_us.max(),
+            o.cpu_seconds / o.window.as_secs_f64().max(1e-9),
+        );
+    }
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let counters: Vec<String> = m.mirror.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = write!(
+        out,
+        "\ndual − normal: p50 {diff_p50:+} µs, p99 {diff_p99:+} µs (dual p99 {:.1}% of normal; \
+         target ≤ {:.0}%: {}); throughput {:.1}% of normal\n\
+         mirror: {} events sent in dual phases; switchyard_proxy_mirror_writes_total: {}; \
+         target holds {} of the tenant's events; mirror caught up {} ms after each dual phase\n",
+        p99_ratio * 100.0,
+        TARGET_P99_RATIO * 100.0,
+        verdict(p99_ratio <= TARGET_P99_RATIO),
+        rate_ratio * 100.0,
+        dual.sent,
+        if counters.is_empty() {
+            "none".to_owned()
+        } else {
+            counters.join(", ")
+        },
+        m.target_events,
+        m.drains
+            .iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out
+}
+
+/// Creates the databases, measures, and drops the databases whatever happened.
+async fn run(args: Args) -> Result<()> {
+    let mut admin = PgConnection::connect(&args.pg_url)
+        .await
+        .with_context(|| format!("connecting to --pg-url {}", redact(&args.pg_url)))?;
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&mut admin)
+        .await?;
+    let name = format!("sy_dw_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let target_name = format!("{name}_target");
+    let source_url = with_database(&args.pg_url, &name)?;
+    let target_url = with_database(&args.pg_url, &target_name)?;
+    let mut created = Vec::new();
+    let mut result = Ok(());
+    for db in [&name, &target_name] {
+        if let Err(e) = sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut admin)
+            .await
+        {
+            result = Err(anyhow::Error::from(e).context(format!("creating database {db}")));
+            break;
+        }
+        eprintln!("created database {db}");
+        created.push(db.clone());
+    }
+
+    let load_before = load_averages();
+    let measured = match result {
+        Ok(()) => tokio::select! {
+            measured = measure(args.clone(), &source_url, &target_url) => measured,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
+        Err(e) => Err(e),
+    };
+    let load_after = load_averages();
+
+    let mut dropped = Ok(());
+    for db in created {
+        match sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => eprintln!("dropped database {db}"),
+            Err(e) => dropped = Err(anyhow::Error::from(e).context(format!("dropping {db}"))),
+        }
+    }
+    let _ = admin.close().await;
+    let measured = measured?;
+    dropped?;
+    eprintln!(
+        "writers {}, {} s measured + {} s warm-up per phase, {} round(s) of normal + dual{}",
+        args.writers,
+        args.seconds,
+        args.warmup_seconds,
+        args.rounds.max(1),
+        if args.smoke {
+            " (smoke: the figures mean nothing)"
+        } else {
+            ""
+        }
+    );
+    print!(
+        "{}",
+        report(&args, &version, (load_before, load_after), &measured)
+    );
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse().effective();
+    if args.writers == 0 || args.seconds <= 0.0 || args.warmup_seconds < 0.0 {
+        bail!("--writers and --seconds must be > 0 and --warmup-seconds >= 0");
+    }
+    telemetry::init(LogFormat::Text, &args.log);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
