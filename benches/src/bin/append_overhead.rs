@@ -6,7 +6,8 @@
 //!
 //! The harness creates `sy_bench_<random>` through the admin URL, creates the store and control
 //! schemas in it (the one database serves as both), starts the proxy in-process on
-//! `127.0.0.1:0`, and for each mode lets every writer append one event at a time (about 200
+//! `127.0.0.1:0`, seeds the store with `--seed-events` events and analyses it (see that flag
+//! for why), and for each mode lets every writer append one event at a time (about 200
 //! bytes of JSON) to a stream of its own with `expected_version`, for a warm-up and then the
 //! measured window. It prints latency percentiles per mode, the proxy's added latency and its
 //! share of direct throughput, as one JSON line and as a Markdown table, then stops the proxy
@@ -69,6 +70,12 @@ struct Args {
     /// Admin connection used only to create and drop the benchmark database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pg_url: String,
+    /// Events written (100 per append, one stream each) and analysed before anything is
+    /// measured. A store's `switchyard_append` plans are cached per connection: a connection
+    /// whose first appends ran against a near-empty `events` table keeps a sequential-scan plan
+    /// as the table grows, so both modes must start on a table of realistic size.
+    #[arg(long, default_value_t = 50_000)]
+    seed_events: u32,
     /// Proxy log filter, as the real binary takes it (its default is `info`; the per-request
     /// spans are created at info level, so this is part of what is measured).
     #[arg(long, default_value = "info")]
@@ -86,6 +93,7 @@ impl Args {
             self.seconds = 1.0;
             self.warmup_seconds = 0.2;
             self.rounds = 1;
+            self.seed_events = 1_000;
         }
         self
     }
@@ -419,12 +427,48 @@ async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: &str) ->
 }
 
 /// Starts the proxy, runs every round, stops the proxy. The database exists already.
-async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
-    EventStore::connect("shared", db_url, 2)
-        .context("store pool")?
+/// Fills the new store with `events` events through a pool that is closed afterwards, then
+/// refreshes the planner's statistics, so that no measured connection ever plans against a
+/// near-empty table.
+async fn seed(db_url: &str, events: u32) -> Result<()> {
+    const PER_APPEND: u32 = 100;
+    let store = EventStore::connect("shared", db_url, 2).context("seeding pool")?;
+    store
         .ensure_schema()
         .await
         .context("creating the store schema")?;
+    for n in 0..events.div_ceil(PER_APPEND) {
+        let batch: Vec<NewEvent> = (0..PER_APPEND.min(events - n * PER_APPEND))
+            .map(|i| {
+                Ok(NewEvent::new(
+                    Uuid::now_v7(),
+                    EVENT_TYPE,
+                    RawValue::from_string(payload(0, u64::from(i))).context("payload is JSON")?,
+                    Some(ACTOR.to_owned()),
+                    None,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let stream = StreamRef {
+            tenant_id: Uuid::new_v4(),
+            aggregate_type: AGGREGATE_TYPE,
+            aggregate_id: Uuid::new_v4(),
+        };
+        store
+            .append(stream, Some(0), &batch)
+            .await
+            .context("seeding the store")?;
+    }
+    store.close().await;
+    // Planner statistics are maintenance, not data access: the store crate has no call for it.
+    let mut conn = PgConnection::connect(db_url).await?;
+    sqlx::query("ANALYZE").execute(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
+    seed(db_url, args.seed_events).await?;
     ControlDb::connect(db_url, 2)
         .context("control pool")?
         .ensure_schema()
@@ -521,6 +565,7 @@ fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Ou
         "seconds": args.seconds,
         "warmup_seconds": args.warmup_seconds,
         "rounds": args.rounds.max(1),
+        "seed_events": args.seed_events,
         "smoke": args.smoke,
         "postgres": conditions.database_version,
         "load_average_1m_before": conditions.load_before,

@@ -1,22 +1,27 @@
-// Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin copy -- --events 1000000 --batch-sizes 1000,5000,10000
+// Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin copy -- --events 1000000 --batch-sizes 1000,5000,10000 --variants binary,loop,loop-nomap,lean,pipelined
 
 //! Bulk copy throughput, PostgreSQL → PostgreSQL, against the floor any copier has to pay.
 //!
 //! The harness creates a fresh source store database and seeds one tenant with `--events`
-//! events (streams of 100 versions, ~150-byte JSON payloads, one `INSERT … SELECT FROM
-//! generate_series`), then, for every batch size, measures on a fresh target store and a
-//! fresh control database:
+//! events (streams of 100 versions, ~180-byte JSON payloads, one `INSERT … SELECT FROM
+//! generate_series`; `--other-tenants-ratio R` interleaves R events of other tenants per event,
+//! as in a shared store), then, for every batch size, measures on a fresh target store and a
+//! fresh control database (`--variants`):
 //!
 //! - `binary`: the real `switchyard-control migrate start --tenant T --to dedicated
 //!   --batch-size N` (position map on), run as a child process in the foreground until it
 //!   reports the tenant dual-writing with lag 0. The copy phase is timed from the migration's
 //!   audit log (`start_copy` → `copy_done`); the whole command's wall time is reported too.
+//!   `binary-custom-plan` is the same with `plan_cache_mode=force_custom_plan` on the target
+//!   store's connections (an operator-side workaround; it does not reliably help).
 //! - `loop`: the engine's copy loop rebuilt in-process from the store calls it makes
 //!   (`EventStore::read_window`, `EventStore::insert_copied`, `ControlDb::insert_position_map`,
 //!   `ControlDb::update_progress`), timing each call, so the table shows where a batch's time
 //!   goes; `loop-nomap` is the same without the position map.
-//! - prototypes of faster copies (`lean`, `staged`, `pipelined`, see `Variant`), which use
-//!   their own SQL here and change nothing in the store.
+//! - prototypes of faster copies, with their own SQL here (the store is unchanged): `lean`
+//!   (`LEAN_INSERT`: the target-order insert without the join back to its own output),
+//!   `staged` (COPY into a temporary table, then the same insert from it), `pipelined` (`lean`
+//!   with the next read and the previous map and checkpoint overlapping the insert).
 //!
 //! and once the floor: `COPY (SELECT … WHERE tenant_id = T) TO STDOUT` from the source piped
 //! into `COPY events (…) FROM STDIN` on a fresh target (two `psql` processes), which maintains

@@ -1,25 +1,34 @@
-// Run: cargo run --release -p switchyard-benches --bin dual_write -- --writers 16 --seconds 10
+// Run: cargo run --release -p switchyard-benches --bin dual_write -- --writers 16 --seconds 10 --rounds 3
 
 //! What the dual-write mirror costs a client: the same appends through the real proxy, from
 //! the same concurrent writers, to one tenant routed `normal` (source only) and then routed
 //! `dual_write` (source, then mirrored to a target store), in one run.
 //!
 //! The harness creates two fresh databases, `sy_dw_<random>` (control database and the source
-//! store `shared`) and `sy_dw_<random>_target` (the target store `dedicated`), starts the
-//! proxy in-process on `127.0.0.1:0` with both stores, and alternates phases — normal, dual,
-//! normal, dual, … (`--rounds` pairs) — so slow drift in the machine does not favour one
-//! routing. Before each phase it writes the tenant's route with `ControlDb::set_route` and waits
-//! until the proxy's `/admin/routes/{tenant}` reports it; each writer then appends one event
-//! (~200 bytes of JSON) at a time with `expected_version` to a new stream of the tenant, for a
-//! warm-up and the measured window. After a dual phase the harness waits for the mirror to
-//! write everything it was given (`switchyard_proxy_mirror_writes_total` on `/metrics`) before
-//! the next phase, and reports how long that took. It prints latency percentiles per routing,
-//! the mirror's outcome counters, and the target's event count, as one JSON line and a
-//! Markdown table, then stops the proxy and drops both databases (also after a failure or
-//! Ctrl-C).
+//! store `shared`) and `sy_dw_<random>_target` (the target store `dedicated`), writes the same
+//! `--seed-events` of the tenant's history into both (what a finished bulk copy leaves, so the
+//! target's planner statistics are those of a real dual-write phase), starts the proxy
+//! in-process on `127.0.0.1:0` with both stores, and alternates phases — normal, dual, normal,
+//! dual, … (`--rounds` pairs) — so slow drift in the machine does not favour one routing.
+//! Before each phase it writes the tenant's route with `ControlDb::set_route` and waits until
+//! the proxy's `/admin/routes/{tenant}` reports it; each writer then appends one event (~200
+//! bytes of JSON) at a time with `expected_version` to a new stream of the tenant, for a
+//! warm-up and the measured window: as fast as replies come (closed loop: the machine
+//! saturated, so any extra work shows as lost throughput) or paced at `--rate` appends/s in
+//! total (below saturation, e.g. `--rate 1000`: what the mirror adds to latency). After a dual phase the harness
+//! waits for the mirror to handle everything it was given (`switchyard_proxy_mirror_writes_total`
+//! on `/metrics`) before the next phase, and reports how long that took. It prints latency
+//! percentiles per routing, the mirror's outcome counters, the target's event count and how its
+//! `events` table was scanned, as one JSON line and a Markdown table, then stops the proxy and
+//! drops both databases (also after a failure or Ctrl-C).
+//!
+//! Source and target are databases of one PostgreSQL server on the same 2 cores here, so the
+//! mirror's inserts compete with the source appends for CPU and WAL; with separate servers
+//! they would not.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -32,7 +41,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
 use switchyard_proxy::telemetry::{self, LogFormat};
 use switchyard_proxy::App;
 use switchyard_store::{Config, ControlDb, EventStore, RouteUpdate, RoutingState};
@@ -66,14 +76,27 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     warmup_seconds: f64,
     /// Pairs of phases (normal, then dual); each routing's histograms are merged.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Total appends per second, spread evenly over the writers (each waits for its reply and
+    /// then for its next turn; a writer behind schedule does not burst). 0: every writer
+    /// appends again as soon as its reply arrives (closed loop, the machine saturated).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Events of the tenant already in both stores before the phases (the history a finished
+    /// bulk copy leaves; also what the target's planner statistics see). 0: both start empty.
+    #[arg(long, default_value_t = 200_000)]
+    seed_events: u64,
     /// Connections in the proxy's pool to each store.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
     /// Admin connection used only to create and drop the benchmark databases.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pg_url: String,
+    /// PostgreSQL `options` for the proxy's connections to the target store (e.g.
+    /// `-c plan_cache_mode=force_custom_plan`), added to its URL; empty: none.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    target_options: String,
     /// Proxy log filter, as the real binary takes it (default `info`, as in production).
     #[arg(long, default_value = "info")]
     log: String,
@@ -91,6 +114,7 @@ impl Args {
             self.seconds = 1.0;
             self.warmup_seconds = 0.2;
             self.rounds = 1;
+            self.seed_events = self.seed_events.min(1000);
         }
         self
     }
@@ -217,6 +241,7 @@ async fn writer(
     tenant: Uuid,
     writer: usize,
     window: Window,
+    pace: Option<(Duration, Duration)>,
 ) -> Result<WriterResult> {
     let mut result = WriterResult {
         latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
@@ -227,7 +252,15 @@ async fn writer(
     let aggregate_id = Uuid::new_v4();
     let uri = format!("{base}/v1/tenants/{tenant}/streams/{AGGREGATE_TYPE}/{aggregate_id}/events");
     let mut version: u64 = 0;
+    // Paced writers start spread over one interval (`pace.1` is this one's offset), so their
+    // appends do not arrive in bursts.
+    let mut next_send = pace.map(|(_, offset)| Instant::now() + offset);
     loop {
+        if let (Some(at), Some((p, _))) = (next_send.as_mut(), pace) {
+            tokio::time::sleep_until((*at).into()).await;
+            // Behind schedule (a slow append): carry on from now rather than burst.
+            *at = (*at + p).max(Instant::now());
+        }
         let started = Instant::now();
         if started >= window.end {
             return Ok(result);
@@ -265,6 +298,43 @@ async fn writer(
         result.sent += 1;
         window.record(started, finished, &mut result);
     }
+}
+
+/// Writes the same `events` events of `tenant` (streams of 100 versions, identical ids and
+/// timestamps) into a store and analyzes it: source and target as a finished bulk copy leaves
+/// them, before the mirror starts.
+async fn seed_history(url: &str, tenant: Uuid, events: u64) -> Result<()> {
+    // Seconds-long statements on purpose: not worth a slow-statement warning.
+    let options = PgConnectOptions::from_str(url)?.disable_statement_logging();
+    let mut conn = PgConnection::connect_with(&options).await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                             actor_id, version, timestamp, payload, created_at)
+         SELECT md5($1::text || ':event:' || g)::uuid,
+                md5($1::text || ':stream:' || (g / 100))::uuid,
+                $3, $4, $1, $5, (g % 100 + 1)::int,
+                timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second',
+                jsonb_build_object('seq', g, 'customer', 'customer-' || (g % 1000),
+                                   'amount_cents', 1000 + g % 90000, 'currency', 'EUR',
+                                   'note', 'seeded history padding............'),
+                timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second'
+           FROM generate_series(0, $2 - 1) AS g
+          ORDER BY g",
+    )
+    .bind(tenant)
+    .bind(i64::try_from(events).context("--seed-events fits i64")?)
+    .bind(AGGREGATE_TYPE)
+    .bind(EVENT_TYPE)
+    .bind(ACTOR)
+    .execute(&mut conn)
+    .await
+    .context("seeding history")?;
+    sqlx::query("VACUUM (ANALYZE) events")
+        .execute(&mut conn)
+        .await
+        .context("vacuuming")?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// `GET uri`, answering status and body.
@@ -378,6 +448,9 @@ impl Harness {
             measure_from: start + Duration::from_secs_f64(self.args.warmup_seconds),
             end: start + Duration::from_secs_f64(self.args.warmup_seconds + self.args.seconds),
         };
+        // `--rate` appends/s over all writers: each writer sends one every `writers / rate` s.
+        let pace = (self.args.rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.args.writers as f64 / self.args.rate));
         let mut tasks = tokio::task::JoinSet::new();
         for w in 0..self.args.writers {
             tasks.spawn(writer(
@@ -386,6 +459,7 @@ impl Harness {
                 self.tenant,
                 w,
                 window,
+                pace.map(|p| (p, p.mul_f64(w as f64 / self.args.writers as f64))),
             ));
         }
         while let Some(joined) = tasks.join_next().await {
@@ -446,6 +520,19 @@ fn process_cpu() -> f64 {
     };
     // Clock ticks of 1/100 s (`getconf CLK_TCK` on Linux).
     (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// `s` percent-encoded for a URL query value.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// `url` with its database name replaced by `database`.
@@ -519,6 +606,8 @@ struct Measured {
     /// How long each route change took to reach the proxy.
     route_changes: Vec<Duration>,
     target_events: i64,
+    /// The target `events` table's `(seq_scan, seq_tup_read, idx_scan)` at the end.
+    target_scans: Option<(i64, i64, i64)>,
 }
 
 /// Starts the proxy, runs every phase, stops the proxy. The databases exist already.
@@ -536,12 +625,32 @@ async fn measure(args: Args, source_url: &str, target_url: &str) -> Result<Measu
         .await
         .context("creating the control schema")?;
     let tenant = Uuid::new_v4();
+    if args.seed_events > 0 {
+        let started = Instant::now();
+        for url in [source_url, target_url] {
+            seed_history(url, tenant, args.seed_events).await?;
+        }
+        eprintln!(
+            "seeded {} events of the tenant into both stores in {:.1} s",
+            args.seed_events,
+            started.elapsed().as_secs_f64()
+        );
+    }
     control
         .set_route(&RouteUpdate::normal(tenant, "shared"))
         .await
         .context("routing the tenant")?;
 
-    let app = App::build(proxy_config(source_url, target_url, args.pool_size)?)
+    let proxy_target_url = if args.target_options.is_empty() {
+        target_url.to_owned()
+    } else {
+        let sep = if target_url.contains('?') { '&' } else { '?' };
+        format!(
+            "{target_url}{sep}options={}",
+            percent_encode(&args.target_options)
+        )
+    };
+    let app = App::build(proxy_config(source_url, &proxy_target_url, args.pool_size)?)
         .context("building the proxy")?;
     let data = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
@@ -586,6 +695,15 @@ async fn measure(args: Args, source_url: &str, target_url: &str) -> Result<Measu
         .bind(tenant)
         .fetch_one(&mut target)
         .await?;
+    // How the mirror's inserts reached the target table (a sequential scan per mirror batch
+    // would show here).
+    let scans: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT seq_scan, seq_tup_read, coalesce(idx_scan, 0)
+           FROM pg_stat_user_tables WHERE relname = 'events'",
+    )
+    .fetch_optional(&mut target)
+    .await?;
+    measured.target_scans = scans;
     target.close().await?;
     Ok(measured)
 }
@@ -599,6 +717,7 @@ async fn phases(harness: &Harness, rounds: usize) -> Result<Measured> {
         drains: Vec::new(),
         route_changes: Vec::new(),
         target_events: 0,
+        target_scans: None,
     };
     for _ in 0..rounds {
         for routing in [Routing::Normal, Routing::Dual] {
@@ -642,8 +761,11 @@ fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) 
         "pool_size": args.pool_size,
         "seconds": args.seconds,
         "warmup_seconds": args.warmup_seconds,
+        "rate": args.rate,
+        "seed_events": args.seed_events,
         "rounds": args.rounds.max(1),
         "smoke": args.smoke,
+        "target_options": args.target_options,
         "postgres": version,
         "load_average_before": load.0,
         "load_average_after": load.1,
@@ -656,6 +778,9 @@ fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) 
         "mirror_writes_total": m.mirror,
         "events_sent_in_dual_phases": dual.sent,
         "target_events": m.target_events,
+        "target_events_table_scans": m.target_scans.map(|(seq, tup, idx)| json!({
+            "seq_scan": seq, "seq_tup_read": tup, "idx_scan": idx,
+        })),
         "mirror_drain_ms": m.drains.iter().map(ms).collect::<Vec<_>>(),
         "route_change_ms": m.route_changes.iter().map(ms).collect::<Vec<_>>(),
     });
@@ -704,6 +829,12 @@ fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) 
             .collect::<Vec<_>>()
             .join(", "),
     );
+    if let Some((seq, tup, idx)) = m.target_scans {
+        let _ = writeln!(
+            out,
+            "target events table: {seq} sequential scans reading {tup} rows, {idx} index scans"
+        );
+    }
     out
 }
 
