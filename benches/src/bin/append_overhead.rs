@@ -5,9 +5,9 @@
 //! store with sqlx (`EventStore::append`), in one run against one fresh PostgreSQL database.
 //!
 //! The harness creates `sy_bench_<random>` through the admin URL, creates the store and control
-//! schemas in it (the one database serves as both), starts the proxy in-process on
-//! `127.0.0.1:0`, seeds the store with `--seed-events` events and analyses it (see that flag
-//! for why), and for each mode lets every writer append one event at a time (about 200
+//! schemas in it (the one database serves as both), seeds the store with `--seed-events`
+//! events and analyses it (see that flag for why), starts the proxy in-process on
+//! `127.0.0.1:0`, and for each mode lets every writer append one event at a time (about 230
 //! bytes of JSON) to a stream of its own with `expected_version`, for a warm-up and then the
 //! measured window. It prints latency percentiles per mode, the proxy's added latency and its
 //! share of direct throughput, as one JSON line and as a Markdown table, then stops the proxy
@@ -188,7 +188,7 @@ impl Window {
     }
 }
 
-/// A JSON object of about 200 bytes, different per event.
+/// A JSON object of about 230 bytes, different per event.
 fn payload(writer: usize, seq: u64) -> String {
     json!({
         "order_id": Uuid::new_v4(),
