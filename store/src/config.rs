@@ -93,6 +93,32 @@ pub struct ProxyConfig {
     pub routing_listen: bool,
     /// How long shutdown waits for in-flight requests. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// How long a client may take to send a request's headers, from its first byte (or, for
+    /// the first request, from connecting): slow-loris protection. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// How long an idle keep-alive connection (no request in progress, nothing sent) stays
+    /// open between requests. Default 75000.
+    pub keep_alive_idle_ms: u64,
+    /// How long a client may take to send a request's body once its headers arrived; then 408
+    /// `body_timeout`. Default 10000.
+    pub body_read_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; larger heads get 431.
+    /// At least 8192. Default 16384.
+    pub max_header_bytes: usize,
+    /// Open connections on the data port at most; further ones get 503
+    /// `too_many_connections` and are closed. Default 4096.
+    pub max_connections: usize,
+    /// Data-plane requests per second allowed per client IP address (token bucket); over it,
+    /// 429 `rate_limited` with Retry-After. 0 turns the limit off. Default 0.
+    pub rate_limit_per_second: u32,
+    /// Requests a client IP may send in a burst above the rate. Default 0, meaning the same as
+    /// `rate_limit_per_second`.
+    pub rate_limit_burst: u32,
+    /// PEM certificate chain; with `tls_key_path`, both listeners (data and admin) speak TLS
+    /// only. Empty means plain TCP.
+    pub tls_cert_path: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`.
+    pub tls_key_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -100,6 +126,9 @@ pub struct ProxyConfig {
 pub struct ControlConfig {
     /// `serve` admin listener. Default `127.0.0.1:7072`.
     pub admin_listen: String,
+    /// Bearer token required by `serve`'s mutating admin calls; empty means none. `${VAR}` is
+    /// expanded.
+    pub admin_token: String,
     /// Budget of the whole cutover sequence. Default 2000.
     pub cutover_timeout_ms: u64,
     /// Largest lag at which cutover proceeds without `--force`. Default 0.
@@ -146,6 +175,15 @@ impl Default for ProxyConfig {
             routing_poll_ms: 1000,
             routing_listen: true,
             shutdown_grace_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            keep_alive_idle_ms: 75_000,
+            body_read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_connections: 4096,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 0,
+            tls_cert_path: String::new(),
+            tls_key_path: String::new(),
         }
     }
 }
@@ -154,6 +192,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             admin_listen: "127.0.0.1:7072".to_owned(),
+            admin_token: String::new(),
             cutover_timeout_ms: 2000,
             cutover_max_lag_events: 0,
             batch_size: 5000,
@@ -275,6 +314,7 @@ impl Config {
     fn expand_secrets(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
         self.control_url = expand(&self.control_url, vars)?;
         self.proxy.admin_token = expand(&self.proxy.admin_token, vars)?;
+        self.control.admin_token = expand(&self.control.admin_token, vars)?;
         for store in &mut self.stores {
             store.url = expand(&store.url, vars)?;
         }
@@ -346,6 +386,10 @@ impl Config {
                 p.max_concurrent_requests as u64,
             ),
             ("proxy.routing_poll_ms", p.routing_poll_ms),
+            ("proxy.header_read_timeout_ms", p.header_read_timeout_ms),
+            ("proxy.keep_alive_idle_ms", p.keep_alive_idle_ms),
+            ("proxy.body_read_timeout_ms", p.body_read_timeout_ms),
+            ("proxy.max_connections", p.max_connections as u64),
             (
                 "control.cutover_timeout_ms",
                 self.control.cutover_timeout_ms,
@@ -355,6 +399,33 @@ impl Config {
             if value == 0 {
                 return invalid(format!("{name} must be > 0"));
             }
+        }
+        if p.max_header_bytes < MIN_HEADER_BYTES {
+            return invalid(format!(
+                "proxy.max_header_bytes must be at least {MIN_HEADER_BYTES}"
+            ));
+        }
+        if p.tls_cert_path.is_empty() != p.tls_key_path.is_empty() {
+            return invalid(
+                "proxy.tls_cert_path and proxy.tls_key_path must be set together".to_owned(),
+            );
+        }
+        if p.admin_token.is_empty() && !is_loopback(&p.admin_listen) {
+            return invalid(format!(
+                "proxy.admin_listen = {:?} is not a loopback address and proxy.admin_token is \
+                 empty: anyone who can reach it could reload routing or resume writes; set \
+                 proxy.admin_token (SWITCHYARD_PROXY_ADMIN_TOKEN) or bind it to 127.0.0.1",
+                p.admin_listen
+            ));
+        }
+        let c = &self.control;
+        if c.admin_token.is_empty() && !is_loopback(&c.admin_listen) {
+            return invalid(format!(
+                "control.admin_listen = {:?} is not a loopback address and control.admin_token \
+                 is empty: anyone who can reach it could change serve's log level; set \
+                 control.admin_token (SWITCHYARD_CONTROL_ADMIN_TOKEN) or bind it to 127.0.0.1",
+                c.admin_listen
+            ));
         }
         Ok(())
     }
@@ -370,11 +441,23 @@ impl Config {
         if !copy.proxy.admin_token.is_empty() {
             copy.proxy.admin_token = "<redacted>".to_owned();
         }
+        if !copy.control.admin_token.is_empty() {
+            copy.control.admin_token = "<redacted>".to_owned();
+        }
         for store in &mut copy.stores {
             store.url = crate::url::redact(&store.url);
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# unprintable: {e}"))
     }
+}
+
+/// The smallest head buffer the HTTP/1 server accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// Whether a listen address (already validated) is on the loopback interface only.
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// `dedicated-a` → `DEDICATED_A`.
@@ -486,6 +569,32 @@ mod tests {
     }
 
     #[test]
+    fn exposed_admin_ports_need_a_token() {
+        for (key, token_key) in [
+            (
+                "SWITCHYARD_PROXY_ADMIN_LISTEN",
+                "SWITCHYARD_PROXY_ADMIN_TOKEN",
+            ),
+            (
+                "SWITCHYARD_CONTROL_ADMIN_LISTEN",
+                "SWITCHYARD_CONTROL_ADMIN_TOKEN",
+            ),
+        ] {
+            let err = Config::from_parts(None, None, &vars(&[(key, "0.0.0.0:7999")]))
+                .expect_err("exposed without a token");
+            assert!(err.to_string().contains("not a loopback address"), "{err}");
+            Config::from_parts(
+                None,
+                None,
+                &vars(&[(key, "0.0.0.0:7999"), (token_key, "t")]),
+            )
+            .expect("exposed with a token");
+            Config::from_parts(None, None, &vars(&[(key, "127.0.0.1:7999")]))
+                .expect("loopback without a token");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_parts(Some("[proxy]\nlisten_addr = \"x\"\n"), None, &[])
             .expect_err("unknown key");
@@ -565,6 +674,9 @@ url = "postgres://postgres@127.0.0.1/b"
                 "twice",
             ),
             ("control_url = \"postgres://${UNSET_VAR_FOR_TEST}@h/db\"\n", "UNSET_VAR_FOR_TEST"),
+            ("[proxy]\nadmin_listen = \"0.0.0.0:7071\"\n", "admin_token"),
+            ("[proxy]\nmax_header_bytes = 100\n", "max_header_bytes"),
+            ("[proxy]\ntls_cert_path = \"c.pem\"\n", "tls_key_path"),
         ];
         for (text, needle) in cases {
             let err = Config::from_parts(Some(text), None, &[]).expect_err(text);

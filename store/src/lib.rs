@@ -5,10 +5,12 @@
 //! programs share. Every SQL string of the project lives in this crate; nothing here knows
 //! about HTTP.
 
+pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod event;
 pub mod events;
+pub mod provision;
 pub mod url;
 
 pub use config::Config;
@@ -17,4 +19,6 @@ pub use control::{
     NewMigration, RouteRecord, RouteUpdate, RoutingState,
 };
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
-pub use events::{EventStore, FenceLock, PassWindow, SchemaStatus};
+pub use events::{
+    Digesting, EventStore, FenceLock, PassWindow, SchemaStatus, StreamDigest, StreamKey,
+};

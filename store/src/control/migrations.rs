@@ -951,6 +951,66 @@ impl ControlDb {
         }))
     }
 
+    /// Like [`Self::translate_position`], with the event recorded at the mapped position.
+    pub async fn translate_with_event(
+        &self,
+        migration_id: Uuid,
+        source_position: i64,
+    ) -> Result<Option<(Translation, Uuid)>, MigrationError> {
+        let found: Option<(i64, i64, String)> = on_backend!(self, |pool, d| {
+            sqlx::query_as(
+                "SELECT source_position, target_position, CAST(event_id AS TEXT)
+                   FROM migration_position_map
+                  WHERE migration_id = $1 AND source_position <= $2
+                  ORDER BY source_position DESC LIMIT 1",
+            )
+            .bind(d.id(migration_id))
+            .bind(source_position)
+            .fetch_optional(pool)
+            .await?
+        });
+        found
+            .map(|(source, target, event)| {
+                let event = Uuid::parse_str(&event).map_err(|e| {
+                    MigrationError::Store(StoreError::Corrupt(format!(
+                        "position map event_id: {e}"
+                    )))
+                })?;
+                Ok((
+                    Translation {
+                        source_position: source,
+                        target_position: target,
+                        exact: source == source_position,
+                    },
+                    event,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Whether the migration mapped some source position to `target_position` for `event_id`:
+    /// a checkpoint already holding that pair was translated before.
+    pub async fn maps_to_target(
+        &self,
+        migration_id: Uuid,
+        target_position: i64,
+        event_id: Uuid,
+    ) -> Result<bool, MigrationError> {
+        let n: i64 = on_backend!(self, |pool, d| {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM migration_position_map
+                  WHERE migration_id = $1 AND target_position = $2
+                    AND CAST(event_id AS TEXT) = $3",
+            )
+            .bind(d.id(migration_id))
+            .bind(target_position)
+            .bind(event_id.to_string())
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(n > 0)
+    }
+
     /// A proxy's heartbeat: its admin URL and the routing epoch it has applied.
     pub async fn upsert_proxy(
         &self,

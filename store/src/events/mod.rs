@@ -6,9 +6,11 @@ mod copy;
 mod fence;
 mod postgres;
 mod sqlite;
+mod verify;
 
 pub use copy::PassWindow;
 pub use fence::FenceLock;
+pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
 
 use std::sync::Arc;
 
