@@ -3,5 +3,7 @@
 
 pub mod cli;
 pub mod context;
+pub mod demo;
 pub mod engine;
 pub mod serve;
+pub mod verify;

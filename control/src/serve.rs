@@ -20,6 +20,8 @@ use crate::engine::{Driven, Engine};
 
 /// How often the worker looks for migrations to drive.
 const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often (in scans) the fleet-view metrics are refreshed from the control database.
+const FLEET_EVERY_SCANS: u32 = 2;
 
 /// Runs the worker until `shutdown` completes: stops driving (checkpoints kept, claims
 /// released), then closes the admin port.
@@ -41,9 +43,14 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let mut scan = tokio::time::interval(SCAN_EVERY);
     tokio::pin!(shutdown);
+    let mut scans = 0_u32;
     loop {
         tokio::select! {
             _ = scan.tick() => {
+                if scans == 0 {
+                    refresh_fleet(&engine).await;
+                }
+                scans = (scans + 1) % FLEET_EVERY_SCANS;
                 let claimable = match engine.control.claimable(&engine.worker).await {
                     Ok(records) => records,
                     Err(e) => {
@@ -88,6 +95,18 @@ pub async fn run(
     engine.control.close().await;
 }
 
+/// The fleet-view metrics: migrations by state and the routing epoch, from the control
+/// database (every replica exports the same view; dashboards take the max).
+async fn refresh_fleet(engine: &Engine) {
+    let migrations = engine.control.migrations(false).await;
+    let epoch = engine.control.routing_epoch().await;
+    match (migrations, epoch) {
+        (Ok(all), Ok(epoch)) => engine.metrics.observe_fleet(&all, epoch),
+        (Err(e), _) => tracing::warn!(error = %e, "cannot list migrations for the metrics"),
+        (_, Err(e)) => tracing::warn!(error = %e, "cannot read the routing epoch for the metrics"),
+    }
+}
+
 fn admin_service(
     engine: Arc<Engine>,
 ) -> impl tower::Service<
@@ -117,7 +136,13 @@ fn admin_service(
                     ),
                 },
                 ("GET", "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", engine.metrics.render()),
-                (_, "/healthz" | "/readyz" | "/metrics") => {
+                ("GET", "/admin/log-level") => (
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::json!({ "filter": switchyard_proxy::telemetry::current_filter() }).to_string(),
+                ),
+                ("PUT" | "POST", "/admin/log-level") => set_log_level(&engine, request).await,
+                (_, "/healthz" | "/readyz" | "/metrics" | "/admin/log-level") => {
                     (StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method_not_allowed"}"#.to_owned())
                 }
                 _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not_found"}"#.to_owned()),
@@ -131,4 +156,53 @@ fn admin_service(
             Ok::<_, Infallible>(response)
         }
     })
+}
+
+/// `PUT /admin/log-level` with `{"level": "debug"}` or `{"filter": "…"}`; needs
+/// `control.admin_token` as a bearer token when one is configured.
+async fn set_log_level(
+    engine: &Engine,
+    request: Request<hyper::body::Incoming>,
+) -> (StatusCode, &'static str, String) {
+    use http_body_util::BodyExt;
+    let expected = engine.settings.admin_token.as_bytes();
+    let given = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .as_bytes();
+    if !expected.is_empty() && !switchyard_proxy::admin::constant_time_eq(given, expected) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "application/json",
+            r#"{"error":"unauthorized"}"#.to_owned(),
+        );
+    }
+    let body = match http_body_util::Limited::new(request.into_body(), 4096)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                r#"{"error":"invalid_body"}"#.to_owned(),
+            )
+        }
+    };
+    match switchyard_proxy::telemetry::set_from_json(&body) {
+        Ok(filter) => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({ "filter": filter }).to_string(),
+        ),
+        Err(message) => (
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            serde_json::json!({ "error": "invalid_filter", "message": message }).to_string(),
+        ),
+    }
 }

@@ -79,6 +79,14 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
         return Ok(());
     }
 
+    // Caught up means: every transaction that had committed when the command started is below
+    // the tail's horizon (a lag of 0 alone does not count rows younger than the settle time,
+    // nor rows a long transaction elsewhere in the cluster keeps above the horizon).
+    let source = engine.store(&record.source_store_id)?;
+    let ceiling = source
+        .horizon_ceiling()
+        .await
+        .map_err(|e| CliError::Failed(format!("store {}: {e}", source.id())))?;
     // One stop signal: Ctrl-C (detach; the checkpoint stays and `serve` resumes) or catching
     // up (the mirror and `serve` keep the target current from there).
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,6 +111,7 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
         if args.cutover == CutoverMode::Manual
             && r.record.state == MigrationState::DualWrite
             && r.lag == Some(0)
+            && r.record.tail_horizon >= Some(ceiling)
         {
             caught_up.store(true, std::sync::atomic::Ordering::Release);
             let _ = stop_tx.send(true);
@@ -150,20 +159,20 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
 }
 
 /// A one-line progress display on a terminal, plain lines (at most one a second) otherwise.
-struct Progress {
+pub(super) struct Progress {
     tty: bool,
     last: Mutex<Option<Instant>>,
 }
 
 impl Progress {
-    fn new(tty: bool) -> Self {
+    pub(super) fn new(tty: bool) -> Self {
         Self {
             tty,
             last: Mutex::new(None),
         }
     }
 
-    fn show(&self, r: &Report) {
+    pub(super) fn show(&self, r: &Report) {
         let mut last = self.last.lock().expect("not poisoned");
         if !self.tty && last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return;
@@ -202,7 +211,7 @@ impl Progress {
         let _ = err.flush();
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if self.tty {
             eprintln!();
         }

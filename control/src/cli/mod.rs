@@ -4,7 +4,9 @@
 mod abort;
 mod audit;
 mod check_config;
+mod checkpoints;
 mod cutover;
+mod demo;
 mod emergency_stop;
 mod init;
 mod lag;
@@ -18,6 +20,8 @@ mod serve;
 mod shared;
 mod status;
 mod stores;
+mod verify;
+mod verify_post;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +43,14 @@ pub struct Cli {
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     pub json: bool,
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    /// Log line format on stderr (also SWITCHYARD_LOG_FORMAT).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -75,6 +86,9 @@ pub enum Command {
     /// Translate subscription checkpoints from source to target positions.
     #[command(subcommand)]
     Positions(positions::Command),
+    /// Rewrite eventsource-py projection checkpoints to target positions.
+    #[command(subcommand)]
+    Checkpoints(checkpoints::Command),
     /// A migration's audit log.
     Audit(audit::Args),
     /// Cut a dual-writing migration over to its target (automatic rollback on failure).
@@ -83,6 +97,12 @@ pub enum Command {
     EmergencyStop(emergency_stop::Args),
     /// Run the worker that drives migrations (admin port with /metrics).
     Serve(serve::Args),
+    /// Compare the tenant's events in source and target (exit 1 when they differ).
+    Verify(verify::Args),
+    /// The runbook's post-migration checks, each printed; exit 1 on the first failure.
+    VerifyPost(verify_post::Args),
+    /// The whole lifecycle on fresh stores: seed, writers, migrate, cut over, verify, summary.
+    Demo(demo::Args),
 }
 
 /// Why a command did not succeed.
@@ -94,6 +114,10 @@ pub enum CliError {
     /// The operation failed (a database error…): exit 1.
     #[error("{0}")]
     Failed(String),
+    /// The outcome was printed and is a failure (e.g. an inconsistent verification): exit 1,
+    /// no second JSON document.
+    #[error("{0}")]
+    Reported(String),
     /// The command line or config is wrong: exit 2.
     #[error("{0}")]
     Usage(String),
@@ -102,7 +126,7 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Self::Refused(_) | Self::Failed(_) => ExitCode::from(1),
+            Self::Refused(_) | Self::Failed(_) | Self::Reported(_) => ExitCode::from(1),
             Self::Usage(_) => ExitCode::from(2),
         }
     }
@@ -129,6 +153,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.json;
     let result = match cli.command {
         Command::CheckConfig(args) => check_config::run(cli.config.as_deref(), &args, json),
+        Command::Demo(args) => demo::run(cli.config.as_deref(), &args, json).await,
         command => match Config::load(cli.config.as_deref()) {
             Err(e) => Err(CliError::Usage(e.to_string())),
             Ok(config) => {
@@ -142,10 +167,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if json {
+            if json && !matches!(e, CliError::Reported(_)) {
                 let kind = match e {
                     CliError::Refused(_) => "refused",
-                    CliError::Failed(_) => "failed",
+                    CliError::Failed(_) | CliError::Reported(_) => "failed",
                     CliError::Usage(_) => "usage",
                 };
                 println!(
@@ -172,10 +197,15 @@ async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(),
         Command::Abort(args) => abort::run(ctx, &args, json).await,
         Command::Lag(args) => lag::run(ctx, &args, json).await,
         Command::Positions(command) => positions::run(ctx, command, json).await,
+        Command::Checkpoints(command) => checkpoints::run(ctx, command, json).await,
         Command::Audit(args) => audit::run(ctx, &args, json).await,
         Command::Cutover(args) => cutover::run(ctx, &args, json).await,
         Command::EmergencyStop(args) => emergency_stop::run(ctx, &args, json).await,
         Command::Serve(args) => serve::run(ctx, &args).await,
-        Command::CheckConfig(_) => unreachable!("handled before a context is built"),
+        Command::Verify(args) => verify::run(ctx, &args, json).await,
+        Command::VerifyPost(args) => verify_post::run(ctx, &args, json).await,
+        Command::CheckConfig(_) | Command::Demo(_) => {
+            unreachable!("handled before a context is built")
+        }
     }
 }

@@ -99,19 +99,36 @@ impl Engine {
         let started = Instant::now();
         let copied_at_start = copied;
         let mut stuck = 0;
+        // The next batch is read while this one lands (one round trip of the pair saved).
+        let mut prefetched: Option<Vec<StoredEvent>> = None;
         loop {
             if *stop.borrow() {
                 return Ok(false);
             }
             let batch_started = Instant::now();
-            let batch = source
-                .read_window(record.tenant_id, window, after, options.batch_size)
-                .await
-                .map_err(EngineError::store(source.id()))?;
-            if batch.is_empty() {
+            let batch = match prefetched.take() {
+                Some(batch) => batch,
+                None => source
+                    .read_window(record.tenant_id, window, after, options.batch_size)
+                    .await
+                    .map_err(EngineError::store(source.id()))?,
+            };
+            let Some(last) = batch.last() else {
                 return Ok(true);
+            };
+            let (landed, next) = tokio::join!(
+                self.land(record.id, target, &batch),
+                source.read_window(
+                    record.tenant_id,
+                    window,
+                    last.global_position,
+                    options.batch_size
+                )
+            );
+            let landed = landed?;
+            if landed.prefix == batch.len() {
+                prefetched = Some(next.map_err(EngineError::store(source.id()))?);
             }
-            let landed = self.land(record.id, target, &batch).await?;
             if landed.prefix == 0 {
                 stuck += 1;
                 self.check_stuck(record.id, stuck, &batch[0])?;

@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::verify::{Level, Scope};
 use serde::Serialize;
 use switchyard_store::control::Action;
 use switchyard_store::{
@@ -132,6 +133,12 @@ impl Engine {
                 // 5. The fence moved: only forward from here.
                 let finished = self.finish_cutover(&closed.record, note).await;
                 let pause_ms = elapsed_ms(pause_started);
+                self.metrics
+                    .cutover_pause
+                    .observe(pause_started.elapsed().as_secs_f64());
+                if finished.is_ok() {
+                    self.metrics.cutovers.with_label_values(&["migrated"]).inc();
+                }
                 return match finished {
                     Ok(record) => Ok(CutoverOutcome {
                         migration_id: id,
@@ -172,6 +179,13 @@ impl Engine {
                 Some(&back),
             )
             .await;
+        self.metrics
+            .cutover_pause
+            .observe(pause_started.elapsed().as_secs_f64());
+        self.metrics
+            .cutovers
+            .with_label_values(&["rolled_back"])
+            .inc();
         let state = match rolled {
             Ok(t) => t.record.state,
             Err(MigrationError::StateChanged { actual, .. }) => actual,
@@ -328,30 +342,19 @@ impl Engine {
         if force {
             return Ok(copied);
         }
+        // The delta's streams, compared under the fence with the same code as `verify`
+        // (counts and last versions: the full digest of a long stream does not fit a pause).
         let streams: Vec<(String, Uuid)> = touched.into_iter().collect();
-        let (s, t) = tokio::try_join!(
-            source.stream_heads(record.tenant_id, &streams),
-            target.stream_heads(record.tenant_id, &streams)
-        )
-        .map_err(|e| format!("verifying the delta: {e}"))?;
-        let differing: Vec<String> = streams
-            .iter()
-            .filter(|k| s.get(*k) != t.get(*k))
-            .take(10)
-            .map(|(ty, id)| {
-                format!(
-                    "{ty}/{id} (source {:?}, target {:?})",
-                    s.get(&(ty.clone(), *id)),
-                    t.get(&(ty.clone(), *id))
-                )
-            })
-            .collect();
-        if differing.is_empty() {
+        let report = self
+            .verify_scope(record, &Scope::Streams(streams), Level::Count, None)
+            .await
+            .map_err(|e| format!("verifying the delta: {e}"))?;
+        if report.consistent {
             Ok(copied)
         } else {
             Err(format!(
-                "verification failed; streams differ (count, last version): {}",
-                differing.join("; ")
+                "verification failed; streams differ: {}",
+                report.summary(10)
             ))
         }
     }
@@ -454,6 +457,12 @@ impl Engine {
         let _ = lock.release().await;
         match applied {
             Ok(done) => {
+                let outcome = if done.record.state == MigrationState::Migrated {
+                    "migrated"
+                } else {
+                    "rolled_back"
+                };
+                self.metrics.cutovers.with_label_values(&[outcome]).inc();
                 tracing::warn!(migration.id = %record.id, state = %done.record.state, "recovered an abandoned cutover");
                 Ok(Some(done.record.state))
             }

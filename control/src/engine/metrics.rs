@@ -2,7 +2,10 @@
 //! series carry the migration and tenant ids: they change a few times a second at most, and
 //! are removed when the migration stops being driven here.
 
-use prometheus::{Gauge, GaugeVec, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
 use switchyard_store::MigrationRecord;
 
 #[derive(Clone, Debug)]
@@ -14,7 +17,26 @@ pub struct EngineMetrics {
     pub progress: GaugeVec,
     pub migrations_driven: prometheus::IntGauge,
     pub up: Gauge,
+    pub verify_events: IntCounterVec,
+    pub verify_violations: IntCounterVec,
+    pub verify_duration: HistogramVec,
+    /// Cutovers run or recovered (finished or rolled back after their driver died) by this
+    /// process, by outcome (`migrated`, `rolled_back`).
+    pub cutovers: IntCounterVec,
+    /// How long the tenant's writes were held by cutovers run here.
+    pub cutover_pause: Histogram,
+    /// Fleet view from the control database (refreshed by `serve`): migrations by state.
+    pub migrations: IntGaugeVec,
+    /// Fleet view: one series per active migration, labelled with its state, always 1.
+    pub migration_info: IntGaugeVec,
+    /// Fleet view: the control database's routing epoch (what proxies should have loaded).
+    pub routing_epoch: IntGauge,
 }
+
+/// Cutover pause buckets: 1 ms to 10 s.
+const PAUSE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl EngineMetrics {
     pub fn new() -> Self {
@@ -36,7 +58,7 @@ impl EngineMetrics {
         let lag = IntGaugeVec::new(
             Opts::new(
                 "switchyard_control_migration_lag_events",
-                "Source events of the tenant not yet in the target.",
+                "Source events of the tenant not yet in the target (during the bulk copy: events of its snapshot still to copy).",
             ),
             labels,
         )
@@ -58,14 +80,106 @@ impl EngineMetrics {
             Gauge::new("switchyard_control_up", "1 while the worker runs.").expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("switchyard_build_info", "Build information; always 1."),
-            &["program", "version"],
+            &["program", "version", "commit"],
         )
         .expect("valid metric");
+        // The commit comes from SWITCHYARD_GIT_COMMIT at build time (the Dockerfile's
+        // GIT_COMMIT build argument); "unknown" otherwise.
         build_info
-            .with_label_values(&["switchyard-control", env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                "switchyard-control",
+                env!("CARGO_PKG_VERSION"),
+                option_env!("SWITCHYARD_GIT_COMMIT").unwrap_or("unknown"),
+            ])
             .set(1);
+        let verify_events = IntCounterVec::new(
+            Opts::new(
+                "switchyard_verify_events_total",
+                "Source events compared by verifications (the cutover's delta check included).",
+            ),
+            &["level"],
+        )
+        .expect("valid metric");
+        let verify_violations = IntCounterVec::new(
+            Opts::new(
+                "switchyard_verify_violations_total",
+                "Streams found inconsistent by verifications.",
+            ),
+            &["level"],
+        )
+        .expect("valid metric");
+        let verify_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_verify_duration_seconds",
+                "How long each verification took.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+            ]),
+            &["level"],
+        )
+        .expect("valid metric");
+        let cutovers = IntCounterVec::new(
+            Opts::new(
+                "switchyard_control_cutovers_total",
+                "Cutovers run or recovered by this process by outcome (migrated, rolled_back).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for level in ["count", "hash", "full"] {
+            verify_events.with_label_values(&[level]);
+            verify_violations.with_label_values(&[level]);
+            verify_duration.with_label_values(&[level]);
+        }
+        for outcome in ["migrated", "rolled_back"] {
+            cutovers.with_label_values(&[outcome]);
+        }
+        let cutover_pause = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_control_cutover_pause_seconds",
+                "How long cutovers run by this process held the tenant's writes.",
+            )
+            .buckets(PAUSE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let migrations = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_control_migrations",
+                "Migrations in the control database by state (all of them, terminal included).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let migration_info = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_control_migration_info",
+                "One series per active migration with its state and stores; always 1.",
+            ),
+            &[
+                "migration_id",
+                "tenant_id",
+                "state",
+                "source_store",
+                "target_store",
+            ],
+        )
+        .expect("valid metric");
+        let routing_epoch = IntGauge::new(
+            "switchyard_control_routing_epoch",
+            "The control database's routing epoch: proxies below it are stale.",
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(copy_events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cutovers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cutover_pause.clone()),
+            Box::new(migrations.clone()),
+            Box::new(migration_info.clone()),
+            Box::new(routing_epoch.clone()),
+            Box::new(verify_events.clone()),
+            Box::new(verify_violations.clone()),
+            Box::new(verify_duration.clone()),
+            Box::new(copy_events.clone()),
             Box::new(copy_rate.clone()),
             Box::new(lag.clone()),
             Box::new(progress.clone()),
@@ -85,6 +199,14 @@ impl EngineMetrics {
             progress,
             migrations_driven,
             up,
+            verify_events,
+            verify_violations,
+            verify_duration,
+            cutovers,
+            cutover_pause,
+            migrations,
+            migration_info,
+            routing_epoch,
         }
     }
 
@@ -98,11 +220,30 @@ impl EngineMetrics {
         self.progress
             .with_label_values(&[&m, &t])
             .set(record.progress_percentage() / 100.0);
+        // During the bulk copy the lag is what is left of the copy's snapshot; from dual_write
+        // on it is measured (`observe_lag`).
+        self.lag
+            .with_label_values(&[&m, &t])
+            .set((record.events_total - record.events_copied).max(0));
     }
 
     pub fn observe_lag(&self, record: &MigrationRecord, lag: i64) {
         let (m, t) = (record.id.to_string(), record.tenant_id.to_string());
         self.lag.with_label_values(&[&m, &t]).set(lag);
+    }
+
+    pub fn observe_verification(&self, report: &crate::verify::Report) {
+        let level = report.level.as_str();
+        self.verify_events
+            .with_label_values(&[level])
+            .inc_by(u64::try_from(report.source_event_count).unwrap_or(0));
+        self.verify_violations
+            .with_label_values(&[level])
+            .inc_by((report.violations.len() + report.violations_not_classified) as u64);
+        #[allow(clippy::cast_precision_loss)]
+        self.verify_duration
+            .with_label_values(&[level])
+            .observe(report.duration_ms as f64 / 1000.0);
     }
 
     /// Drops a migration's series once it is no longer driven here.
@@ -112,6 +253,34 @@ impl EngineMetrics {
             let _ = vec.remove_label_values(&[&m, &t]);
         }
         let _ = self.lag.remove_label_values(&[&m, &t]);
+    }
+
+    /// Replaces the fleet view with what the control database says now.
+    pub fn observe_fleet(&self, all: &[MigrationRecord], routing_epoch: i64) {
+        let mut by_state = std::collections::BTreeMap::new();
+        for state in switchyard_store::MigrationState::ALL {
+            by_state.insert(state.to_string(), 0_i64);
+        }
+        self.migration_info.reset();
+        for record in all {
+            let state = record.state.to_string();
+            *by_state.entry(state.clone()).or_default() += 1;
+            if !record.state.is_terminal() {
+                self.migration_info
+                    .with_label_values(&[
+                        &record.id.to_string(),
+                        &record.tenant_id.to_string(),
+                        &state,
+                        &record.source_store_id,
+                        &record.target_store_id,
+                    ])
+                    .set(1);
+            }
+        }
+        for (state, n) in by_state {
+            self.migrations.with_label_values(&[&state]).set(n);
+        }
+        self.routing_epoch.set(routing_epoch);
     }
 
     pub fn render(&self) -> String {

@@ -10,6 +10,7 @@ mod copy;
 mod cutover;
 mod metrics;
 mod ops;
+mod verify;
 
 use std::collections::HashMap;
 use std::time::Duration;

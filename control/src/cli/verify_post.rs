@@ -1,0 +1,353 @@
+//! `verify-post MIGRATION --stream TYPE/ID [--proxy URL]`: the runbook's "verify
+//! post-migration" procedure. Each check is printed; the first failure stops the run with exit 1.
+//!
+//! Checks, in order: the migration is `migrated`; the tenant's route is `normal` on the target;
+//! every live proxy (heartbeat in the last 10 s) has applied that route and mirrors nothing for
+//! the tenant; a read of the stream through a proxy succeeds; a test append
+//! (`SwitchyardPostMigrationCheck`) through the proxy succeeds and landed in the target store,
+//! not in the source. Use a stream kept for such checks: the test event stays in it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde_json::{json, Value};
+use switchyard_store::{MigrationState, RoutingState};
+use uuid::Uuid;
+
+use super::{emit, CliError};
+use crate::context::Context;
+
+/// A proxy whose heartbeat is older than this is not live.
+const LIVE: chrono::Duration = chrono::Duration::seconds(10);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub migration: Uuid,
+    /// The stream to read and append a test event to, as TYPE/ID.
+    #[arg(long, value_parser = parse_stream)]
+    pub stream: (String, Uuid),
+    /// The proxy's data-plane URL (default: the first live proxy's, from its heartbeat).
+    #[arg(long)]
+    pub proxy: Option<String>,
+}
+
+fn parse_stream(text: &str) -> Result<(String, Uuid), String> {
+    let (kind, id) = text
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{text:?}: expected TYPE/ID, e.g. Order/6f1c…"))?;
+    if kind.is_empty() {
+        return Err(format!("{text:?}: the stream type is empty"));
+    }
+    let id = Uuid::parse_str(id).map_err(|e| format!("{id:?} is not a UUID: {e}"))?;
+    Ok((kind.to_owned(), id))
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    check: &'static str,
+    passed: bool,
+    detail: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Outcome {
+    passed: bool,
+    checks: Vec<Check>,
+}
+
+impl Outcome {
+    /// Records a check; `Err` ends the run at the first failure.
+    fn check(&mut self, check: &'static str, result: Result<String, String>) -> Result<(), ()> {
+        let passed = result.is_ok();
+        let detail = result.unwrap_or_else(|e| e);
+        self.checks.push(Check {
+            check,
+            passed,
+            detail,
+        });
+        if passed {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+    let mut outcome = Outcome::default();
+    let _ = checks(ctx, args, &mut outcome).await?;
+    outcome.passed = outcome.checks.iter().all(|c| c.passed);
+    emit(json, &outcome, |o| {
+        let mut out = String::from("Post-Migration Verification\n===========================\n");
+        for c in &o.checks {
+            out.push_str(&format!(
+                "[{}] {}: {}\n",
+                if c.passed { "ok" } else { "FAILED" },
+                c.check,
+                c.detail
+            ));
+        }
+        out.push_str(if o.passed {
+            "\nVerification PASSED\n"
+        } else {
+            "\nVerification FAILED\n"
+        });
+        out
+    });
+    match outcome.checks.iter().find(|c| !c.passed) {
+        None => Ok(()),
+        Some(c) => Err(CliError::Reported(format!(
+            "post-migration check {:?} failed: {}",
+            c.check, c.detail
+        ))),
+    }
+}
+
+async fn checks(
+    ctx: &mut Context,
+    args: &Args,
+    o: &mut Outcome,
+) -> Result<Result<(), ()>, CliError> {
+    let engine = ctx.engine().await?;
+    let record = engine.control.migration(args.migration).await?;
+    let tenant = record.tenant_id;
+    macro_rules! check {
+        ($name:expr, $result:expr) => {
+            if o.check($name, $result).is_err() {
+                return Ok(Err(()));
+            }
+        };
+    }
+
+    check!(
+        "migration state",
+        if record.state == MigrationState::Migrated {
+            Ok(format!("{} (tenant {tenant})", record.state))
+        } else {
+            Err(format!("{}, expected migrated", record.state))
+        }
+    );
+
+    let route = engine
+        .control
+        .route(tenant)
+        .await
+        .map_err(|e| CliError::Failed(format!("reading the route: {e}")))?;
+    check!(
+        "routing",
+        match &route {
+            Some(r)
+                if r.migration_state == RoutingState::Normal
+                    && r.store_id == record.target_store_id =>
+            {
+                Ok(format!(
+                    "{} on {} (epoch {})",
+                    r.migration_state, r.store_id, r.epoch
+                ))
+            }
+            Some(r) => Err(format!(
+                "{} on {}, expected normal on {}",
+                r.migration_state, r.store_id, record.target_store_id
+            )),
+            None => Err(format!("tenant {tenant} has no route")),
+        }
+    );
+    let epoch = route.map_or(0, |r| r.epoch);
+
+    let now = Utc::now();
+    let live: Vec<_> = engine
+        .control
+        .proxies()
+        .await?
+        .into_iter()
+        .filter(|p| now - p.last_seen < LIVE)
+        .collect();
+    let tenant_text = tenant.to_string();
+    let mirroring: Vec<&str> = live
+        .iter()
+        .filter(|p| {
+            p.details
+                .as_ref()
+                .and_then(|d| d.get("mirroring_tenants"))
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|t| t.as_str() == Some(tenant_text.as_str())))
+        })
+        .map(|p| p.proxy_id.as_str())
+        .collect();
+    let stale: Vec<String> = live
+        .iter()
+        .filter(|p| p.routing_epoch < epoch)
+        .map(|p| format!("{} (epoch {})", p.proxy_id, p.routing_epoch))
+        .collect();
+    check!(
+        "no dual-write mirror",
+        if !mirroring.is_empty() {
+            Err(format!(
+                "still mirroring the tenant: {} (Active (ERROR!))",
+                mirroring.join(", ")
+            ))
+        } else if !stale.is_empty() {
+            Err(format!(
+                "not yet on routing epoch {epoch}: {}",
+                stale.join(", ")
+            ))
+        } else {
+            Ok(format!("cleared on {} live proxies", live.len()))
+        }
+    );
+
+    let base = match &args.proxy {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let found = live.iter().find_map(|p| {
+                p.details
+                    .as_ref()
+                    .and_then(|d| d.get("data_url"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            match found {
+                Some(url) => url,
+                None => {
+                    check!(
+                        "read",
+                        Err::<String, _>(
+                            "no live proxy reported a data URL; pass --proxy URL".to_owned()
+                        )
+                    );
+                    return Ok(Ok(()));
+                }
+            }
+        }
+    };
+    let (kind, id) = &args.stream;
+    let url = format!(
+        "{base}/v1/tenants/{tenant}/streams/{}/{id}/events",
+        percent_encode(kind)
+    );
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+
+    let read = http(&client, Method::GET, &format!("{url}?limit=1000"), None).await;
+    let (count, store) = match &read {
+        Ok((200, body)) => (
+            body.get("events")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len),
+            body.get("store_id")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_owned(),
+        ),
+        _ => (0, String::new()),
+    };
+    check!(
+        "read",
+        match read {
+            Ok((200, _)) if store == record.target_store_id => Ok(format!(
+                "read {count} events of {kind}/{id} from {store} through {base}"
+            )),
+            Ok((200, _)) => Err(format!(
+                "the read was served by {store}, expected {}",
+                record.target_store_id
+            )),
+            Ok((status, body)) => Err(format!("{base} answered {status}: {body}")),
+            Err(e) => Err(e),
+        }
+    );
+
+    let event_id = Uuid::new_v4();
+    let body = json!({
+        "expected_version": Value::Null,
+        "events": [{
+            "event_id": event_id,
+            "event_type": "SwitchyardPostMigrationCheck",
+            "payload": { "migration_id": record.id },
+        }],
+    });
+    let append = http(&client, Method::POST, &url, Some(&body)).await;
+    check!(
+        "write",
+        match append {
+            Ok((201, reply)) => Ok(format!(
+                "appended test event {event_id} at version {} via store {}",
+                reply.get("last_version").unwrap_or(&Value::Null),
+                reply.get("store_id").and_then(Value::as_str).unwrap_or("?")
+            )),
+            Ok((status, reply)) => Err(format!("{base} answered {status}: {reply}")),
+            Err(e) => Err(e),
+        }
+    );
+
+    let source = engine.store(&record.source_store_id)?;
+    let target = engine.store(&record.target_store_id)?;
+    let ids = [event_id];
+    let (in_source, in_target) =
+        tokio::try_join!(source.positions_of(&ids), target.positions_of(&ids))
+            .map_err(|e| CliError::Failed(format!("looking up the test event: {e}")))?;
+    check!(
+        "write landed on the target",
+        match (in_source.is_empty(), in_target.get(&event_id)) {
+            (true, Some(p)) => Ok(format!(
+                "in {} at global position {p}, not in {}",
+                record.target_store_id, record.source_store_id
+            )),
+            (false, _) => Err(format!(
+                "the test event landed in the source store {}",
+                record.source_store_id
+            )),
+            (true, None) => Err(format!(
+                "the test event is not in the target store {}",
+                record.target_store_id
+            )),
+        }
+    );
+    Ok(Ok(()))
+}
+
+async fn http(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), String> {
+    let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let response = tokio::time::timeout(HTTP_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| format!("{url}: no answer within {HTTP_TIMEOUT:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+/// Percent-encodes a path segment (everything but unreserved characters).
+fn percent_encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
