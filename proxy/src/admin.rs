@@ -93,6 +93,21 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             body["note"] = json!("this proxy only, until the tenant's next routing change");
             Ok(json_response(StatusCode::OK, &body))
         }
+        (&Method::GET, ["admin", "log-level"]) => Ok(json_response(
+            StatusCode::OK,
+            &json!({ "filter": crate::telemetry::current_filter() }),
+        )),
+        (&Method::PUT | &Method::POST, ["admin", "log-level"]) => {
+            authorize(state, &request)?;
+            let body = read_small_body(request).await?;
+            let filter = crate::telemetry::set_from_json(&body)
+                .map_err(|m| ApiError::bad_request("invalid_filter", m))?;
+            Ok(json_response(StatusCode::OK, &json!({ "filter": filter })))
+        }
+        (_, ["admin", "log-level"]) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "GET, PUT",
+        }),
         (_, ["admin", "tenants", _, "resume-writes"]) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
             allow: "POST",
@@ -134,6 +149,23 @@ async fn resume_writes(state: &AppState, tenant: Uuid) -> Route {
     route
 }
 
+/// Most bytes an admin request body may carry.
+const ADMIN_BODY_LIMIT: usize = 4096;
+
+async fn read_small_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    http_body_util::Limited::new(request.into_body(), ADMIN_BODY_LIMIT)
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("the body must be at most {ADMIN_BODY_LIMIT} bytes"),
+            )
+        })
+}
+
 /// Checks `Authorization: Bearer <token>` when a token is configured.
 pub fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), ApiError> {
     let expected = state.config.proxy.admin_token.as_bytes();
@@ -155,7 +187,7 @@ pub fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Ap
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = u8::from(a.len() != b.len());
     for (i, byte) in b.iter().enumerate() {
         diff |= byte ^ a.get(i).copied().unwrap_or(0);

@@ -256,6 +256,49 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
     })
 }
 
+/// [`decode_append`] with the properties every answer must have, for the fuzz target and the
+/// property tests: panics when one is broken. A refusal is 400, 413 or 422 (never a 5xx); an
+/// accepted append has 1 to `max_events` events with distinct ids, each `event_type` 1 to
+/// `max_field_bytes` bytes, an `actor_id` within the limit, no NUL in any field, a JSON-object
+/// payload without `\u0000`, and a non-negative expected version.
+pub fn check_decode_append(body: &[u8], limits: Limits) {
+    match decode_append(body, limits) {
+        Err(e) => {
+            let status = e.into_response().status().as_u16();
+            assert!(
+                matches!(status, 400 | 413 | 422),
+                "decoding answered {status}"
+            );
+        }
+        Ok(command) => {
+            assert!(command.expected_version.is_none_or(|v| v >= 0));
+            assert!(!command.events.is_empty() && command.events.len() <= limits.max_events);
+            let mut ids = HashSet::new();
+            for event in &command.events {
+                assert!(ids.insert(event.event_id), "duplicate event id accepted");
+                let ty = &event.event_type;
+                assert!(!ty.is_empty() && ty.len() <= limits.max_field_bytes && !ty.contains('\0'));
+                if let Some(actor) = &event.actor_id {
+                    assert!(actor.len() <= limits.max_field_bytes && !actor.contains('\0'));
+                }
+                let payload: serde_json::Value =
+                    serde_json::from_str(event.payload.get()).expect("payload is JSON");
+                assert!(payload.is_object(), "payload is an object");
+                assert!(!has_nul(&payload), "payload holds U+0000");
+            }
+        }
+    }
+}
+
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct AppendReply<'a> {
     store_id: &'a str,
@@ -325,10 +368,10 @@ async fn route(
                 aggregate_type: &aggregate_type,
                 aggregate_id,
             };
-            state.metrics.appends_in_flight.inc();
-            let result = append(state, stream, command).await;
-            state.metrics.appends_in_flight.dec();
-            result
+            // A guard, not inc/dec around the call: a request cancelled mid-append (client
+            // gone, deadline passed) drops this future and must still leave the gauge.
+            let _in_flight = InFlight::enter(&state.metrics.appends_in_flight);
+            append(state, stream, command).await
         }
         (
             Endpoint::Stream {
@@ -379,6 +422,23 @@ async fn route(
             method: method.to_string(),
             allow: "GET",
         }),
+    }
+}
+
+/// Holds one unit of a gauge from creation until drop.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    pub fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -499,7 +559,8 @@ fn read_params(query: &str, start_name: &str) -> Result<(i64, u32), ApiError> {
     Ok((start, limit))
 }
 
-/// Reads the body under the size limit: a declared length over it is refused before reading.
+/// Reads the body under the size limit and the body read timeout: a declared length over the
+/// limit is refused before reading.
 async fn read_body(
     state: &AppState,
     request: Request<hyper::body::Incoming>,
@@ -513,7 +574,14 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(request.into_body(), limit).collect().await {
+    let timeout_ms = state.config.proxy.body_read_timeout_ms;
+    let collecting = Limited::new(request.into_body(), limit).collect();
+    let Ok(collected) =
+        tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), collecting).await
+    else {
+        return Err(ApiError::BodyTimeout(timeout_ms));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge { limit })

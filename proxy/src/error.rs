@@ -38,6 +38,10 @@ pub enum ApiError {
     },
     #[error("the proxy is overloaded; retry shortly")]
     Overloaded,
+    #[error("too many requests from this client; retry after {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
     #[error("missing or wrong bearer token")]
@@ -89,11 +93,13 @@ impl ApiError {
             | Self::PayloadTooLarge { .. }
             | Self::Invalid { .. }
             | Self::StreamNotFound
+            | Self::BodyTimeout(_)
             | Self::Unauthorized => Kind::Client,
             Self::VersionConflict { .. } | Self::EventIdReused => Kind::Conflict,
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
+            | Self::RateLimited { .. }
             | Self::Timeout(_) => Kind::Unavailable,
             Self::Internal(_) => Kind::Internal,
         }
@@ -116,6 +122,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -134,6 +142,8 @@ impl ApiError {
             Self::StoreUnavailable { .. } => "store_unavailable",
             Self::Overloaded => "overloaded",
             Self::Timeout(_) => "timeout",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Unauthorized => "unauthorized",
             Self::Internal(_) => "internal",
         }
@@ -160,7 +170,9 @@ impl ApiError {
                 body.insert("expected_version".into(), json!(expected));
                 body.insert("actual_version".into(), json!(actual));
             }
-            Self::WritesPaused { retry_after_s } => retry_after = Some(*retry_after_s),
+            Self::WritesPaused { retry_after_s } | Self::RateLimited { retry_after_s } => {
+                retry_after = Some(*retry_after_s);
+            }
             Self::Overloaded | Self::StoreUnavailable { .. } => retry_after = Some(1),
             Self::PayloadTooLarge { limit } => {
                 body.insert("limit_bytes".into(), json!(limit));
@@ -173,6 +185,12 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::BodyTimeout(_)) {
+            // The rest of the body may still be on its way: do not read it as the next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(allow) = allow {
             response

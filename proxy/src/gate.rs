@@ -12,6 +12,9 @@ use crate::error::ApiError;
 use crate::routing::Route;
 use crate::AppState;
 
+/// How often a waiting writer asks the watcher to re-read the routing table.
+const RECHECK: Duration = Duration::from_millis(250);
+
 /// What a writer waits for.
 #[derive(Debug, Clone, Copy)]
 pub enum Until {
@@ -40,10 +43,23 @@ pub async fn wait(state: &AppState, tenant: Uuid, until: Until) -> Result<Route,
     let started = std::time::Instant::now();
     state.metrics.gate_writers.inc();
     let _leave = scopeguard(|| state.metrics.gate_writers.dec());
+    // While writers wait, the routing table is re-read every RECHECK (an incremental reload:
+    // one query when nothing changed), so a proxy that missed the notification that opens the
+    // gate (a lost LISTEN connection, a long poll interval, a reload that raced the cutover's
+    // last routing change) does not hold its writers until the wait limit.
+    let mut recheck = tokio::time::interval_at(Instant::now() + RECHECK, RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         // `changed` is marked seen before the route is read again, so a swap between the read
         // and the wait still wakes us.
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
+        let changed = tokio::select! {
+            changed = tokio::time::timeout_at(deadline, changes.changed()) => changed,
+            _ = recheck.tick() => {
+                state.reload_now.notify_one();
+                continue;
+            }
+        };
+        match changed {
             Ok(Ok(())) => {
                 changes.borrow_and_update();
                 let route = *state.routes.load().get(&tenant);

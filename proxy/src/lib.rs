@@ -10,11 +10,13 @@ pub mod admin;
 pub mod api;
 pub mod error;
 pub mod gate;
+pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -52,6 +54,10 @@ pub struct AppState {
     pub proxy_id: String,
     /// Where this proxy's admin port answers, as reported in `proxies` (set when it binds).
     pub admin_url: std::sync::OnceLock<String>,
+    /// Where this proxy's data plane answers, as reported in `proxies` (set when it binds).
+    pub data_url: std::sync::OnceLock<String>,
+    /// TLS for both listeners, when a certificate and key are configured.
+    pub tls: Option<tls::Tls>,
     shutting_down: AtomicBool,
 }
 
@@ -91,6 +97,8 @@ pub enum BuildError {
     Control(StoreError),
     #[error("too many stores configured ({0}); at most {max}", max = StoreIdx::MAX - 1)]
     TooManyStores(usize),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A built proxy, ready to run.
@@ -124,6 +132,14 @@ impl App {
             .get(&config.default_store)
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
+        let tls = if config.proxy.tls_cert_path.is_empty() {
+            None
+        } else {
+            Some(tls::Tls::load(
+                &config.proxy.tls_cert_path,
+                &config.proxy.tls_key_path,
+            )?)
+        };
         let metrics = ProxyMetrics::new();
         let state = AppState {
             mirror: Mirror::new(stores.len(), metrics.clone()),
@@ -144,6 +160,8 @@ impl App {
                 config.proxy.proxy_id.clone()
             },
             admin_url: std::sync::OnceLock::new(),
+            data_url: std::sync::OnceLock::new(),
+            tls,
             shutting_down: AtomicBool::new(false),
             config,
         };
@@ -189,25 +207,31 @@ impl App {
     ) {
         let state = self.state;
         let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
+        let scheme = if state.tls.is_some() { "https" } else { "http" };
         if let Ok(addr) = admin.local_addr() {
-            let _ = state.admin_url.set(format!("http://{addr}"));
+            let _ = state.admin_url.set(format!("{scheme}://{addr}"));
+        }
+        if let Ok(addr) = data.local_addr() {
+            let _ = state.data_url.set(format!("{scheme}://{addr}"));
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         // The admin port outlives the data port's drain, so `/readyz` can say 503 meanwhile.
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let watcher = tokio::spawn(watcher::run(Arc::clone(&state), stop_rx.clone()));
         let mirror_workers = state.mirror.start(&state.stores);
-        let admin_server = tokio::spawn(server::serve(
+        let admin_server = tokio::spawn(server::serve_with(
             admin,
             admin::service(Arc::clone(&state)),
             admin_stop_rx,
             Duration::from_secs(1),
+            server::ServeOptions::admin(&state.config.proxy, state.tls.clone()),
         ));
-        let data_server = server::serve(
+        let data_server = server::serve_with(
             data,
             server::data_service(Arc::clone(&state)),
             stop_rx,
             grace,
+            server::ServeOptions::data(&state.config.proxy, state.tls.clone()),
         );
         tokio::pin!(data_server);
         tokio::select! {

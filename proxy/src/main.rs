@@ -17,7 +17,13 @@ struct Args {
     /// Config file (TOML); SWITCHYARD_* variables override it.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log line format on stderr (also SWITCHYARD_LOG_FORMAT).
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
 }
 

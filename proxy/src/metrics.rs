@@ -79,6 +79,11 @@ impl ProxyMetrics {
             &["outcome"],
         )
         .expect("valid metric");
+        // Every outcome is exported from the start, so rates and alerts see a 0 before the first
+        // failure.
+        for outcome in ["ok", "deferred", "failed", "dropped"] {
+            mirror_writes.with_label_values(&[outcome]);
+        }
         let fence_rejections = IntCounter::new(
             "switchyard_proxy_fence_rejections_total",
             "Appends a store refused because the tenant's fence had moved.",
@@ -109,11 +114,17 @@ impl ProxyMetrics {
         .expect("valid metric");
         let build_info = prometheus::IntGaugeVec::new(
             Opts::new("switchyard_build_info", "Build information; always 1."),
-            &["program", "version"],
+            &["program", "version", "commit"],
         )
         .expect("valid metric");
+        // The commit comes from SWITCHYARD_GIT_COMMIT at build time (the Dockerfile's
+        // GIT_COMMIT build argument); "unknown" otherwise.
         build_info
-            .with_label_values(&["switchyard-proxy", env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                "switchyard-proxy",
+                env!("CARGO_PKG_VERSION"),
+                option_env!("SWITCHYARD_GIT_COMMIT").unwrap_or("unknown"),
+            ])
             .set(1);
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,

@@ -143,6 +143,7 @@ pub async fn report(state: &AppState) {
     let details = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "mirroring_tenants": mirroring,
+        "data_url": state.data_url.get(),
         "shutting_down": state.is_shutting_down(),
     });
     let admin_url = state.admin_url.get().map_or("", String::as_str);

@@ -1,0 +1,58 @@
+//! TLS for the proxy's listeners (rustls, ring provider): loads the configured PEM certificate
+//! chain and key, and offers h2 and http/1.1 by ALPN.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A server-side TLS acceptor.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading TLS certificate {path}: {message}")]
+    Cert { path: String, message: String },
+    #[error("reading TLS key {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("TLS certificate and key do not make a server config: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+impl Tls {
+    /// Loads `cert_path` (PEM chain, leaf first) and `key_path` (PEM private key).
+    pub fn load(cert_path: &str, key_path: &str) -> Result<Self, TlsError> {
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(Path::new(cert_path))
+                .and_then(|certs| certs.collect::<Result<_, _>>())
+                .map_err(|e| TlsError::Cert {
+                    path: cert_path.to_owned(),
+                    message: e.to_string(),
+                })?;
+        if certs.is_empty() {
+            return Err(TlsError::Cert {
+                path: cert_path.to_owned(),
+                message: "no CERTIFICATE block found".to_owned(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(Path::new(key_path)).map_err(|e| TlsError::Key {
+            path: key_path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+}
