@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
+# Deployment assets: promtool, kubernetes-validate, hadolint (installed when missing), then the
+# static checks of deploy/; tests/tests/deploy.rs checks the metrics against real scrapes.
+scripts/ensure-tools.sh
+python3 scripts/check-deploy.py
 cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
