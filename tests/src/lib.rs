@@ -17,8 +17,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sqlx::Connection;
+use switchyard_store::{EventStore, NewEvent, StreamRef};
 use uuid::Uuid;
 
 pub use anyhow::Result;
@@ -643,12 +644,30 @@ impl Drop for ServeProcess {
     }
 }
 
-/// A TCP forwarder in front of a database that a test can close (refusing new connections and
-/// cutting open ones) and open again: a target "that stops accepting connections".
+/// What a [`TcpGate`] does with traffic, set on command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// Forward everything.
+    Pass,
+    /// Forward everything, each chunk held back this long (in both directions).
+    Latency(Duration),
+    /// Accept and hold, forward nothing; what was sent moves on when the mode changes back
+    /// (a stalled network or a frozen server).
+    Stall,
+    /// Accept, then read and silently drop everything, in both directions (a firewall that
+    /// drops packets). Leaving it cuts every connection it touched, as the peers' timeouts
+    /// eventually would.
+    Blackhole,
+    /// Refuse new connections (accept and close at once).
+    Closed,
+}
+
+/// A TCP forwarder in front of a database that injects faults on command: latency, stall,
+/// blackhole, reset of the open connections, refusing connections.
 #[derive(Debug)]
 pub struct TcpGate {
     pub port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mode: tokio::sync::watch::Sender<GateMode>,
     generation: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -658,45 +677,86 @@ impl TcpGate {
     pub async fn start(upstream: &str) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (mode, _) = tokio::sync::watch::channel(GateMode::Pass);
         let (generation, _) = tokio::sync::watch::channel(0u64);
         let upstream = upstream.to_owned();
-        let (open2, generation2) = (open.clone(), generation.clone());
+        let (mode2, generation2) = (mode.clone(), generation.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open2.load(std::sync::atomic::Ordering::Acquire) {
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                let now = *mode2.borrow();
+                if now == GateMode::Closed {
                     drop(client);
                     continue;
                 }
                 let upstream = upstream.clone();
                 let mut cut = generation2.subscribe();
+                let modes = mode2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
+                    let server = if now == GateMode::Blackhole {
+                        None // nothing reaches the server while blackholed
+                    } else {
+                        match tokio::net::TcpStream::connect(&upstream).await {
+                            Ok(server) => Some(server),
+                            Err(_) => return,
+                        }
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
+                    let (client_read, client_write) = client.into_split();
+                    match server {
+                        Some(server) => {
+                            let _ = server.set_nodelay(true);
+                            let (server_read, server_write) = server.into_split();
+                            tokio::select! {
+                                () = pump(client_read, Some(server_write), modes.clone()) => {}
+                                () = pump(server_read, Some(client_write), modes) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
+                        None => {
+                            tokio::select! {
+                                () = pump(client_read, None, modes) => {}
+                                _ = cut.changed() => {}
+                            }
+                            drop(client_write);
+                        }
                     }
                 });
             }
         });
         Ok(Self {
             port,
-            open,
+            mode,
             generation,
             task,
         })
     }
 
-    /// Refuses new connections and cuts the open ones.
-    pub fn close(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::Release);
+    /// Sets the mode. Leaving `Blackhole` cuts every open connection.
+    pub fn set(&self, mode: GateMode) {
+        let before = self.mode.send_replace(mode);
+        if before == GateMode::Blackhole && mode != GateMode::Blackhole {
+            self.reset();
+        }
+    }
+
+    pub fn mode(&self) -> GateMode {
+        *self.mode.borrow()
+    }
+
+    /// Cuts every open connection now; new ones are accepted as the mode says.
+    pub fn reset(&self) {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Refuses new connections and cuts the open ones.
+    pub fn close(&self) {
+        self.set(GateMode::Closed);
+        self.reset();
+    }
+
+    /// Back to forwarding everything.
     pub fn open(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::Release);
+        self.set(GateMode::Pass);
     }
 
     /// `url` (a PostgreSQL URL on 127.0.0.1:5432) rewritten to go through this gate.
@@ -705,9 +765,60 @@ impl TcpGate {
     }
 }
 
+/// Moves bytes from `from` to `to` as the gate's mode says, until either side closes. `to` is
+/// `None` for a connection accepted while blackholed (it has no server).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: Option<tokio::net::tcp::OwnedWriteHalf>,
+    mut modes: tokio::sync::watch::Receiver<GateMode>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // A stalled gate reads nothing either, so the sender's buffers fill up as on a real
+        // stalled network.
+        while *modes.borrow_and_update() == GateMode::Stall {
+            if modes.changed().await.is_err() {
+                return;
+            }
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        loop {
+            let mode = *modes.borrow_and_update();
+            match mode {
+                GateMode::Stall => {
+                    if modes.changed().await.is_err() {
+                        return;
+                    }
+                }
+                GateMode::Blackhole => break, // dropped
+                GateMode::Latency(delay) => {
+                    tokio::time::sleep(delay).await;
+                    let Some(to) = to.as_mut() else { break };
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                GateMode::Pass | GateMode::Closed => {
+                    let Some(to) = to.as_mut() else { break };
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Drop for TcpGate {
     fn drop(&mut self) {
         self.task.abort();
+        self.reset();
     }
 }
 
@@ -867,4 +978,39 @@ pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
             );
         }
     }
+}
+
+/// Seeds `streams` streams of `per_stream` events for `tenant` straight into a store.
+pub async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) -> Result<()> {
+    let store = EventStore::connect("seed", url, 4)?;
+    for _ in 0..streams {
+        let aggregate_id = Uuid::new_v4();
+        let events: Vec<NewEvent> = (0..per_stream)
+            .map(|i| {
+                let payload = serde_json::value::RawValue::from_string(
+                    json!({"i": i, "pad": "x".repeat(40)}).to_string(),
+                )?;
+                Ok(NewEvent::new(
+                    Uuid::new_v4(),
+                    "Seeded",
+                    payload,
+                    Some("seeder".into()),
+                    None,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        store
+            .append(
+                StreamRef {
+                    tenant_id: tenant,
+                    aggregate_type: "Seed",
+                    aggregate_id,
+                },
+                Some(0),
+                &events,
+            )
+            .await?;
+    }
+    store.close().await;
+    Ok(())
 }

@@ -32,6 +32,58 @@ async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
     Ok(())
 }
 
+/// Seeds `events` events of `tenant` on either backend (streams of 100 versions).
+async fn seed_tenant(env: &Env, tenant: Uuid, events: usize) -> Result<()> {
+    let url = env.store_url("shared");
+    match env.backend {
+        Backend::Postgres => seed_sql(url, tenant, i64::try_from(events)?).await,
+        Backend::Sqlite => {
+            switchyard_tests::seed(url, tenant, events.div_ceil(100), 100.min(events)).await
+        }
+    }
+}
+
+/// A session that holds the tenant's fence as an append in flight would: PostgreSQL `FOR SHARE`
+/// on its fence row; SQLite, where the fence is the write transaction, a `BEGIN IMMEDIATE`.
+enum FenceHolder {
+    Postgres(sqlx::PgConnection),
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl FenceHolder {
+    async fn take(env: &Env, tenant: Uuid) -> Result<Self> {
+        let url = env.store_url("shared");
+        Ok(match env.backend {
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(url).await?;
+                sqlx::query("BEGIN").execute(&mut c).await?;
+                sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
+                    .bind(tenant)
+                    .execute(&mut c)
+                    .await?;
+                Self::Postgres(c)
+            }
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(url).await?;
+                sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await?;
+                Self::Sqlite(c)
+            }
+        })
+    }
+
+    async fn release(self) -> Result<()> {
+        match self {
+            Self::Postgres(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await?;
+            }
+            Self::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
     let started = env.control_json(&[
         "migrate",
@@ -59,17 +111,31 @@ async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
 /// 200,000-event tenant, two other tenants writing on the same source: the cutover succeeds,
 /// every acknowledged append is in the target exactly once, none reached the source after the
 /// fence, and the other tenants never wait.
+/// `under_load(Backend::Sqlite)` runs the same on the embedded default with a 20,000-event
+/// tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
+    // The SQLite run (`under_load(Backend::Sqlite)`) passed 3 of 3 runs here but shares the
+    // "database is locked" failure the crash test showed on SQLite once (issue 6): PostgreSQL
+    // only until that is fixed.
+    under_load(Backend::Postgres).await
+}
+
+async fn under_load(backend: Backend) -> Result<()> {
     let env = Env::new(
-        Backend::Postgres,
+        backend,
         &["shared", "dedicated"],
         "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 10000\n",
     )
     .await?;
     env.control_json(&["init"])?;
     let (tenant, others) = (Uuid::new_v4(), [Uuid::new_v4(), Uuid::new_v4()]);
-    seed_sql(env.store_url("shared"), tenant, 200_000).await?;
+    let events = if backend == Backend::Postgres {
+        200_000
+    } else {
+        20_000
+    };
+    seed_tenant(&env, tenant, events).await?;
     let http = Http::new();
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let id = migrate_to_dual_write(&env, tenant).await?;
@@ -226,15 +292,22 @@ async fn direct_writers_are_held_then_refused_by_the_fence() -> Result<()> {
 /// larger budget succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Result<()> {
+    // PostgreSQL only for now: on SQLite, while another connection holds the write lock,
+    // `cutover` (and `status`) fail at once with "database is locked" before any gate closes
+    // (nothing changes, but it is not the budgeted rollback this test is about; see issue 6).
+    budget_missed(Backend::Postgres).await
+}
+
+async fn budget_missed(backend: Backend) -> Result<()> {
     let env = Env::new(
-        Backend::Postgres,
+        backend,
         &["shared", "dedicated"],
         "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 10000\n",
     )
     .await?;
     env.control_json(&["init"])?;
     let tenant = Uuid::new_v4();
-    seed_sql(env.store_url("shared"), tenant, 1000).await?;
+    seed_tenant(&env, tenant, 1000).await?;
     let http = Http::new();
     let proxy = env.proxy(&[])?;
     proxy.wait_ready(&http).await?;
@@ -249,19 +322,14 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
         Duration::from_millis(10),
     );
 
-    // Another session holds the fence (FOR SHARE, as an append in flight would).
-    let mut holder = sqlx::PgConnection::connect(env.store_url("shared")).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
-        .bind(tenant)
-        .execute(&mut holder)
-        .await?;
+    // Another session holds the fence, as an append in flight would.
+    let holder = FenceHolder::take(&env, tenant).await?;
     let out = env.control(&["--json", "cutover", &id, "--timeout-ms", "300"])?;
     assert_eq!(out.code, 1, "{}", out.stderr);
     let report: Value = serde_json::from_str(out.stdout.lines().next().map_or("", |_| {
         out.stdout.split("\n{\"error\"").next().unwrap_or("")
     }))?;
-    assert_eq!(report["success"], false);
+    assert_eq!(report["success"], false, "{}{}", out.stdout, out.stderr);
     assert_eq!(report["state"], "dual_write");
     assert!(
         report["error"]
@@ -275,7 +343,7 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
         report["duration_ms"].as_u64().unwrap_or(u64::MAX) < 2000,
         "rolled back within the budget: {report}"
     );
-    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    holder.release().await?;
 
     // Writers resume on the source.
     wait_for(Duration::from_secs(3), || async {
@@ -332,15 +400,21 @@ async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Res
 /// is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
+    // PostgreSQL only for now: on SQLite, with writers appending, the cutover can fail at once
+    // with "database is locked" before any gate closes (see the budget test and issue 6).
+    crash_after_fence(Backend::Postgres).await
+}
+
+async fn crash_after_fence(backend: Backend) -> Result<()> {
     let env = Env::new(
-        Backend::Postgres,
+        backend,
         &["shared", "dedicated"],
         "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 20000\n",
     )
     .await?;
     env.control_json(&["init"])?;
     let tenant = Uuid::new_v4();
-    seed_sql(env.store_url("shared"), tenant, 1000).await?;
+    seed_tenant(&env, tenant, 1000).await?;
     let http = Http::new();
     let proxy = env.proxy(&[])?;
     proxy.wait_ready(&http).await?;

@@ -5,47 +5,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchyard_store::{EventStore, NewEvent, StreamRef};
+use switchyard_store::EventStore;
 use switchyard_tests::{
-    tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result, ServeProcess, TcpGate,
-    Writers,
+    seed, tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result, ServeProcess,
+    TcpGate, Writers,
 };
 use uuid::Uuid;
-
-/// Seeds `streams` streams of `per_stream` events for `tenant` straight into a store.
-async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) -> Result<()> {
-    let store = EventStore::connect("seed", url, 4)?;
-    for _ in 0..streams {
-        let aggregate_id = Uuid::new_v4();
-        let events: Vec<NewEvent> = (0..per_stream)
-            .map(|i| {
-                let payload = serde_json::value::RawValue::from_string(
-                    json!({"i": i, "pad": "x".repeat(40)}).to_string(),
-                )?;
-                Ok(NewEvent::new(
-                    Uuid::new_v4(),
-                    "Seeded",
-                    payload,
-                    Some("seeder".into()),
-                    None,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        store
-            .append(
-                StreamRef {
-                    tenant_id: tenant,
-                    aggregate_type: "Seed",
-                    aggregate_id,
-                },
-                Some(0),
-                &events,
-            )
-            .await?;
-    }
-    store.close().await;
-    Ok(())
-}
 
 fn migration_id(started: &Value) -> Result<String> {
     started["id"]
@@ -133,6 +98,28 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
     assert_eq!(started["tenant_id"], json!(tenant));
     let id = migration_id(&started)?;
     caught_up(&env, &id, Duration::from_secs(300)).await?;
+    // Verification while the writers keep writing (issue 5): the rows below the tail's
+    // horizon are compared; newer mirrored rows must exist in the source.
+    for level in ["count", "hash"] {
+        let report = env.control_json(&["verify", &id, "--level", level])?;
+        assert_eq!(report["consistent"], true, "{level}: {report}");
+        assert!(
+            report["source_event_count"].as_i64().unwrap_or(0) >= 100_000,
+            "{report}"
+        );
+        assert_eq!(
+            report["source_event_count"], report["target_event_count"],
+            "{report}"
+        );
+        assert_eq!(
+            report["streams_verified"], report["streams_consistent"],
+            "{report}"
+        );
+        assert!(
+            report["streams_verified"].as_u64().unwrap_or(0) >= 1000,
+            "{report}"
+        );
+    }
     // Keep writing in dual-write for a moment: the mirror and the tail both carry writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let acked = writers.stop().await?;

@@ -1,0 +1,66 @@
+//! Every benchmark harness runs end to end on small sizes (`--smoke`), so the harnesses cannot
+//! rot between benchmark runs. Nothing is timed here: each run must exit 0 and print its JSON
+//! summary (with the harness's own checks — every acknowledged event in the target, the
+//! verification naming the corrupted event, … — passed on the way).
+
+use std::process::Command;
+
+use serde_json::Value;
+use switchyard_tests::{bin, pg_admin_url, Result};
+
+fn smoke(name: &str) -> Result<Value> {
+    let mut command = Command::new(bin(name));
+    command.args(["--smoke", "--pg-url", &pg_admin_url()]);
+    if matches!(name, "copy" | "cutover") {
+        // The debug build's control binary, beside the test's (the harnesses default to the
+        // release one).
+        command.arg("--control-bin").arg(bin("switchyard-control"));
+    }
+    let out = command.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{name} --smoke failed: {stdout}\n{stderr}"
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("{name} printed no JSON summary: {stdout}"))?;
+    let summary: Value = serde_json::from_str(summary)?;
+    assert_eq!(summary["bench"], name, "{summary}");
+    assert!(
+        stdout.contains("|---"),
+        "{name} printed no Markdown table: {stdout}"
+    );
+    Ok(summary)
+}
+
+#[test]
+fn copy_smoke() -> Result<()> {
+    let s = smoke("copy")?;
+    assert!(s["runs"].as_array().is_some_and(|r| !r.is_empty()), "{s}");
+    Ok(())
+}
+
+#[test]
+fn verify_smoke() -> Result<()> {
+    smoke("verify").map(drop)
+}
+
+#[test]
+fn dual_write_smoke() -> Result<()> {
+    let s = smoke("dual_write")?;
+    assert_eq!(s["mirror_writes_total"]["failed"], 0, "{s}");
+    Ok(())
+}
+
+#[test]
+fn append_overhead_smoke() -> Result<()> {
+    smoke("append_overhead").map(drop)
+}
+
+#[test]
+fn cutover_smoke() -> Result<()> {
+    smoke("cutover").map(drop)
+}
