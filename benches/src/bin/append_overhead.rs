@@ -15,6 +15,7 @@
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+use switchyard_benches::{redact, with_database};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -351,24 +352,6 @@ impl Harness {
     }
 }
 
-/// `url` with its database name replaced by `database`.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").context("--pg-url has no scheme")? + 3;
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    Ok(out)
-}
-
 /// A TOML basic string holding `s`.
 fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -662,20 +645,6 @@ async fn run(args: Args) -> Result<()> {
     };
     print!("{}", report(&args, &conditions, &direct, &proxy));
     Ok(())
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 fn main() -> Result<()> {

@@ -50,6 +50,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::{seed, toml_string, Databases};
 use switchyard_store::control::Progress;
 use switchyard_store::{AuditNote, ControlDb, EventStore, NewMigration, PassWindow, StoredEvent};
 use uuid::Uuid;
@@ -57,8 +58,6 @@ use uuid::Uuid;
 /// Targets from the performance issues, printed beside the figures.
 const TARGET_EVENTS_PER_S: f64 = 100_000.0;
 const TARGET_FLOOR_SHARE: f64 = 0.5;
-/// Versions per seeded stream.
-const STREAM_LEN: u64 = 100;
 /// The columns a copy carries (the target allocates `global_position` and `txid`).
 const COPY_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, tenant_id, \
      actor_id, version, timestamp, payload, created_at";
@@ -411,182 +410,6 @@ fn sample_backends(databases: &[String], stop: &AtomicBool) -> HashMap<String, u
         *out.entry(databases[db].clone()).or_default() += last.saturating_sub(first);
     }
     out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Databases
-
-/// `url` with its database name replaced by `database`.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").context("--pg-url has no scheme")? + 3;
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    Ok(out)
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// The benchmark's databases: created through the admin connection, all dropped at the end.
-struct Databases {
-    admin: PgConnection,
-    admin_url: String,
-    prefix: String,
-    created: Vec<String>,
-}
-
-impl Databases {
-    async fn connect(admin_url: &str) -> Result<Self> {
-        let admin = PgConnection::connect(admin_url)
-            .await
-            .with_context(|| format!("connecting to --pg-url {}", redact(admin_url)))?;
-        Ok(Self {
-            admin,
-            admin_url: admin_url.to_owned(),
-            prefix: format!("sy_copy_{}", &Uuid::new_v4().simple().to_string()[..10]),
-            created: Vec::new(),
-        })
-    }
-
-    /// Creates `<prefix>_<suffix>` and answers its name and URL.
-    async fn create(&mut self, suffix: &str) -> Result<(String, String)> {
-        let name = format!("{}_{suffix}", self.prefix);
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut self.admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        self.created.push(name.clone());
-        let url = with_database(&self.admin_url, &name)?;
-        Ok((name, url))
-    }
-
-    async fn drop_one(&mut self, name: &str) -> Result<()> {
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut self.admin)
-            .await
-            .with_context(|| format!("dropping database {name}"))?;
-        self.created.retain(|n| n != name);
-        Ok(())
-    }
-
-    async fn drop_all(&mut self) -> Result<()> {
-        let mut first_error = None;
-        for name in std::mem::take(&mut self.created) {
-            match sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut self.admin)
-                .await
-            {
-                Ok(_) => eprintln!("dropped database {name}"),
-                Err(e) => {
-                    eprintln!("could not drop database {name}: {e}");
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
-    }
-
-    /// Flushes dirty buffers, so one measurement does not pay for the previous one's writes.
-    async fn checkpoint(&mut self) -> Result<()> {
-        sqlx::query("CHECKPOINT")
-            .execute(&mut self.admin)
-            .await
-            .context("CHECKPOINT (needs a superuser or pg_checkpoint)")?;
-        Ok(())
-    }
-}
-
-/// Seeds `events` events of `tenant` into the source store: streams of `STREAM_LEN` versions,
-/// in version order, timestamps a second apart, payloads of about 150 bytes; and, interleaved
-/// with them, `other_ratio` events of other tenants (50 of them, one-event streams) per event
-/// of `tenant`, as in a shared store.
-async fn seed(url: &str, tenant: Uuid, events: u64, other_ratio: u64) -> Result<(f64, f64)> {
-    let mut conn = PgConnection::connect(url).await?;
-    let started = Instant::now();
-    sqlx::query(
-        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
-                             actor_id, version, timestamp, payload, created_at)
-         SELECT gen_random_uuid(),
-                CASE WHEN mine THEN md5($1::text || ':' || (i / $3))::uuid
-                     ELSE md5('other:' || g)::uuid END,
-                'BenchOrder',
-                (ARRAY['OrderPlaced', 'OrderPaid', 'OrderPacked', 'OrderShipped', 'OrderDelivered'])[1 + g % 5],
-                CASE WHEN mine THEN $1 ELSE md5('tenant:' || (g % 50))::uuid END,
-                'seed-user-' || (g % 50),
-                CASE WHEN mine THEN (i % $3 + 1)::int ELSE 1 END,
-                now() - ($2 * $4 - g) * interval '1 second',
-                jsonb_build_object(
-                    'order_id', md5(g::text)::uuid,
-                    'customer', 'customer-' || lpad((g % 10000)::text, 5, '0'),
-                    'seq', g,
-                    'amount_cents', 1000 + g % 90000,
-                    'currency', 'EUR',
-                    'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || (g % 97), 'qty', 1 + g % 3))),
-                now() - ($2 * $4 - g) * interval '1 second'
-           FROM (SELECT g, g % $4 = 0 AS mine, g / $4 AS i
-                   FROM generate_series(0, $2 * $4 - 1) AS g) AS s
-          ORDER BY g",
-    )
-    .bind(tenant)
-    .bind(i64::try_from(events).context("--events fits i64")?)
-    .bind(i64::try_from(STREAM_LEN).context("stream length")?)
-    .bind(i64::try_from(other_ratio + 1).context("--other-tenants-ratio fits i64")?)
-    .execute(&mut conn)
-    .await
-    .context("seeding the source")?;
-    sqlx::query("VACUUM (ANALYZE) events")
-        .execute(&mut conn)
-        .await
-        .context("vacuuming the source")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let payload_bytes: f64 =
-        sqlx::query_scalar("SELECT avg(length(payload::text))::float8 FROM events")
-            .fetch_one(&mut conn)
-            .await?;
-    conn.close().await?;
-    Ok((seconds, payload_bytes))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1450,8 +1273,14 @@ async fn measure_all(args: &Args, dbs: &mut Databases) -> Result<String> {
         args.events,
         args.events * args.other_tenants_ratio
     );
-    let (seed_seconds, payload_bytes) =
-        seed(&source_url, tenant, args.events, args.other_tenants_ratio).await?;
+    let (seed_seconds, payload_bytes) = seed(
+        &source_url,
+        tenant,
+        args.events,
+        args.other_tenants_ratio,
+        false,
+    )
+    .await?;
     eprintln!("seeded in {seed_seconds:.1} s (average payload {payload_bytes:.0} bytes)");
     let source = Source {
         name: source_name,
@@ -1500,7 +1329,7 @@ async fn measure_all(args: &Args, dbs: &mut Databases) -> Result<String> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let mut dbs = Databases::connect(&args.pg_url).await?;
+    let mut dbs = Databases::connect(&args.pg_url, "copy").await?;
     let measured = tokio::select! {
         measured = measure_all(&args, &mut dbs) => measured,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
