@@ -96,9 +96,84 @@ pub fn sqlite_pool(path: &str, max_connections: u32) -> Result<SqlitePool, sqlx:
         .connect_lazy_with(options))
 }
 
+/// Runs idempotent DDL on a SQLite database unless `switchyard_schema` already records
+/// `component` at `version` or later (the DDL's own last statement writes that row).
+///
+/// The check is a read, so a database whose schema is current never waits for the write lock:
+/// every command of the embedded default ensures its schemas at start, and an append, a fence
+/// or an operator's `BEGIN IMMEDIATE` elsewhere would otherwise hold it for up to the busy
+/// timeout and then fail it with "database is locked".
+pub(crate) async fn ensure_sqlite_schema(
+    pool: &SqlitePool,
+    component: &str,
+    version: i64,
+    ddl: &[&str],
+) -> Result<(), sqlx::Error> {
+    let recorded =
+        sqlx::query_scalar::<_, i64>("SELECT version FROM switchyard_schema WHERE component = ?1")
+            .bind(component)
+            .fetch_optional(pool)
+            .await;
+    match recorded {
+        Ok(Some(found)) if found >= version => return Ok(()),
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => {}
+        Err(e) => return Err(e),
+    }
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for statements in ddl {
+        sqlx::raw_sql(statements).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command of the embedded default ensures its schemas at start: on a current
+    /// database that must not wait for the write lock an append or a fence holds.
+    #[tokio::test]
+    async fn a_current_sqlite_schema_is_checked_without_the_write_lock() -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let dir = std::env::temp_dir().join(format!("switchyard-schema-{}", uuid::Uuid::new_v4()));
+        let url = |name: &str| format!("sqlite://{}", dir.join(name).display());
+        let store = crate::EventStore::connect("s", &url("store.db"), 2)?;
+        let control = crate::ControlDb::connect(&url("control.db"), 2)?;
+        store.ensure_schema().await?;
+        control.ensure_schema().await?;
+
+        let mut holders = Vec::new();
+        for name in ["store.db", "control.db"] {
+            let mut holder = sqlx::SqliteConnection::connect(&url(name)).await?;
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut holder).await?;
+            holders.push(holder);
+        }
+        let quick = Duration::from_secs(3);
+        let other = crate::EventStore::connect("s", &url("store.db"), 2)?;
+        tokio::time::timeout(quick, other.ensure_schema()).await??;
+        let other = crate::ControlDb::connect(&url("control.db"), 2)?;
+        tokio::time::timeout(quick, other.ensure_schema()).await??;
+
+        // An older recorded version runs the DDL again, under the write lock.
+        for mut holder in holders {
+            sqlx::query("UPDATE switchyard_schema SET version = 0")
+                .execute(&mut holder)
+                .await?;
+            sqlx::query("COMMIT").execute(&mut holder).await?;
+        }
+        store.ensure_schema().await?;
+        control.ensure_schema().await?;
+        for name in ["store.db", "control.db"] {
+            let mut c = sqlx::SqliteConnection::connect(&url(name)).await?;
+            let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM switchyard_schema")
+                .fetch_all(&mut c)
+                .await?;
+            assert_eq!(versions, vec![1], "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
 
     #[test]
     fn parses_both_backends_and_refuses_others() {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::{
-    events_body, run_control, stream_url, tenant_events, wait_for, wait_for_every, Backend, Env,
-    Http, Result, ServeProcess, Writers,
+    events_body, for_each_backend, run_control, stream_url, tenant_events, wait_for,
+    wait_for_every, Backend, Env, Http, Result, ServeProcess, Writers,
 };
 use uuid::Uuid;
 
@@ -115,10 +115,7 @@ async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
 /// tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_under_load_across_three_proxies_loses_nothing() -> Result<()> {
-    // The SQLite run (`under_load(Backend::Sqlite)`) passed 3 of 3 runs here but shares the
-    // "database is locked" failure the crash test showed on SQLite once (issue 6): PostgreSQL
-    // only until that is fixed.
-    under_load(Backend::Postgres).await
+    for_each_backend(under_load).await
 }
 
 async fn under_load(backend: Backend) -> Result<()> {
@@ -292,10 +289,7 @@ async fn direct_writers_are_held_then_refused_by_the_fence() -> Result<()> {
 /// larger budget succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutover_that_misses_its_budget_rolls_back_and_can_be_retried() -> Result<()> {
-    // PostgreSQL only for now: on SQLite, while another connection holds the write lock,
-    // `cutover` (and `status`) fail at once with "database is locked" before any gate closes
-    // (nothing changes, but it is not the budgeted rollback this test is about; see issue 6).
-    budget_missed(Backend::Postgres).await
+    for_each_backend(budget_missed).await
 }
 
 async fn budget_missed(backend: Backend) -> Result<()> {
@@ -400,9 +394,7 @@ async fn budget_missed(backend: Backend) -> Result<()> {
 /// is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
-    // PostgreSQL only for now: on SQLite, with writers appending, the cutover can fail at once
-    // with "database is locked" before any gate closes (see the budget test and issue 6).
-    crash_after_fence(Backend::Postgres).await
+    for_each_backend(crash_after_fence).await
 }
 
 async fn crash_after_fence(backend: Backend) -> Result<()> {
@@ -736,7 +728,7 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
 /// on both backends (on SQLite the fence is a write transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_cutover_finishes_the_migration_by_itself() -> Result<()> {
-    switchyard_tests::for_each_backend(|backend| async move {
+    for_each_backend(|backend| async move {
         let (env, proxy, http) = switchyard_tests::started(
             backend,
             &["shared", "dedicated"],

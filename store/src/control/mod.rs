@@ -22,6 +22,8 @@ use crate::url::{pg_pool, sqlite_pool, StoreUrl};
 
 const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
 const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
+/// The `switchyard_schema` version `control-sqlite.sql` records; raise both together.
+const SCHEMA_VERSION: i64 = 1;
 const SCHEMA_LOCK: i64 = 0x5359_5244_0002;
 
 /// A connected control database. Cheap to clone.
@@ -69,9 +71,8 @@ impl ControlDb {
                 tx.commit().await?;
             }
             Backend::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::raw_sql(SQLITE_DDL).execute(&mut *tx).await?;
-                tx.commit().await?;
+                crate::url::ensure_sqlite_schema(pool, "control", SCHEMA_VERSION, &[SQLITE_DDL])
+                    .await?;
             }
         }
         Ok(())

@@ -18,11 +18,17 @@ use crate::event::{
 const EVENTSOURCE_DDL: &str = include_str!("../../sql/eventsource-py/events-sqlite.sql");
 const SWITCHYARD_DDL: &str = include_str!("../../sql/store-sqlite.sql");
 
+/// The `switchyard_schema` version `store-sqlite.sql` records; raise both together.
+const SCHEMA_VERSION: i64 = 1;
+
 pub(super) async fn ensure_schema(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::raw_sql(EVENTSOURCE_DDL).execute(&mut *tx).await?;
-    sqlx::raw_sql(SWITCHYARD_DDL).execute(&mut *tx).await?;
-    tx.commit().await?;
+    crate::url::ensure_sqlite_schema(
+        pool,
+        "store",
+        SCHEMA_VERSION,
+        &[EVENTSOURCE_DDL, SWITCHYARD_DDL],
+    )
+    .await?;
     Ok(())
 }
 
