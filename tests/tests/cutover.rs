@@ -469,8 +469,12 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
 /// source, gates open, mirror off, migrations failed with the reason, writes succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emergency_stop_from_every_phase() -> Result<()> {
+    for_each_backend(emergency_stop).await
+}
+
+async fn emergency_stop(backend: Backend) -> Result<()> {
     let env = Env::new(
-        Backend::Postgres,
+        backend,
         &["shared", "dedicated"],
         "[proxy]\nrouting_poll_ms = 100\n",
     )
@@ -481,9 +485,9 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
     proxy.wait_ready(&http).await?;
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let (copying, dual, cutting) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    seed_sql(env.store_url("shared"), copying, 50_000).await?;
-    seed_sql(env.store_url("shared"), dual, 100).await?;
-    seed_sql(env.store_url("shared"), cutting, 100).await?;
+    seed_tenant(&env, copying, 50_000).await?;
+    seed_tenant(&env, dual, 100).await?;
+    seed_tenant(&env, cutting, 100).await?;
     let slow = env.control_json(&[
         "migrate",
         "start",
@@ -512,12 +516,7 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
     .await?;
 
     // A cutover that is waiting for the fence (held by another session) when the stop comes.
-    let mut holder = sqlx::PgConnection::connect(env.store_url("shared")).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
-        .bind(cutting)
-        .execute(&mut holder)
-        .await?;
+    let holder = FenceHolder::take(&env, cutting).await?;
     let config = env.config_path.clone();
     let cut = cut_id.clone();
     let cutover = tokio::task::spawn_blocking(move || {
@@ -532,19 +531,37 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
     })
     .await?;
 
-    let out = env.control_json(&[
-        "emergency-stop",
-        "--tenant",
-        &copying.to_string(),
-        "--tenant",
-        &dual.to_string(),
-        "--tenant",
-        &cutting.to_string(),
-        "--reason",
-        "incident 42",
-    ])?;
+    // The stop runs while the fence is still held; on SQLite, where the holder has the store's
+    // write lock (as an append in flight would, briefly), reopening the fence waits for it.
+    let config = env.config_path.clone();
+    let tenants = [copying, dual, cutting].map(|t| t.to_string());
+    let stop = tokio::task::spawn_blocking(move || {
+        run_control(
+            &config,
+            &[
+                "--json",
+                "emergency-stop",
+                "--tenant",
+                &tenants[0],
+                "--tenant",
+                &tenants[1],
+                "--tenant",
+                &tenants[2],
+                "--reason",
+                "incident 42",
+            ],
+            &[],
+        )
+    });
+    wait_for(Duration::from_secs(10), || async {
+        Ok(env.control_json(&["status", &cut_id])?["state"] == "failed")
+    })
+    .await?;
+    holder.release().await?;
+    let stopped = stop.await??;
+    assert_eq!(stopped.code, 0, "{}{}", stopped.stdout, stopped.stderr);
+    let out: Value = serde_json::from_str(&stopped.stdout)?;
     assert_eq!(out.as_array().map(Vec::len), Some(3), "{out}");
-    sqlx::query("ROLLBACK").execute(&mut holder).await?;
     let cut_result = cutover.await??;
     assert_eq!(
         cut_result.code, 1,
@@ -589,6 +606,61 @@ async fn emergency_stop_from_every_phase() -> Result<()> {
             .unwrap_or_default();
         assert_eq!(last["reason"], "incident 42");
     }
+    Ok(())
+}
+
+/// Emergency stop does not give up at the first tenant it cannot finish (its store is down):
+/// the others are stopped, that one is named with the reason, and the command exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_stop_stops_the_rest_when_one_tenant_fails() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    // A configured store that nothing listens for.
+    let mut config = std::fs::read_to_string(&env.config_path)?;
+    config
+        .push_str("\n[[stores]]\nid = \"gone\"\nurl = \"postgres://postgres@127.0.0.1:1/gone\"\n");
+    std::fs::write(&env.config_path, config)?;
+    let mut tenants = [Uuid::new_v4(), Uuid::new_v4()];
+    tenants.sort_unstable();
+    let [stranded, moving] = tenants; // stopped in this order
+    env.control_json(&["routing", "set", &stranded.to_string(), "gone"])?;
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &moving.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+
+    let out = env.control(&[
+        "--json",
+        "emergency-stop",
+        "--tenant",
+        &stranded.to_string(),
+        "--tenant",
+        &moving.to_string(),
+        "--reason",
+        "store gone",
+    ])?;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout)?;
+    let rows = report.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2, "{report}");
+    assert_eq!(rows[0]["tenant_id"], stranded.to_string());
+    assert!(
+        rows[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gone")),
+        "{report}"
+    );
+    assert_eq!(rows[1]["tenant_id"], moving.to_string());
+    assert_eq!(rows[1]["error"], Value::Null, "{report}");
+    assert_eq!(rows[1]["failed_migration"], id.as_str());
+    assert_eq!(env.control_json(&["status", &id])?["state"], "failed");
+    assert!(out.stderr.contains("1 of 2 tenants"), "{}", out.stderr);
     Ok(())
 }
 

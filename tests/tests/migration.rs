@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use switchyard_store::EventStore;
 use switchyard_tests::{
-    seed, tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result, ServeProcess,
-    TcpGate, Writers,
+    for_each_backend, seed, tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result,
+    ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -64,15 +64,27 @@ async fn converged(env: &Env, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, Stri
 /// of that tenant and nothing of any other tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
+    for_each_backend(live_tenant).await
+}
+
+/// [`a_live_tenant_is_copied_exactly_while_writers_append`] on one backend: 100,000 events
+/// over 1,000 streams and 16 writers on PostgreSQL; 10,000 over 100 and 4 writers on the
+/// embedded default, where every append takes the one write lock the copy also needs.
+async fn live_tenant(backend: Backend) -> Result<()> {
+    let (streams, writer_count) = match backend {
+        Backend::Postgres => (1000, 16),
+        Backend::Sqlite => (100, 4),
+    };
+    let seeded = i64::try_from(streams * 100)?;
     let env = Env::new(
-        Backend::Postgres,
+        backend,
         &["shared", "dedicated"],
         "[proxy]\nrouting_poll_ms = 200\n",
     )
     .await?;
     env.control_json(&["init"])?;
     let (tenant, neighbour) = (Uuid::new_v4(), Uuid::new_v4());
-    seed(env.store_url("shared"), tenant, 1000, 100).await?;
+    seed(env.store_url("shared"), tenant, streams, 100).await?;
     seed(env.store_url("shared"), neighbour, 20, 10).await?;
     let http = Http::new();
     let proxies = [env.proxy(&[])?, env.proxy(&[])?];
@@ -80,7 +92,14 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
         p.wait_ready(&http).await?;
     }
     let bases: Vec<String> = proxies.iter().map(|p| p.data.clone()).collect();
-    let writers = Writers::start(&http, &bases, tenant, 16, 4, Duration::from_millis(20));
+    let writers = Writers::start(
+        &http,
+        &bases,
+        tenant,
+        writer_count,
+        4,
+        Duration::from_millis(20),
+    );
     let neighbours = Writers::start(&http, &bases, neighbour, 2, 2, Duration::from_millis(50));
     let _serve = ServeProcess::spawn(&env.config_path, "w1", &[])?;
 
@@ -104,7 +123,7 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
         let report = env.control_json(&["verify", &id, "--level", level])?;
         assert_eq!(report["consistent"], true, "{level}: {report}");
         assert!(
-            report["source_event_count"].as_i64().unwrap_or(0) >= 100_000,
+            report["source_event_count"].as_i64().unwrap_or(0) >= seeded,
             "{report}"
         );
         assert_eq!(
@@ -116,7 +135,7 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
             "{report}"
         );
         assert!(
-            report["streams_verified"].as_u64().unwrap_or(0) >= 1000,
+            report["streams_verified"].as_u64().unwrap_or(0) >= streams as u64,
             "{report}"
         );
     }
@@ -128,7 +147,7 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
 
     let target = converged(&env, tenant).await?;
     assert!(
-        target.len() > 100_000,
+        i64::try_from(target.len())? > seeded,
         "writers added to the seed: {}",
         target.len()
     );
@@ -160,7 +179,7 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
     }
     let s = status(&env, &id).await?;
     // The copy horizon also took in what the writers committed before the copy began.
-    assert!(s["events_total"].as_i64().unwrap_or(0) >= 100_000, "{s}");
+    assert!(s["events_total"].as_i64().unwrap_or(0) >= seeded, "{s}");
     assert_eq!(s["events_copied"], s["events_total"]);
     assert_eq!(s["progress_percentage"], 100.0);
     for key in [
@@ -194,7 +213,11 @@ async fn a_live_tenant_is_copied_exactly_while_writers_append() -> Result<()> {
 /// is lost or duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_replaced_and_the_copy_resumes_from_its_checkpoint() -> Result<()> {
-    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    for_each_backend(killed_worker).await
+}
+
+async fn killed_worker(backend: Backend) -> Result<()> {
+    let env = Env::new(backend, &["shared", "dedicated"], "").await?;
     env.control_json(&["init"])?;
     let tenant = Uuid::new_v4();
     seed(env.store_url("shared"), tenant, 300, 100).await?;

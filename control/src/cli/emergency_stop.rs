@@ -33,6 +33,14 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
     emit(json, &stopped, |stopped| {
         let mut out = String::from("EMERGENCY STOP - migrations disabled\n");
         for s in stopped {
+            if s.store_id.is_empty() {
+                out.push_str(&format!(
+                    "  Tenant {}: NOT STOPPED: {}\n",
+                    s.tenant_id,
+                    s.error.as_deref().unwrap_or("unknown error")
+                ));
+                continue;
+            }
             out.push_str(&format!(
                 "  Tenant {}: writes enabled on {}, dual-write cleared{}{}\n",
                 s.tenant_id,
@@ -45,9 +53,21 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
                     ""
                 }
             ));
+            if let Some(error) = &s.error {
+                out.push_str(&format!("    WARNING: {error}\n"));
+            }
         }
-        out.push_str("\nAll listed tenants back to normal operation (proxies follow within their routing poll).");
+        if stopped.iter().all(|s| s.error.is_none()) {
+            out.push_str("\nAll listed tenants back to normal operation (proxies follow within their routing poll).");
+        }
         out
     });
+    let incomplete = stopped.iter().filter(|s| s.error.is_some()).count();
+    if incomplete > 0 {
+        return Err(CliError::Reported(format!(
+            "{incomplete} of {} tenants not fully stopped (see above)",
+            stopped.len()
+        )));
+    }
     Ok(())
 }

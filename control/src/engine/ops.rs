@@ -24,6 +24,8 @@ pub struct Stopped {
     pub failed_migration: Option<Uuid>,
     /// Whether a moved fence in that store was opened again.
     pub reopened_fence: bool,
+    /// What could not be done for this tenant (the other tenants are stopped regardless).
+    pub error: Option<String>,
 }
 
 /// What `migrate start` asks for.
@@ -196,9 +198,25 @@ impl Engine {
         }
         wanted.sort_unstable();
         wanted.dedup();
+        // Routing and migrations first, for every tenant (the control database only, quick),
+        // then the source fences, which may wait for a store's appends (on SQLite, for its
+        // write lock). One tenant that cannot be stopped (its store down, say) must not keep
+        // the others running: each gets its own result.
         let mut out = Vec::new();
         for tenant in wanted {
-            out.push(self.stop_tenant(tenant, note).await?);
+            out.push(match self.stop_tenant(tenant, note).await {
+                Ok(stopped) => stopped,
+                Err(e) => Stopped {
+                    tenant_id: tenant,
+                    store_id: String::new(),
+                    failed_migration: None,
+                    reopened_fence: false,
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        for stopped in out.iter_mut().filter(|s| s.error.is_none()) {
+            self.reopen_after_stop(stopped).await;
         }
         Ok(out)
     }
@@ -250,20 +268,33 @@ impl Engine {
                 .await
                 .map_err(EngineError::store("control"))?;
         }
-        // Writes must be able to land on the store the tenant is routed to.
-        let reopened = match self.store(&store) {
-            Ok(s) => s
-                .reopen_fence(tenant)
-                .await
-                .map_err(EngineError::store(&store))?,
-            Err(_) => false,
-        };
         Ok(Stopped {
             tenant_id: tenant,
             store_id: store,
             failed_migration,
-            reopened_fence: reopened,
+            reopened_fence: false,
+            error: None,
         })
+    }
+
+    /// Writes must be able to land on the store the tenant is routed to: a moved fence there
+    /// is opened again.
+    async fn reopen_after_stop(&self, stopped: &mut Stopped) {
+        let Ok(store) = self.store(&stopped.store_id) else {
+            return;
+        };
+        match store.reopen_fence(stopped.tenant_id).await {
+            Ok(reopened) => stopped.reopened_fence = reopened,
+            Err(e) => {
+                stopped.error = Some(format!(
+                    "routing is normal on {}, but its fence could not be checked or reopened \
+                     ({}); if appends are refused as moved, run the SQL-level emergency stop \
+                     (docs/operations.md)",
+                    stopped.store_id,
+                    EngineError::store(&stopped.store_id)(e)
+                ));
+            }
+        }
     }
 
     async fn change(
