@@ -18,5 +18,18 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
     updated_at TEXT NOT NULL DEFAULT (datetime('now'))
 );
 
-INSERT INTO switchyard_schema (component, version) VALUES ('store', 1)
+-- The fence for everyone else (invariant 4): an INSERT into events (an application writing
+-- directly, eventsource-py itself) for a tenant whose fence here has moved is refused. Appends
+-- through Switchyard check the fence themselves, inside the same write transaction.
+CREATE TRIGGER IF NOT EXISTS switchyard_fence
+BEFORE INSERT ON events
+FOR EACH ROW
+WHEN NEW.tenant_id IS NOT NULL
+ AND EXISTS (SELECT 1 FROM switchyard_fences f
+              WHERE f.tenant_id = NEW.tenant_id AND f.state = 'moved')
+BEGIN
+    SELECT RAISE(ABORT, 'switchyard: tenant has moved to another store; write through the Switchyard proxy or to the new store');
+END;
+
+INSERT INTO switchyard_schema (component, version) VALUES ('store', 2)
 ON CONFLICT (component) DO UPDATE SET version = excluded.version, updated_at = datetime('now');

@@ -164,12 +164,12 @@ mod tests {
         }
         store.ensure_schema().await?;
         control.ensure_schema().await?;
-        for name in ["store.db", "control.db"] {
+        for (name, version) in [("store.db", 2), ("control.db", 1)] {
             let mut c = sqlx::SqliteConnection::connect(&url(name)).await?;
             let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM switchyard_schema")
                 .fetch_all(&mut c)
                 .await?;
-            assert_eq!(versions, vec![1], "{name}");
+            assert_eq!(versions, vec![version], "{name}");
         }
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

@@ -215,6 +215,48 @@ async fn under_load(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// The same on the embedded default, where the fence is the store's write transaction: a
+/// direct writer waits for the cutover's transaction, then its insert is refused once the fence
+/// moved, and so is every later one; other tenants still write directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writers_are_held_then_refused_by_the_fence_on_sqlite() -> Result<()> {
+    let env = Env::new(Backend::Sqlite, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 100).await?;
+    let store = switchyard_store::EventStore::connect("shared", env.store_url("shared"), 2)?;
+    store.open_fence(tenant, 1).await?;
+    let lock = store.lock_fence(tenant, Duration::from_secs(10)).await?;
+    let insert = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+                  VALUES (lower(hex(randomblob(16))), ?2, 'Direct', 'Bypass', ?1, 1, datetime('now'), '{}')";
+    let direct = |who: Uuid| {
+        let url = env.store_url("shared").to_owned();
+        async move {
+            let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+            let result = sqlx::query(insert)
+                .bind(who.to_string())
+                .bind(Uuid::new_v4().to_string())
+                .execute(&mut conn)
+                .await;
+            Ok::<_, anyhow::Error>(result)
+        }
+    };
+    let held = tokio::spawn(direct(tenant));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the direct insert waits for the fence");
+    lock.move_to("dedicated", 2).await?;
+    let err = held.await??.expect_err("refused once the fence moved");
+    assert!(err.to_string().contains("has moved"), "{err}");
+    let err = direct(tenant).await?.expect_err("fenced");
+    assert!(err.to_string().contains("has moved"), "{err}");
+    assert_eq!(
+        switchyard_tests::count_events(env.store_url("shared"), Some(tenant)).await?,
+        100
+    );
+    direct(Uuid::new_v4()).await??;
+    Ok(())
+}
+
 /// Writers that bypass the proxy are held by the fence during a cutover and refused, with a
 /// clear error, once it moved; nothing of theirs lands in the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

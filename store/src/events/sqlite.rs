@@ -19,7 +19,7 @@ const EVENTSOURCE_DDL: &str = include_str!("../../sql/eventsource-py/events-sqli
 const SWITCHYARD_DDL: &str = include_str!("../../sql/store-sqlite.sql");
 
 /// The `switchyard_schema` version `store-sqlite.sql` records; raise both together.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 pub(super) async fn ensure_schema(pool: &SqlitePool) -> Result<(), StoreError> {
     crate::url::ensure_sqlite_schema(
