@@ -2,8 +2,8 @@
 //! a random port, so a test can restart (or stop) its database server without touching the
 //! shared one on :5432 that other tests use. Stopped (immediately) and removed when dropped.
 //!
-//! The binaries are found in `SWITCHYARD_TEST_PG_BIN` (default
-//! `/usr/lib/postgresql/15/bin`). PostgreSQL refuses to run as root: when the test runs as
+//! The binaries are found in `SWITCHYARD_TEST_PG_BIN`, by default in the newest
+//! `/usr/lib/postgresql/<version>/bin` (Debian's layout; 15 on the development machine). PostgreSQL refuses to run as root: when the test runs as
 //! root, the cluster's folder is handed to the `postgres` OS user and every command runs as it
 //! (`runuser -u postgres --`).
 
@@ -120,9 +120,7 @@ impl PgCluster {
 
     /// A command for one of the PostgreSQL binaries, as the `postgres` user when we are root.
     fn tool(&self, name: &str) -> Command {
-        let bin_dir = std::env::var("SWITCHYARD_TEST_PG_BIN")
-            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_owned());
-        let path = Path::new(&bin_dir).join(name);
+        let path = bin_dir().join(name);
         let mut command = if self.as_postgres {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(path);
@@ -146,6 +144,24 @@ impl Drop for PgCluster {
             .status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// `SWITCHYARD_TEST_PG_BIN`, or the newest installed `/usr/lib/postgresql/<version>/bin`.
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SWITCHYARD_TEST_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let root = Path::new("/usr/lib/postgresql");
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let version: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let bin = root.join(version.to_string()).join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .max()
+        .map_or_else(|| root.join("15/bin"), |(_, bin)| bin)
 }
 
 fn is_root() -> Result<bool> {
