@@ -506,6 +506,10 @@ async fn a_target_blackholed_during_cutover_rolls_back_within_the_budget() -> Re
         took < BUDGET_MS + 2000,
         "rolled back within the budget (plus the lag check): {report}"
     );
+    assert!(
+        report["pause_ms"].as_u64().unwrap_or(u64::MAX) < BUDGET_MS + 1000,
+        "the gates were closed no longer than the budget: {report}"
+    );
 
     // Writers go on on the source, and the record says what happened.
     route_is(
