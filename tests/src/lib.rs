@@ -24,6 +24,8 @@ use uuid::Uuid;
 
 pub use anyhow::Result;
 
+pub mod pgcluster;
+
 /// The admin URL of the test PostgreSQL server.
 pub fn pg_admin_url() -> String {
     std::env::var("SWITCHYARD_TEST_PG_URL")

@@ -132,6 +132,9 @@ impl Engine {
                 crash_point("after_fence");
                 // 5. The fence moved: only forward from here.
                 let finished = self.finish_cutover(&closed.record, note).await;
+                if finished.is_ok() {
+                    crash_point("after_routing_flipped");
+                }
                 let pause_ms = elapsed_ms(pause_started);
                 self.metrics
                     .cutover_pause
@@ -165,6 +168,7 @@ impl Engine {
             },
         };
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
+        crash_point("before_rollback");
         let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
             serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
         );
@@ -241,6 +245,7 @@ impl Engine {
                 return Err(fail(format!("reading the migration: {e}")));
             }
         }
+        crash_point("after_fence_taken");
         let outcome = self.copy_delta(record, source, target, force).await;
         let blocked = lock.blocked_writers().await.unwrap_or(0);
         let delta = match outcome {
@@ -253,6 +258,7 @@ impl Engine {
                 });
             }
         };
+        crash_point("after_delta_verified");
         lock.move_to(&record.target_store_id, epoch)
             .await
             .map_err(|e| Abort {
@@ -474,7 +480,12 @@ impl Engine {
 
 /// Fault injection for the crash-safety tests: `SWITCHYARD_CRASH_AT=<point>` kills the process
 /// (as `kill -9` would: no cleanup, no unwinding) when it reaches that point. A precise crash
-/// between two steps is the one fault a real component cannot produce on demand.
+/// between two steps is the one fault a real component cannot produce on demand. The points,
+/// in protocol order: `after_gate_closed` (routing `cutover_paused`), `after_fence_taken` (the
+/// source fence held `FOR UPDATE`), `after_delta_verified` (final delta copied and verified,
+/// fence not yet moved), `after_fence` (fence moved and committed), `after_routing_flipped`
+/// (routing `normal` on the target, state migrated, nothing reported yet); on the rollback
+/// path, `before_rollback` (the attempt failed, routing still `cutover_paused`).
 fn crash_point(point: &str) {
     if std::env::var("SWITCHYARD_CRASH_AT").is_ok_and(|p| p == point) {
         eprintln!("switchyard: crashing at {point} (SWITCHYARD_CRASH_AT)");

@@ -1,0 +1,1214 @@
+//! Fault-injection scenarios on PostgreSQL (issue 9, point 2; docs/reliability.md "Fault
+//! injection"): the source's connections reset during dual-write, the target blackholed during
+//! a cutover, the control database unreachable for 10 s, a proxy killed with appends in
+//! flight, the control process killed at every step of the cutover, and the source's
+//! PostgreSQL server restarted during the bulk copy. Each checks that no acknowledged append is
+//! lost or duplicated, that the target ends equal to the source, and that no writer waited
+//! past its limit.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use http::StatusCode;
+use serde_json::Value;
+use sqlx::Connection;
+use switchyard_tests::pgcluster::PgCluster;
+use switchyard_tests::{
+    assert_all_acked, count_events, events_body, route_state, run_control, seed, stream_url,
+    tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http, ProxyProcess,
+    Result, ServeProcess, TcpGate,
+};
+use uuid::Uuid;
+
+/// The shared test PostgreSQL server, which the gates forward to.
+const PG: &str = "127.0.0.1:5432";
+
+/// One attempt of one append, as a writer saw it.
+#[derive(Debug, Clone)]
+struct Try {
+    /// HTTP status, or 0 when the request failed below HTTP (connection cut or refused).
+    status: u16,
+    /// The error code of a refused append (`store_unavailable`, `writes_paused`, …).
+    code: String,
+    retryable: bool,
+    took: Duration,
+}
+
+/// What writers saw: every acknowledged append and every attempt.
+#[derive(Debug, Default)]
+struct Record {
+    acked: Vec<Acked>,
+    tries: Vec<Try>,
+}
+
+impl Record {
+    /// The longest a single request took.
+    fn slowest(&self) -> Duration {
+        self.tries.iter().map(|t| t.took).max().unwrap_or_default()
+    }
+
+    /// Failed attempts by `"<status> <code>"`.
+    fn failures(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for t in self.tries.iter().filter(|t| t.status != 201) {
+            *out.entry(format!("{} {}", t.status, t.code)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    fn acked_events(&self) -> usize {
+        self.acked.iter().map(|a| a.event_ids.len()).sum()
+    }
+}
+
+/// Writers appending until stopped (like `switchyard_tests::Writers`), each retrying the same
+/// body after a 5xx or a broken connection until it is acknowledged, and timing every attempt.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    acked: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Result<Record>>>,
+}
+
+impl Load {
+    /// `n` writers for `tenant`, writer `i` through `proxies[i % len]`, two streams each.
+    fn start(http: &Http, proxies: &[String], tenant: Uuid, n: usize) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..n)
+            .map(|i| {
+                let (http, rx, count) = (http.clone(), rx.clone(), Arc::clone(&acked));
+                let base = proxies[i % proxies.len()].clone();
+                tokio::spawn(async move {
+                    let streams = [Uuid::new_v4(), Uuid::new_v4()];
+                    let mut versions = [0i64; 2];
+                    let mut record = Record::default();
+                    let mut k = 0usize;
+                    while !*rx.borrow() {
+                        let s = k % 2;
+                        k += 1;
+                        let body = events_body(Some(versions[s]), 1 + k % 2, "Written");
+                        let url = stream_url(&base, tenant, "Load", streams[s]);
+                        loop {
+                            let started = Instant::now();
+                            let reply = http.post(&url, &body).await;
+                            let took = started.elapsed();
+                            let Ok(reply) = reply else {
+                                record.tries.push(Try {
+                                    status: 0,
+                                    code: "connection".to_owned(),
+                                    retryable: true,
+                                    took,
+                                });
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            };
+                            record.tries.push(Try {
+                                status: reply.status.as_u16(),
+                                code: reply.json["error"].as_str().unwrap_or("").to_owned(),
+                                retryable: reply.json["retryable"] == true,
+                                took,
+                            });
+                            if reply.status == StatusCode::CREATED {
+                                versions[s] = reply.json["last_version"].as_i64().unwrap_or(-1);
+                                record.acked.push(acked_of(&body, streams[s], &reply.json));
+                                count.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            ensure!(
+                                reply.status.is_server_error(),
+                                "append refused: {} {}",
+                                reply.status,
+                                reply.json
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Ok(record)
+                })
+            })
+            .collect();
+        Self { stop, acked, tasks }
+    }
+
+    /// Appends acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` appends beyond those acknowledged now are acknowledged.
+    async fn progress(&self, more: usize, timeout: Duration) -> Result<()> {
+        let goal = self.acked() + more;
+        wait_for(timeout, || async { Ok(self.acked() >= goal) })
+            .await
+            .with_context(|| format!("writers stalled at {} acknowledged appends", self.acked()))
+    }
+
+    async fn stop(self) -> Result<Record> {
+        let _ = self.stop.send(true);
+        let mut all = Record::default();
+        for task in self.tasks {
+            let record = task.await??;
+            all.acked.extend(record.acked);
+            all.tries.extend(record.tries);
+        }
+        Ok(all)
+    }
+}
+
+/// The [`Acked`] of a 201 reply to `body`.
+fn acked_of(body: &Value, aggregate_id: Uuid, reply: &Value) -> Acked {
+    Acked {
+        aggregate_id,
+        event_ids: body_ids(body),
+        first_version: reply["first_version"].as_i64().unwrap_or(-1),
+        store_id: reply["store_id"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+fn body_ids(body: &Value) -> Vec<Uuid> {
+    body["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Seeds `events` events of `tenant` (streams of 100) with one INSERT … SELECT.
+async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, timestamp, payload)
+         SELECT gen_random_uuid(),
+                (md5($1::text || (g / 100)::text))::uuid,
+                'Seed', 'Seeded', $1, 'seeder', (g % 100) + 1, now(),
+                jsonb_build_object('g', g, 'pad', repeat('x', 60))
+           FROM generate_series(0, $2 - 1) AS g",
+    )
+    .bind(tenant)
+    .bind(events)
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
+/// Starts a migration of `tenant` to `to` (left to `serve`) and waits for dual-write at lag 0.
+async fn migrate_to_dual_write(
+    env: &Env,
+    tenant: Uuid,
+    to: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let tenant = tenant.to_string();
+    let mut args = vec![
+        "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
+    ];
+    args.extend_from_slice(extra);
+    let started = env.control_json(&args)?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    caught_up(env, &id, Duration::from_secs(120)).await?;
+    Ok(id)
+}
+
+/// Waits until migration `id` is dual-writing with no lag.
+async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
+    wait_for_every(timeout, Duration::from_millis(250), || async {
+        let s = env.control_json(&["status", id])?;
+        Ok(s["state"] == "dual_write" && s["lag"] == 0)
+    })
+    .await
+    .with_context(|| format!("migration {id} never caught up"))
+}
+
+/// Waits until the proxy's route of `tenant` has `key` = `value`.
+async fn route_is(
+    http: &Http,
+    proxy: &ProxyProcess,
+    tenant: Uuid,
+    key: &str,
+    value: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_for(timeout, || async {
+        Ok(route_state(http, proxy, tenant).await?[key] == value)
+    })
+    .await
+    .with_context(|| format!("the proxy's route of {tenant} never had {key} = {value}"))
+}
+
+/// Waits until `target` holds exactly the tenant's events of `source`; returns them.
+async fn converged(
+    source: &str,
+    target: &str,
+    tenant: Uuid,
+) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, t) = (
+            tenant_events(source, tenant).await?,
+            tenant_events(target, tenant).await?,
+        );
+        if s == t {
+            return Ok(s);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "target never converged: source {} events, target {}",
+            s.len(),
+            t.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every event of `source` is in `target`, identical (the target may hold later appends).
+fn contains_all(target: &[(Uuid, i32, Uuid, String)], source: &[(Uuid, i32, Uuid, String)]) {
+    let target: HashSet<&(Uuid, i32, Uuid, String)> = target.iter().collect();
+    let missing = source.iter().filter(|e| !target.contains(e)).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} source events missing or different in the target"
+    );
+}
+
+/// `verify ID --level hash` exits 0 and reports consistent.
+fn verify_hash(env: &Env, id: &str) -> Result<Value> {
+    let report = env.control_json(&["verify", id, "--level", "hash"])?;
+    ensure!(report["consistent"] == true, "verify: {report}");
+    Ok(report)
+}
+
+/// The first JSON value a `--json` command printed (a failed command prints its error after).
+fn first_json(stdout: &str) -> Result<Value> {
+    serde_json::Deserializer::from_str(stdout)
+        .into_iter::<Value>()
+        .next()
+        .context("no JSON output")?
+        .with_context(|| format!("parsing {stdout}"))
+}
+
+/// The actions of migration `id`'s audit log, oldest first, and its last entry.
+fn audit(env: &Env, id: &str) -> Result<(Vec<String>, Value)> {
+    let log = env.control_json(&["audit", id])?;
+    let entries = log.as_array().cloned().unwrap_or_default();
+    let actions = entries
+        .iter()
+        .filter_map(|e| e["action"].as_str().map(str::to_owned))
+        .collect();
+    Ok((actions, entries.last().cloned().unwrap_or_default()))
+}
+
+/// A session holding the tenant's fence in the source as an append in flight would
+/// (`FOR SHARE`), so a cutover waits for it at step 3.
+async fn hold_fence(url: &str, tenant: Uuid) -> Result<sqlx::PgConnection> {
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    sqlx::query("BEGIN").execute(&mut c).await?;
+    sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")
+        .bind(tenant)
+        .execute(&mut c)
+        .await?;
+    Ok(c)
+}
+
+/// The tenant's fence in a store: `(state, moved_to)`.
+async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
+    let store = switchyard_store::EventStore::connect("fence", url, 1)?;
+    let state = store.fence(tenant).await?.map(|f| f.0);
+    store.close().await;
+    Ok(state)
+}
+
+/// Runs a control command off the runtime's threads (it may take seconds).
+async fn control_off_thread(
+    env: &Env,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> Result<switchyard_tests::CommandOutput> {
+    let config = env.config_path.clone();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_control(&config, &args, &vars)
+    })
+    .await?
+}
+
+/// Two stores and a control database on the shared server, `init` done.
+async fn two_stores(extra: &str) -> Result<Env> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], extra).await?;
+    env.control_json(&["init"])?;
+    Ok(env)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The source's connections are cut every 100 ms for 2 s (with 20 ms of latency so appends
+/// are in flight when they are cut), then refused for 1 s, during dual-write: appends caught
+/// in it fail with a retryable 503, the writers' retries land once, the mirror and the tail
+/// catch up, and the target equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_connection_resets_during_dual_write_lose_nothing() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let gated = gate.url(env.store_url("shared"));
+    let http = Http::new();
+    let proxy = env.proxy(&[("SWITCHYARD_STORE_SHARED_URL", &gated)])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 4);
+    load.progress(20, Duration::from_secs(20)).await?;
+    gate.set(GateMode::Latency(Duration::from_millis(20)));
+    let fault = Instant::now();
+    while fault.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.reset();
+    }
+    gate.close();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.open();
+    load.progress(40, Duration::from_secs(20)).await?;
+    let record = load.stop().await?;
+
+    let failures = record.failures();
+    assert!(
+        failures.get("503 store_unavailable").copied().unwrap_or(0) >= 1,
+        "the resets failed appends: {failures:?}"
+    );
+    assert!(
+        record
+            .tries
+            .iter()
+            .all(|t| t.status == 201 || (t.status == 503 && t.retryable)),
+        "every failure is a retryable 503: {failures:?}"
+    );
+    // A refused connection fails at once; a pool acquire gives up after 5 s.
+    assert!(
+        record.slowest() < Duration::from_secs(7),
+        "a writer waited {:?}",
+        record.slowest()
+    );
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    let source = converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
+    verify_hash(&env, &id)?;
+    assert_all_acked(&record.acked, &source);
+    assert_eq!(
+        source.len(),
+        100 + record.acked_events(),
+        "the source holds the seed and the acknowledged appends, each once"
+    );
+    println!(
+        "resets: {} appends acknowledged, failures {failures:?}, slowest attempt {:?}",
+        record.acked.len(),
+        record.slowest()
+    );
+    Ok(())
+}
+
+/// The target is blackholed while a cutover waits for the source fence: the final catch-up
+/// hangs, the budget runs out, the cutover rolls back to dual_write within it, writers go on
+/// on the source, state and audit say so. Once the blackhole lifts, a retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_blackholed_during_cutover_rolls_back_within_the_budget() -> Result<()> {
+    const BUDGET_MS: u64 = 3000;
+    const GATE_WAIT_MS: u64 = 10_000;
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores(&format!(
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = {GATE_WAIT_MS}\n"
+    ))
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let gated = gate.url(env.store_url("dedicated"));
+    let via_gate = [("SWITCHYARD_STORE_DEDICATED_URL", gated.as_str())];
+    let http = Http::new();
+    let proxy = env.proxy(&via_gate)?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &via_gate)?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 4);
+    load.progress(20, Duration::from_secs(20)).await?;
+
+    // The cutover closes the gates, then waits for the fence (held here); the target goes dark
+    // meanwhile, so the final catch-up hangs once it has the fence.
+    let holder = hold_fence(env.store_url("shared"), tenant).await?;
+    let budget = BUDGET_MS.to_string();
+    let cutover = {
+        let args = ["--json", "cutover", &id, "--timeout-ms", &budget];
+        let (config, vars) = (env.config_path.clone(), gated.clone());
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_control(
+                &config,
+                &args,
+                &[("SWITCHYARD_STORE_DEDICATED_URL", vars.as_str())],
+            )
+        })
+    };
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "cutover_paused",
+        Duration::from_secs(10),
+    )
+    .await?;
+    gate.set(GateMode::Blackhole);
+    let mut holder = holder;
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let out = cutover.await??;
+    assert_ne!(out.code, 0, "the cutover failed: {}", out.stdout);
+    let report = first_json(&out.stdout)?;
+    assert_eq!(report["success"], false, "{report}");
+    assert_eq!(report["state"], "dual_write", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("budget")),
+        "{report}"
+    );
+    let took = report["duration_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        took < BUDGET_MS + 2000,
+        "rolled back within the budget (plus the lag check): {report}"
+    );
+    assert!(
+        report["pause_ms"].as_u64().unwrap_or(u64::MAX) < BUDGET_MS + 1000,
+        "the gates were closed no longer than the budget: {report}"
+    );
+
+    // Writers go on on the source, and the record says what happened.
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    load.progress(20, Duration::from_secs(10)).await?;
+    let probe = http
+        .post(
+            &stream_url(&proxy.data, tenant, "Probe", Uuid::new_v4()),
+            &events_body(Some(0), 1, "Probe"),
+        )
+        .await?;
+    assert_eq!(probe.json["store_id"], "shared", "{}", probe.json);
+    assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    let (actions, last) = audit(&env, &id)?;
+    assert!(
+        actions.ends_with(&["cutover".to_owned(), "cutover_rollback".to_owned()]),
+        "{actions:?}"
+    );
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("automatic rollback") && r.contains("budget")),
+        "{last}"
+    );
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("open")
+    );
+
+    // The target comes back: the tail catches up and a retry succeeds.
+    gate.open();
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    let retry = control_off_thread(
+        &env,
+        &["--json", "cutover", &id, "--timeout-ms", "5000"],
+        &via_gate,
+    )
+    .await?;
+    let outcome = first_json(&retry.stdout)?;
+    assert_eq!(outcome["success"], true, "{outcome} {}", retry.stderr);
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(5),
+    )
+    .await?;
+    load.progress(10, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert!(record.acked.iter().any(|a| a.store_id == "dedicated"));
+    assert!(
+        record.failures().is_empty(),
+        "no append failed (the gate waits {GATE_WAIT_MS} ms): {:?}",
+        record.failures()
+    );
+    assert!(
+        record.slowest() < Duration::from_millis(BUDGET_MS + 3000),
+        "writers were held past the budget: {:?}",
+        record.slowest()
+    );
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&record.acked, &target);
+    contains_all(
+        &target,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    println!(
+        "blackholed cutover: rolled back after {took} ms; {} appends acknowledged, slowest {:?}",
+        record.acked.len(),
+        record.slowest()
+    );
+    Ok(())
+}
+
+/// The proxy's control database is blackholed for 10 s during dual-write: the proxy keeps its
+/// last routing table, stays ready, and appends go on and are mirrored; afterwards it follows
+/// routing again (a cutover reaches it) and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let gated = gate.url(&env.control_url);
+    let http = Http::new();
+    let proxy = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gated)])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 4);
+    load.progress(20, Duration::from_secs(20)).await?;
+
+    gate.set(GateMode::Blackhole);
+    let outage = Instant::now();
+    let (acked_before, target_before) = (
+        load.acked(),
+        count_events(env.store_url("dedicated"), Some(tenant)).await?,
+    );
+    let mut readiness = BTreeMap::new();
+    while outage.elapsed() < Duration::from_secs(10) {
+        let ready = http.get(&format!("{}/readyz", proxy.admin)).await?;
+        *readiness.entry(ready.status.as_u16()).or_insert(0) += 1;
+        let route = route_state(&http, &proxy, tenant).await?;
+        assert_eq!(
+            route["state"], "dual_write",
+            "the last table stays: {route}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (acked_during, target_during) = (
+        load.acked() - acked_before,
+        count_events(env.store_url("dedicated"), Some(tenant)).await? - target_before,
+    );
+    gate.open();
+
+    assert!(
+        acked_during >= 50,
+        "appends went on: {acked_during} in 10 s"
+    );
+    assert!(
+        target_during > 0,
+        "the mirror went on: {target_during} events"
+    );
+    assert_eq!(
+        readiness.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "readiness checks the stores only: {readiness:?}"
+    );
+    // The routing poll hung on its blackholed connection; leaving the blackhole cut it, and
+    // the failure is counted.
+    let reload_errors = || async {
+        let metrics = http.get(&format!("{}/metrics", proxy.admin)).await?;
+        Ok::<_, anyhow::Error>(
+            String::from_utf8_lossy(&metrics.body)
+                .lines()
+                .filter(|l| {
+                    l.starts_with("switchyard_proxy_routing_reloads_total") && l.contains("error")
+                })
+                .map(|l| {
+                    l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                })
+                .sum::<f64>(),
+        )
+    };
+    wait_for(Duration::from_secs(10), || async {
+        Ok(reload_errors().await? >= 1.0)
+    })
+    .await?;
+    let poll_errors = reload_errors().await?;
+
+    // Back: the proxy follows routing again, so a cutover reaches it.
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    verify_hash(&env, &id)?;
+    let cut = control_off_thread(&env, &["--json", "cutover", &id], &[]).await?;
+    assert_eq!(
+        first_json(&cut.stdout)?["success"],
+        true,
+        "{}{}",
+        cut.stdout,
+        cut.stderr
+    );
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(10),
+    )
+    .await?;
+    load.progress(10, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert!(record.failures().is_empty(), "{:?}", record.failures());
+    assert!(
+        record.slowest() < Duration::from_secs(3),
+        "a writer waited {:?}",
+        record.slowest()
+    );
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&record.acked, &target);
+    contains_all(
+        &target,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    println!(
+        "control outage: {acked_during} appends and {target_during} mirrored events in 10 s; \
+         readiness {readiness:?}; {poll_errors} failed routing reloads; slowest {:?}",
+        record.slowest()
+    );
+    Ok(())
+}
+
+/// A proxy is killed (SIGKILL) while twelve appends wait on a slow source: each append is in
+/// the source whole or not at all, and retrying each through another proxy with the same
+/// event ids answers 201 with exactly what the source holds. Writers on the other proxy lose
+/// nothing, and the tail gives the target what the dead proxy never mirrored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_with_appends_in_flight_commits_each_whole_or_not_at_all() -> Result<()> {
+    const IN_FLIGHT: usize = 12;
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let gated = gate.url(env.store_url("shared"));
+    let http = Http::new();
+    let mut doomed = env.proxy(&[("SWITCHYARD_STORE_SHARED_URL", &gated)])?;
+    let survivor = env.proxy(&[])?;
+    doomed.wait_ready(&http).await?;
+    survivor.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &doomed,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&survivor.data), tenant, 3);
+
+    // Twelve appends of three events, each to a new stream, through the doomed proxy; the
+    // source answers it only after 2 × 300 ms.
+    gate.set(GateMode::Latency(Duration::from_millis(300)));
+    let appends: Vec<(Uuid, Value)> = (0..IN_FLIGHT)
+        .map(|_| (Uuid::new_v4(), events_body(Some(0), 3, "InFlight")))
+        .collect();
+    let clients: Vec<_> = appends
+        .iter()
+        .map(|(stream, body)| {
+            let (http, body) = (http.clone(), body.clone());
+            let url = stream_url(&doomed.data, tenant, "Flight", *stream);
+            tokio::spawn(async move {
+                let reply = http.post(&url, &body).await;
+                (reply, Instant::now())
+            })
+        })
+        .collect();
+    let all_ids: Vec<Uuid> = appends.iter().flat_map(|(_, b)| body_ids(b)).collect();
+    let mut source = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    // Kill as soon as the first of them committed: its reply is still on its way back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
+            .bind(&all_ids)
+            .fetch_one(&mut source)
+            .await?;
+        if n > 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no in-flight append committed within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.kill9();
+    let killed = Instant::now();
+    gate.reset();
+    gate.set(GateMode::Pass);
+
+    let mut acknowledged = Vec::new();
+    for (client, (stream, body)) in clients.into_iter().zip(&appends) {
+        let (reply, at) = client.await?;
+        assert!(
+            at.saturating_duration_since(killed) < Duration::from_secs(2),
+            "a client of the killed proxy waited {:?} after the kill",
+            at.saturating_duration_since(killed)
+        );
+        if let Ok(reply) = reply {
+            // Answered before the kill: an acknowledged append like any other.
+            assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json);
+            acknowledged.push(acked_of(body, *stream, &reply.json));
+        }
+    }
+
+    // Whole or nothing: each append's three events are all there or none is.
+    let rows = |ids: &[Uuid]| {
+        let ids = ids.to_vec();
+        let url = env.store_url("shared").to_owned();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await?;
+            let rows: Vec<(Uuid, i32, i64)> = sqlx::query_as(
+                "SELECT event_id, version, global_position FROM events WHERE event_id = ANY($1) ORDER BY version",
+            )
+            .bind(&ids)
+            .fetch_all(&mut c)
+            .await?;
+            Ok::<_, anyhow::Error>(rows)
+        }
+    };
+    let mut committed = 0;
+    for (_, body) in &appends {
+        let n = rows(&body_ids(body)).await?.len();
+        assert!(n == 0 || n == 3, "an append half-written: {n} of 3 events");
+        committed += usize::from(n == 3);
+    }
+    assert!(committed >= 1, "an append committed before the kill");
+
+    // The idempotent retry through the other proxy answers with what the source holds.
+    for (stream, body) in &appends {
+        let url = stream_url(&survivor.data, tenant, "Flight", *stream);
+        let reply = http.post(&url, body).await?;
+        assert_eq!(reply.status, StatusCode::CREATED, "retry: {}", reply.json);
+        let stored = rows(&body_ids(body)).await?;
+        assert_eq!(stored.len(), 3);
+        assert_eq!(
+            stored.iter().map(|r| r.0).collect::<Vec<_>>(),
+            body_ids(body),
+            "the ids in order"
+        );
+        assert_eq!(reply.json["first_version"], 1);
+        assert_eq!(reply.json["last_version"], 3);
+        assert_eq!(
+            reply.json["global_positions"],
+            serde_json::json!(stored.iter().map(|r| r.2).collect::<Vec<_>>()),
+            "the retry answers the original result"
+        );
+        acknowledged.push(acked_of(body, *stream, &reply.json));
+    }
+
+    let record = load.stop().await?;
+    assert!(record.failures().is_empty(), "{:?}", record.failures());
+    assert!(
+        record.slowest() < Duration::from_secs(3),
+        "a writer on the other proxy waited {:?}",
+        record.slowest()
+    );
+    caught_up(&env, &id, Duration::from_secs(60)).await?;
+    let source_events =
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
+    verify_hash(&env, &id)?;
+    let mut all = record.acked.clone();
+    all.extend(acknowledged);
+    assert_all_acked(&all, &source_events);
+    assert_eq!(
+        source_events.len(),
+        100 + record.acked_events() + IN_FLIGHT * 3,
+        "nothing but the seed and the acknowledged appends"
+    );
+    println!(
+        "proxy kill: {committed} of {IN_FLIGHT} in-flight appends had committed; retries answered the original result"
+    );
+    Ok(())
+}
+
+/// The step boundaries of the cutover where the control process can die, in protocol order,
+/// with what recovery must make of it.
+const CRASH_POINTS: [(&str, &str); 6] = [
+    ("after_gate_closed", "dual_write"),
+    ("after_fence_taken", "dual_write"),
+    ("after_delta_verified", "dual_write"),
+    // The attempt failed (the budget ran out waiting for the fence) and dies before rolling back.
+    ("before_rollback", "dual_write"),
+    ("after_fence", "migrated"),
+    ("after_routing_flipped", "migrated"),
+];
+
+/// The control process dies (abort, as kill -9) at each step boundary of the cutover in turn,
+/// on one tenant with writers throughout: `serve` rolls the cutover back when the fence had not
+/// moved and finishes it when it had; writers wait no longer than the gate's limit per request
+/// and go on; nothing is lost or duplicated. After the migration that finishes, the tenant
+/// migrates back for the last point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_crash_at_every_cutover_step_is_finished_or_rolled_back() -> Result<()> {
+    const GATE_WAIT_MS: u64 = 3000;
+    let env = two_stores(&format!(
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = {GATE_WAIT_MS}\n"
+    ))
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 10, 100).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let mut id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    let (mut source, mut target) = ("shared", "dedicated");
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 4);
+    load.progress(20, Duration::from_secs(20)).await?;
+
+    for (point, outcome) in CRASH_POINTS {
+        if fence(env.store_url(source), tenant).await?.as_deref() == Some("moved") {
+            // The last point migrated the tenant: migrate it back for the next one.
+            (source, target) = (target, source);
+            id = migrate_to_dual_write(&env, tenant, target, &["--reset-target"]).await?;
+        }
+        crash_at(&env, &http, &proxy, &load, tenant, &id, point, outcome)
+            .await
+            .with_context(|| format!("crash at {point}; serve log:\n{}", serve.log()))?;
+        let (end_store, end_state) = match outcome {
+            "migrated" => (target, "normal"),
+            _ => (source, "dual_write"),
+        };
+        route_is(
+            &http,
+            &proxy,
+            tenant,
+            "store_id",
+            end_store,
+            Duration::from_secs(5),
+        )
+        .await?;
+        route_is(
+            &http,
+            &proxy,
+            tenant,
+            "state",
+            end_state,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let (actions, _) = audit(&env, &id)?;
+        let last = actions.last().map_or("", String::as_str);
+        assert_eq!(
+            last,
+            if outcome == "migrated" {
+                "cutover_done"
+            } else {
+                "cutover_rollback"
+            },
+            "{point}: {actions:?}"
+        );
+        load.progress(20, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("writers after {point}"))?;
+    }
+
+    let record = load.stop().await?;
+    // The tenant lives in `shared` again (migrated there last), which holds everything.
+    assert_eq!(target, "shared");
+    let home = tenant_events(env.store_url("shared"), tenant).await?;
+    assert_all_acked(&record.acked, &home);
+    assert_eq!(
+        home.len(),
+        1000 + record.acked_events(),
+        "nothing else, nothing twice"
+    );
+    contains_all(
+        &home,
+        &tenant_events(env.store_url("dedicated"), tenant).await?,
+    );
+    let failures = record.failures();
+    assert!(
+        failures.keys().all(|k| k == "503 writes_paused"),
+        "only gate waits past the limit failed, and were retried: {failures:?}"
+    );
+    assert!(
+        record.slowest() < Duration::from_millis(GATE_WAIT_MS + 2000),
+        "a writer waited {:?} (gate_wait_ms = {GATE_WAIT_MS})",
+        record.slowest()
+    );
+    println!(
+        "crash points: {} appends acknowledged, failures {failures:?}, slowest attempt {:?}",
+        record.acked.len(),
+        record.slowest()
+    );
+    Ok(())
+}
+
+/// One crash: `cutover` with `SWITCHYARD_CRASH_AT=point` dies there; the migration is left in
+/// `cutover` (or already migrated), writers wait at the gate, and `serve` recovers it to
+/// `outcome` with the source fence agreeing.
+#[allow(clippy::too_many_arguments)]
+async fn crash_at(
+    env: &Env,
+    http: &Http,
+    proxy: &ProxyProcess,
+    load: &Load,
+    tenant: Uuid,
+    id: &str,
+    point: &str,
+    outcome: &str,
+) -> Result<()> {
+    let record = env.control_json(&["status", id])?;
+    let source = record["source_store_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    caught_up(env, id, Duration::from_secs(60)).await?;
+    // `before_rollback` needs a failing attempt: the fence held past a short budget.
+    let holder = if point == "before_rollback" {
+        Some(hold_fence(env.store_url(&source), tenant).await?)
+    } else {
+        None
+    };
+    let budget = if holder.is_some() { "500" } else { "5000" };
+    let out = control_off_thread(
+        env,
+        &["cutover", id, "--timeout-ms", budget],
+        &[("SWITCHYARD_CRASH_AT", point)],
+    )
+    .await?;
+    if let Some(mut holder) = holder {
+        sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    }
+    ensure!(
+        out.code != 0 && out.stderr.contains(&format!("crashing at {point}")),
+        "the control process did not die at {point}: exit {}\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    let state = env.control_json(&["status", id])?["state"].clone();
+    let expected_now = if point == "after_routing_flipped" {
+        "migrated"
+    } else {
+        "cutover"
+    };
+    if state != expected_now {
+        bail!("right after the crash the migration is {state}, expected {expected_now}");
+    }
+    if expected_now == "cutover" {
+        // Writers are held meanwhile, at the gate.
+        route_is(
+            http,
+            proxy,
+            tenant,
+            "state",
+            "cutover_paused",
+            Duration::from_secs(5),
+        )
+        .await?;
+    }
+    let acked = load.acked();
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async { Ok(env.control_json(&["status", id])?["state"] == outcome) },
+    )
+    .await
+    .with_context(|| format!("not {outcome} after the crash"))?;
+    let fence_now = fence(env.store_url(&source), tenant).await?;
+    let expected_fence = if outcome == "migrated" {
+        "moved"
+    } else {
+        "open"
+    };
+    ensure!(
+        fence_now.as_deref() == Some(expected_fence),
+        "the source fence is {fence_now:?}, expected {expected_fence}"
+    );
+    load.progress(5, Duration::from_secs(10)).await?;
+    println!(
+        "{point}: {outcome} ({} appends acknowledged meanwhile)",
+        load.acked() - acked
+    );
+    Ok(())
+}
+
+/// A migration's `(state, events_copied, events_total)`, read from the control database.
+async fn copy_progress(control: &mut sqlx::PgConnection, id: Uuid) -> Result<(String, i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT state, events_copied, events_total FROM tenant_migrations WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(control)
+    .await?)
+}
+
+/// The source's PostgreSQL server (a private cluster) restarts (`pg_ctl restart -m fast`) in
+/// the middle of the bulk copy: the copy's connections are cut, the copy goes on from its
+/// checkpoint once the server is back (a failed batch is taken up again by `serve`), and it
+/// completes with every event copied once and the target equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restart_during_bulk_copy_resumes_from_the_checkpoint() -> Result<()> {
+    const EVENTS: i64 = 30_000;
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let source_url = cluster.create_db("source").await?;
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let config = std::fs::read_to_string(&env.config_path)?.replace(
+        &format!("\"{}\"", env.store_url("shared")),
+        &format!("\"{source_url}\""),
+    );
+    std::fs::write(&env.config_path, config)?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_sql(&source_url, tenant, EVENTS).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--batch-size",
+        "500",
+        "--max-rate",
+        "4000",
+        "--detach",
+    ])?;
+    let id = Uuid::parse_str(started["id"].as_str().unwrap_or_default())?;
+
+    let mut control = sqlx::PgConnection::connect(&env.control_url).await?;
+    let mut progress: Vec<(String, i64)> = Vec::new();
+    loop {
+        let (state, copied, _) = copy_progress(&mut control, id).await?;
+        progress.push((state.clone(), copied));
+        ensure!(
+            state == "pending" || state == "bulk_copy",
+            "copy ended before the restart: {state}"
+        );
+        if copied >= EVENTS / 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restart = Instant::now();
+    let cluster =
+        tokio::task::spawn_blocking(move || cluster.restart().map(|()| cluster)).await??;
+    let restart_took = restart.elapsed();
+    let at_restart = progress.last().map_or(0, |p| p.1);
+    let (_, after_restart, _) = copy_progress(&mut control, id).await?;
+    assert!(
+        after_restart < EVENTS,
+        "the copy was still running when the server came back: {after_restart}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (state, copied, total) = copy_progress(&mut control, id).await?;
+        progress.push((state.clone(), copied));
+        if state == "dual_write" {
+            assert_eq!(total, EVENTS, "the copy counted the tenant");
+            assert_eq!(copied, EVENTS, "every event copied once: {progress:?}");
+            break;
+        }
+        ensure!(
+            state == "bulk_copy" && Instant::now() < deadline,
+            "the copy did not complete: {state} at {copied}\nserve log:\n{}\nserver log:\n{}",
+            serve.log(),
+            cluster.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let copied: Vec<i64> = progress.iter().map(|p| p.1).collect();
+    assert!(
+        copied.windows(2).all(|w| w[0] <= w[1]),
+        "the copy went on from its checkpoint, never back: {copied:?}"
+    );
+    // The restart cut the copy's connections: a batch in flight fails the drive (and `serve`
+    // takes it up again from the checkpoint), an idle pooled one fails its ping and is
+    // replaced (sqlx logs it); connecting while the server is down waits within the pool's
+    // acquire timeout.
+    let log = serve.log();
+    assert!(
+        log.contains("driving failed")
+            || log.contains("terminating connection due to administrator command"),
+        "the restart reached the copy's connections:\n{log}"
+    );
+
+    let source = tenant_events(&source_url, tenant).await?;
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_eq!(source.len(), usize::try_from(EVENTS)?);
+    assert!(source == target, "the target equals the source");
+    let report = verify_hash(&env, &id.to_string())?;
+    assert_eq!(report["target_event_count"], EVENTS);
+    let (mapped, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT event_id) FROM migration_position_map WHERE migration_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut control)
+    .await?;
+    assert_eq!(
+        (mapped, distinct),
+        (EVENTS, EVENTS),
+        "each event mapped once"
+    );
+    let by_id: HashMap<Uuid, usize> = target.iter().fold(HashMap::new(), |mut m, e| {
+        *m.entry(e.2).or_insert(0) += 1;
+        m
+    });
+    assert!(by_id.values().all(|n| *n == 1), "no event copied twice");
+    println!(
+        "source restart: at {at_restart} of {EVENTS} copied (back up at {after_restart}); restart took {restart_took:?}; drive failed: {}",
+        log.contains("driving failed")
+    );
+    Ok(())
+}
