@@ -12,6 +12,20 @@ use tokio::sync::watch;
 use crate::routing::{route_of, RoutingTable};
 use crate::AppState;
 
+/// Longest any control-database call of the watcher may take. A control database that goes
+/// silent without closing its connections would otherwise hold a call until the kernel gives
+/// up on the connection (minutes), and with it the loop that reloads, polls and heartbeats —
+/// and the writers waiting at a gate for a reload. The data plane never waits on this.
+const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn bounded<T, E: From<StoreError>>(
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tokio::time::timeout(CONTROL_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::timed_out(CONTROL_CALL_TIMEOUT).into()))
+}
+
 /// Applies every routing change newer than the table in use. Reloads are serialised so a slow
 /// one can never publish an older table over a newer one.
 pub async fn reload(state: &AppState, trigger: &'static str) -> Result<i64, StoreError> {
@@ -33,7 +47,7 @@ async fn reload_locked(state: &AppState) -> Result<i64, StoreError> {
     let current = state.routes.load_full();
     let full = !state.routes.is_loaded();
     let since = if full { 0 } else { current.epoch() };
-    let records = state.control.routes_since(since).await?;
+    let records = bounded(state.control.routes_since(since)).await?;
     if records.is_empty() && !full {
         return Ok(since);
     }
@@ -104,7 +118,7 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = heartbeat.tick() => report(&state).await,
             _ = poll.tick() => {
-                match state.control.routing_epoch().await {
+                match bounded(state.control.routing_epoch()).await {
                     Ok(epoch) if epoch > state.routes.load().epoch() => {
                         if reload(&state, "poll").await.is_ok() {
                             report(&state).await;
@@ -147,10 +161,13 @@ pub async fn report(state: &AppState) {
         "shutting_down": state.is_shutting_down(),
     });
     let admin_url = state.admin_url.get().map_or("", String::as_str);
-    if let Err(e) = state
-        .control
-        .upsert_proxy(&state.proxy_id, admin_url, table.epoch(), Some(&details))
-        .await
+    if let Err(e) = bounded(state.control.upsert_proxy(
+        &state.proxy_id,
+        admin_url,
+        table.epoch(),
+        Some(&details),
+    ))
+    .await
     {
         tracing::debug!(error = %e, "proxy heartbeat failed");
     }
@@ -160,7 +177,7 @@ pub async fn report(state: &AppState) {
 /// since notifications sent meanwhile are gone).
 async fn listen(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        match state.control.routing_listener().await {
+        match bounded(state.control.routing_listener()).await {
             Ok(Some(mut listener)) => {
                 state.reload_now.notify_one();
                 loop {

@@ -108,6 +108,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A call that got no answer within `limit`: the database went silent (a failover behind
+    /// the same address, a frozen server) without closing its connections.
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self::Unavailable(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", limit.as_millis()),
+        )))
+    }
+
     /// Whether a retry (of the same request, later) can help.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))

@@ -658,28 +658,11 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
     );
     // The routing poll hung on its blackholed connection; leaving the blackhole cut it, and
     // the failure is counted.
-    let reload_errors = || async {
-        let metrics = http.get(&format!("{}/metrics", proxy.admin)).await?;
-        Ok::<_, anyhow::Error>(
-            String::from_utf8_lossy(&metrics.body)
-                .lines()
-                .filter(|l| {
-                    l.starts_with("switchyard_proxy_routing_reloads_total") && l.contains("error")
-                })
-                .map(|l| {
-                    l.rsplit(' ')
-                        .next()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(0.0)
-                })
-                .sum::<f64>(),
-        )
-    };
     wait_for(Duration::from_secs(10), || async {
-        Ok(reload_errors().await? >= 1.0)
+        Ok(reload_errors(&http, &proxy).await? >= 1.0)
     })
     .await?;
-    let poll_errors = reload_errors().await?;
+    let poll_errors = reload_errors(&http, &proxy).await?;
 
     // Back: the proxy follows routing again, so a cutover reaches it.
     caught_up(&env, &id, Duration::from_secs(60)).await?;
@@ -719,6 +702,75 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
         "control outage: {acked_during} appends and {target_during} mirrored events in 10 s; \
          readiness {readiness:?}; {poll_errors} failed routing reloads; slowest {:?}",
         record.slowest()
+    );
+    Ok(())
+}
+
+/// The proxy's failed routing reloads and polls so far (`switchyard_proxy_routing_reloads_total`
+/// with outcome error).
+async fn reload_errors(http: &Http, proxy: &ProxyProcess) -> Result<f64> {
+    let metrics = http.get(&format!("{}/metrics", proxy.admin)).await?;
+    Ok(String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .filter(|l| l.starts_with("switchyard_proxy_routing_reloads_total") && l.contains("error"))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum())
+}
+
+/// The control database goes silent without closing its connections (a frozen server, a
+/// failover behind the same address): the proxy's routing calls give up after their timeout
+/// instead of waiting for the kernel, appends go on, and once it answers again a routing change
+/// made meanwhile reaches the proxy within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_control_database_never_stalls_the_routing_loop() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 2, 5).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gate.url(&env.control_url))])?;
+    proxy.wait_ready(&http).await?;
+    let before = reload_errors(&http, &proxy).await?;
+
+    gate.set(GateMode::Stall);
+    let stalled = Instant::now();
+    // The poll in flight hangs on its frozen connection; the timeout (5 s) fails it and the
+    // failure is counted while the database is still silent.
+    wait_for(Duration::from_secs(12), || async {
+        Ok(reload_errors(&http, &proxy).await? > before)
+    })
+    .await
+    .context("a routing call on a silent control database never gave up")?;
+    let gave_up_after = stalled.elapsed();
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, tenant, "During", Uuid::new_v4()),
+            &events_body(Some(0), 1, "D"),
+        )
+        .await?;
+    assert_eq!(reply.status.as_u16(), 201, "{:?}", reply.json);
+    env.control_json(&["routing", "set", &tenant.to_string(), "dedicated"])?;
+
+    gate.open();
+    let reopened = Instant::now();
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(10),
+    )
+    .await?;
+    println!(
+        "silent control database: a routing call gave up after {gave_up_after:?}; the change \
+         made meanwhile reached the proxy {:?} after it answered again",
+        reopened.elapsed()
     );
     Ok(())
 }
