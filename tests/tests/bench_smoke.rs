@@ -8,9 +8,10 @@ use std::process::Command;
 use serde_json::Value;
 use switchyard_tests::{bin, pg_admin_url, Result};
 
-fn smoke(name: &str) -> Result<Value> {
+fn smoke(name: &str, extra: &[&str]) -> Result<Value> {
     let mut command = Command::new(bin(name));
     command.args(["--smoke", "--pg-url", &pg_admin_url()]);
+    command.args(extra);
     if matches!(name, "copy" | "cutover") {
         // The debug build's control binary, beside the test's (the harnesses default to the
         // release one).
@@ -38,29 +39,35 @@ fn smoke(name: &str) -> Result<Value> {
 
 #[test]
 fn copy_smoke() -> Result<()> {
-    let s = smoke("copy")?;
+    let s = smoke("copy", &[])?;
     assert!(s["runs"].as_array().is_some_and(|r| !r.is_empty()), "{s}");
     Ok(())
 }
 
 #[test]
 fn verify_smoke() -> Result<()> {
-    smoke("verify").map(drop)
+    smoke("verify", &[]).map(drop)
 }
 
 #[test]
 fn dual_write_smoke() -> Result<()> {
-    let s = smoke("dual_write")?;
+    let s = smoke("dual_write", &[])?;
     assert_eq!(s["mirror_writes_total"]["failed"], 0, "{s}");
     Ok(())
 }
 
 #[test]
 fn append_overhead_smoke() -> Result<()> {
-    smoke("append_overhead").map(drop)
+    for protocol in ["h1", "h2c"] {
+        let s = smoke("append_overhead", &["--protocol", protocol])?;
+        let expected = if protocol == "h1" { "http/1.1" } else { "h2c" };
+        assert_eq!(s["protocol"], expected, "{s}");
+        assert!(s["proxy"]["count"].as_u64().unwrap_or(0) > 0, "{s}");
+    }
+    Ok(())
 }
 
 #[test]
 fn cutover_smoke() -> Result<()> {
-    smoke("cutover").map(drop)
+    smoke("cutover", &[]).map(drop)
 }

@@ -1,8 +1,9 @@
-// Run: cargo run --release -p switchyard-benches --bin append_overhead -- --writers 16 --seconds 10
+// Run: cargo run --release -p switchyard-benches --bin append_overhead -- --writers 16 --seconds 10 [--protocol h2c]
 
 //! What the proxy adds to an append: the same appends, from the same number of concurrent
-//! writers, once through the real proxy over HTTP/1.1 keep-alive and once straight into the
-//! store with sqlx (`EventStore::append`), in one run against one fresh PostgreSQL database.
+//! writers, once through the real proxy over HTTP/1.1 keep-alive (or h2c: HTTP/2 with prior
+//! knowledge, every writer multiplexed on one connection, `--protocol h2c`) and once straight
+//! into the store with sqlx (`EventStore::append`), in one run against one fresh PostgreSQL database.
 //!
 //! The harness creates `sy_bench_<random>` through the admin URL, creates the store and control
 //! schemas in it (the one database serves as both), seeds the store with `--seed-events`
@@ -15,7 +16,7 @@
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
-use switchyard_benches::{redact, with_database};
+use switchyard_benches::{redact, toml_string, with_database};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -81,9 +82,19 @@ struct Args {
     /// spans are created at info level, so this is part of what is measured).
     #[arg(long, default_value = "info")]
     log: String,
+    /// How the proxy's appends travel: HTTP/1.1 keep-alive (a connection per writer) or h2c
+    /// (HTTP/2 with prior knowledge, all writers multiplexed on one connection).
+    #[arg(long, value_enum, default_value_t = Protocol::H1)]
+    protocol: Protocol,
     /// About a second per mode with 2 writers: checks the harness works (CI), measures nothing.
     #[arg(long)]
     smoke: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    H1,
+    H2c,
 }
 
 impl Args {
@@ -352,24 +363,6 @@ impl Harness {
     }
 }
 
-/// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn proxy_config(db_url: &str, pool_size: u32) -> Result<Config> {
     let url = toml_string(db_url);
     let text = format!(
@@ -471,10 +464,16 @@ async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
     let mut connector = HttpConnector::new();
     // What any latency-minded client does; the proxy sets it on its side too.
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.writers.max(1))
-        .build(connector);
-    wait_ready(&client, &admin_base).await?;
+    let admin_client = Client::builder(TokioExecutor::new()).build(connector.clone());
+    wait_ready(&admin_client, &admin_base).await?;
+    let client = match args.protocol {
+        Protocol::H1 => Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(args.writers.max(1))
+            .build(connector),
+        Protocol::H2c => Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector),
+    };
 
     let direct = EventStore::connect("shared", db_url, args.pool_size).context("direct pool")?;
     let rounds = args.rounds.max(1);
@@ -544,6 +543,10 @@ fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Ou
     let summary = json!({
         "bench": "append_overhead",
         "writers": args.writers,
+        "protocol": match args.protocol {
+            Protocol::H1 => "http/1.1",
+            Protocol::H2c => "h2c",
+        },
         "pool_size": args.pool_size,
         "seconds": args.seconds,
         "warmup_seconds": args.warmup_seconds,
@@ -627,8 +630,9 @@ async fn run(args: Args) -> Result<()> {
     let (direct, proxy) = measured?;
     dropped?;
     eprintln!(
-        "writers {}, {} s measured + {} s warm-up per mode, {} round(s){}",
+        "writers {} ({:?}), {} s measured + {} s warm-up per mode, {} round(s){}",
         args.writers,
+        args.protocol,
         args.seconds,
         args.warmup_seconds,
         args.rounds.max(1),
