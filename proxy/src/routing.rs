@@ -94,6 +94,9 @@ pub struct RoutingTable {
     default: Route,
     shards: Arc<[Arc<Shard>]>,
     len: usize,
+    /// Tenants whose route is not `normal` (migrating, at a gate): few, kept beside the shards
+    /// so the heartbeat never walks a table of millions to find them.
+    migrating: Arc<std::collections::BTreeSet<Uuid>>,
 }
 
 impl RoutingTable {
@@ -105,6 +108,7 @@ impl RoutingTable {
             default: Route::normal(default_store),
             shards: shards.into(),
             len: 0,
+            migrating: Arc::default(),
         }
     }
 
@@ -143,6 +147,14 @@ impl RoutingTable {
         self.shards.iter().flat_map(|shard| shard.iter())
     }
 
+    /// The rows whose route is not `normal`, in tenant order; costs what they are, not what
+    /// the table is.
+    pub fn migrating(&self) -> impl Iterator<Item = (&Uuid, &Route)> {
+        self.migrating
+            .iter()
+            .filter_map(|tenant| self.row(tenant).map(|route| (tenant, route)))
+    }
+
     /// The next table: this one with `changes` applied (later changes of a tenant win), at
     /// `epoch`. Only the shards the changes touch are copied.
     pub fn with_changes(
@@ -152,7 +164,17 @@ impl RoutingTable {
     ) -> Self {
         let mut shards: Vec<Arc<Shard>> = self.shards.to_vec();
         let mut len = self.len;
+        let mut migrating = Arc::clone(&self.migrating);
         for (tenant, route) in changes {
+            let normal = route.state == RoutingState::Normal;
+            if normal != !migrating.contains(&tenant) {
+                let set = Arc::make_mut(&mut migrating);
+                if normal {
+                    set.remove(&tenant);
+                } else {
+                    set.insert(tenant);
+                }
+            }
             let shard = Arc::make_mut(&mut shards[shard_of(&tenant)]);
             if shard.insert(tenant, route).is_none() {
                 len += 1;
@@ -163,6 +185,7 @@ impl RoutingTable {
             default: self.default,
             shards: shards.into(),
             len,
+            migrating,
         }
     }
 }
@@ -262,29 +285,40 @@ mod tests {
 
     proptest! {
         /// Any sequence of batches applied shard-wise equals a plain map built from the same
-        /// changes.
+        /// changes, and the migrating set is exactly its rows that are not normal.
         #[test]
         fn sharded_updates_equal_a_plain_map(
             batches in proptest::collection::vec(
-                proptest::collection::vec((0u8..40, 0u16..5), 0..20), 1..10)
+                proptest::collection::vec((0u8..40, 0u16..5, 0usize..4), 0..20), 1..10)
         ) {
             let tenants: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
             let mut table = RoutingTable::empty(9);
-            let mut model: HashMap<Uuid, StoreIdx> = HashMap::new();
+            let mut model: HashMap<Uuid, Route> = HashMap::new();
             for (epoch, batch) in (1..).zip(&batches) {
                 let changes: Vec<(Uuid, Route)> = batch
                     .iter()
-                    .map(|&(t, s)| (tenants[usize::from(t)], route(s, epoch)))
+                    .map(|&(t, s, state)| {
+                        let route = Route { state: RoutingState::ALL[state], ..route(s, epoch) };
+                        (tenants[usize::from(t)], route)
+                    })
                     .collect();
                 for (t, r) in &changes {
-                    model.insert(*t, r.store);
+                    model.insert(*t, *r);
                 }
                 table = table.with_changes(changes, epoch);
             }
             prop_assert_eq!(table.len(), model.len());
             for t in &tenants {
-                prop_assert_eq!(table.get(t).store, model.get(t).copied().unwrap_or(9));
+                prop_assert_eq!(table.get(t).store, model.get(t).map_or(9, |r| r.store));
             }
+            let mut expected: Vec<(Uuid, Route)> = model
+                .into_iter()
+                .filter(|(_, r)| r.state != RoutingState::Normal)
+                .collect();
+            expected.sort_by_key(|(t, _)| *t);
+            let migrating: Vec<(Uuid, Route)> =
+                table.migrating().map(|(t, r)| (*t, *r)).collect();
+            prop_assert_eq!(migrating, expected);
         }
     }
 }

@@ -149,7 +149,7 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 pub async fn report(state: &AppState) {
     let table = state.routes.load_full();
     let mirroring: Vec<String> = table
-        .iter()
+        .migrating()
         .filter(|(_, route)| route.state == switchyard_store::RoutingState::DualWrite)
         .take(1000)
         .map(|(tenant, _)| tenant.to_string())
