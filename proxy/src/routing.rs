@@ -167,7 +167,7 @@ impl RoutingTable {
         let mut migrating = Arc::clone(&self.migrating);
         for (tenant, route) in changes {
             let normal = route.state == RoutingState::Normal;
-            if normal != !migrating.contains(&tenant) {
+            if normal == migrating.contains(&tenant) {
                 let set = Arc::make_mut(&mut migrating);
                 if normal {
                     set.remove(&tenant);
