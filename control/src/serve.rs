@@ -95,9 +95,18 @@ pub async fn run(
     engine.control.close().await;
 }
 
+/// A proxy whose last heartbeat is older than this is taken off the `proxies` table (it
+/// reports every 2 s while alive).
+const PROXY_FORGOTTEN_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// The fleet-view metrics: migrations by state and the routing epoch, from the control
 /// database (every replica exports the same view; dashboards take the max).
 async fn refresh_fleet(engine: &Engine) {
+    match engine.control.prune_proxies(PROXY_FORGOTTEN_AFTER).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(proxies = n, "forgot proxies silent for a day"),
+        Err(e) => tracing::warn!(error = %e, "cannot prune the proxies table"),
+    }
     let migrations = engine.control.migrations(false).await;
     let epoch = engine.control.routing_epoch().await;
     match (migrations, epoch) {

@@ -648,6 +648,20 @@ async fn proxies_report_their_epoch() -> Result<()> {
         assert_eq!(second.len(), 2);
         assert_eq!(second[1].routing_epoch, 9);
         assert!(second[1].last_seen >= first[1].last_seen);
+
+        // Silent proxies are forgotten; the ones that report are kept.
+        assert_eq!(db.prune_proxies(Duration::from_secs(3600)).await?, 0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        db.upsert_proxy("p-1", "http://127.0.0.1:7071", 10, None)
+            .await?;
+        assert_eq!(db.prune_proxies(Duration::from_secs(1)).await?, 1);
+        let left: Vec<String> = db
+            .proxies()
+            .await?
+            .into_iter()
+            .map(|p| p.proxy_id)
+            .collect();
+        assert_eq!(left, vec!["p-1".to_owned()]);
         Ok(())
     })
     .await

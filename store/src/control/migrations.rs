@@ -1039,6 +1039,19 @@ impl ControlDb {
         Ok(())
     }
 
+    /// Forgets proxies whose last heartbeat is older than `age` (replaced pods, proxies long
+    /// gone), so the table holds the fleet rather than its history. Returns how many went.
+    pub async fn prune_proxies(&self, age: std::time::Duration) -> Result<u64, MigrationError> {
+        Ok(on_backend!(self, |pool, d| {
+            let sql = format!("DELETE FROM proxies WHERE last_seen < {}", d.now_plus("$1"));
+            sqlx::query(&sql)
+                .bind(-age.as_secs_f64())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
     /// Every proxy that ever sent a heartbeat, by id; `last_seen` tells which are live.
     pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, MigrationError> {
         let sql = "SELECT proxy_id, admin_url, routing_epoch, last_seen, details
