@@ -161,6 +161,28 @@ async fn under_load(backend: Backend) -> Result<()> {
     assert_eq!(outcome["success"], true, "{outcome}");
     assert_eq!(outcome["state"], "migrated");
     assert!(outcome["pause_ms"].as_u64().is_some() && outcome["duration_ms"].as_u64().is_some());
+    // Every step of the protocol is timed, and the steps add up to the whole command.
+    let steps = outcome["steps_ms"].as_object().cloned().unwrap_or_default();
+    let names: Vec<&str> = steps.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "1_check_lag",
+            "2_close_gates",
+            "3_take_fence",
+            "4_copy_delta",
+            "4_move_fence",
+            "4_verify_delta",
+            "5_open_gates"
+        ],
+        "{outcome}"
+    );
+    let total: f64 = steps.values().filter_map(Value::as_f64).sum();
+    let duration = outcome["duration_ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        total <= duration + 1.0 && total >= duration - 5.0,
+        "steps {total} ms vs duration {duration} ms: {outcome}"
+    );
     // Keep writing on the target for a moment (the deaf proxy learns through the fence).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let acked = writers.stop().await?;
@@ -379,6 +401,14 @@ async fn budget_missed(backend: Backend) -> Result<()> {
         report["duration_ms"].as_u64().unwrap_or(u64::MAX) < 2000,
         "rolled back within the budget: {report}"
     );
+    // The failed attempt is where the budget went: waiting for the fence.
+    let steps = &report["steps_ms"];
+    assert!(steps.get("3_take_fence").is_none(), "{report}");
+    assert!(
+        steps["4_failed_step"].as_f64().unwrap_or(0.0) >= 250.0,
+        "{report}"
+    );
+    assert!(steps["5_roll_back"].as_f64().is_some(), "{report}");
     holder.release().await?;
 
     // Writers resume on the source.

@@ -50,6 +50,29 @@ pub struct CutoverOutcome {
     pub lag_before: i64,
     pub forced: bool,
     pub error: Option<String>,
+    /// Where the time went, step by step (DESIGN.md's cutover steps; milliseconds).
+    pub steps_ms: Steps,
+}
+
+/// The cutover's step durations, keyed so that their order is the protocol's: `1_check_lag`,
+/// `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
+/// `5_open_gates`; a failed attempt ends with `4_failed_step` (from the last step that finished
+/// to the failure or the budget's end) and `5_roll_back`. A step that did not run is absent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Steps(std::collections::BTreeMap<&'static str, f64>);
+
+impl Steps {
+    /// Records `name` as the time since `lap`, and restarts `lap`.
+    fn lap(&mut self, name: &'static str, lap: &mut Instant) {
+        let now = Instant::now();
+        let ms = (now - *lap).as_secs_f64() * 1000.0;
+        self.0.insert(name, (ms * 10.0).round() / 10.0);
+        *lap = now;
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
 }
 
 /// Why a cutover attempt must roll back.
@@ -69,6 +92,8 @@ impl Engine {
         note: &AuditNote,
     ) -> Result<CutoverOutcome, EngineError> {
         let started = Instant::now();
+        let mut steps = Steps::default();
+        let mut lap = started;
         let record = self.control.migration(id).await?;
         if record.state != MigrationState::DualWrite {
             return Err(EngineError::Refused(format!(
@@ -98,6 +123,7 @@ impl Engine {
                  (`switchyard-control lag {id}`), or use --force to cut over anyway"
             )));
         }
+        steps.lap("1_check_lag", &mut lap);
         let deadline = tokio::time::Instant::now() + budget;
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
@@ -118,13 +144,21 @@ impl Engine {
             )
             .await?;
         let pause_started = Instant::now();
+        steps.lap("2_close_gates", &mut lap);
         crash_point("after_gate_closed");
         let epoch = closed.routing_epoch.unwrap_or(closed.record.revision);
 
         // 3 and 4, within what is left of the budget.
         let attempt = tokio::time::timeout_at(
             deadline,
-            self.fence_and_copy(&closed.record, source, target, force, epoch, deadline),
+            self.fence_and_copy(
+                &closed.record,
+                (source, target),
+                force,
+                epoch,
+                deadline,
+                (&mut steps, &mut lap),
+            ),
         )
         .await;
         let failure = match attempt {
@@ -132,6 +166,7 @@ impl Engine {
                 crash_point("after_fence");
                 // 5. The fence moved: only forward from here.
                 let finished = self.finish_cutover(&closed.record, note).await;
+                steps.lap("5_open_gates", &mut lap);
                 if finished.is_ok() {
                     crash_point("after_routing_flipped");
                 }
@@ -154,6 +189,7 @@ impl Engine {
                         lag_before: lag,
                         forced: force,
                         error: None,
+                        steps_ms: steps,
                     }),
                     Err(e) => Err(EngineError::Refused(format!(
                         "migration {id}: the fence moved (the tenant's writes are held) but routing could not be \
@@ -168,6 +204,7 @@ impl Engine {
             },
         };
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
+        steps.lap("4_failed_step", &mut lap);
         crash_point("before_rollback");
         let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
             serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
@@ -190,6 +227,7 @@ impl Engine {
             .cutovers
             .with_label_values(&["rolled_back"])
             .inc();
+        steps.lap("5_roll_back", &mut lap);
         let state = match rolled {
             Ok(t) => t.record.state,
             Err(MigrationError::StateChanged { actual, .. }) => actual,
@@ -206,6 +244,7 @@ impl Engine {
             lag_before: lag,
             forced: force,
             error: Some(failure.message),
+            steps_ms: steps,
         })
     }
 
@@ -214,11 +253,11 @@ impl Engine {
     async fn fence_and_copy(
         &self,
         record: &MigrationRecord,
-        source: &switchyard_store::EventStore,
-        target: &switchyard_store::EventStore,
+        (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
         force: bool,
         epoch: i64,
         deadline: tokio::time::Instant,
+        (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<(u64, i64), Abort> {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let fail = |message: String| Abort {
@@ -245,8 +284,11 @@ impl Engine {
                 return Err(fail(format!("reading the migration: {e}")));
             }
         }
+        steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
-        let outcome = self.copy_delta(record, source, target, force).await;
+        let outcome = self
+            .copy_delta(record, source, target, force, (steps, lap))
+            .await;
         let blocked = lock.blocked_writers().await.unwrap_or(0);
         let delta = match outcome {
             Ok(delta) => delta,
@@ -265,6 +307,7 @@ impl Engine {
                 message: format!("moving the fence: {e}"),
                 blocked_writers: blocked,
             })?;
+        steps.lap("4_move_fence", lap);
         Ok((delta, blocked))
     }
 
@@ -280,6 +323,7 @@ impl Engine {
         source: &switchyard_store::EventStore,
         target: &switchyard_store::EventStore,
         force: bool,
+        (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<u64, String> {
         let window = PassWindow {
             from: record.tail_horizon,
@@ -345,6 +389,7 @@ impl Engine {
         }
         self.metrics
             .copied(usize::try_from(copied).unwrap_or(usize::MAX));
+        steps.lap("4_copy_delta", lap);
         if force {
             return Ok(copied);
         }
@@ -355,6 +400,7 @@ impl Engine {
             .verify_scope(record, &Scope::Streams(streams), Level::Count, None)
             .await
             .map_err(|e| format!("verifying the delta: {e}"))?;
+        steps.lap("4_verify_delta", lap);
         if report.consistent {
             Ok(copied)
         } else {
