@@ -691,6 +691,7 @@ fn stats(values: &[f64]) -> Value {
     json!({
         "min": v[0],
         "median": v[v.len() / 2],
+        "p90": v[(v.len() * 9 / 10).min(v.len() - 1)],
         "max": v[v.len() - 1],
         "values": values,
     })
@@ -715,12 +716,19 @@ fn report(
     let mut durations = Vec::new();
     let mut longest = Vec::new();
     let mut window_p99 = Vec::new();
+    let mut steps: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut all_met = true;
     for (i, r) in runs.iter().enumerate() {
         let f = figures(r);
         let c = &r.cutover;
         let lost = r.acked.saturating_sub(r.found_in_target);
         pauses.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
+        for (step, ms) in c["steps_ms"].as_object().into_iter().flatten() {
+            steps
+                .entry(step.clone())
+                .or_default()
+                .push(ms.as_f64().unwrap_or(f64::NAN));
+        }
         durations.push(c["duration_ms"].as_f64().unwrap_or(f64::NAN));
         longest.push(ms(f.window[3]));
         window_p99.push(ms(f.window[1]));
@@ -800,10 +808,22 @@ fn report(
         "cutover_duration_ms": stats(&durations),
         "longest_writer_pause_ms": stats(&longest),
         "window_p99_ms": stats(&window_p99),
+        "steps_ms": steps.iter().map(|(k, v)| (k.clone(), stats(v))).collect::<serde_json::Map<_, _>>(),
         "targets_met": all_met,
         "per_run": run_json,
     });
     let mut out = format!("{summary}\n\n{table}");
+    out.push_str(
+        "\n| cutover step (ms, over the runs) | min | median | p90 | max |\n|---|---:|---:|---:|---:|\n",
+    );
+    for (step, values) in &steps {
+        let s = stats(values);
+        let _ = writeln!(
+            out,
+            "| {step} | {} | {} | {} | {} |",
+            s["min"], s["median"], s["p90"], s["max"]
+        );
+    }
     for (i, r) in runs.iter().enumerate() {
         let _ = write!(
             out,
