@@ -281,6 +281,15 @@ async fn soak(rng_seed: u64, duration: Duration, log: &OpLog) -> Result<String> 
          [control]\nbatch_size = 200\ncutover_max_lag_events = 20\n",
     )
     .await?;
+    // Two connections per store and process instead of the harness's eight: three proxies,
+    // two workers and the commands would otherwise open well over the 100 connections the
+    // test PostgreSQL allows (shared with the tests that run beside this one), and
+    // "too many clients" then fails commands that are not under test.
+    let config = std::fs::read_to_string(&env.config_path)?;
+    std::fs::write(
+        &env.config_path,
+        config.replace("max_connections = 8", "max_connections = 2"),
+    )?;
     let mut gates = Vec::new();
     let mut gated = Vec::new();
     for (id, url) in &env.stores {
@@ -504,9 +513,21 @@ impl Soak<'_> {
         self.run_control(args, true).await
     }
 
-    /// A read on the control database only, which fails the soak unless it succeeds.
+    /// A read straight to the databases, which fails the soak unless it succeeds. A
+    /// connection-level failure of one of these reads (the test PostgreSQL out of connections,
+    /// shared as it is with whatever else runs) is retried for up to 60 s, logged: they observe
+    /// the system and are not under test.
     async fn control_ok(&self, args: &[&str]) -> Result<Value> {
-        let out = self.run_control(args, false).await?;
+        let mut out = self.run_control(args, false).await?;
+        let until = Instant::now() + Duration::from_secs(60);
+        while out.code != 0 && out.stderr.contains("store unavailable") && Instant::now() < until {
+            self.log.push(format!(
+                "(harness read {args:?} failed, retrying: {})",
+                out.message()
+            ));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            out = self.run_control(args, false).await?;
+        }
         ensure!(
             out.code == 0,
             "switchyard-control {args:?} exited {}: {}",
@@ -741,6 +762,7 @@ impl Soak<'_> {
             .or_default() += 1;
         self.log
             .push(format!("fault on {}: {what} for {lasts:?}", STORES[g]));
+        self.faults.retain(|f| !f.is_finished());
         match mode {
             None => gate.reset(),
             Some(mode) => {
@@ -783,7 +805,8 @@ impl Soak<'_> {
                 Err(e) => return Err(e.context(format!("restarting proxy {p} on {listen}"))),
             }
         };
-        proxy.wait_ready(&self.http).await?;
+        // Not waiting for readiness: a proxy that cannot reach a store yet (a fault, or the
+        // server out of connections) is unready but serves what it can; settling waits.
         self.proxies[p] = proxy;
         Ok(())
     }
@@ -866,6 +889,16 @@ impl Soak<'_> {
             gate.set(GateMode::Pass);
         }
         self.log.push("settle: faults stopped");
+        for (i, proxy) in self.proxies.iter().enumerate() {
+            let mut tries = 0;
+            while let Err(e) = proxy.wait_ready(&self.http).await {
+                tries += 1;
+                ensure!(
+                    tries < 3,
+                    "proxy {i} not ready 60 s after the faults stopped: {e:#}"
+                );
+            }
+        }
         let started = Instant::now();
         let mut cutover_tries: HashMap<String, usize> = HashMap::new();
         loop {
