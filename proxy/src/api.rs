@@ -385,6 +385,7 @@ async fn route(
             let from = i32::try_from(from.max(1)).map_err(|_| {
                 ApiError::bad_request("invalid_query", "from_version is out of range")
             })?;
+            routes_loaded(state).await?;
             let route = *state.routes.load().get(&tenant);
             let store = state.store(route.store)?;
             let stream = StreamRef {
@@ -403,6 +404,7 @@ async fn route(
         }
         (Endpoint::Feed { tenant }, Method::GET) => {
             let (after, limit) = read_params(&query, "after_position")?;
+            routes_loaded(state).await?;
             let route = *state.routes.load().get(&tenant);
             let store = state.store(route.store)?;
             let events = store
@@ -442,6 +444,20 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Holds a request until the proxy's first routing table is loaded (up to the gate wait), then
+/// 503 `routing_not_loaded`. Before that load the empty table sends every tenant to the default
+/// store: a proxy just (re)started would write a migrated tenant's events into the store it
+/// left — accepted there if a later migration back has reopened its fence — and read from the
+/// wrong store.
+async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
+    let limit = std::time::Duration::from_millis(state.config.proxy.gate_wait_ms);
+    if state.routes.is_loaded() || state.routes.wait_loaded(limit).await {
+        Ok(())
+    } else {
+        Err(ApiError::RoutingNotLoaded)
+    }
+}
+
 /// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
 /// route that replaced the stale one, so the client sees only latency.
 async fn append(
@@ -449,6 +465,7 @@ async fn append(
     stream: StreamRef<'_>,
     mut command: AppendCommand,
 ) -> Result<Response<Body>, ApiError> {
+    routes_loaded(state).await?;
     let mut route: Route = *state.routes.load().get(&stream.tenant_id);
     let mut reroutes = 0;
     loop {

@@ -38,6 +38,10 @@ pub enum ApiError {
     },
     #[error("the proxy is overloaded; retry shortly")]
     Overloaded,
+    /// The proxy has not loaded its routing table yet (just started, or the control database
+    /// has not answered): it cannot tell which store is the tenant's.
+    #[error("the proxy has not loaded its routing table yet; retry shortly")]
+    RoutingNotLoaded,
     #[error("too many requests from this client; retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
     #[error("the request body did not arrive within {0} ms")]
@@ -99,6 +103,7 @@ impl ApiError {
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
+            | Self::RoutingNotLoaded
             | Self::RateLimited { .. }
             | Self::Timeout(_) => Kind::Unavailable,
             Self::Internal(_) => Kind::Internal,
@@ -118,9 +123,10 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::VersionConflict { .. } | Self::EventIdReused => StatusCode::CONFLICT,
-            Self::WritesPaused { .. } | Self::StoreUnavailable { .. } | Self::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::WritesPaused { .. }
+            | Self::StoreUnavailable { .. }
+            | Self::Overloaded
+            | Self::RoutingNotLoaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -141,6 +147,7 @@ impl ApiError {
             Self::WritesPaused { .. } => "writes_paused",
             Self::StoreUnavailable { .. } => "store_unavailable",
             Self::Overloaded => "overloaded",
+            Self::RoutingNotLoaded => "routing_not_loaded",
             Self::Timeout(_) => "timeout",
             Self::RateLimited { .. } => "rate_limited",
             Self::BodyTimeout(_) => "body_timeout",
@@ -173,7 +180,9 @@ impl ApiError {
             Self::WritesPaused { retry_after_s } | Self::RateLimited { retry_after_s } => {
                 retry_after = Some(*retry_after_s);
             }
-            Self::Overloaded | Self::StoreUnavailable { .. } => retry_after = Some(1),
+            Self::Overloaded | Self::StoreUnavailable { .. } | Self::RoutingNotLoaded => {
+                retry_after = Some(1);
+            }
             Self::PayloadTooLarge { limit } => {
                 body.insert("limit_bytes".into(), json!(limit));
             }

@@ -233,6 +233,21 @@ impl Routes {
         self.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Waits up to `limit` for the first table from the control database; whether it came.
+    pub async fn wait_loaded(&self, limit: std::time::Duration) -> bool {
+        // Subscribe before checking, so a table published in between still wakes us.
+        let mut changed = self.changed.subscribe();
+        let _ = tokio::time::timeout(limit, async {
+            while !self.is_loaded() {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.is_loaded()
+    }
+
     /// A receiver that fires on every published table.
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.changed.subscribe()
