@@ -9,28 +9,10 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::{
-    events_body, for_each_backend, run_control, stream_url, tenant_events, wait_for,
+    events_body, for_each_backend, run_control, seed_sql, stream_url, tenant_events, wait_for,
     wait_for_every, Backend, Env, Http, Result, ServeProcess, Writers,
 };
 use uuid::Uuid;
-
-/// Seeds `events` events of `tenant` (streams of 100) with one INSERT … SELECT.
-async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(
-        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, timestamp, payload)
-         SELECT gen_random_uuid(),
-                (md5($1::text || (g / 100)::text))::uuid,
-                'Seed', 'Seeded', $1, 'seeder', (g % 100) + 1, now(),
-                jsonb_build_object('g', g, 'pad', repeat('x', 60))
-           FROM generate_series(0, $2 - 1) AS g",
-    )
-    .bind(tenant)
-    .bind(events)
-    .execute(&mut conn)
-    .await?;
-    Ok(())
-}
 
 /// Seeds `events` events of `tenant` on either backend (streams of 100 versions).
 async fn seed_tenant(env: &Env, tenant: Uuid, events: usize) -> Result<()> {

@@ -11,10 +11,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sqlx::Connection;
 use switchyard_tests::{
-    bin, events_body, run_control, stream_url, wait_for, Backend, Env, Http, Result, ServeProcess,
-    Writers,
+    bin, events_body, run_control, seed_sql, stream_url, wait_for, Backend, Env, Http, Result,
+    ServeProcess, Writers,
 };
 use uuid::Uuid;
 
@@ -177,22 +176,6 @@ fn family_of(name: &str, types: &BTreeMap<String, String>) -> String {
         }
     }
     name.to_owned()
-}
-
-/// Seeds `events` events of `tenant` (streams of 100) with one INSERT … SELECT.
-async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(
-        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, timestamp, payload)
-         SELECT gen_random_uuid(), (md5($1::text || (g / 100)::text))::uuid, 'Seed', 'Seeded', $1,
-                'seeder', (g % 100) + 1, now(), jsonb_build_object('g', g)
-           FROM generate_series(0, $2 - 1) AS g",
-    )
-    .bind(tenant)
-    .bind(events)
-    .execute(&mut conn)
-    .await?;
-    Ok(())
 }
 
 /// A 20,000-event tenant migrated at 4,000 events/s with writers on the proxy, then two

@@ -17,9 +17,9 @@ use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
-    assert_all_acked, count_events, events_body, route_state, run_control, seed, stream_url,
-    tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http, ProxyProcess,
-    Result, ServeProcess, TcpGate,
+    assert_all_acked, count_events, events_body, route_state, run_control, seed, seed_sql,
+    stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http,
+    ProxyProcess, Result, ServeProcess, TcpGate,
 };
 use uuid::Uuid;
 
@@ -178,24 +178,6 @@ fn body_ids(body: &Value) -> Vec<Uuid> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Seeds `events` events of `tenant` (streams of 100) with one INSERT … SELECT.
-async fn seed_sql(url: &str, tenant: Uuid, events: i64) -> Result<()> {
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(
-        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, timestamp, payload)
-         SELECT gen_random_uuid(),
-                (md5($1::text || (g / 100)::text))::uuid,
-                'Seed', 'Seeded', $1, 'seeder', (g % 100) + 1, now(),
-                jsonb_build_object('g', g, 'pad', repeat('x', 60))
-           FROM generate_series(0, $2 - 1) AS g",
-    )
-    .bind(tenant)
-    .bind(events)
-    .execute(&mut conn)
-    .await?;
-    Ok(())
 }
 
 /// Starts a migration of `tenant` to `to` (left to `serve`) and waits for dual-write at lag 0.
