@@ -354,6 +354,29 @@ impl EventStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Every copier inserts in source position order: the tail, the final delta and the
+        // mirrors of several proxies may insert the same events at once, and inserting them
+        // in different orders made PostgreSQL deadlock (each waiting on a row the other had
+        // inserted) until `deadlock_timeout` (1 s) ended it. One order for everyone has no
+        // cycle. The mirror batches in arrival order, which is not position order.
+        if events.is_sorted_by_key(|e| e.global_position) {
+            return self.insert_copied_in_order(events).await;
+        }
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by_key(|&i| events[i].global_position);
+        let sorted: Vec<StoredEvent> = order.iter().map(|&i| events[i].clone()).collect();
+        let landed = self.insert_copied_in_order(&sorted).await?;
+        let mut answers = vec![None; events.len()];
+        for (&i, position) in order.iter().zip(landed) {
+            answers[i] = position;
+        }
+        Ok(answers)
+    }
+
+    async fn insert_copied_in_order(
+        &self,
+        events: &[StoredEvent],
+    ) -> Result<Vec<Option<i64>>, StoreError> {
         match &self.backend {
             Backend::Postgres(pool) => insert_copied_pg(pool, events).await,
             Backend::Sqlite(pool) => insert_copied_sqlite(pool, events).await,
