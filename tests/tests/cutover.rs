@@ -468,6 +468,14 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
         let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
         migrate_to_dual_write(&env, tenant).await?
     };
+    // `serve` is gone, so no tail copies what the mirror missed: the writers start only once
+    // the proxy mirrors (an append it routed before it saw dual_write stays for the tail, and
+    // every later version of that stream waits behind it).
+    wait_for(Duration::from_secs(10), || async {
+        let route = switchyard_tests::route_state(&http, &proxy, tenant).await?;
+        Ok(route["mirroring"] == true)
+    })
+    .await?;
     let writers = Writers::start(
         &http,
         std::slice::from_ref(&proxy.data),
