@@ -56,8 +56,10 @@ pub enum Scope {
     /// Every source row (the source is fenced: nothing more will land there); target rows past
     /// them are writes made after the cutover.
     Final,
-    /// These streams, every source row (the cutover's delta check, under the fence).
-    Streams(Vec<StreamKey>),
+    /// These streams' versions `lo..=hi`, on both sides (the cutover's checks of the streams
+    /// its final delta touches: the versions below the delta before the gates close, the rest
+    /// under the fence).
+    Ranges(Vec<(StreamKey, i32, i32)>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -178,27 +180,29 @@ pub async fn verify(
     // the same time (both databases work at once); the few streams where the target is ahead
     // of the source's horizon (newer writes) are summarised again up to the bound below.
     let everything = PassWindow::first(i64::MAX);
-    let (mut src, target_all) = match scope {
+    let (mut src, target_side) = match scope {
         Scope::Window(window) => {
             let (s, t) = tokio::try_join!(
                 source.window_digests(tenant, *window, mode),
                 target.window_digests(tenant, everything, mode)
             )?;
-            (s, Some(t))
+            (s, TargetSide::All(t))
         }
         Scope::Final => {
             let (s, t) = tokio::try_join!(
                 source.window_digests(tenant, everything, mode),
                 target.window_digests(tenant, everything, mode)
             )?;
-            (s, Some(t))
+            (s, TargetSide::All(t))
         }
-        Scope::Streams(streams) => {
-            let bounds: Vec<(StreamKey, i32)> =
-                streams.iter().map(|s| (s.clone(), i32::MAX)).collect();
-            let mut d = source.bounded_digests(tenant, &bounds, false, mode).await?;
-            d.retain(|_, v| v.count > 0);
-            (d, None)
+        Scope::Ranges(ranges) => {
+            // Both sides at once over the same version ranges: no bound depends on the source.
+            let (mut s, t) = tokio::try_join!(
+                source.range_digests(tenant, ranges, mode),
+                target.range_digests(tenant, ranges, mode)
+            )?;
+            s.retain(|_, v| v.count > 0);
+            (s, TargetSide::Compared(t))
         }
     };
     // A stream whose window rows are not versions 1..=V (a version below V committed past the
@@ -208,7 +212,7 @@ pub async fn verify(
         .filter(|(_, d)| d.count != i64::from(d.last_version))
         .map(|(k, d)| (k.clone(), d.last_version))
         .collect();
-    if !ragged.is_empty() && !matches!(scope, Scope::Streams(_)) {
+    if !ragged.is_empty() && !matches!(scope, Scope::Ranges(_)) {
         src.extend(source.bounded_digests(tenant, &ragged, false, mode).await?);
     }
     if let Some(pct) = sample_percent {
@@ -221,13 +225,9 @@ pub async fn verify(
     // Extra streams and events are looked for over the whole tenant while the source is
     // still authoritative and no sample narrows the check.
     let check_extras = matches!(scope, Scope::Window(_)) && sample_percent.is_none();
-    let tgt = match target_all {
-        None => {
-            target
-                .bounded_digests(tenant, &bounds, check_extras, mode)
-                .await?
-        }
-        Some(all) => narrow(target, tenant, &src, all, check_extras, mode).await?,
+    let tgt = match target_side {
+        TargetSide::Compared(t) => t,
+        TargetSide::All(all) => narrow(target, tenant, &src, all, check_extras, mode).await?,
     };
 
     let mut report = Report {
@@ -315,6 +315,14 @@ pub async fn verify(
             report.source_event_count as f64 / elapsed.as_secs_f64().max(1e-9);
     }
     Ok(report)
+}
+
+/// What the target side of a comparison starts from.
+enum TargetSide {
+    /// Summaries over all the tenant's rows, narrowed to the source's bounds.
+    All(HashMap<StreamKey, StreamDigest>),
+    /// Summaries over exactly the rows compared.
+    Compared(HashMap<StreamKey, StreamDigest>),
 }
 
 /// The target's summaries up to each source stream's bound, from its summaries over all its

@@ -201,6 +201,64 @@ async fn each_level_names_the_corruption_it_should_see() -> Result<()> {
     .await
 }
 
+/// A difference in the versions the final delta touches is found under the fence: the target
+/// holds a version past the source's last (written straight into it). The versions below the
+/// delta agree, so the check before the gates close passes, and the attempt rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_whose_delta_versions_differ_rolls_back_under_the_fence() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], CUTOVER_LAG).await?;
+        env.control_json(&["init"])?;
+        let tenant = Uuid::new_v4();
+        let id = migrated_to_dual_write(&env, tenant, 3, 4).await?;
+        let broken = streams(env.store_url("dedicated"), tenant).await?[0];
+        let stream = switchyard_store::StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Seed",
+            aggregate_id: broken,
+        };
+        let event = |kind: &str| -> Result<switchyard_store::NewEvent> {
+            Ok(switchyard_store::NewEvent::new(
+                Uuid::new_v4(),
+                kind,
+                serde_json::value::RawValue::from_string("{\"late\":true}".into())?,
+                None,
+                None,
+            ))
+        };
+        // Version 5 straight into the source (past the tail's horizon) and copied as the
+        // mirror would; then a version 6 only the target has.
+        let source = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
+        let target = switchyard_store::EventStore::connect("t", env.store_url("dedicated"), 1)?;
+        source.append(stream, Some(4), &[event("Late")?]).await?;
+        let late = source.read_stream(stream, 5, 5).await?;
+        target.insert_copied(&late).await?;
+        target.append(stream, Some(5), &[event("Stray")?]).await?;
+        source.close().await;
+        target.close().await;
+
+        let out = env.control(&["--json", "cutover", &id])?;
+        assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+        let outcome = first_json(&out.stdout)?;
+        assert_eq!(outcome["success"], false, "{outcome}");
+        assert_eq!(outcome["state"], "dual_write", "{outcome}");
+        let error = outcome["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("verification failed; streams differ"),
+            "{error}"
+        );
+        assert!(error.contains(&format!("Seed/{broken}")), "{error}");
+        // Under the fence: the gates were closed and the attempt rolled back.
+        let steps = &outcome["steps_ms"];
+        assert!(steps["4_copy_delta"].is_number(), "{outcome}");
+        assert!(steps["5_roll_back"].is_number(), "{outcome}");
+        let status = env.control_json(&["status", &id])?;
+        assert_eq!(status["state"], "dual_write", "{status}");
+        Ok(())
+    })
+    .await
+}
+
 /// A cutover whose delta does not verify rolls back to dual_write and names the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutover_whose_delta_differs_rolls_back_naming_the_stream() -> Result<()> {
@@ -247,6 +305,9 @@ async fn a_cutover_whose_delta_differs_rolls_back_naming_the_stream() -> Result<
         assert!(error.contains("verification failed"), "{error}");
         assert!(error.contains(&format!("Seed/{broken}")), "{error}");
         assert!(error.contains("Missing at version 2"), "{error}");
+        // Found below the delta, before the gates closed: nobody was paused.
+        assert!(error.contains("before the gates closed"), "{error}");
+        assert_eq!(outcome["pause_ms"], 0, "{outcome}");
         let status = env.control_json(&["status", &id])?;
         assert_eq!(status["state"], "dual_write", "{status}");
         Ok(())

@@ -1,10 +1,12 @@
 //! The cutover (DESIGN.md "Cutover (the fence)"), inside one budget:
 //!
 //! 1. refuse unless dual_write and the lag is within `cutover_max_lag_events` (unless forced);
+//!    compare the streams with versions past the tail horizon below those versions (writers
+//!    still write; a difference fails the cutover before anyone is paused);
 //! 2. routing → `cutover_paused` (proxies close the tenant's gate);
 //! 3. take the tenant's fence in the source (waits for appends in flight, holds every other);
-//! 4. copy the final delta past the tail horizon, verify it landed (unless forced), mark the
-//!    fence moved, commit;
+//! 4. copy the final delta past the tail horizon, verify it landed and the rest of the streams
+//!    it touched agree (unless forced), mark the fence moved, commit;
 //! 5. routing → `normal` on the target (gates open onto the target): migrated.
 //!
 //! On timeout or any failure before step 4 commits, the source transaction rolls back (the
@@ -12,14 +14,15 @@
 //! the error and the number of held writers reported. After step 4 commits, the fence is the
 //! truth: whatever happens, the migration can only finish (`recover` does it after a crash).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::verify::{Level, Scope};
 use serde::Serialize;
 use switchyard_store::control::Action;
 use switchyard_store::{
-    AuditNote, FenceLock, MigrationError, MigrationRecord, MigrationState, PassWindow,
+    AuditNote, Digesting, FenceLock, MigrationError, MigrationRecord, MigrationState, PassWindow,
+    StreamKey,
 };
 use uuid::Uuid;
 
@@ -124,6 +127,32 @@ impl Engine {
             )));
         }
         steps.lap("1_check_lag", &mut lap);
+        // The streams the final delta will touch are checked below the delta while writers
+        // still write, so only their newest versions are left for the pause.
+        let below = if force {
+            None
+        } else {
+            match self.check_below_delta(&record).await? {
+                Ok(below) => Some(below),
+                Err(message) => {
+                    steps.lap("1_verify_below_delta", &mut lap);
+                    return Ok(CutoverOutcome {
+                        migration_id: id,
+                        success: false,
+                        state: record.state,
+                        duration_ms: elapsed_ms(started),
+                        pause_ms: 0,
+                        blocked_writers: 0,
+                        delta_events: 0,
+                        lag_before: lag,
+                        forced: force,
+                        error: Some(message),
+                        steps_ms: steps,
+                    });
+                }
+            }
+        };
+        steps.lap("1_verify_below_delta", &mut lap);
         let deadline = tokio::time::Instant::now() + budget;
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
@@ -154,7 +183,7 @@ impl Engine {
             self.fence_and_copy(
                 &closed.record,
                 (source, target),
-                force,
+                below.as_ref(),
                 epoch,
                 deadline,
                 (&mut steps, &mut lap),
@@ -248,13 +277,14 @@ impl Engine {
         })
     }
 
-    /// Steps 3 and 4: take the fence, copy and verify the final delta, move the fence.
+    /// Steps 3 and 4: take the fence, copy and verify the final delta, move the fence. `below`
+    /// is what [`Self::check_below_delta`] compared (`None` when forced: nothing is verified).
     /// Returns the delta size and the writers held at the moment the fence moved.
     async fn fence_and_copy(
         &self,
         record: &MigrationRecord,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
-        force: bool,
+        below: Option<&HashMap<StreamKey, i32>>,
         epoch: i64,
         deadline: tokio::time::Instant,
         (steps, lap): (&mut Steps, &mut Instant),
@@ -287,7 +317,7 @@ impl Engine {
         steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
         let outcome = self
-            .copy_delta(record, source, target, force, (steps, lap))
+            .copy_delta(record, (source, target), below, (steps, lap))
             .await;
         let blocked = lock.blocked_writers().await.unwrap_or(0);
         let delta = match outcome {
@@ -314,15 +344,18 @@ impl Engine {
     /// The final catch-up: every event of the tenant past the tail horizon (no upper bound:
     /// with the fence held, nothing more can commit). Events the mirror or the tail already
     /// wrote are looked up by id and not inserted again, so the time under the fence grows
-    /// with what is really missing, not with how far the horizon lags. Verification: every
-    /// delta event is in the target, and the streams it touched agree in count and last
-    /// version (everything below the tail horizon was verified landed by the tail itself).
+    /// with what is really missing, not with how far the horizon lags.
+    ///
+    /// Verification: every delta event is in the target, and every stream the delta touched
+    /// agrees in count and last version on both sides. The versions [`Self::check_below_delta`]
+    /// compared before the gates closed are not counted again: under the fence only the rest
+    /// of each stream is (a stream it did not see, whole). Both stores are asked at once, and
+    /// the position map is written meanwhile.
     async fn copy_delta(
         &self,
         record: &MigrationRecord,
-        source: &switchyard_store::EventStore,
-        target: &switchyard_store::EventStore,
-        force: bool,
+        (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
+        below: Option<&HashMap<StreamKey, i32>>,
         (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<u64, String> {
         let window = PassWindow {
@@ -331,7 +364,8 @@ impl Engine {
         };
         let mut after = 0;
         let mut copied = 0u64;
-        let mut touched: BTreeSet<(String, Uuid)> = BTreeSet::new();
+        let mut map: Vec<(i64, i64, Uuid)> = Vec::new();
+        let mut touched: BTreeSet<StreamKey> = BTreeSet::new();
         loop {
             let batch = source
                 .read_window(record.tenant_id, window, after, DELTA_BATCH)
@@ -339,6 +373,8 @@ impl Engine {
                 .map_err(|e| format!("reading the final delta: {e}"))?;
             let Some(last) = batch.last() else { break };
             after = last.global_position;
+            // With the fence held nothing more commits: a short batch is the last one.
+            let more = batch.len() == DELTA_BATCH as usize;
             let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
             let mut positions = target
                 .positions_of(&ids)
@@ -361,19 +397,12 @@ impl Engine {
                     }
                 }
             }
-            let map: Vec<(i64, i64, Uuid)> = batch
-                .iter()
-                .filter_map(|e| {
-                    positions
-                        .get(&e.event_id)
-                        .map(|p| (e.global_position, *p, e.event_id))
-                })
-                .collect();
-            self.control
-                .insert_position_map(record.id, &map)
-                .await
-                .map_err(|e| format!("recording positions: {e}"))?;
-            if !force {
+            map.extend(batch.iter().filter_map(|e| {
+                positions
+                    .get(&e.event_id)
+                    .map(|p| (e.global_position, *p, e.event_id))
+            }));
+            if below.is_some() {
                 if let Some(e) = batch.iter().find(|e| !positions.contains_key(&e.event_id)) {
                     return Err(format!(
                         "verification failed: event {} ({}/{} version {}) cannot land in the target",
@@ -386,20 +415,43 @@ impl Engine {
                     .iter()
                     .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
             );
+            if !more {
+                break;
+            }
         }
         self.metrics
             .copied(usize::try_from(copied).unwrap_or(usize::MAX));
         steps.lap("4_copy_delta", lap);
-        if force {
+        let mapped = async {
+            for chunk in map.chunks(DELTA_BATCH as usize) {
+                self.control
+                    .insert_position_map(record.id, chunk)
+                    .await
+                    .map_err(|e| format!("recording positions: {e}"))?;
+            }
+            Ok::<(), String>(())
+        };
+        let Some(below) = below else {
+            // Forced: not verified.
+            mapped.await?;
             return Ok(copied);
-        }
-        // The delta's streams, compared under the fence with the same code as `verify`
-        // (counts and last versions: the full digest of a long stream does not fit a pause).
-        let streams: Vec<(String, Uuid)> = touched.into_iter().collect();
-        let report = self
-            .verify_scope(record, &Scope::Streams(streams), Level::Count, None)
-            .await
-            .map_err(|e| format!("verifying the delta: {e}"))?;
+        };
+        // The touched streams, compared under the fence with the same code as `verify`
+        // (counts and last versions: digests do not fit a pause).
+        let ranges: Vec<(StreamKey, i32, i32)> = touched
+            .into_iter()
+            .map(|k| {
+                let lo = below.get(&k).map_or(1, |b| b + 1);
+                (k, lo, i32::MAX)
+            })
+            .collect();
+        let scope = Scope::Ranges(ranges);
+        let checked = async {
+            self.verify_scope(record, &scope, Level::Count, None)
+                .await
+                .map_err(|e| format!("verifying the delta: {e}"))
+        };
+        let ((), report) = tokio::try_join!(mapped, checked)?;
         steps.lap("4_verify_delta", lap);
         if report.consistent {
             Ok(copied)
@@ -409,6 +461,52 @@ impl Engine {
                 report.summary(10)
             ))
         }
+    }
+
+    /// Before the gates close: for each stream with versions past the tail horizon, compares
+    /// its versions below them (`1..=below`) in both stores, and answers `below` per stream,
+    /// or why they differ. A stream's versions past a horizon are the newest ones (version
+    /// v + 1 commits after v, so it is past any horizon v is past), so `below` is its last
+    /// version there less their count. With the versions the fence leaves compared later,
+    /// each stream the final delta touches is compared whole, while only its newest versions
+    /// are compared during the pause.
+    async fn check_below_delta(
+        &self,
+        record: &MigrationRecord,
+    ) -> Result<Result<HashMap<StreamKey, i32>, String>, EngineError> {
+        let source = self.store(&record.source_store_id)?;
+        let window = PassWindow {
+            from: record.tail_horizon,
+            to: i64::MAX,
+        };
+        let past = source
+            .window_digests(record.tenant_id, window, Digesting::Count)
+            .await
+            .map_err(EngineError::store(source.id()))?;
+        let below: HashMap<StreamKey, i32> = past
+            .into_iter()
+            .map(|(k, d)| {
+                let newest = i32::try_from(d.count).unwrap_or(i32::MAX);
+                (k, d.last_version.saturating_sub(newest).max(0))
+            })
+            .collect();
+        let ranges: Vec<(StreamKey, i32, i32)> = below
+            .iter()
+            .filter(|(_, b)| **b > 0)
+            .map(|(k, b)| (k.clone(), 1, *b))
+            .collect();
+        if !ranges.is_empty() {
+            let report = self
+                .verify_scope(record, &Scope::Ranges(ranges), Level::Count, None)
+                .await?;
+            if !report.consistent {
+                return Ok(Err(format!(
+                    "verification failed before the gates closed (nothing was paused); streams differ: {}",
+                    report.summary(10)
+                )));
+            }
+        }
+        Ok(Ok(below))
     }
 
     /// Step 5: cutover → migrated, routing normal on the target. Retried briefly: the fence

@@ -196,11 +196,7 @@ impl EventStore {
                     );
                 }
             }
-            (Backend::Sqlite(_), Digesting::InDatabase) => {
-                return Err(StoreError::Corrupt(
-                    "in-database digests need PostgreSQL on both sides".to_owned(),
-                ))
-            }
+            (Backend::Sqlite(_), Digesting::InDatabase) => return Err(in_database_needs_pg()),
             (_, Digesting::Canonical) => {
                 self.scan_tenant(tenant, Some(window), |e, in_window| {
                     if in_window {
@@ -216,7 +212,7 @@ impl EventStore {
     /// Per listed stream, over its versions up to the stream's bound: count, last version,
     /// digest. With `scan_all`, every stream of the tenant is reported and `beyond` counts the
     /// rows past the bound (or of streams not listed); otherwise only listed streams are read
-    /// (through the stream index) and `beyond` stays 0.
+    /// (through the stream index, see [`EventStore::range_digests`]) and `beyond` stays 0.
     pub async fn bounded_digests(
         &self,
         tenant: Uuid,
@@ -224,6 +220,11 @@ impl EventStore {
         scan_all: bool,
         mode: Digesting,
     ) -> Result<HashMap<StreamKey, StreamDigest>, StoreError> {
+        if !scan_all {
+            let ranges: Vec<(StreamKey, i32, i32)> =
+                bounds.iter().map(|(k, b)| (k.clone(), 1, *b)).collect();
+            return self.range_digests(tenant, &ranges, mode).await;
+        }
         let mut out = HashMap::new();
         match (&self.backend, mode) {
             (Backend::Postgres(pool), Digesting::Count | Digesting::InDatabase) => {
@@ -234,75 +235,30 @@ impl EventStore {
                         "coalesce(bit_xor({PG_ROW_HASH}) FILTER (WHERE e.version <= b.bound), 0)"
                     )
                 };
-                let types: Vec<&str> = bounds.iter().map(|b| b.0 .0.as_str()).collect();
-                let ids: Vec<Uuid> = bounds.iter().map(|b| b.0 .1).collect();
+                let (types, ids) = key_columns(bounds.iter().map(|b| &b.0));
                 let versions: Vec<i32> = bounds.iter().map(|b| b.1).collect();
-                let sql = if scan_all {
-                    format!(
-                        "SELECT e.aggregate_type, e.aggregate_id,
-                                count(*) FILTER (WHERE e.version <= b.bound),
-                                coalesce(max(e.version) FILTER (WHERE e.version <= b.bound), 0),
-                                {hash},
-                                count(*) FILTER (WHERE b.bound IS NULL OR e.version > b.bound)
-                           FROM events e
-                           LEFT JOIN unnest($2::text[], $3::uuid[], $4::int4[])
-                                AS b(aggregate_type, aggregate_id, bound)
-                             ON b.aggregate_id = e.aggregate_id AND b.aggregate_type = e.aggregate_type
-                          WHERE e.tenant_id = $1
-                          GROUP BY 1, 2"
-                    )
-                } else {
-                    format!(
-                        "SELECT e.aggregate_type, e.aggregate_id, count(*),
-                                coalesce(max(e.version), 0), {}, 0::int8
-                           FROM unnest($2::text[], $3::uuid[], $4::int4[])
-                                AS b(aggregate_type, aggregate_id, bound)
-                           JOIN events e ON e.aggregate_id = b.aggregate_id
-                                        AND e.aggregate_type = b.aggregate_type
-                                        AND e.version <= b.bound
-                          WHERE e.tenant_id = $1
-                          GROUP BY 1, 2",
-                        if mode == Digesting::Count {
-                            "0::int8".to_owned()
-                        } else {
-                            format!("coalesce(bit_xor({PG_ROW_HASH}), 0)")
-                        }
-                    )
-                };
-                let mut rows = sqlx::query_as::<_, (String, Uuid, i64, i32, i64, i64)>(&sql)
+                let sql = format!(
+                    "SELECT e.aggregate_type, e.aggregate_id,
+                            count(*) FILTER (WHERE e.version <= b.bound),
+                            coalesce(max(e.version) FILTER (WHERE e.version <= b.bound), 0),
+                            {hash},
+                            count(*) FILTER (WHERE b.bound IS NULL OR e.version > b.bound)
+                       FROM events e
+                       LEFT JOIN unnest($2::text[], $3::uuid[], $4::int4[])
+                            AS b(aggregate_type, aggregate_id, bound)
+                         ON b.aggregate_id = e.aggregate_id AND b.aggregate_type = e.aggregate_type
+                      WHERE e.tenant_id = $1
+                      GROUP BY 1, 2"
+                );
+                let rows = sqlx::query_as::<_, (String, Uuid, i64, i32, i64, i64)>(&sql)
                     .bind(tenant)
                     .bind(&types)
                     .bind(&ids)
                     .bind(&versions)
                     .fetch(pool);
-                while let Some((t, id, count, last_version, digest, beyond)) =
-                    rows.try_next().await?
-                {
-                    out.insert(
-                        (t, id),
-                        StreamDigest {
-                            count,
-                            last_version,
-                            digest,
-                            beyond,
-                        },
-                    );
-                }
+                collect_digests(rows, &mut out).await?;
             }
-            (Backend::Sqlite(_), Digesting::InDatabase) => {
-                return Err(StoreError::Corrupt(
-                    "in-database digests need PostgreSQL on both sides".to_owned(),
-                ))
-            }
-            (_, mode) if !scan_all => {
-                // Listed streams only: read each through the stream index.
-                for (key, bound) in bounds {
-                    let rows = self.stream_slice(tenant, key, 1, *bound).await?;
-                    for e in &rows {
-                        fold(&mut out, e, true, mode != Digesting::Count);
-                    }
-                }
-            }
+            (Backend::Sqlite(_), Digesting::InDatabase) => return Err(in_database_needs_pg()),
             (_, mode) => {
                 let bound: HashMap<&StreamKey, i32> = bounds.iter().map(|(k, v)| (k, *v)).collect();
                 let hash = mode != Digesting::Count;
@@ -310,19 +266,68 @@ impl EventStore {
                     let key = (e.aggregate_type.clone(), e.aggregate_id);
                     match bound.get(&key) {
                         Some(b) => fold(&mut out, e, e.version <= *b, hash),
-                        None if scan_all => fold(&mut out, e, false, hash),
-                        None => {}
+                        None => fold(&mut out, e, false, hash),
                     }
                 })
                 .await?;
             }
         }
-        // Listed streams with no rows at all are reported as empty.
-        for (key, _) in bounds {
-            if let Entry::Vacant(v) = out.entry(key.clone()) {
-                v.insert(StreamDigest::default());
+        report_empty(bounds.iter().map(|(k, _)| k), &mut out);
+        Ok(out)
+    }
+
+    /// Per listed stream, over its versions `lo..=hi`: count, last version, digest (`beyond`
+    /// stays 0). Reads only those rows, through the stream index: the cutover compares the
+    /// versions its final delta wrote with this, so the time under the fence follows the
+    /// delta, not the length of the streams it touched.
+    pub async fn range_digests(
+        &self,
+        tenant: Uuid,
+        ranges: &[(StreamKey, i32, i32)],
+        mode: Digesting,
+    ) -> Result<HashMap<StreamKey, StreamDigest>, StoreError> {
+        let mut out = HashMap::new();
+        match (&self.backend, mode) {
+            (Backend::Postgres(pool), Digesting::Count | Digesting::InDatabase) => {
+                let hash = if mode == Digesting::Count {
+                    "0::int8".to_owned()
+                } else {
+                    format!("coalesce(bit_xor({PG_ROW_HASH}), 0)")
+                };
+                let (types, ids) = key_columns(ranges.iter().map(|r| &r.0));
+                let los: Vec<i32> = ranges.iter().map(|r| r.1).collect();
+                let his: Vec<i32> = ranges.iter().map(|r| r.2).collect();
+                let sql = format!(
+                    "SELECT e.aggregate_type, e.aggregate_id, count(*),
+                            coalesce(max(e.version), 0), {hash}, 0::int8
+                       FROM unnest($2::text[], $3::uuid[], $4::int4[], $5::int4[])
+                            AS b(aggregate_type, aggregate_id, lo, hi)
+                       JOIN events e ON e.aggregate_id = b.aggregate_id
+                                    AND e.aggregate_type = b.aggregate_type
+                                    AND e.version BETWEEN b.lo AND b.hi
+                      WHERE e.tenant_id = $1
+                      GROUP BY 1, 2"
+                );
+                let rows = sqlx::query_as::<_, (String, Uuid, i64, i32, i64, i64)>(&sql)
+                    .bind(tenant)
+                    .bind(&types)
+                    .bind(&ids)
+                    .bind(&los)
+                    .bind(&his)
+                    .fetch(pool);
+                collect_digests(rows, &mut out).await?;
+            }
+            (Backend::Sqlite(_), Digesting::InDatabase) => return Err(in_database_needs_pg()),
+            (_, mode) => {
+                for (key, lo, hi) in ranges {
+                    let rows = self.stream_slice(tenant, key, *lo, *hi).await?;
+                    for e in &rows {
+                        fold(&mut out, e, true, mode != Digesting::Count);
+                    }
+                }
             }
         }
+        report_empty(ranges.iter().map(|(k, _, _)| k), &mut out);
         Ok(out)
     }
 
@@ -461,6 +466,47 @@ fn alias(window: &str) -> String {
 
 fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| StoreError::Corrupt(format!("aggregate_id {text:?}: {e}")))
+}
+
+/// Reads `(type, id, count, last version, digest, beyond)` rows into `out`.
+async fn collect_digests(
+    mut rows: impl futures_util::Stream<Item = Result<(String, Uuid, i64, i32, i64, i64), sqlx::Error>>
+        + Unpin,
+    out: &mut HashMap<StreamKey, StreamDigest>,
+) -> Result<(), StoreError> {
+    while let Some((t, id, count, last_version, digest, beyond)) = rows.try_next().await? {
+        out.insert(
+            (t, id),
+            StreamDigest {
+                count,
+                last_version,
+                digest,
+                beyond,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Streams as the two array parameters the queries unnest: types and ids.
+fn key_columns<'a>(keys: impl Iterator<Item = &'a StreamKey>) -> (Vec<&'a str>, Vec<Uuid>) {
+    keys.map(|(t, id)| (t.as_str(), *id)).unzip()
+}
+
+/// Listed streams with no rows at all are reported as empty.
+fn report_empty<'a>(
+    listed: impl Iterator<Item = &'a StreamKey>,
+    out: &mut HashMap<StreamKey, StreamDigest>,
+) {
+    for key in listed {
+        if let Entry::Vacant(v) = out.entry(key.clone()) {
+            v.insert(StreamDigest::default());
+        }
+    }
+}
+
+fn in_database_needs_pg() -> StoreError {
+    StoreError::Corrupt("in-database digests need PostgreSQL on both sides".to_owned())
 }
 
 #[cfg(test)]
