@@ -1,4 +1,4 @@
-// Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin copy -- --events 1000000 --batch-sizes 1000,5000,10000 --variants binary,loop,loop-nomap,lean,pipelined
+// Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin copy -- --events 1000000 --batch-sizes 1000,5000,10000 --variants binary,loop,loop-nomap,staged
 
 //! Bulk copy throughput, PostgreSQL → PostgreSQL, against the floor any copier has to pay.
 //!
@@ -18,10 +18,10 @@
 //!   (`EventStore::read_window`, `EventStore::insert_copied`, `ControlDb::insert_position_map`,
 //!   `ControlDb::update_progress`), timing each call, so the table shows where a batch's time
 //!   goes; `loop-nomap` is the same without the position map.
-//! - prototypes of faster copies, with their own SQL here (the store is unchanged): `lean`
-//!   (`LEAN_INSERT`: the target-order insert without the join back to its own output),
-//!   `staged` (COPY into a temporary table, then the same insert from it), `pipelined` (`lean`
-//!   with the next read and the previous map and checkpoint overlapping the insert).
+//! - a prototype of a faster copy, with its own SQL here (the store is unchanged): `staged`
+//!   (COPY into a temporary table, then the store's target-order insert from it). The earlier
+//!   `lean` (the store's insert without its join back to its own output) and `pipelined`
+//!   (reads overlapping inserts) prototypes became the store's insert and the engine's loop.
 //!
 //! and once the floor: `COPY (SELECT … WHERE tenant_id = T) TO STDOUT` from the source piped
 //! into `COPY events (…) FROM STDIN` on a fresh target (two `psql` processes), which maintains
@@ -62,49 +62,13 @@ const TARGET_FLOOR_SHARE: f64 = 0.5;
 const COPY_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, tenant_id, \
      actor_id, version, timestamp, payload, created_at";
 
-/// Prototype target insert (`lean`): the store's `insert_copied` statement without its final
-/// `SELECT … FROM batch LEFT JOIN ins … LEFT JOIN events`. Once the prepared statement goes to
-/// a generic plan (after five executions), PostgreSQL estimates `unnest` of a parameter at 10
-/// rows and joins the inserted rows back to the batch with a nested loop: batch² comparisons
-/// (999,000 for 1,000 events, 100,000,000 for 10,000). Here the insert answers
-/// `(event_id, global_position)` of what it inserted and the caller matches by id, asking the
-/// target again only for rows that did not insert (already there, or waiting for their
-/// predecessor). `heads` is MATERIALIZED so each stream's head is looked up once, not once per
-/// row. Same target-order rule, same idempotency, same order of inserts.
-const LEAN_INSERT: &str = "
-WITH batch AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                         $7::int4[], $8::timestamptz[], $9::text[], $10::timestamptz[])
-           WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
-                                actor_id, version, ts, payload, created_at, ord)
-), heads AS MATERIALIZED (
-    SELECT s.aggregate_id, s.aggregate_type,
-           coalesce((SELECT max(e.version) FROM events e
-                      WHERE e.aggregate_id = s.aggregate_id
-                        AND e.aggregate_type = s.aggregate_type), 0) AS head
-      FROM (SELECT DISTINCT aggregate_id, aggregate_type FROM batch) s
-), landing AS (
-    SELECT b.*, h.head,
-           row_number() OVER (PARTITION BY b.aggregate_id, b.aggregate_type ORDER BY b.version) AS rn
-      FROM batch b JOIN heads h USING (aggregate_id, aggregate_type)
-     WHERE b.version > h.head
-)
-INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
-                    version, timestamp, payload, created_at)
-SELECT event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
-       version, ts, payload::jsonb, created_at
-  FROM landing WHERE version = head + rn
- ORDER BY ord
-ON CONFLICT DO NOTHING
-RETURNING event_id, global_position";
-
 /// The `staged` prototype's per-connection staging table (temporary: no WAL, no indexes).
 const STAGE_DDL: &str = "CREATE TEMP TABLE copy_stage (
     event_id uuid, aggregate_id uuid, aggregate_type text, event_type text, tenant_id uuid,
     actor_id text, version int4, ts timestamptz, payload text, created_at timestamptz, ord int8
 ) ON COMMIT DELETE ROWS";
 
-/// `LEAN_INSERT` reading the batch from the staging table.
+/// The store's target-order insert (`PG_INSERT_COPIED`) reading the batch from the staging table.
 const STAGED_INSERT: &str = "
 WITH batch AS MATERIALIZED (SELECT * FROM copy_stage),
 heads AS MATERIALIZED (
@@ -193,14 +157,9 @@ enum Variant {
     Loop,
     /// `loop` without the position map.
     LoopNomap,
-    /// Prototype: `loop` with a leaner target insert (see `LEAN_INSERT`).
-    Lean,
     /// Prototype: each batch `COPY`'d into a temporary staging table, then `INSERT … SELECT`
     /// from it under the target-order rule (see `STAGED_INSERT`).
     Staged,
-    /// Prototype: `lean`, with the next batch's source read and the previous batch's position
-    /// map and checkpoint running while the current batch is inserted.
-    Pipelined,
 }
 
 impl Variant {
@@ -210,9 +169,7 @@ impl Variant {
             Self::BinaryCustomPlan => "binary-custom-plan",
             Self::Loop => "loop",
             Self::LoopNomap => "loop-nomap",
-            Self::Lean => "lean",
             Self::Staged => "staged",
-            Self::Pipelined => "pipelined",
         }
     }
 }
@@ -690,43 +647,8 @@ async fn measure_binary(
 enum Inserter {
     /// `EventStore::insert_copied`, as the engine does.
     Store(EventStore),
-    /// `LEAN_INSERT` through a pool.
-    Lean(sqlx::PgPool),
     /// `COPY` into `copy_stage`, then `STAGED_INSERT`, in one transaction on one connection.
     Staged(PgConnection),
-}
-
-/// The batch as the arrays `LEAN_INSERT` binds.
-macro_rules! bind_batch {
-    ($query:expr, $events:expr) => {{
-        let events: &[StoredEvent] = $events;
-        $query
-            .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.aggregate_id).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.aggregate_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.event_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|e| e.tenant_id).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.actor_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.payload.get()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
-    }};
 }
 
 /// Appends `s` to a COPY text-format row, escaped.
@@ -799,12 +721,6 @@ async fn match_positions(
 impl Inserter {
     async fn new(variant: Variant, target_url: &str) -> Result<Self> {
         Ok(match variant {
-            Variant::Lean | Variant::Pipelined => Self::Lean(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .connect(target_url)
-                    .await?,
-            ),
             Variant::Staged => {
                 let mut conn = PgConnection::connect(target_url).await?;
                 sqlx::query(STAGE_DDL).execute(&mut conn).await?;
@@ -819,20 +735,6 @@ impl Inserter {
     async fn insert(&mut self, events: &[StoredEvent]) -> Result<Vec<Option<i64>>> {
         match self {
             Self::Store(store) => Ok(store.insert_copied(events).await?),
-            Self::Lean(pool) => {
-                let inserted: Vec<(Uuid, i64)> = bind_batch!(sqlx::query_as(LEAN_INSERT), events)
-                    .fetch_all(&*pool)
-                    .await?;
-                if inserted.len() == events.len() {
-                    let by_id: HashMap<Uuid, i64> = inserted.into_iter().collect();
-                    return Ok(events
-                        .iter()
-                        .map(|e| by_id.get(&e.event_id).copied())
-                        .collect());
-                }
-                let mut conn = pool.acquire().await?;
-                match_positions(&mut conn, events, inserted).await
-            }
             Self::Staged(conn) => {
                 let mut tx = conn.begin().await?;
                 let mut copy = tx.copy_in_raw("COPY copy_stage FROM STDIN").await?;
@@ -850,7 +752,6 @@ impl Inserter {
     async fn close(self) {
         match self {
             Self::Store(store) => store.close().await,
-            Self::Lean(pool) => pool.close().await,
             Self::Staged(conn) => {
                 let _ = conn.close().await;
             }
@@ -877,10 +778,9 @@ async fn record_batch(
     control: &ControlDb,
     id: Uuid,
     with_map: bool,
-    checkpoint: Option<Checkpoint>,
+    c: Checkpoint,
     phases: &mut Phases,
 ) -> Result<()> {
-    let Some(c) = checkpoint else { return Ok(()) };
     if with_map {
         let (mapped, took) = timed(control.insert_position_map(id, &c.map)).await;
         mapped?;
@@ -959,57 +859,22 @@ async fn measure_loop(
     let window = PassWindow::first(horizon);
     let mut phases = Phases::default();
     let mut copied = 0i64;
-    if variant == Variant::Pipelined {
-        // Batch k is inserted while batch k+1 is read and batch k-1 is mapped and checkpointed.
-        let (first, took) =
-            timed(source_store.read_window(source.tenant, window, 0, batch_size)).await;
+    let mut after = 0i64;
+    loop {
+        let (batch, took) =
+            timed(source_store.read_window(source.tenant, window, after, batch_size)).await;
         phases.read += took;
-        let mut batch = first?;
-        let mut pending: Option<Checkpoint> = None;
-        while !batch.is_empty() {
-            let after = batch.last().map_or(0, |e| e.global_position);
-            let mut record_phases = Phases::default();
-            let ((positions, insert_took), (next, read_took), recorded) = tokio::join!(
-                timed(inserter.insert(&batch)),
-                timed(source_store.read_window(source.tenant, window, after, batch_size)),
-                record_batch(
-                    &control,
-                    record.id,
-                    with_map,
-                    pending.take(),
-                    &mut record_phases
-                ),
-            );
-            recorded?;
-            phases.insert += insert_took;
-            phases.read += read_took;
-            phases.map += record_phases.map;
-            phases.progress += record_phases.progress;
-            phases.batches += 1;
-            let checkpoint = landed(&batch, &positions?, copied)?;
-            copied = checkpoint.copied;
-            pending = Some(checkpoint);
-            batch = next?;
+        let batch = batch?;
+        if batch.is_empty() {
+            break;
         }
-        record_batch(&control, record.id, with_map, pending, &mut phases).await?;
-    } else {
-        let mut after = 0i64;
-        loop {
-            let (batch, took) =
-                timed(source_store.read_window(source.tenant, window, after, batch_size)).await;
-            phases.read += took;
-            let batch = batch?;
-            if batch.is_empty() {
-                break;
-            }
-            let (positions, took) = timed(inserter.insert(&batch)).await;
-            phases.insert += took;
-            let checkpoint = landed(&batch, &positions?, copied)?;
-            copied = checkpoint.copied;
-            after = checkpoint.after;
-            record_batch(&control, record.id, with_map, Some(checkpoint), &mut phases).await?;
-            phases.batches += 1;
-        }
+        let (positions, took) = timed(inserter.insert(&batch)).await;
+        phases.insert += took;
+        let checkpoint = landed(&batch, &positions?, copied)?;
+        copied = checkpoint.copied;
+        after = checkpoint.after;
+        record_batch(&control, record.id, with_map, checkpoint, &mut phases).await?;
+        phases.batches += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = sampler.finish();
@@ -1309,11 +1174,9 @@ async fn measure_all(args: &Args, dbs: &mut Databases) -> Result<String> {
                 Variant::Binary | Variant::BinaryCustomPlan => {
                     measure_binary(variant, &control_bin, dbs, &source, batch_size).await?
                 }
-                Variant::Loop
-                | Variant::LoopNomap
-                | Variant::Lean
-                | Variant::Staged
-                | Variant::Pipelined => measure_loop(variant, dbs, &source, batch_size).await?,
+                Variant::Loop | Variant::LoopNomap | Variant::Staged => {
+                    measure_loop(variant, dbs, &source, batch_size).await?
+                }
             };
             eprintln!(
                 "{} batch {batch_size}: {:.0} events/s (copy {:.2} s, wall {:.2} s)",
