@@ -86,9 +86,21 @@ struct Args {
     /// (HTTP/2 with prior knowledge, all writers multiplexed on one connection).
     #[arg(long, value_enum, default_value_t = Protocol::H1)]
     protocol: Protocol,
+    /// How `switchyard_append` plans its queries: `auto` (PostgreSQL's default: a generic
+    /// plan cached per connection once it looks no worse) or `custom` (`ALTER FUNCTION … SET
+    /// plan_cache_mode = force_custom_plan`: planned afresh on every call), to measure both the
+    /// per-call cost of custom plans and, with `--seed-events 0`, the cached-plan pitfall.
+    #[arg(long, value_enum, default_value_t = AppendPlans::Auto)]
+    append_plans: AppendPlans,
     /// About a second per mode with 2 writers: checks the harness works (CI), measures nothing.
     #[arg(long)]
     smoke: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AppendPlans {
+    Auto,
+    Custom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -406,13 +418,25 @@ async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: &str) ->
 /// Fills the new store with `events` events through a pool that is closed afterwards, then
 /// refreshes the planner's statistics, so that no measured connection ever plans against a
 /// near-empty table.
-async fn seed(db_url: &str, events: u32) -> Result<()> {
+async fn seed(db_url: &str, events: u32, plans: AppendPlans) -> Result<()> {
     const PER_APPEND: u32 = 100;
     let store = EventStore::connect("shared", db_url, 2).context("seeding pool")?;
     store
         .ensure_schema()
         .await
         .context("creating the store schema")?;
+    if plans == AppendPlans::Custom {
+        let mut conn = PgConnection::connect(db_url).await?;
+        sqlx::query(
+            "ALTER FUNCTION switchyard_append(uuid, text, uuid, integer, uuid[], text[], jsonb[],
+                                             text[], timestamptz[])
+               SET plan_cache_mode = force_custom_plan",
+        )
+        .execute(&mut conn)
+        .await
+        .context("setting plan_cache_mode on switchyard_append")?;
+        conn.close().await?;
+    }
     for n in 0..events.div_ceil(PER_APPEND) {
         let batch: Vec<NewEvent> = (0..PER_APPEND.min(events - n * PER_APPEND))
             .map(|i| {
@@ -444,7 +468,7 @@ async fn seed(db_url: &str, events: u32) -> Result<()> {
 }
 
 async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
-    seed(db_url, args.seed_events).await?;
+    seed(db_url, args.seed_events, args.append_plans).await?;
     ControlDb::connect(db_url, 2)
         .context("control pool")?
         .ensure_schema()
@@ -552,6 +576,7 @@ fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Ou
         "warmup_seconds": args.warmup_seconds,
         "rounds": args.rounds.max(1),
         "seed_events": args.seed_events,
+        "append_plans": format!("{:?}", args.append_plans).to_lowercase(),
         "smoke": args.smoke,
         "postgres": conditions.database_version,
         "load_average_1m_before": conditions.load_before,
