@@ -1,0 +1,447 @@
+/*
+ * The cutover protocol of Switchyard (DESIGN.md "Cutover (the fence)"), as it must be after
+ * issue 14's fixes, for one tenant migrating from store S (source) to store T (target).
+ * Checked exhaustively by spin: scripts/check-model.sh; what is modeled and what is abstracted
+ * away: docs/model/README.md; which code each process and step stands for:
+ * docs/architecture.md, "The model".
+ *
+ * Processes: the cutover driver (Control, which may crash at every step and is then restarted
+ * as `serve`'s recoverer), a second `serve` replica's recoverer whose "abandoned" check may fire
+ * early (Recoverer), an operator's emergency stop (Stop) and abort (Abort), writers behind two
+ * proxies (Writer): proxy 0 hears routing changes late (Notify), proxy 1 never hears them and
+ * reloads only when an append meets a moved fence or a writer waits at its gate; PostgreSQL
+ * settling a transaction whose COMMIT was sent on a connection that died (Pg).
+ *
+ * Invariants (DESIGN.md), asserted in every reachable state (Invariants) or where they apply:
+ *   1  the source is authoritative until its fence moves: every append is acknowledged by the
+ *      authoritative store, and routing never sends writes onto a moved fence;
+ *   2  every acknowledged append is in the authoritative store (nothing lost);
+ *   4  no append reaches a store whose fence moved;
+ *   5  the cutover is all or nothing, and no writer is blocked forever: every execution ends,
+ *      and it ends with every writer acknowledged, every gate open (checked in init, and by
+ *      spin's end-state check: a writer stuck at a gate is an invalid end state).
+ *
+ * Mutants (each must make spin report a violation; see scripts/check-model.sh):
+ *   OLD_EMERGENCY_STOP            the emergency stop of 0645b7a (issue 14 item 1): both of
+ *   OLD_STOP_STALE_SOURCE           its `source` survives from an earlier loop iteration, so a
+ *                                   tenant whose cutover just finished is routed back;
+ *   OLD_STOP_SKIPPED_REOPEN         it fails a migration without the fence, and its reopen
+ *                                   skips a fence a cutover holds (still open) without waiting
+ *   AMBIGUOUS_COMMIT_AS_ROLLBACK  a failed or timed-out fence COMMIT rolls routing back (item 5)
+ *   REREAD_WITHOUT_LOCK           the ambiguous commit is resolved by a plain read of the fence,
+ *                                 which may run before PostgreSQL settles the transaction
+ *   RECOVER_WITHOUT_LOCK          the recoverer decides without holding the fence
+ *   APPEND_WITHOUT_FENCE_LOCK     an append reads the fence without FOR SHARE
+ */
+
+#ifndef WRITERS
+#define WRITERS 3
+#endif
+
+#define S 0
+#define T 1
+
+/* Holders of a store's fence row lock (FOR UPDATE). */
+#define NOBODY    0
+#define CUTTER    1   /* the cutover driver's source transaction (FenceLock) */
+#define STOPPER   2   /* the emergency stop */
+#define RECOVERER 3   /* a serve replica's recover_cutover */
+#define RESTARTED 4   /* the restarted control process's recover_cutover */
+#define ORPHAN    5   /* a transaction whose COMMIT was sent on a connection that then died */
+
+#define MAX_REROUTES 3   /* proxy/src/api.rs MAX_REROUTES */
+
+mtype = { NORMAL, DUAL_WRITE, CUTOVER_PAUSED };                          /* tenant_routing */
+mtype = { M_DUAL_WRITE, M_CUTOVER, M_MIGRATED, M_FAILED, M_ROLLED_BACK }; /* tenant_migrations */
+
+/* The stores: the tenant's fence row in each (open or moved) and who holds it FOR UPDATE, and
+ * which writers' events each holds (bit w = writer w's event; an append is idempotent by
+ * event_id, so an event is in a store or not). */
+bit  moved[2];
+byte locker[2];
+byte has[2];
+
+/* The control database: the tenant's routing row and its migration. */
+mtype rstate = DUAL_WRITE;
+bit   rstore = S;
+byte  repoch = 1;
+mtype mstate = M_DUAL_WRITE;
+
+/* Each proxy's routing table entry for the tenant (its ArcSwap snapshot). */
+mtype pstate[2];
+bit   pstore[2];
+byte  pepoch[2];
+
+/* Writers whose append was acknowledged (bit w). */
+byte acked;
+
+bit crashed;   /* the cutover driver crashed (at most once) */
+
+/* The store whose fence says it holds the tenant's history: the source until its fence moves. */
+#define AUTH (moved[S] -> T : S)
+#define ALL_ACKED_IN(s) ((acked & has[s]) == acked)
+#define DELTA_COPIED ((has[S] & has[T]) == has[S])
+#define INV1 (rstate == CUTOVER_PAUSED || !moved[rstore])
+#define INV2 ALL_ACKED_IN(AUTH)
+
+inline set_route(st, sto) {
+    rstate = st; rstore = sto; repoch++;
+    printf("MSC: %d: migration %e, routing %e on store %d (epoch %d)\n", _pid, mstate, rstate, rstore, repoch)
+}
+
+/* watcher::reload: the proxy's table becomes what the control database says now. */
+inline reload(p) {
+    atomic { pstate[p] = rstate; pstore[p] = rstore; pepoch[p] = repoch }
+}
+
+/* lock_fence: SELECT ... FOR UPDATE on the fence row waits for the holder to finish (appends'
+ * FOR SHARE is taken and released inside their one atomic step, see Writer). */
+inline take_fence(s, me) {
+    atomic { locker[s] == NOBODY -> locker[s] = me }
+}
+
+inline release_fence(s, me) {
+    assert(locker[s] == me); locker[s] = NOBODY
+}
+
+/* recover_cutover (and the fixed emergency stop's decision): under the fence, the fence is the
+ * truth: moved → migrated on the target; open → back to dual_write on the source. */
+inline recover(me, may_give_up) {
+    if
+    :: mstate != M_CUTOVER -> skip
+    :: else ->
+#ifdef RECOVER_WITHOUT_LOCK
+        atomic {
+            if
+            :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+            :: mstate == M_CUTOVER && !moved[S] -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
+            :: else -> skip
+            fi
+        }
+#else
+        if
+        :: take_fence(S, me);
+            atomic {
+                if
+                :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+                :: mstate == M_CUTOVER && !moved[S] -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
+                :: else -> skip
+                fi;
+                release_fence(S, me)
+            }
+        :: may_give_up -> skip   /* lock_fence timed out: someone holds it, not abandoned */
+        fi
+#endif
+    fi
+}
+
+/* A crash point of the cutover driver (SWITCHYARD_CRASH_AT in cutover.rs): at most one crash. */
+#define CRASH_POINT if :: !crashed -> crashed = 1; goto crash :: true -> skip fi
+
+proctype Control() {
+    /* 1 (refuse unless dual_write; the lag gate and the check below the delta are abstracted)
+     * and 2: close the gates — migration cutover, routing cutover_paused, in one transition. */
+    atomic {
+        if
+        :: mstate == M_DUAL_WRITE -> mstate = M_CUTOVER; set_route(CUTOVER_PAUSED, S)
+        :: else -> goto over   /* refused */
+        fi
+    }
+    CRASH_POINT;                                    /* after_gate_closed */
+    /* 3: take the source fence within the budget, then re-check the migration under it. */
+    if
+    :: take_fence(S, CUTTER)
+    :: true -> goto rollback                        /* lock_timeout: the budget ran out */
+    fi;
+    if
+    :: mstate != M_CUTOVER -> release_fence(S, CUTTER); goto rollback
+    :: else -> skip
+    fi;
+    CRASH_POINT;                                    /* after_fence_taken */
+    /* 4: copy the final delta and verify it (or fail: verification, the budget). */
+    if
+    :: has[T] = has[T] | has[S]
+    :: true -> release_fence(S, CUTTER); goto rollback
+    fi;
+    CRASH_POINT;                                    /* after_delta_verified */
+    /* 4: move the fence and commit. */
+    if
+    :: atomic { moved[S] = 1; assert(DELTA_COPIED); release_fence(S, CUTTER); printf("MSC: fence moved\n") }; goto forward
+    :: locker[S] = ORPHAN; goto ambiguous          /* COMMIT failed or timed out: did it apply? */
+    :: !crashed -> atomic { crashed = 1; locker[S] = ORPHAN }; goto crash   /* died after COMMIT */
+    fi;
+ambiguous:
+#if defined(AMBIGUOUS_COMMIT_AS_ROLLBACK)
+    goto rollback;
+#elif defined(REREAD_WITHOUT_LOCK)
+    if
+    :: moved[S] -> goto forward
+    :: else -> goto rollback
+    fi;
+#else
+    /* Re-read the fence on a fresh connection, under the lock: that waits until PostgreSQL has
+     * settled the old transaction, and then the fence says which way to go. */
+    take_fence(S, CUTTER);
+    if
+    :: atomic { moved[S] -> release_fence(S, CUTTER) }; goto forward
+    :: atomic { !moved[S] -> release_fence(S, CUTTER) }; goto rollback
+    fi;
+#endif
+forward:
+    CRASH_POINT;                                    /* after_fence */
+    /* 5: routing normal on the target; gates open onto it. Someone may have finished it. */
+    atomic {
+        if
+        :: mstate == M_CUTOVER -> mstate = M_MIGRATED; set_route(NORMAL, T)
+        :: else -> skip     /* finished by a recoverer or the stop (else: an error, see init) */
+        fi
+    }
+    goto over;
+rollback:
+    CRASH_POINT;                                    /* before_rollback */
+    /* Routing back to dual_write on the source, unless someone moved the migration on. */
+    atomic {
+        if
+        :: mstate == M_CUTOVER -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
+        :: else -> skip
+        fi
+    }
+    goto over;
+crash:
+    /* The process died: PostgreSQL rolls back a transaction it still held (not one whose
+     * COMMIT was sent: Pg settles that one). Restarted, control finishes the cutover. */
+    atomic {
+        if
+        :: locker[S] == CUTTER -> locker[S] = NOBODY
+        :: else -> skip
+        fi
+    }
+    recover(RESTARTED, false);
+over:
+    skip
+}
+
+/* Another serve replica: its "abandoned" check (age past budget + margin) may pass while the
+ * driver is only slow, so it may act at any moment of a cutover, or time out on the lock. */
+proctype Recoverer() {
+end:
+    if
+    :: mstate == M_CUTOVER -> recover(RECOVERER, true)
+    fi
+}
+
+/* switchyard-control emergency-stop for the tenant, at any moment (or never). */
+#ifdef OLD_EMERGENCY_STOP
+#define OLD_STOP_STALE_SOURCE
+#define OLD_STOP_SKIPPED_REOPEN
+#endif
+
+proctype Stop() {
+#if defined(OLD_STOP_STALE_SOURCE) || defined(OLD_STOP_SKIPPED_REOPEN)
+    /* ops.rs stop_tenant / reopen_after_stop at 0645b7a (with one of its two defects, or both).
+     * The migration is failed by a compare-and-set on the state it read, without the fence. */
+    bit have_source = 0;
+    mtype seen;
+    byte tries = 0;
+    bit store;
+    bit change;
+    do
+    :: tries < 3 ->
+        atomic {
+            if
+            :: mstate == M_DUAL_WRITE || mstate == M_CUTOVER -> seen = mstate; have_source = 1
+#ifdef OLD_STOP_STALE_SOURCE
+            :: else -> break    /* no active migration (any more): `source` is kept */
+#else
+            :: else -> have_source = 0; break
+#endif
+            fi
+        }
+        atomic {
+            if
+            :: mstate == seen -> mstate = M_FAILED; set_route(NORMAL, S); break
+            :: else -> tries++  /* StateChanged: read again */
+            fi
+        }
+    :: else -> break
+    od;
+    atomic { store = (have_source -> S : rstore); change = (rstate != NORMAL || rstore != store) }
+    if
+    :: change -> atomic { set_route(NORMAL, store) }
+    :: else -> skip
+    fi;
+#ifdef OLD_STOP_SKIPPED_REOPEN
+    /* reopen_fence: UPDATE ... WHERE state = 'moved' waits only for the lock of a row whose
+     * committed state matches; a row a cutover holds, still open, is skipped at once. */
+    atomic {
+        if
+        :: !moved[store] -> skip
+        :: moved[store] && locker[store] == NOBODY -> moved[store] = 0; printf("MSC: stop reopened the fence of store %d\n", store)
+        fi
+    }
+#else
+    /* A reopen that waits for whoever holds the fence, then reopens it if it moved. */
+    atomic {
+        locker[store] == NOBODY ->
+            if
+            :: moved[store] -> moved[store] = 0; printf("MSC: stop reopened the fence of store %d\n", store)
+            :: else -> skip
+            fi
+    }
+#endif
+#else
+    /* Under the source fence: wait for (or win against) a cutover holding it. Fail only a
+     * migration whose fence is still open; a moved fence means the cutover committed, and the
+     * stop finishes it forward rather than routing anyone onto a moved fence. */
+    take_fence(S, STOPPER);
+    atomic {
+        if
+        :: mstate == M_DUAL_WRITE || (mstate == M_CUTOVER && !moved[S]) ->
+            mstate = M_FAILED; set_route(NORMAL, S)
+        :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+        :: else -> skip     /* nothing active: routing is left as it is */
+        fi;
+        release_fence(S, STOPPER)
+    }
+#endif
+}
+
+/* switchyard-control abort, at any moment (or never): waits while the migration is in cutover,
+ * then rolls back a migration that is not terminal, or is refused. */
+proctype Abort() {
+end:
+    (mstate != M_CUTOVER);
+    atomic {
+        if
+        :: mstate == M_DUAL_WRITE -> mstate = M_ROLLED_BACK; set_route(NORMAL, S)
+        :: else -> skip     /* migrated (refused) or already ended */
+        fi
+    }
+}
+
+/* Proxy 0 hears routing changes (NOTIFY, the epoch poll), late: at any later moment. */
+proctype Notify() {
+end:
+    do
+    :: pepoch[0] != repoch -> reload(0)
+    od
+}
+
+/* PostgreSQL settles a transaction whose COMMIT was sent on a connection that died: it either
+ * committed (the fence moved) or not; either way its lock goes. */
+proctype Pg() {
+end:
+    do
+    :: atomic {
+        locker[S] == ORPHAN ->
+            if
+            :: moved[S] = 1; assert(DELTA_COPIED); printf("MSC: the orphaned COMMIT applied: fence moved\n")
+            :: printf("MSC: the orphaned COMMIT did not apply\n")
+            fi;
+            locker[S] = NOBODY
+        }
+    od
+}
+
+/* One append of writer w's event through proxy p (api.rs append), retried by its client until
+ * acknowledged: takes one snapshot of the route, waits at a closed gate, appends in one
+ * transaction that takes FOR SHARE on the fence row and refuses when it moved; on a moved
+ * fence reloads routing and waits for a newer open route. */
+proctype Writer(byte w; byte p) {
+    mtype st;
+    bit sto;
+    byte ep;
+    byte reroutes = 0;
+    atomic { st = pstate[p]; sto = pstore[p]; ep = pepoch[p] }
+again:
+    if
+    :: st == CUTOVER_PAUSED ->
+        /* gate::wait(Until::Open); the gate's recheck reloads while writers wait. */
+        do
+        :: atomic { pstate[p] != CUTOVER_PAUSED -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
+        :: pepoch[p] != repoch -> reload(p)
+        od
+    :: else -> skip
+    fi;
+#ifdef APPEND_WITHOUT_FENCE_LOCK
+    if
+    :: moved[sto] -> goto fenced
+    :: else -> skip
+    fi;
+    atomic {
+        assert(!moved[sto]);                        /* invariant 4 */
+        assert(sto == AUTH);                        /* invariant 1 */
+        has[sto] = has[sto] | (1 << w); acked = acked | (1 << w)
+    }
+    goto done;
+#else
+    /* switchyard_append: FOR SHARE waits while someone holds the fence FOR UPDATE. */
+    if
+    :: atomic { locker[sto] == NOBODY && moved[sto] -> printf("MSC: writer %d refused by the moved fence of store %d\n", w, sto) }; goto fenced
+    :: atomic {
+        locker[sto] == NOBODY && !moved[sto] ->
+            assert(sto == AUTH);                    /* invariant 1 */
+            has[sto] = has[sto] | (1 << w); acked = acked | (1 << w);
+            printf("MSC: writer %d acknowledged by store %d\n", w, sto)
+        }; goto done
+    fi;
+#endif
+fenced:
+    reroutes++;
+    assert(reroutes <= MAX_REROUTES);               /* else 503 writes_paused */
+    reload(p);
+    /* gate::wait(Until::OpenAfter { epoch }): a route newer than the one the fence refused. */
+    do
+    :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
+    :: pepoch[p] != repoch -> reload(p)
+    od;
+    goto again;
+done:
+    skip
+}
+
+/* Checked in every reachable state: the guard holds only when an invariant is broken. */
+proctype Invariants() {
+end:
+    do
+    :: atomic { !(INV1 && INV2) -> assert(INV1); assert(INV2) }
+    od
+}
+
+init {
+    atomic {
+        pstate[0] = DUAL_WRITE; pstore[0] = S; pepoch[0] = 1;
+        pstate[1] = DUAL_WRITE; pstore[1] = S; pepoch[1] = 1;
+#ifndef NO_MONITOR
+        run Invariants();
+#endif
+        run Notify();
+        run Pg();
+        run Control();
+        run Recoverer();
+#ifdef STOP_AND_ABORT
+        run Stop();
+        run Abort();
+#else
+        if
+        :: run Stop()
+        :: run Abort()
+        :: skip
+        fi;
+#endif
+        run Writer(0, 0);
+        run Writer(1, 1);
+#if WRITERS > 2
+        run Writer(2, 1);
+#endif
+    }
+    /* Nothing else can move: every process ended or waits for good. */
+    timeout;
+    assert(acked == (1 << WRITERS) - 1);            /* 5: every writer acknowledged */
+    assert(rstate != CUTOVER_PAUSED);               /* 5: every gate open */
+    assert(!moved[rstore]);                         /* 1: routing names a writable store */
+    assert(ALL_ACKED_IN(rstore));                   /* 2: nothing acknowledged is lost */
+    /* 5: all or nothing */
+    assert((moved[S] && rstore == T && rstate == NORMAL && mstate == M_MIGRATED) ||
+           (!moved[S] && rstore == S && mstate != M_MIGRATED && mstate != M_CUTOVER))
+}
