@@ -39,9 +39,12 @@ verify() {
     failed=1
     return
   fi
-  # gcc's -Wstringop-overflow misreads spin's generated undo code: silence warnings.
+  # gcc's -Wstringop-overflow misreads spin's generated undo code: silence warnings. A mutant's
+  # search stops at its first violation: building it without optimisation is quicker.
+  local opt=-O2
+  [ "$expect" = violation ] && opt=-O0
   # shellcheck disable=SC2086
-  cc -w -O2 $cc_flags -o pan pan.c
+  cc -w "$opt" $cc_flags -o pan pan.c
   local start end
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
@@ -93,5 +96,9 @@ for mutant in OLD_EMERGENCY_STOP OLD_STOP_STALE_SOURCE OLD_STOP_SKIPPED_REOPEN \
   AMBIGUOUS_COMMIT_AS_ROLLBACK REREAD_WITHOUT_LOCK RECOVER_WITHOUT_LOCK APPEND_WITHOUT_FENCE_LOCK; do
   verify "mutant $mutant" violation "-D$mutant" "-DSAFETY" "-m200000 -w24"
 done
+# The stale source's own race (a migrated tenant routed back to its old source, whose fence is
+# reopened), past the violation of INV1 spin meets first.
+verify "mutant OLD_STOP_STALE_SOURCE without INV1 (the first race)" violation \
+  "-DOLD_STOP_STALE_SOURCE -DNO_INV1" "-DSAFETY" "-m200000 -w24"
 echo "model: all checks took $(($(date +%s) - total_start)) s"
 exit "$failed"
