@@ -93,7 +93,8 @@ verify "safety: invariants 1, 2, 4, 5 (2 writers, stop and abort)" ok \
 verify "termination: no execution runs forever (2 writers, stop or abort)" ok \
   "-DWRITERS=2" "-DNP" "-l -m200000 -w22"
 for mutant in OLD_EMERGENCY_STOP OLD_STOP_STALE_SOURCE OLD_STOP_SKIPPED_REOPEN \
-  AMBIGUOUS_COMMIT_AS_ROLLBACK REREAD_WITHOUT_LOCK RECOVER_WITHOUT_LOCK APPEND_WITHOUT_FENCE_LOCK; do
+  AMBIGUOUS_COMMIT_AS_ROLLBACK REREAD_WITHOUT_LOCK RECOVER_WITHOUT_LOCK APPEND_WITHOUT_FENCE_LOCK \
+  GATE_WITHOUT_RECHECK; do
   verify "mutant $mutant" violation "-D$mutant" "-DSAFETY" "-m200000 -w24"
 done
 # The stale source's own race (a migrated tenant routed back to its old source, whose fence is

@@ -32,6 +32,7 @@
  *                                 which may run before PostgreSQL settles the transaction
  *   RECOVER_WITHOUT_LOCK          the recoverer decides without holding the fence
  *   APPEND_WITHOUT_FENCE_LOCK     an append reads the fence without FOR SHARE
+ *   GATE_WITHOUT_RECHECK          writers wait at a gate without the proxy re-reading routing
  */
 
 #ifndef WRITERS
@@ -348,6 +349,13 @@ end:
     od
 }
 
+/* The gate's recheck (gate.rs RECHECK): while writers wait, the proxy re-reads routing. */
+#ifdef GATE_WITHOUT_RECHECK
+#define GATE_RECHECK(p) false -> skip
+#else
+#define GATE_RECHECK(p) pepoch[p] != repoch -> reload(p)
+#endif
+
 /* One append of writer w's event through proxy p (api.rs append), retried by its client until
  * acknowledged: takes one snapshot of the route, waits at a closed gate, appends in one
  * transaction that takes FOR SHARE on the fence row and refuses when it moved; on a moved
@@ -364,7 +372,7 @@ again:
         /* gate::wait(Until::Open); the gate's recheck reloads while writers wait. */
         do
         :: atomic { pstate[p] != CUTOVER_PAUSED -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
-        :: pepoch[p] != repoch -> reload(p)
+        :: GATE_RECHECK(p)
         od
     :: else -> skip
     fi;
@@ -398,7 +406,7 @@ fenced:
     /* gate::wait(Until::OpenAfter { epoch }): a route newer than the one the fence refused. */
     do
     :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
-    :: pepoch[p] != repoch -> reload(p)
+    :: GATE_RECHECK(p)
     od;
     goto again;
 done:
