@@ -110,8 +110,8 @@ inline release_fence(s, me) {
     assert(locker[s] == me); locker[s] = NOBODY
 }
 
-/* recover_cutover (and the fixed emergency stop's decision): under the fence, the fence is the
- * truth: moved → migrated on the target; open → back to dual_write on the source. */
+/* recover_cutover: under the fence (or without it: a serve replica may time out on the lock and
+ * leave), the fence is the truth: moved → migrated on the target; open → back to dual_write. */
 inline recover(me, may_give_up) {
     if
     :: mstate != M_CUTOVER -> skip
