@@ -621,10 +621,24 @@ fn parse_message(e: &toml::de::Error, text: &str) -> String {
     let reason = without_values(e.message());
     match e.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            let before = text.get(..span.start).unwrap_or(text);
+            let line_start = before.rfind('\n').map_or(0, |n| n + 1);
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-            format!("line {line}, column {column}: {reason}")
+            let column = before.len() - line_start + 1;
+            // The key the error is at (a name, never a value): the line's text before its '='.
+            let key = before[line_start..]
+                .split_once('=')
+                .map(|(key, _)| key.trim())
+                .filter(|key| {
+                    !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            match key {
+                Some(key) => format!("line {line}, column {column}, at `{key}`: {reason}"),
+                None => format!("line {line}, column {column}: {reason}"),
+            }
         }
         None => reason,
     }
@@ -781,6 +795,8 @@ url = "postgres://postgres@127.0.0.1/b"
             assert!(!err.contains(SECRET), "{text}: {err}");
             assert!(err.contains("line") || err.contains("admin_token"), "{err}");
         }
+        let err = Config::from_parts(Some(&cases[2]), None, &[]).expect_err("a string");
+        assert!(err.to_string().contains("at `max_connections`"), "{err}");
         let err = Config::from_parts(
             None,
             None,
