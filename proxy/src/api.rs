@@ -216,8 +216,11 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
         }
         // Only what every store can hold (PostgreSQL's jsonb refuses some valid JSON), so the
         // tenant's events can later move to any store.
-        crate::payload::check(event.payload.get(), &format!("events[{i}].payload"))
-            .map_err(ApiError::from)?;
+        // (The path's root is added only on a refusal: no allocation per accepted event.)
+        crate::payload::check(event.payload.get(), "").map_err(|mut e| {
+            e.path.insert_str(0, &format!("events[{i}].payload"));
+            ApiError::from(e)
+        })?;
         let timestamp = event
             .timestamp
             .as_deref()
