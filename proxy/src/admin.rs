@@ -16,7 +16,7 @@ use crate::error::{json_response, ApiError, Body};
 use crate::routing::{Route, UNKNOWN_STORE};
 use crate::AppState;
 
-/// How long `/readyz` waits for each store to answer.
+/// How long `/readyz` and `/metrics` wait for each store to answer.
 const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most routes `GET /admin/routes` lists (the count is always given).
 const LIST_LIMIT: usize = 1000;
@@ -50,6 +50,7 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(ready(state).await),
         (&Method::GET, ["metrics"]) => {
+            check_stores(state).await;
             let mut response = text(StatusCode::OK, &state.metrics.render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -195,6 +196,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Readiness is this proxy's own state only: routing loaded and not draining. A store outage
+/// must not take every application pod out of its Service (each sidecar gates its pod, and most
+/// tenants are on other stores): per-store health is in the body and in
+/// `switchyard_proxy_store_up`, and requests for a down store get 503 `store_unavailable`.
 async fn ready(state: &AppState) -> Response<Body> {
     let mut problems = Vec::new();
     if state.is_shutting_down() {
@@ -203,22 +208,7 @@ async fn ready(state: &AppState) -> Response<Body> {
     if !state.routes.is_loaded() {
         problems.push("routing table not loaded yet".to_owned());
     }
-    let pings = state.stores.iter().map(|store| async move {
-        match tokio::time::timeout(READY_PING_TIMEOUT, store.ping()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("store {} unreachable: {e}", store.id())),
-            Err(_) => Some(format!(
-                "store {} did not answer within {READY_PING_TIMEOUT:?}",
-                store.id()
-            )),
-        }
-    });
-    problems.extend(
-        futures_util::future::join_all(pings)
-            .await
-            .into_iter()
-            .flatten(),
-    );
+    let stores = check_stores(state).await;
     let status = if problems.is_empty() {
         StatusCode::OK
     } else {
@@ -226,8 +216,27 @@ async fn ready(state: &AppState) -> Response<Body> {
     };
     json_response(
         status,
-        &json!({ "ready": problems.is_empty(), "problems": problems }),
+        &json!({ "ready": problems.is_empty(), "problems": problems, "stores": stores }),
     )
+}
+
+/// Pings every store at once (each for at most [`READY_PING_TIMEOUT`]), sets
+/// `switchyard_proxy_store_up`, and describes each answer.
+async fn check_stores(state: &AppState) -> Vec<serde_json::Value> {
+    let pings = state.stores.iter().map(|store| async move {
+        let problem = match tokio::time::timeout(READY_PING_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("unreachable: {e}")),
+            Err(_) => Some(format!("no answer within {READY_PING_TIMEOUT:?}")),
+        };
+        state
+            .metrics
+            .store_up
+            .with_label_values(&[store.id()])
+            .set(i64::from(problem.is_none()));
+        json!({ "id": store.id(), "reachable": problem.is_none(), "problem": problem })
+    });
+    futures_util::future::join_all(pings).await
 }
 
 fn list_routes(state: &AppState) -> Response<Body> {

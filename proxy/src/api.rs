@@ -214,13 +214,13 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
                 format!("events[{i}].payload must be a JSON object"),
             ));
         }
-        // PostgreSQL's jsonb cannot hold U+0000; refuse it here rather than fail in the store.
-        if event.payload.get().contains("\\u0000") {
-            return Err(ApiError::invalid(
-                "invalid_event",
-                format!("events[{i}].payload contains \\u0000, which event stores cannot hold"),
-            ));
-        }
+        // Only what every store can hold (PostgreSQL's jsonb refuses some valid JSON), so the
+        // tenant's events can later move to any store.
+        // (The path's root is added only on a refusal: no allocation per accepted event.)
+        crate::payload::check(event.payload.get(), "").map_err(|mut e| {
+            e.path.insert_str(0, &format!("events[{i}].payload"));
+            ApiError::from(e)
+        })?;
         let timestamp = event
             .timestamp
             .as_deref()
@@ -260,7 +260,9 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
 /// property tests: panics when one is broken. A refusal is 400, 413 or 422 (never a 5xx); an
 /// accepted append has 1 to `max_events` events with distinct ids, each `event_type` 1 to
 /// `max_field_bytes` bytes, an `actor_id` within the limit, no NUL in any field, a JSON-object
-/// payload without `\u0000`, and a non-negative expected version.
+/// payload that every store can hold (no `\u0000`, no lone surrogate, nested at most
+/// [`crate::payload::MAX_DEPTH`] levels: it parses as a `serde_json::Value` unless one of its
+/// numbers is beyond `f64`), and a non-negative expected version.
 pub fn check_decode_append(body: &[u8], limits: Limits) {
     match decode_append(body, limits) {
         Err(e) => {
@@ -281,12 +283,35 @@ pub fn check_decode_append(body: &[u8], limits: Limits) {
                 if let Some(actor) = &event.actor_id {
                     assert!(actor.len() <= limits.max_field_bytes && !actor.contains('\0'));
                 }
-                let payload: serde_json::Value =
-                    serde_json::from_str(event.payload.get()).expect("payload is JSON");
-                assert!(payload.is_object(), "payload is an object");
-                assert!(!has_nul(&payload), "payload holds U+0000");
+                assert!(
+                    event.payload.get().trim_start().starts_with('{'),
+                    "payload is an object"
+                );
+                match serde_json::from_str::<serde_json::Value>(event.payload.get()) {
+                    Ok(payload) => {
+                        assert!(payload.is_object(), "payload is an object");
+                        assert!(!has_nul(&payload), "payload holds U+0000");
+                        assert!(
+                            depth(&payload) <= crate::payload::MAX_DEPTH,
+                            "payload too deep"
+                        );
+                    }
+                    // Only a number past f64 (PostgreSQL's numeric holds it) may fail here.
+                    Err(e) => assert!(
+                        e.to_string().contains("number out of range"),
+                        "accepted payload does not parse: {e}"
+                    ),
+                }
             }
         }
+    }
+}
+
+fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -512,6 +537,9 @@ async fn append(
                 )
                 .await?;
             }
+            Err(AppendError::Store(e)) if e.is_unstorable_value() => {
+                return Err(ApiError::unstorable_in_store(store.id(), &e))
+            }
             Err(AppendError::Store(e)) => return Err(store_error(store.id(), e)),
             Err(other) => return Err(other.into()),
         }
@@ -693,6 +721,14 @@ mod tests {
             (r#"{"events":[{"event_type":"A","payload":[1]}]}"#, 422),
             (
                 r#"{"events":[{"event_type":"A","payload":{"x":"\u0000"}}]}"#,
+                422,
+            ),
+            (
+                r#"{"events":[{"event_type":"A","payload":{"x":"\ud800"}}]}"#,
+                422,
+            ),
+            (
+                r#"{"events":[{"event_type":"A","payload":{"x":1e999999}}]}"#,
                 422,
             ),
             (

@@ -23,6 +23,13 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
     Invalid { code: &'static str, message: String },
+    /// A value no store (or not the tenant's store) can hold; `path` names it when the proxy
+    /// found it, and is absent when the store refused the append (SQLSTATE class 22 or 54).
+    #[error("{message}")]
+    Unstorable {
+        path: Option<String>,
+        message: String,
+    },
     #[error("version conflict: expected version {}, stream is at version {actual}", expected.map_or_else(|| "any".to_owned(), |v| v.to_string()))]
     VersionConflict { expected: Option<i32>, actual: i32 },
     #[error("an event id of this append is already used by a different event")]
@@ -96,6 +103,7 @@ impl ApiError {
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. }
             | Self::Invalid { .. }
+            | Self::Unstorable { .. }
             | Self::StreamNotFound
             | Self::BodyTimeout(_)
             | Self::Unauthorized => Kind::Client,
@@ -121,7 +129,7 @@ impl ApiError {
             Self::NotFound { .. } | Self::StreamNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Invalid { .. } | Self::Unstorable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::VersionConflict { .. } | Self::EventIdReused => StatusCode::CONFLICT,
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
@@ -141,6 +149,7 @@ impl ApiError {
             Self::NotFound { .. } => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::Unstorable { .. } => "unstorable_payload",
             Self::VersionConflict { .. } => "version_conflict",
             Self::EventIdReused => "event_id_conflict",
             Self::StreamNotFound => "stream_not_found",
@@ -186,6 +195,11 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => {
                 body.insert("limit_bytes".into(), json!(limit));
             }
+            Self::Unstorable {
+                path: Some(path), ..
+            } => {
+                body.insert("path".into(), json!(path));
+            }
             Self::MethodNotAllowed { allow: a, .. } => allow = Some(*a),
             _ => {}
         }
@@ -222,6 +236,33 @@ impl From<AppendError> for ApiError {
             // tenant is mid-cutover from this proxy's point of view.
             AppendError::Fenced { .. } => Self::WritesPaused { retry_after_s: 1 },
             AppendError::Store(e) => Self::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::payload::Unstorable> for ApiError {
+    fn from(e: crate::payload::Unstorable) -> Self {
+        Self::Unstorable {
+            message: format!("{} {}", e.path, e.reason),
+            path: Some(e.path),
+        }
+    }
+}
+
+impl ApiError {
+    /// A store's refusal of an append's values (SQLSTATE class 22 or 54): the append can
+    /// never succeed there, so it is the client's 422, not a 500. The store's own message is
+    /// logged, not sent (it may quote the values).
+    pub fn unstorable_in_store(store_id: &str, e: &StoreError) -> Self {
+        let sqlstate = e.sqlstate().unwrap_or_default();
+        tracing::info!(store.id = %store_id, %sqlstate, "the store refused a value of an append");
+        // The database's message may quote the values: payloads are not logged at info.
+        tracing::debug!(store.id = %store_id, error = %e, "the store's refusal");
+        Self::Unstorable {
+            path: None,
+            message: format!(
+                "store {store_id} cannot hold a value of this append (SQLSTATE {sqlstate})"
+            ),
         }
     }
 }

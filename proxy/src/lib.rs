@@ -13,6 +13,7 @@ pub mod gate;
 pub mod limits;
 pub mod metrics;
 pub mod mirror;
+pub mod payload;
 pub mod routing;
 pub mod server;
 pub mod telemetry;

@@ -26,6 +26,9 @@ pub struct ProxyMetrics {
     pub routing_tenants: IntGauge,
     pub routing_reloads: IntCounterVec,
     pub routing_unknown_stores: IntGauge,
+    /// 1 when a store answered its last ping, 0 when not; `store` is a configured store id
+    /// (bounded by the configuration).
+    pub store_up: prometheus::IntGaugeVec,
     pub build_info: IntGaugeVecHolder,
 }
 
@@ -112,6 +115,15 @@ impl ProxyMetrics {
             "Routes naming a store this proxy has not configured (their requests get 503).",
         )
         .expect("valid metric");
+        let store_up = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_store_up",
+                "Whether a configured store answered its last ping (1) or not (0), checked on \
+                 every /readyz and /metrics request; not part of readiness.",
+            ),
+            &["store"],
+        )
+        .expect("valid metric");
         let build_info = prometheus::IntGaugeVec::new(
             Opts::new("switchyard_build_info", "Build information; always 1."),
             &["program", "version", "commit"],
@@ -138,6 +150,7 @@ impl ProxyMetrics {
             Box::new(routing_tenants.clone()),
             Box::new(routing_reloads.clone()),
             Box::new(routing_unknown_stores.clone()),
+            Box::new(store_up.clone()),
             Box::new(build_info.clone()),
         ] {
             registry
@@ -157,6 +170,7 @@ impl ProxyMetrics {
             routing_tenants,
             routing_reloads,
             routing_unknown_stores,
+            store_up,
             build_info: IntGaugeVecHolder(build_info),
         }
     }

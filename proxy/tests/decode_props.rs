@@ -99,6 +99,37 @@ proptest! {
         check_decode_append(body.to_string().as_bytes(), LIMITS);
     }
 
+    /// Payload text built from fragments PostgreSQL's jsonb refuses or only just holds (lone
+    /// surrogates, `\u0000`, numbers at the edges of `numeric`, deep nesting): every answer keeps
+    /// the properties, and a payload with a refused fragment is a 422 `unstorable_payload`
+    /// whose path starts at that event's payload.
+    #[test]
+    fn payload_edges(fragments in prop::collection::vec(prop_oneof![
+        Just((r#""ok""#, true)), Just((r#""\ud83d\ude00""#, true)), Just((r#""\\u0000""#, true)),
+        Just(("1e131071", true)), Just(("1e-16383", true)), Just(("0e999999", true)),
+        Just(("-0.5E+3", true)), Just((r#"[[[[[[[[1]]]]]]]]"#, true)), Just(("null", true)),
+        Just((r#""\ud800""#, false)), Just((r#""\udc00x""#, false)), Just((r#""a\u0000""#, false)),
+        Just(("1e131072", false)), Just(("1e-16384", false)), Just(("1e99999999999", false)),
+    ], 1..6), nest in 0usize..3) {
+        let members: Vec<String> = fragments.iter().enumerate().map(|(i, (f, _))| format!(r#""k{i}":{f}"#)).collect();
+        let payload = format!("{}{{{}}}{}", r#"{"n":"#.repeat(nest), members.join(","), "}".repeat(nest));
+        let body = format!(r#"{{"events":[{{"event_type":"A","payload":{{}}}},{{"event_type":"B","payload":{payload}}}]}}"#);
+        check_decode_append(body.as_bytes(), LIMITS);
+        let storable = fragments.iter().all(|(_, ok)| *ok);
+        match switchyard_proxy::api::decode_append(body.as_bytes(), LIMITS) {
+            Ok(_) => prop_assert!(storable, "{body}"),
+            Err(e) => {
+                prop_assert!(!storable, "{body}: {e}");
+                let text = format!("{:?}", e.into_response());
+                prop_assert!(text.contains("422"), "{text}");
+            }
+        }
+        if !storable {
+            let err = switchyard_proxy::payload::check(&payload, "events[1].payload").expect_err("refused");
+            prop_assert!(err.path.starts_with("events[1].payload"), "{}", err.path);
+        }
+    }
+
     #[test]
     fn arbitrary_paths(segments in prop::collection::vec("[a-zA-Z0-9%/._-]{0,40}", 0..8)) {
         let path = format!("/{}", segments.join("/"));

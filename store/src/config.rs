@@ -242,7 +242,7 @@ impl Config {
         let mut config: Config = match text {
             Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
                 path: path_buf.clone(),
-                message: e.to_string(),
+                message: parse_message(&e, text),
             })?,
             None => Config::default(),
         };
@@ -303,20 +303,29 @@ impl Config {
         if changed {
             // Keep the store URLs set above: they live in `self`, not in the tree.
             let stores = std::mem::take(&mut self.stores);
-            *self = tree
-                .try_into()
-                .map_err(|e| ConfigError::Invalid(format!("after environment overrides: {e}")))?;
+            *self = tree.try_into().map_err(|e: toml::de::Error| {
+                ConfigError::Invalid(format!(
+                    "after environment overrides: {}",
+                    without_values(e.message())
+                ))
+            })?;
             self.stores = stores;
         }
         Ok(())
     }
 
     fn expand_secrets(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
-        self.control_url = expand(&self.control_url, vars)?;
-        self.proxy.admin_token = expand(&self.proxy.admin_token, vars)?;
-        self.control.admin_token = expand(&self.control.admin_token, vars)?;
+        self.control_url = expand(&self.control_url, vars, "control_url", true)?;
+        self.proxy.admin_token = expand(&self.proxy.admin_token, vars, "proxy.admin_token", false)?;
+        self.control.admin_token = expand(
+            &self.control.admin_token,
+            vars,
+            "control.admin_token",
+            false,
+        )?;
         for store in &mut self.stores {
-            store.url = expand(&store.url, vars)?;
+            let name = format!("the url of store {:?}", store.id);
+            store.url = expand(&store.url, vars, &name, true)?;
         }
         Ok(())
     }
@@ -510,30 +519,43 @@ fn parse_like(existing: &toml::Value, text: &str) -> Result<toml::Value, String>
             .trim()
             .parse::<i64>()
             .map(toml::Value::Integer)
-            .map_err(|_| format!("{text:?} is not a whole number")),
+            .map_err(|_| "is not a whole number".to_owned()),
         toml::Value::Boolean(_) => match text.trim() {
             "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
             "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
-            _ => Err(format!("{text:?} is not true or false")),
+            _ => Err("is not true or false".to_owned()),
         },
         _ => Ok(toml::Value::String(text.to_owned())),
     }
 }
 
 /// Expands `${VAR}` from the environment; an unset variable is an error (never an empty secret).
-fn expand(value: &str, vars: &[(String, String)]) -> Result<String, ConfigError> {
+///
+/// In a URL, a value that lands in the userinfo (`postgres://${USER}:${PASSWORD}@host/db`) or
+/// in a query parameter's value (`?password=${PASSWORD}`) is percent-encoded, so a password
+/// holding `@`, `:`, `/`, `?`, `#`, `%` or `&` stays one password; elsewhere (a whole URL, a
+/// host, a path) the value is spliced as written. Errors name `field`, never its value.
+fn expand(
+    value: &str,
+    vars: &[(String, String)],
+    field: &str,
+    url: bool,
+) -> Result<String, ConfigError> {
+    let encoded = if url {
+        encoded_ranges(value)
+    } else {
+        Vec::new()
+    };
     let mut out = String::with_capacity(value.len());
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "unclosed ${{ in a configured value near {:?}",
-                &rest[start..]
-            ))
-        })?;
-        let name = &after[..end];
+    let mut at = 0;
+    while let Some(found) = value[at..].find("${") {
+        let start = at + found;
+        out.push_str(&value[at..start]);
+        let end = value[start + 2..]
+            .find('}')
+            .map(|e| start + 2 + e)
+            .ok_or_else(|| ConfigError::Invalid(format!("{field}: a ${{ is not closed by }}")))?;
+        let name = &value[start + 2..end];
         let found = vars
             .iter()
             .find(|(k, _)| k == name)
@@ -541,11 +563,104 @@ fn expand(value: &str, vars: &[(String, String)]) -> Result<String, ConfigError>
                 var: name.to_owned(),
                 message: "is referenced as ${…} in the config but is not set".to_owned(),
             })?;
-        out.push_str(&found.1);
-        rest = &after[end + 1..];
+        if encoded.iter().any(|r| r.contains(&start)) {
+            out.push_str(&percent_encode(&found.1));
+        } else {
+            out.push_str(&found.1);
+        }
+        at = end + 1;
+    }
+    out.push_str(&value[at..]);
+    Ok(out)
+}
+
+/// Where in a URL template a value must be percent-encoded: the userinfo (up to the
+/// authority's last `@`) and each query parameter's value. Found on the template, whose
+/// `${NAME}` placeholders hold none of `/?#@&=`.
+fn encoded_ranges(template: &str) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let Some(scheme_end) = template.find("://") else {
+        return ranges;
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = template[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(template.len(), |e| authority_start + e);
+    if let Some(at) = template[authority_start..authority_end].rfind('@') {
+        ranges.push(authority_start..authority_start + at);
+    }
+    if let Some(q) = template.find('?') {
+        let query_end = template[q..].find('#').map_or(template.len(), |e| q + e);
+        let mut pair_start = q + 1;
+        for pair in template[q + 1..query_end].split('&') {
+            if let Some(eq) = pair.find('=') {
+                ranges.push(pair_start + eq + 1..pair_start + pair.len());
+            }
+            pair_start += pair.len() + 1;
+        }
+    }
+    ranges
+}
+
+/// Percent-encodes every byte but RFC 3986's unreserved characters.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A TOML error as line, column and the parser's reason, without the offending line (which
+/// `toml`'s own message quotes: a URL with its password) and without quoted values.
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    let reason = without_values(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - line_start + 1;
+            // The key the error is at (a name, never a value): the line's text before its '='.
+            let key = before[line_start..]
+                .split_once('=')
+                .map(|(key, _)| key.trim())
+                .filter(|key| {
+                    !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            match key {
+                Some(key) => format!("line {line}, column {column}, at `{key}`: {reason}"),
+                None => format!("line {line}, column {column}: {reason}"),
+            }
+        }
+        None => reason,
+    }
+}
+
+/// A parser's message with every quoted part (`"…"`, `'…'`: serde quotes the values it
+/// refuses) replaced by `"…"`; key names, which serde puts in backticks, stay.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['"', '\'']) {
+        out.push_str(&rest[..open]);
+        out.push_str("\"…\"");
+        let quote = &rest[open..=open];
+        match rest[open + 1..].find(quote) {
+            Some(close) => rest = &rest[open + 1 + close + 1..],
+            // An unclosed quote: drop the rest rather than risk showing a value.
+            None => return out,
+        }
     }
     out.push_str(rest);
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -660,6 +775,71 @@ url = "postgres://postgres@127.0.0.1/b"
         let err = Config::from_parts(None, None, &vars(&[("SWITCHYARD_STORE_NOPE_URL", "x")]))
             .expect_err("no such store");
         assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    /// A secret in a file that does not parse, in a value of the wrong type, in an environment
+    /// override of the wrong type or in an unclosed `${` never reaches the error.
+    #[test]
+    fn errors_never_echo_values() {
+        const SECRET: &str = "hunter2-Sup3rSecret";
+        let cases = [
+            format!("control_url = \"postgres://u:{SECRET}@h/db\"\nstores = oops\n"),
+            format!("control_url = \"postgres://u:{SECRET}@h/db\n"),
+            format!("[[stores]]\nid = \"s\"\nurl = \"postgres://h/db\"\nmax_connections = \"{SECRET}\"\n"),
+            format!("[proxy]\nadmin_token = \"${{TOKEN{SECRET}\"\n"),
+        ];
+        for text in &cases {
+            let err = Config::from_parts(Some(text), Some(Path::new("s.toml")), &[])
+                .expect_err(text)
+                .to_string();
+            assert!(!err.contains(SECRET), "{text}: {err}");
+            assert!(err.contains("line") || err.contains("admin_token"), "{err}");
+        }
+        let err = Config::from_parts(Some(&cases[2]), None, &[]).expect_err("a string");
+        assert!(err.to_string().contains("at `max_connections`"), "{err}");
+        let err = Config::from_parts(
+            None,
+            None,
+            &vars(&[("SWITCHYARD_PROXY_GATE_WAIT_MS", SECRET)]),
+        )
+        .expect_err("not a number")
+        .to_string();
+        assert!(!err.contains(SECRET), "{err}");
+    }
+
+    /// A password holding URL delimiters stays one password, in the userinfo and in the query.
+    #[test]
+    fn expansion_percent_encodes_userinfo_and_query_values() {
+        let env = vars(&[
+            ("PW", "p@ss:w/rd?#%&x"),
+            ("USER", "me@corp"),
+            ("URL", "postgres://a:b@h/whole"),
+            ("HOST", "db.internal:5433"),
+        ]);
+        let text = r#"
+control_url = "${URL}"
+[[stores]]
+id = "shared"
+url = "postgres://${USER}:${PW}@${HOST}/db?sslmode=require&password=${PW}"
+"#;
+        let c = Config::from_parts(Some(text), None, &env).expect("valid");
+        assert_eq!(c.control_url, "postgres://a:b@h/whole");
+        let url = &c.stores[0].url;
+        assert_eq!(
+            url,
+            "postgres://me%40corp:p%40ss%3Aw%2Frd%3F%23%25%26x@db.internal:5433/db?sslmode=require&password=p%40ss%3Aw%2Frd%3F%23%25%26x"
+        );
+        let parsed = url::Url::parse(url).expect("parses");
+        assert_eq!(parsed.host_str(), Some("db.internal"));
+        assert_eq!(parsed.port(), Some(5433));
+        assert_eq!(parsed.username(), "me%40corp");
+        let password = parsed.password().expect("has one");
+        assert_eq!(password, "p%40ss%3Aw%2Frd%3F%23%25%26x");
+        assert!(!crate::url::redact(url).contains("p%40ss"));
+        // Tokens are not URLs: spliced as written.
+        let c = Config::from_parts(Some("[proxy]\nadmin_token = \"${PW}\"\n"), None, &env)
+            .expect("valid");
+        assert_eq!(c.proxy.admin_token, "p@ss:w/rd?#%&x");
     }
 
     #[test]

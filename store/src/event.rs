@@ -121,6 +121,23 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
     }
+
+    /// The SQLSTATE of a database's refusal.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Self::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Whether the database refused the values themselves: SQLSTATE class 22 (data exception:
+    /// a character the database's encoding lacks, a number out of range, invalid JSON) or 54
+    /// (a program limit, such as JSON nested past `max_stack_depth`). The same request can
+    /// never succeed on this store.
+    pub fn is_unstorable_value(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("54")))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -10,23 +10,15 @@ use sqlx::{ConnectOptions, Connection};
 use crate::event::StoreError;
 
 /// The URL of database `name` on the server of `server_url` (same user, host, port, options).
+/// The URL is parsed, not pattern-matched: a password holding `/` or `@` (percent-encoded) stays
+/// where it is.
 pub fn database_url(server_url: &str, name: &str) -> Result<String, StoreError> {
     check_name(name)?;
     PgConnectOptions::from_str(server_url).map_err(StoreError::Query)?;
-    let (base, query) = match server_url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (server_url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..authority_end]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    Ok(url)
+    let mut url = url::Url::parse(server_url)
+        .map_err(|e| StoreError::Url(crate::url::UrlError::Unparseable(e)))?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
 }
 
 /// Creates database `name` (an identifier of `[a-z0-9_]` only) on the server of `server_url`.
@@ -89,5 +81,9 @@ mod tests {
         );
         assert_eq!(url("postgres://h").as_deref(), Some("postgres://h/sy_demo"));
         assert!(database_url("postgres://h/db", "Bad-Name").is_err());
+        assert_eq!(
+            url("postgres://u:p%2Fw%40x@h/postgres").as_deref(),
+            Some("postgres://u:p%2Fw%40x@h/sy_demo")
+        );
     }
 }

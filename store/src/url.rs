@@ -22,11 +22,15 @@ pub enum UrlError {
     Scheme(String),
     #[error("sqlite URL {0:?} names no file")]
     EmptyPath(String),
+    /// The parser's reason only: an unparseable URL cannot be shown without its password.
+    #[error("postgres URL does not parse: {0}")]
+    Unparseable(url::ParseError),
 }
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url::Url::parse(url).map_err(UrlError::Unparseable)?;
             return Ok(Self::Postgres(url.to_owned()));
         }
         let path = url
@@ -42,25 +46,32 @@ impl StoreUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` with `***`.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+/// Query parameters that carry a secret (libpq's and sqlx's names).
+const SECRET_PARAMS: &[&str] = &["password", "sslpassword"];
+
+/// The URL with its secrets replaced by `***`: the password of its userinfo and the values of
+/// `password`-like query parameters. The URL is parsed as the drivers parse it (the WHATWG
+/// rules of the `url` crate, which sqlx uses: the userinfo ends at the authority's last `@`),
+/// never pattern-matched; a URL that does not parse is not shown at all.
+pub fn redact(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return "<unparseable URL>".to_owned();
     };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
+    if url.password().is_some() && url.set_password(Some("***")).is_err() {
+        return "<unparseable URL>".to_owned();
     }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = SECRET_PARAMS.iter().any(|p| key.eq_ignore_ascii_case(p));
+                let value = if secret { "***".into() } else { value };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 /// Opens a PostgreSQL pool. Connections are made lazily so a process can start (and report
@@ -202,5 +213,25 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://a/b.db"), "sqlite://a/b.db");
+        // What a pattern missed: a password in the query, a password holding '@' or ':'.
+        for (url, secret) in [
+            (
+                "postgres://u@h/db?sslmode=require&password=s3cr3t",
+                "s3cr3t",
+            ),
+            ("postgres://h/db?PassWord=s3cr3t&user=u", "s3cr3t"),
+            ("postgres://u:p@ss@h:5432/db", "p@ss"),
+            ("postgres://u:p%40ss@h:5432/db", "p%40ss"),
+            ("postgres://u:a:b@h/db", "a:b"),
+            ("postgresql://u:pw@[::1]:5432/db?sslpassword=k3y", "k3y"),
+            ("not a url u:s3cr3t@h", "s3cr3t"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} → {shown}");
+        }
+        assert_eq!(
+            redact("postgres://u:p@ss@h:5432/db?password=x&sslmode=require"),
+            "postgres://u:***@h:5432/db?password=***&sslmode=require"
+        );
     }
 }

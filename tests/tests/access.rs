@@ -12,6 +12,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use switchyard_tests::{
     bin, count_events, events_body, feed_url, started, stream_url, wait_for, Backend, Env, Http,
     Result, TempDir,
@@ -392,6 +393,275 @@ async fn database_passwords_never_leak() -> Result<()> {
         leaks(&output).is_empty(),
         "password in a config error: {output}"
     );
+    Ok(())
+}
+
+/// Known secrets, in every form a configuration carries them — a `${VAR}` password holding URL
+/// delimiters (which must be percent-encoded to reach the database at all), a literal
+/// password holding `@`, a `?password=` parameter, an admin token — go through every path
+/// and are found nowhere: config errors (a TOML line that does not parse, a value of the wrong
+/// type), `check-config`, `stores list/check`, the CLI's and the proxy's logs at debug,
+/// `/admin/*`, `/readyz`, `/metrics`, error replies, and the control database's audit rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_found_nowhere() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    // (value, what to look for: its alphanumeric core, unchanged by percent-encoding)
+    let expanded = "Pw1Secret@/?#%&:x";
+    let literal = "p@Ss2Secret";
+    let query = "Qu3rySecret";
+    let token = "Adm1nSecret";
+    let cores = ["Pw1Secret", "Ss2Secret", "Qu3rySecret", "Adm1nSecret"];
+    let leaks = |text: &str| -> Vec<&str> {
+        cores
+            .iter()
+            .filter(|c| text.contains(*c))
+            .copied()
+            .collect()
+    };
+    let with_password = |url: &str, password: &str| {
+        url.replacen(
+            "postgres://postgres@",
+            &format!("postgres://postgres:{password}@"),
+            1,
+        )
+    };
+    let config = format!(
+        "control_url = \"{}?sslmode=disable&password={query}\"\ndefault_store = \"shared\"\n\n\
+         [proxy]\nadmin_token = \"${{SY_TEST_TOKEN}}\"\n\n\
+         [[stores]]\nid = \"shared\"\nurl = \"{}\"\n\n[[stores]]\nid = \"dedicated\"\nurl = \"{}\"\n",
+        env.control_url,
+        with_password(env.store_url("shared"), "${SY_TEST_PW}"),
+        with_password(env.store_url("dedicated"), literal),
+    );
+    std::fs::write(&env.config_path, &config)?;
+    let vars = [
+        ("SY_TEST_PW", expanded),
+        ("SY_TEST_TOKEN", token),
+        ("SWITCHYARD_LOG", "debug"),
+    ];
+    let mut seen = String::new();
+    let mut control = |args: &[&str]| -> Result<switchyard_tests::CommandOutput> {
+        let out = switchyard_tests::run_control(&env.config_path, args, &vars)?;
+        seen.push_str(&format!("\n$ {args:?}\n{}{}", out.stdout, out.stderr));
+        Ok(out)
+    };
+
+    // The expanded password reaches PostgreSQL as one password (trust auth ignores its value,
+    // but a raw '@' or '/' would have moved the host and the database).
+    let init = control(&["init"])?;
+    assert_eq!(init.code, 0, "{}{}", init.stdout, init.stderr);
+    for args in [
+        &["check-config"][..],
+        &["--json", "check-config"][..],
+        &["stores", "list"][..],
+        &["--json", "stores", "list"][..],
+        &["stores", "check"][..],
+        &["--json", "stores", "check"][..],
+    ] {
+        let out = control(args)?;
+        assert_eq!(out.code, 0, "{args:?}: {}{}", out.stdout, out.stderr);
+    }
+
+    let proxy = env.proxy(&vars)?;
+    let http = Http::new();
+    proxy.wait_ready(&http).await?;
+    let tenant = Uuid::new_v4();
+    let stream = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+    let reply = http
+        .post(&stream, &events_body(Some(0), 3, "Created"))
+        .await?;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let started = control(&[
+        "--json",
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+        "--reason",
+        "secrets test",
+    ])?;
+    let migration: Value = serde_json::from_str(&started.stdout).unwrap_or_default();
+    let migration = migration["id"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        !migration.is_empty(),
+        "{}{}",
+        started.stdout,
+        started.stderr
+    );
+    control(&["abort", &migration, "--reason", "secrets test"])?;
+    control(&["audit", &migration])?;
+    control(&["status", &migration])?;
+
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    let mut replies = String::new();
+    for (method, url, body, headers) in [
+        (
+            Method::GET,
+            format!("{}/readyz", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/metrics", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/admin/routes", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/admin/routes/{tenant}", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/admin/log-level", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::POST,
+            format!("{}/admin/routes/reload", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::POST,
+            format!("{}/admin/routes/reload", proxy.admin),
+            Bytes::new(),
+            &auth[..],
+        ),
+        (
+            Method::POST,
+            format!("{}/admin/routes/reload", proxy.admin),
+            Bytes::new(),
+            &[("authorization", "Bearer Adm1nSecreT")][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/admin/nothing", proxy.admin),
+            Bytes::new(),
+            &[][..],
+        ),
+        (Method::GET, stream.clone(), Bytes::new(), &[][..]),
+        (
+            Method::GET,
+            feed_url(&proxy.data, tenant),
+            Bytes::new(),
+            &[][..],
+        ),
+        (
+            Method::POST,
+            stream.clone(),
+            Bytes::from_static(b"{\"events\":["),
+            &[][..],
+        ),
+        (
+            Method::POST,
+            stream.clone(),
+            Bytes::from(serde_json::to_vec(&events_body(Some(0), 1, "E"))?),
+            &[][..],
+        ),
+        (
+            Method::GET,
+            format!("{}/v1/nothing", proxy.data),
+            Bytes::new(),
+            &[][..],
+        ),
+    ] {
+        let reply = http.request(method, &url, body, headers).await?;
+        replies.push_str(&format!(
+            "\n{url}: {} {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        ));
+    }
+    assert!(
+        replies.contains("switchyard_proxy_requests_total"),
+        "{replies}"
+    );
+    assert!(
+        replies.contains("unauthorized") && replies.contains("version_conflict"),
+        "{replies}"
+    );
+
+    // The audit rows and the migration record, as text.
+    let mut db = sqlx::PgConnection::connect(&env.control_url).await?;
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT t::text FROM migration_audit_log t UNION ALL SELECT m::text FROM tenant_migrations m",
+    )
+    .fetch_all(&mut db)
+    .await?;
+    assert!(rows.len() >= 2, "{rows:?}");
+    let rows = rows.join("\n");
+
+    // Config errors: a line that does not parse, a secret where a number belongs, a bad
+    // environment override; from check-config and from the proxy.
+    let broken = [
+        config.replacen(
+            &format!("password={query}\""),
+            &format!("password={query}"),
+            1,
+        ),
+        format!("{config}max_connections = \"{literal}\"\n"),
+        config.replacen(
+            "default_store = \"shared\"",
+            &format!("default_store = [\"{literal}\""),
+            1,
+        ),
+    ];
+    let mut errors = String::new();
+    for text in &broken {
+        std::fs::write(&env.config_path, text)?;
+        let out = switchyard_tests::run_control(&env.config_path, &["check-config"], &vars)?;
+        assert_ne!(out.code, 0, "{text}");
+        errors.push_str(&format!("\n{}{}", out.stdout, out.stderr));
+        let (code, output) = run_proxy_for(&env.config_path, &vars, Duration::from_secs(10))?;
+        assert!(code.is_some_and(|c| c != 0), "{output}");
+        errors.push_str(&output);
+    }
+    std::fs::write(&env.config_path, &config)?;
+    let out = switchyard_tests::run_control(
+        &env.config_path,
+        &["check-config"],
+        &[
+            ("SY_TEST_PW", expanded),
+            ("SY_TEST_TOKEN", token),
+            ("SWITCHYARD_PROXY_GATE_WAIT_MS", literal),
+        ],
+    )?;
+    assert_ne!(out.code, 0);
+    errors.push_str(&format!("\n{}{}", out.stdout, out.stderr));
+    assert!(errors.contains("line"), "{errors}");
+
+    let log = proxy.log();
+    assert!(
+        log.contains("DEBUG") || log.contains("debug"),
+        "the proxy logged at debug:\n{log}"
+    );
+    for (what, text) in [
+        ("CLI output", &seen),
+        ("proxy log", &log),
+        ("replies", &replies),
+        ("audit rows", &rows),
+        ("config errors", &errors),
+    ] {
+        assert!(
+            leaks(text).is_empty(),
+            "{:?} in the {what}:\n{text}",
+            leaks(text)
+        );
+    }
     Ok(())
 }
 

@@ -253,7 +253,7 @@ async fn bad_input_is_refused_with_its_status_and_writes_nothing() -> Result<()>
             ("field too long", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "x".repeat(256), "payload": {}}]}))?, 422, "invalid_event"),
             ("actor too long", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "actor_id": "x".repeat(256), "payload": {}}]}))?, 422, "invalid_event"),
             ("bad timestamp", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "payload": {}, "timestamp": "noon"}]}))?, 422, "invalid_event"),
-            ("NUL in payload", Method::POST, url.clone(), br#"{"events":[{"event_type":"A","payload":{"x":"\u0000"}}]}"#.to_vec(), 422, "invalid_event"),
+            ("NUL in payload", Method::POST, url.clone(), br#"{"events":[{"event_type":"A","payload":{"x":"\u0000"}}]}"#.to_vec(), 422, "unstorable_payload"),
             ("oversized body", Method::POST, url.clone(), serde_json::to_vec(&json!({"events": [{"event_type": "A", "payload": {"x": "y".repeat(5000)}}]}))?, 413, "payload_too_large"),
             ("unknown path", Method::GET, format!("{}/v1/nothing", proxy.data), Vec::new(), 404, "not_found"),
             ("wrong method", Method::DELETE, url.clone(), Vec::new(), 405, "method_not_allowed"),
@@ -270,6 +270,202 @@ async fn bad_input_is_refused_with_its_status_and_writes_nothing() -> Result<()>
         Ok(())
     })
     .await
+}
+
+/// JSON that PostgreSQL's `jsonb` cannot hold is refused on every backend with 422
+/// `unstorable_payload` and its path, and nothing of the append is written (a SQLite store
+/// refuses it too, so the tenant can later move to PostgreSQL); the largest values it can hold
+/// are stored and read back on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_payloads_are_refused_with_their_path_on_every_backend() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let deep = format!("{}1{}", "[".repeat(120), "]".repeat(120));
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("lone surrogate", r#"{"a":{"b":"\ud800"}}"#.to_owned(), "events[1].payload.a.b"),
+            ("low surrogate first", r#"{"a":["x","\udc00\ud800"]}"#.to_owned(), "events[1].payload.a[1]"),
+            ("number past numeric", r#"{"a":{"b":1e999999}}"#.to_owned(), "events[1].payload.a.b"),
+            ("scale past numeric", r#"{"n":1e-16384}"#.to_owned(), "events[1].payload.n"),
+            ("NUL in a key", r#"{"k\u0000":1}"#.to_owned(), r#"events[1].payload["k\u0000"]"#),
+            ("too deep", format!(r#"{{"a":{deep}}}"#), "events[1].payload.a[0][0]"),
+        ];
+        for (name, payload, path) in cases {
+            // A good event first: the append is all or nothing.
+            let body = format!(
+                r#"{{"events":[{{"event_type":"A","payload":{{}}}},{{"event_type":"B","payload":{payload}}}]}}"#
+            );
+            let reply = http.request(Method::POST, &url, body, &[]).await?;
+            assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {:?}", reply.body);
+            assert_eq!(reply.json["error"], "unstorable_payload", "{name}: {:?}", reply.json);
+            assert_eq!(reply.json["retryable"], false, "{name}");
+            assert!(reply.json["path"].as_str().is_some_and(|p| p.starts_with(path)), "{name}: {:?}", reply.json);
+            assert_eq!(count_events(env.store_url("shared"), None).await?, 0, "{name}: nothing written");
+        }
+        // The edges every store holds: stored, and read back as the same JSON values.
+        let edges = r#"{"zero":0e999999,"pair":"\ud83d\ude00","text":"\\u0000 is text","deep":[[[[[[[[[[1]]]]]]]]]]}"#;
+        let body = format!(r#"{{"expected_version":0,"events":[{{"event_type":"A","payload":{edges}}},{{"event_type":"A","payload":{{"big":9e131071,"small":1e-16383}}}}]}}"#);
+        let reply = http.request(Method::POST, &url, body, &[]).await?;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+        let read = http.get(&format!("{url}?limit=1")).await?;
+        let stored = &read.json["events"][0]["payload"];
+        assert_eq!(stored["pair"], "\u{1F600}", "{}", read.json);
+        assert_eq!(stored["text"], "\\u0000 is text");
+        assert_eq!(stored["deep"][0][0][0][0][0][0][0][0][0][0], 1);
+        // Beyond f64, so compared as text: PostgreSQL writes the digits out, SQLite keeps them.
+        let read = http.get(&format!("{url}?from_version=2")).await?;
+        let raw = String::from_utf8_lossy(&read.body);
+        assert!(
+            raw.contains("9e131071") || raw.contains(&format!("9{}", "0".repeat(131_071))),
+            "the big number is kept"
+        );
+        assert_eq!(count_events(env.store_url("shared"), None).await?, 2);
+        Ok(())
+    })
+    .await
+}
+
+/// The decoder's rules are PostgreSQL's: each edge literal is accepted by the proxy exactly
+/// when `'…'::jsonb` accepts it (measured, not assumed; nesting aside, which depends on the
+/// server's `max_stack_depth` and where the proxy's limit is far below it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_rules_match_postgres() -> Result<()> {
+    use sqlx::Connection;
+    let mut pg = sqlx::PgConnection::connect(&switchyard_tests::pg_admin_url()).await?;
+    let zeros = |n: usize| "0".repeat(n);
+    let values: Vec<String> = [
+        "0",
+        "-0",
+        "1.5",
+        "-12.25e-3",
+        "1E+5",
+        "1e131071",
+        "9.99e131071",
+        "1e131072",
+        "12345e131067",
+        "12345e131068",
+        "1e-16383",
+        "1e-16384",
+        "10e-16384",
+        "0.00001e-16378",
+        "0.00001e-16379",
+        "0e999999",
+        "0e-999999",
+        "0e-16383",
+        "0.0e-16383",
+        "1e1073741822",
+        "0e1073741822",
+        "0e1073741823",
+        "0e-1073741823",
+        "1e00000000000000000000000005",
+        "0e9999999999",
+        r#""\ud800""#,
+        r#""\udbff\udfff""#,
+        r#""\udc00""#,
+        r#""\ud800\u0041""#,
+        r#""\ud800x""#,
+        r#""\ud83d\ude00""#,
+        r#""\u0000""#,
+        r#""\\u0000""#,
+        r#""\u0001\uffff\ufffe""#,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([
+        format!("1{}", zeros(131_071)),
+        format!("1{}", zeros(131_072)),
+        format!("0.{}1", zeros(16_382)),
+        format!("0.{}1", zeros(16_383)),
+        format!("1.{}", zeros(16_383)),
+        format!("1.{}", zeros(16_384)),
+    ])
+    .collect();
+    for value in values {
+        for payload in [
+            format!(r#"{{"v":{value}}}"#),
+            format!(r#"{{"k{}":1}}"#, value.trim_matches('"')),
+        ] {
+            if !value.starts_with('"') && payload.contains("\"k") {
+                continue;
+            }
+            let proxy_accepts = switchyard_proxy::payload::check(&payload, "p").is_ok();
+            let pg_accepts = sqlx::query("SELECT $1::text::jsonb")
+                .bind(&payload)
+                .execute(&mut pg)
+                .await
+                .is_ok();
+            let shown: String = payload.chars().take(60).collect();
+            assert_eq!(proxy_accepts, pg_accepts, "{shown}");
+        }
+    }
+    Ok(())
+}
+
+/// A value the tenant's store itself refuses (SQLSTATE class 22: here a character a LATIN1
+/// database cannot encode) is the client's 422, not a 500, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_a_value_is_a_422() -> Result<()> {
+    use sqlx::Connection;
+    let env = switchyard_tests::Env::new(Backend::Postgres, &["shared"], "").await?;
+    let store = env.store_url("shared").to_owned();
+    let name = store.rsplit('/').next().unwrap_or_default().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&switchyard_tests::pg_admin_url()).await?;
+    sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    ))
+    .execute(&mut admin)
+    .await?;
+    env.control_json(&["init"])?;
+    let proxy = env.proxy(&[])?;
+    let http = Http::new();
+    proxy.wait_ready(&http).await?;
+    let url = stream_url(&proxy.data, Uuid::new_v4(), "Order", Uuid::new_v4());
+    let reply = http
+        .post(
+            &url,
+            &json!({"events": [{"event_type": "A", "payload": {"city": "Zürich"}}]}),
+        )
+        .await?;
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "LATIN1 holds ü: {:?}",
+        reply.json
+    );
+    for (name, body) in [
+        (
+            "payload",
+            json!({"events": [{"event_type": "A", "payload": {"city": "\u{5317}\u{4eac}"}}]}),
+        ),
+        (
+            "event type",
+            json!({"events": [{"event_type": "\u{5317}", "payload": {}}]}),
+        ),
+    ] {
+        let reply = http.post(&url, &body).await?;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{name}: {:?}",
+            reply.json
+        );
+        assert_eq!(
+            reply.json["error"], "unstorable_payload",
+            "{name}: {:?}",
+            reply.json
+        );
+        assert_eq!(reply.json["retryable"], false, "{name}");
+    }
+    assert_eq!(
+        count_events(&store, None).await?,
+        1,
+        "only the first append landed"
+    );
+    Ok(())
 }
 
 /// A stream of one tenant is invisible through another tenant's path, and a tenant's feed

@@ -636,7 +636,7 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
     assert_eq!(
         readiness.keys().copied().collect::<Vec<_>>(),
         vec![200],
-        "readiness checks the stores only: {readiness:?}"
+        "readiness is the routing table loaded (kept through the outage), not the control database: {readiness:?}"
     );
     // The routing poll hung on its blackholed connection; leaving the blackhole cut it, and
     // the failure is counted.

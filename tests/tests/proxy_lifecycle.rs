@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use http::StatusCode;
+use serde_json::json;
 use sqlx::Connection;
 use switchyard_tests::{
     bin, events_body, started, stream_url, wait_for, Backend, Env, Http, Result, TempDir,
@@ -55,22 +56,45 @@ async fn sigterm_drains_in_flight_requests_and_reports_unready() -> Result<()> {
     Ok(())
 }
 
+/// A store that is down does not make the proxy unready (each sidecar gates its application
+/// pod, and most tenants are on other stores): readiness is routing loaded and not draining;
+/// the store's health is in `/readyz`'s body and in `switchyard_proxy_store_up`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_is_down_makes_the_proxy_unready_not_dead() -> Result<()> {
+async fn a_store_that_is_down_shows_in_readyz_and_metrics_but_the_proxy_stays_ready() -> Result<()>
+{
     let extra = "[[stores]]\nid = \"down\"\nurl = \"postgres://postgres@127.0.0.1:1/nothing\"\n";
     let env = Env::new(Backend::Postgres, &["shared"], extra).await?;
     env.control(&["init", "--store", "shared"])?;
     let proxy = env.proxy(&[])?;
     let http = Http::new();
-    wait_for(Duration::from_secs(10), || async {
-        let r = http.get(&format!("{}/readyz", proxy.admin)).await?;
-        Ok(r.status == StatusCode::SERVICE_UNAVAILABLE
-            && r.json["problems"].as_array().is_some_and(|p| {
-                p.iter()
-                    .any(|x| x.as_str().is_some_and(|s| s.contains("down")))
-            }))
-    })
-    .await?;
+    proxy.wait_ready(&http).await?;
+    let ready = http.get(&format!("{}/readyz", proxy.admin)).await?;
+    assert_eq!(ready.status, StatusCode::OK, "{:?}", ready.json);
+    assert_eq!(ready.json["problems"], json!([]), "{:?}", ready.json);
+    let stores = ready.json["stores"].as_array().cloned().unwrap_or_default();
+    let store = |id: &str| {
+        stores
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(store("shared")["reachable"], true, "{:?}", ready.json);
+    assert_eq!(store("down")["reachable"], false, "{:?}", ready.json);
+    assert!(store("down")["problem"]
+        .as_str()
+        .is_some_and(|p| !p.is_empty()));
+    let metrics =
+        String::from_utf8_lossy(&http.get(&format!("{}/metrics", proxy.admin)).await?.body)
+            .into_owned();
+    assert!(
+        metrics.contains("switchyard_proxy_store_up{store=\"down\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_proxy_store_up{store=\"shared\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(
         http.get(&format!("{}/healthz", proxy.admin)).await?.status,
         StatusCode::OK
@@ -85,6 +109,26 @@ async fn a_store_that_is_down_makes_the_proxy_unready_not_dead() -> Result<()> {
         reply.status,
         StatusCode::CREATED,
         "the healthy store still serves"
+    );
+
+    // What readiness is about: a proxy that cannot load its routing is not ready.
+    let blind = env.proxy(&[(
+        "SWITCHYARD_CONTROL_URL",
+        "postgres://postgres@127.0.0.1:1/nothing",
+    )])?;
+    let ready = http.get(&format!("{}/readyz", blind.admin)).await?;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        ready.json
+    );
+    assert!(
+        ready.json["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.contains("routing")))),
+        "{:?}",
+        ready.json
     );
     Ok(())
 }
