@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
 -- insert. Errors carry SQLSTATEs of our own so the caller can tell them apart:
 --   SWF01 fence moved (DETAIL = the store the tenant moved to)
 --   SWI01 an event id is already used by a different event
+--   SWI02 a retry of a committed append sends its events in another order
 --   SWS01 the stream belongs to another tenant
 --   SWV01 version conflict (DETAIL = the stream's actual version)
 --   SWV02 lost a race: a concurrent append took the version or inserted the same ids; the whole
@@ -104,9 +105,19 @@ BEGIN
            AND e.actor_id IS NOT DISTINCT FROM u.actor
            AND (u.ts IS NULL OR e.timestamp = u.ts);
         IF v_existing = v_n AND v_matching = v_n THEN
+            -- A retry answers the original result in the request's order. The same events in
+            -- another order are another append (event i would be answered, and mirrored, at
+            -- the version of event j): refused, keyed by event id, never paired by index.
+            IF (SELECT count(DISTINCT e.version - u.ord::INTEGER)
+                  FROM unnest(p_event_ids) WITH ORDINALITY AS u(id, ord)
+                  JOIN events e ON e.event_id = u.id) > 1 THEN
+                RAISE EXCEPTION 'a retry must send the events in the order of the original append'
+                      USING ERRCODE = 'SWI02';
+            END IF;
             RETURN QUERY SELECT e.global_position, e.version, e.timestamp, e.created_at
-                           FROM events e WHERE e.event_id = ANY (p_event_ids)
-                          ORDER BY e.version;
+                           FROM unnest(p_event_ids) WITH ORDINALITY AS u(id, ord)
+                           JOIN events e ON e.event_id = u.id
+                          ORDER BY u.ord;
             RETURN;
         END IF;
         RAISE EXCEPTION 'event id already used by a different event' USING ERRCODE = 'SWI01';
