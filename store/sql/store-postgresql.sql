@@ -27,6 +27,26 @@ $$;
 CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_txid
     ON events (tenant_id, txid);
 
+-- Every inserted row carries its own transaction's id, whatever the writer set: a restore or an
+-- `INSERT … SELECT` copying every column (txid NULL, or an old value below a migration's
+-- horizon) would otherwise fall outside every tail window and never be copied (issue 14 item
+-- 13). The WHEN clause keeps the default path (txid already current) free of a PL/pgSQL call.
+-- The value is the column's default, so eventsource-py sees what it always did.
+CREATE OR REPLACE FUNCTION switchyard_stamp_txid() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    NEW.txid := pg_current_xact_id();
+    RETURN NEW;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS switchyard_txid ON events;
+CREATE TRIGGER switchyard_txid
+    BEFORE INSERT ON events
+    FOR EACH ROW
+    WHEN (NEW.txid IS DISTINCT FROM pg_current_xact_id())
+    EXECUTE FUNCTION switchyard_stamp_txid();
+
 -- The fence: the truth about whether a tenant may still write here (see DESIGN.md "Cutover").
 CREATE TABLE IF NOT EXISTS switchyard_fences (
     tenant_id  UUID PRIMARY KEY,
