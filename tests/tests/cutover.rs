@@ -1011,3 +1011,72 @@ async fn a_forced_cutover_never_moves_the_fence_past_an_event_that_cannot_land()
     })
     .await
 }
+
+/// The same under the fence: a delta event that can never land but that the lag check does
+/// not see (its `created_at`, set by the writer, is in the future, so it never counts as
+/// settled). `cutover --force` passes the lag gate, closes the gates, takes the fence, finds
+/// the event cannot land in the final delta, and rolls back: the fence never moves (issue 14
+/// item 4). It used to skip the event, move the fence and report success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_cutover_rolls_back_when_a_delta_event_cannot_land_under_the_fence() -> Result<()>
+{
+    use switchyard_store::{EventStore, NewEvent, StreamRef};
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 20).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant).await?;
+
+    let (source, target) = (
+        EventStore::connect("shared", env.store_url("shared"), 2)?,
+        EventStore::connect("dedicated", env.store_url("dedicated"), 2)?,
+    );
+    let contested = Uuid::new_v4();
+    target
+        .append(
+            StreamRef {
+                tenant_id: Uuid::new_v4(),
+                aggregate_type: "Order",
+                aggregate_id: contested,
+            },
+            Some(0),
+            &[NewEvent::new(
+                Uuid::new_v4(),
+                "E",
+                serde_json::value::RawValue::from_string("{}".to_owned())?,
+                None,
+                None,
+            )],
+        )
+        .await?;
+    let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload, created_at)
+         VALUES ($1, $2, 'Order', 'E', $3, 1, now(), '{}', now() + interval '1 hour')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(contested)
+    .bind(tenant)
+    .execute(&mut conn)
+    .await?;
+
+    let out = env.control(&["--json", "cutover", &id, "--force"])?;
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert_ne!(out.code, 0, "{said}");
+    assert!(
+        said.contains(&format!("Order/{contested}")),
+        "names the stream: {said}"
+    );
+    assert!(
+        said.contains("\"3_take_fence\"") && said.contains("the fence stays"),
+        "decided under the fence, in the final delta: {said}"
+    );
+    assert_eq!(
+        source.fence(tenant).await?.map(|f| f.0),
+        Some("open".to_owned()),
+        "the fence never moved: {said}"
+    );
+    assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    Ok(())
+}
