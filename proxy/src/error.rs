@@ -34,6 +34,9 @@ pub enum ApiError {
     VersionConflict { expected: Option<i32>, actual: i32 },
     #[error("an event id of this append is already used by a different event")]
     EventIdReused,
+    /// The append committed before with its events in another order; a retry must repeat it.
+    #[error("this append already committed with its events in another order; retry it with the events in their original order")]
+    RetryReordered,
     #[error("the stream does not exist for this tenant")]
     StreamNotFound,
     #[error("writes for this tenant are paused for a cutover; retry shortly")]
@@ -107,7 +110,9 @@ impl ApiError {
             | Self::StreamNotFound
             | Self::BodyTimeout(_)
             | Self::Unauthorized => Kind::Client,
-            Self::VersionConflict { .. } | Self::EventIdReused => Kind::Conflict,
+            Self::VersionConflict { .. } | Self::EventIdReused | Self::RetryReordered => {
+                Kind::Conflict
+            }
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
@@ -130,7 +135,9 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid { .. } | Self::Unstorable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::VersionConflict { .. } | Self::EventIdReused => StatusCode::CONFLICT,
+            Self::VersionConflict { .. } | Self::EventIdReused | Self::RetryReordered => {
+                StatusCode::CONFLICT
+            }
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
@@ -152,6 +159,7 @@ impl ApiError {
             Self::Unstorable { .. } => "unstorable_payload",
             Self::VersionConflict { .. } => "version_conflict",
             Self::EventIdReused => "event_id_conflict",
+            Self::RetryReordered => "retry_order_mismatch",
             Self::StreamNotFound => "stream_not_found",
             Self::WritesPaused { .. } => "writes_paused",
             Self::StoreUnavailable { .. } => "store_unavailable",
@@ -231,6 +239,7 @@ impl From<AppendError> for ApiError {
                 Self::VersionConflict { expected, actual }
             }
             AppendError::EventIdReused => Self::EventIdReused,
+            AppendError::RetryReordered => Self::RetryReordered,
             AppendError::StreamOfOtherTenant => Self::StreamNotFound,
             // The caller re-routes on a fence before it gets here; if it does get here, the
             // tenant is mid-cutover from this proxy's point of view.

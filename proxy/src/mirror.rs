@@ -37,7 +37,10 @@ pub struct MirrorJob {
 }
 
 impl MirrorJob {
-    /// The committed append as the source stored it.
+    /// The committed append as the source stored it. Row i of `appended` is request event
+    /// i: the store matches a retry's rows by event id and answers them in the request's
+    /// order, and refuses (`retry_order_mismatch`) a retry whose events it stored in another
+    /// order, so event i is at `first_version + i` by the store's own check, not by hope.
     pub fn from_append(stream: StreamRef<'_>, events: Vec<NewEvent>, appended: &Appended) -> Self {
         let events = events
             .into_iter()

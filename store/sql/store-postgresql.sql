@@ -27,6 +27,26 @@ $$;
 CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_txid
     ON events (tenant_id, txid);
 
+-- Every inserted row carries its own transaction's id, whatever the writer set: a restore or an
+-- `INSERT … SELECT` copying every column (txid NULL, or an old value below a migration's
+-- horizon) would otherwise fall outside every tail window and never be copied (issue 14 item
+-- 13). The WHEN clause keeps the default path (txid already current) free of a PL/pgSQL call.
+-- The value is the column's default, so eventsource-py sees what it always did.
+CREATE OR REPLACE FUNCTION switchyard_stamp_txid() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    NEW.txid := pg_current_xact_id();
+    RETURN NEW;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS switchyard_txid ON events;
+CREATE TRIGGER switchyard_txid
+    BEFORE INSERT ON events
+    FOR EACH ROW
+    WHEN (NEW.txid IS DISTINCT FROM pg_current_xact_id())
+    EXECUTE FUNCTION switchyard_stamp_txid();
+
 -- The fence: the truth about whether a tenant may still write here (see DESIGN.md "Cutover").
 CREATE TABLE IF NOT EXISTS switchyard_fences (
     tenant_id  UUID PRIMARY KEY,
@@ -46,6 +66,7 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
 -- insert. Errors carry SQLSTATEs of our own so the caller can tell them apart:
 --   SWF01 fence moved (DETAIL = the store the tenant moved to)
 --   SWI01 an event id is already used by a different event
+--   SWI02 a retry of a committed append sends its events in another order
 --   SWS01 the stream belongs to another tenant
 --   SWV01 version conflict (DETAIL = the stream's actual version)
 --   SWV02 lost a race: a concurrent append took the version or inserted the same ids; the whole
@@ -104,9 +125,19 @@ BEGIN
            AND e.actor_id IS NOT DISTINCT FROM u.actor
            AND (u.ts IS NULL OR e.timestamp = u.ts);
         IF v_existing = v_n AND v_matching = v_n THEN
+            -- A retry answers the original result in the request's order. The same events in
+            -- another order are another append (event i would be answered, and mirrored, at
+            -- the version of event j): refused, keyed by event id, never paired by index.
+            IF (SELECT count(DISTINCT e.version - u.ord::INTEGER)
+                  FROM unnest(p_event_ids) WITH ORDINALITY AS u(id, ord)
+                  JOIN events e ON e.event_id = u.id) > 1 THEN
+                RAISE EXCEPTION 'a retry must send the events in the order of the original append'
+                      USING ERRCODE = 'SWI02';
+            END IF;
             RETURN QUERY SELECT e.global_position, e.version, e.timestamp, e.created_at
-                           FROM events e WHERE e.event_id = ANY (p_event_ids)
-                          ORDER BY e.version;
+                           FROM unnest(p_event_ids) WITH ORDINALITY AS u(id, ord)
+                           JOIN events e ON e.event_id = u.id
+                          ORDER BY u.ord;
             RETURN;
         END IF;
         RAISE EXCEPTION 'event id already used by a different event' USING ERRCODE = 'SWI01';

@@ -84,6 +84,10 @@ pub enum AppendError {
     VersionConflict { expected: Option<i32>, actual: i32 },
     #[error("an event id of this append is already used by a different event")]
     EventIdReused,
+    /// A retry of a committed append sent its events in another order: answering it would
+    /// pair event i with the version of event j.
+    #[error("a retry must send the events in the order of the original append")]
+    RetryReordered,
     /// The stream exists under another tenant; callers answer as if it did not exist.
     #[error("stream not found for this tenant")]
     StreamOfOtherTenant,

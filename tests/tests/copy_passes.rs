@@ -301,3 +301,195 @@ async fn copiers_racing_in_opposite_orders_never_deadlock() -> Result<()> {
     })
     .await
 }
+
+/// Stream and event ids are unique per store only. A target that holds another tenant's event
+/// under one of ours, or another tenant's stream under one of our stream ids, never counts
+/// that as ours (issue 14 item 3): the copy answers a divergence, inserts nothing into the
+/// foreign stream, and leaves the other tenant's rows as they were. The same event copied
+/// twice is present, not inserted twice; another event at a taken version is a divergence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_event_or_stream_in_the_target_never_counts_as_copied() -> Result<()> {
+    use switchyard_store::{Divergence, Landing};
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], "").await?;
+        let (source, target) = stores(&env).await?;
+        let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+        let (shared_stream, own_stream) = (Uuid::new_v4(), Uuid::new_v4());
+        let on = |tenant_id, aggregate_id| StreamRef {
+            tenant_id,
+            aggregate_type: "Order",
+            aggregate_id,
+        };
+        let mine = [event("A")?, event("B")?];
+        source
+            .append(
+                on(ours, shared_stream),
+                Some(0),
+                &[event("S1")?, event("S2")?],
+            )
+            .await?;
+        source.append(on(ours, own_stream), Some(0), &mine).await?;
+        // The other tenant, in the target: a stream with our stream's id, and an event with
+        // the id of our own stream's first event.
+        target
+            .append(on(theirs, shared_stream), Some(0), &[event("Theirs")?])
+            .await?;
+        let stolen = NewEvent::new(
+            mine[0].event_id,
+            "Theirs",
+            RawValue::from_string(r#"{"k":1}"#.to_owned())?,
+            None,
+            None,
+        );
+        target
+            .append(on(theirs, Uuid::new_v4()), Some(0), &[stolen])
+            .await?;
+        let before = target.read_tenant(theirs, 0, 100).await?;
+
+        let batch = source
+            .read_window(ours, PassWindow::first(i64::MAX), 0, 100)
+            .await?;
+        let landed = target.copy_in(&batch).await?;
+        let by_id = |id: Uuid| {
+            batch
+                .iter()
+                .zip(&landed)
+                .find(|(e, _)| e.event_id == id)
+                .map(|(_, l)| *l)
+        };
+        for e in batch.iter().filter(|e| e.aggregate_id == shared_stream) {
+            assert_eq!(
+                by_id(e.event_id),
+                Some(Landing::Diverged(Divergence::ForeignStream)),
+                "version {} of a stream the other tenant owns in the target",
+                e.version
+            );
+        }
+        assert_eq!(
+            by_id(mine[0].event_id),
+            Some(Landing::Diverged(Divergence::EventIdTaken)),
+            "a foreign event with our id is not our event"
+        );
+        assert_eq!(
+            target.insert_copied(&batch).await?,
+            vec![None; batch.len()],
+            "nothing of ours is in the target"
+        );
+        assert_eq!(target.count_tenant(ours).await?, 0);
+        let after = target.read_tenant(theirs, 0, 100).await?;
+        assert_eq!(
+            after
+                .iter()
+                .map(|e| (e.event_id, e.aggregate_id, e.version))
+                .collect::<Vec<_>>(),
+            before
+                .iter()
+                .map(|e| (e.event_id, e.aggregate_id, e.version))
+                .collect::<Vec<_>>(),
+            "the other tenant's rows are unchanged"
+        );
+        assert_eq!(
+            target.landing_status(&batch).await?,
+            landed,
+            "looking without writing says the same"
+        );
+
+        // A stream of ours with nothing colliding: inserted once, then present (not inserted
+        // again).
+        let third = Uuid::new_v4();
+        source
+            .append(on(ours, third), Some(0), &[event("C1")?, event("C2")?])
+            .await?;
+        let clean = &target;
+        let own: Vec<StoredEvent> = source
+            .read_stream(on(ours, third), 1, 10)
+            .await?
+            .iter()
+            .map(copy_of)
+            .collect();
+        let first = clean.copy_in(&own).await?;
+        assert!(
+            first.iter().all(|l| matches!(l, Landing::Inserted(_))),
+            "{first:?}"
+        );
+        let second = clean.copy_in(&own).await?;
+        assert!(
+            second.iter().all(|l| matches!(l, Landing::Present(_))),
+            "{second:?}"
+        );
+        // Another event at version 2 of that stream can never land.
+        let mut impostor = copy_of(&own[1]);
+        impostor.event_id = Uuid::new_v4();
+        assert_eq!(
+            clean.copy_in(&[impostor]).await?,
+            vec![Landing::Diverged(Divergence::VersionTaken)]
+        );
+        // The same id with other content is not that event.
+        let mut altered = copy_of(&own[1]);
+        altered.payload = RawValue::from_string(r#"{"k":2}"#.to_owned())?;
+        assert_eq!(
+            clean.copy_in(&[altered]).await?,
+            vec![Landing::Diverged(Divergence::EventIdTaken)]
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Rows whose `txid` a writer set (NULL, or an old value below the horizon, as a restore or an
+/// `INSERT … SELECT` of every column does) still fall into the next pass window (issue 14
+/// item 13): the store stamps every inserted row with its own transaction's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_a_txid_set_by_the_writer_fall_in_a_later_window() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let (source, _target) = stores(&env).await?;
+    let tenant = Uuid::new_v4();
+    source
+        .append(
+            StreamRef {
+                tenant_id: tenant,
+                aggregate_type: "Order",
+                aggregate_id: Uuid::new_v4(),
+            },
+            Some(0),
+            &[event("Early")?],
+        )
+        .await?;
+    let first = PassWindow::first(source.horizon().await?);
+    let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let mut written = Vec::new();
+    for txid in ["NULL", "'1'::xid8", "'3'::xid8"] {
+        let id = Uuid::new_v4();
+        sqlx::query(&format!(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload, txid)
+             VALUES ($1, $2, 'Order', 'Restored', $3, 1, now(), '{{}}', {txid})"
+        ))
+        .bind(id)
+        .bind(Uuid::new_v4())
+        .bind(tenant)
+        .execute(&mut conn)
+        .await?;
+        written.push(id);
+    }
+    // A later window, up to a horizon past those inserts, holds them all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let later = loop {
+        let next = first.next(source.horizon().await?);
+        let ids: Vec<Uuid> = source
+            .read_window(tenant, next, 0, 100)
+            .await?
+            .iter()
+            .map(|e| e.event_id)
+            .collect();
+        if written.iter().all(|id| ids.contains(id)) {
+            break ids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows with a writer-set txid never fell into a window after the first: {ids:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(later.len(), 3, "{later:?}");
+    Ok(())
+}

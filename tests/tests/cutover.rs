@@ -928,3 +928,155 @@ async fn auto_cutover_finishes_the_migration_by_itself() -> Result<()> {
     })
     .await
 }
+
+/// `cutover --force` with a delta event that can never land (issue 14 item 4): another tenant
+/// owns, in the target, a stream with the id of one of the tenant's streams. The forced
+/// cutover used to skip that event, move the fence and report success: the event was gone.
+/// Now the tail names the stream (`lag`, `status`, a metric), the cutover is refused with or
+/// without `--force` and does not suggest `--force`, and the fence stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_cutover_never_moves_the_fence_past_an_event_that_cannot_land() -> Result<()> {
+    use switchyard_store::{EventStore, NewEvent, StreamRef};
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], "").await?;
+        env.control_json(&["init"])?;
+        let tenant = Uuid::new_v4();
+        seed_tenant(&env, tenant, 20).await?;
+        let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        let id = migrate_to_dual_write(&env, tenant).await?;
+
+        let (source, target) = (
+            EventStore::connect("shared", env.store_url("shared"), 2)?,
+            EventStore::connect("dedicated", env.store_url("dedicated"), 2)?,
+        );
+        let contested = Uuid::new_v4();
+        let on = |tenant_id| StreamRef {
+            tenant_id,
+            aggregate_type: "Order",
+            aggregate_id: contested,
+        };
+        let new_event = || -> Result<NewEvent> {
+            Ok(NewEvent::new(
+                Uuid::new_v4(),
+                "E",
+                serde_json::value::RawValue::from_string("{}".to_owned())?,
+                None,
+                None,
+            ))
+        };
+        let other = Uuid::new_v4();
+        target.append(on(other), Some(0), &[new_event()?]).await?;
+        source.append(on(tenant), Some(0), &[new_event()?]).await?;
+        let stream = format!("Order/{contested}");
+
+        wait_for(Duration::from_secs(20), || async {
+            let lag = env.control_json(&["lag", &id])?;
+            Ok(lag["divergent_streams"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|s| s.as_str().is_some_and(|s| s.starts_with(&stream)))))
+        })
+        .await?;
+        wait_for(Duration::from_secs(20), || async {
+            let status = env.control_json(&["status", &id])?;
+            Ok(status["error_message"]
+                .as_str()
+                .is_some_and(|e| e.contains(&stream)))
+        })
+        .await?;
+        let http = Http::new();
+        wait_for(Duration::from_secs(20), || async {
+            let m = http.get(&format!("{}/metrics", serve.admin)).await?;
+            Ok(String::from_utf8_lossy(&m.body).contains(&format!(
+                "switchyard_control_migration_divergent_streams{{migration_id=\"{id}\",tenant_id=\"{tenant}\"}} 1"
+            )))
+        })
+        .await?;
+
+        for args in [vec!["cutover", id.as_str(), "--force"], vec!["cutover", id.as_str()]] {
+            let out = env.control(&args)?;
+            let said = format!("{}{}", out.stdout, out.stderr);
+            assert_ne!(out.code, 0, "{args:?}: {said}");
+            assert!(said.contains(&stream), "{args:?} names the stream: {said}");
+            assert!(!said.contains("--force to"), "{args:?} does not suggest --force: {said}");
+        }
+        assert_eq!(
+            source.fence(tenant).await?.map(|f| f.0),
+            Some("open".to_owned()),
+            "the fence never moved"
+        );
+        let status = env.control_json(&["status", &id])?;
+        assert_eq!(status["state"], "dual_write", "{status}");
+        assert_eq!(target.count_tenant(other).await?, 1, "the other tenant's rows stay");
+        Ok(())
+    })
+    .await
+}
+
+/// The same under the fence: a delta event that can never land but that the lag check does
+/// not see (its `created_at`, set by the writer, is in the future, so it never counts as
+/// settled). `cutover --force` passes the lag gate, closes the gates, takes the fence, finds
+/// the event cannot land in the final delta, and rolls back: the fence never moves (issue 14
+/// item 4). It used to skip the event, move the fence and report success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_cutover_rolls_back_when_a_delta_event_cannot_land_under_the_fence() -> Result<()>
+{
+    use switchyard_store::{EventStore, NewEvent, StreamRef};
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 20).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant).await?;
+
+    let (source, target) = (
+        EventStore::connect("shared", env.store_url("shared"), 2)?,
+        EventStore::connect("dedicated", env.store_url("dedicated"), 2)?,
+    );
+    let contested = Uuid::new_v4();
+    target
+        .append(
+            StreamRef {
+                tenant_id: Uuid::new_v4(),
+                aggregate_type: "Order",
+                aggregate_id: contested,
+            },
+            Some(0),
+            &[NewEvent::new(
+                Uuid::new_v4(),
+                "E",
+                serde_json::value::RawValue::from_string("{}".to_owned())?,
+                None,
+                None,
+            )],
+        )
+        .await?;
+    let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload, created_at)
+         VALUES ($1, $2, 'Order', 'E', $3, 1, now(), '{}', now() + interval '1 hour')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(contested)
+    .bind(tenant)
+    .execute(&mut conn)
+    .await?;
+
+    let out = env.control(&["--json", "cutover", &id, "--force"])?;
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert_ne!(out.code, 0, "{said}");
+    assert!(
+        said.contains(&format!("Order/{contested}")),
+        "names the stream: {said}"
+    );
+    assert!(
+        said.contains("\"3_take_fence\"") && said.contains("the fence stays"),
+        "decided under the fence, in the final delta: {said}"
+    );
+    assert_eq!(
+        source.fence(tenant).await?.map(|f| f.0),
+        Some("open".to_owned()),
+        "the fence never moved: {said}"
+    );
+    assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    Ok(())
+}

@@ -617,3 +617,242 @@ async fn the_tail_copies_rows_of_transactions_that_commit_late() -> Result<()> {
     assert_eq!(converged(&env, tenant).await?.len(), 118);
     Ok(())
 }
+
+/// `migrate start` refuses a target holding another tenant's stream or event under an id of
+/// the tenant's (issue 14 item 3), naming them, also with `--reset-target`, which never deletes
+/// another tenant's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_start_refuses_a_target_with_colliding_foreign_ids() -> Result<()> {
+    use switchyard_store::{NewEvent, StreamRef};
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], "").await?;
+        env.control_json(&["init"])?;
+        let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+        let (collide, own) = (Uuid::new_v4(), Uuid::new_v4());
+        let source = EventStore::connect("shared", env.store_url("shared"), 2)?;
+        let target = EventStore::connect("dedicated", env.store_url("dedicated"), 2)?;
+        let new_event = |id: Uuid| -> Result<NewEvent> {
+            Ok(NewEvent::new(
+                id,
+                "E",
+                serde_json::value::RawValue::from_string("{}".to_owned())?,
+                None,
+                None,
+            ))
+        };
+        let on = |tenant_id, aggregate_id| StreamRef {
+            tenant_id,
+            aggregate_type: "Order",
+            aggregate_id,
+        };
+        let taken_id = Uuid::new_v4();
+        source
+            .append(on(ours, collide), Some(0), &[new_event(Uuid::new_v4())?])
+            .await?;
+        source
+            .append(on(ours, own), Some(0), &[new_event(taken_id)?])
+            .await?;
+        target
+            .append(on(theirs, collide), Some(0), &[new_event(Uuid::new_v4())?])
+            .await?;
+        target
+            .append(on(theirs, Uuid::new_v4()), Some(0), &[new_event(taken_id)?])
+            .await?;
+        let tenant_arg = ours.to_string();
+        for extra in [None, Some("--reset-target")] {
+            let mut args = vec![
+                "migrate",
+                "start",
+                "--tenant",
+                tenant_arg.as_str(),
+                "--to",
+                "dedicated",
+                "--detach",
+            ];
+            args.extend(extra);
+            let out = env.control(&args)?;
+            assert_ne!(out.code, 0, "{extra:?}: {}{}", out.stdout, out.stderr);
+            let said = format!("{}{}", out.stdout, out.stderr);
+            assert!(
+                said.contains(&format!("stream Order/{collide}"))
+                    && said.contains(&format!("event {taken_id}")),
+                "{extra:?}: the refusal names the stream and the event id: {said}"
+            );
+        }
+        assert_eq!(
+            env.control_json(&["list"])?.as_array().map(Vec::len),
+            Some(0),
+            "no migration was created"
+        );
+        assert_eq!(target.count_tenant(theirs).await?, 2, "their rows stay");
+        Ok(())
+    })
+    .await
+}
+
+/// Rows written with `txid` NULL or an old explicit value (a restore, an `INSERT … SELECT` of
+/// every column) during dual-write are copied by the tail and cut over (issue 14 item 13);
+/// they used to fall outside every tail window, so the cutover left them behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_a_writer_set_txid_during_dual_write_are_copied() -> Result<()> {
+    use sqlx::Connection;
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 5).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migration_id(&env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?)?;
+    caught_up(&env, &id, Duration::from_secs(90)).await?;
+    let mut conn = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    for txid in ["NULL", "'1'::xid8", "'5'::xid8"] {
+        sqlx::query(&format!(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload, txid)
+             VALUES ($1, $2, 'Restored', 'Restored', $3, 1, now(), '{{}}', {txid})"
+        ))
+        .bind(Uuid::new_v4())
+        .bind(Uuid::new_v4())
+        .bind(tenant)
+        .execute(&mut conn)
+        .await?;
+    }
+    assert_eq!(converged(&env, tenant).await?.len(), 18);
+    let done = env.control_json(&["cutover", &id])?;
+    assert_eq!(done["success"], true, "{done}");
+    assert_eq!(
+        tenant_events(env.store_url("dedicated"), tenant)
+            .await?
+            .len(),
+        18
+    );
+    Ok(())
+}
+
+/// A subscription checkpoint translated to the target never skips an event (issue 14 item
+/// 10). The target's positions follow landing order: here an event the mirror landed at once
+/// sits below one with a lower source position that the tail landed after its transaction
+/// committed late. Translating the checkpoint at that lower source position to "its event's
+/// target position" skipped the mirrored one; the answer is now below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translated_checkpoint_never_skips_an_event_that_landed_out_of_order() -> Result<()> {
+    use sqlx::Connection;
+    let (env, proxy, http) = switchyard_tests::started(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\n",
+        &[],
+    )
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 2, 3).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migration_id(&env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--detach",
+    ])?)?;
+    caught_up(&env, &id, Duration::from_secs(90)).await?;
+    wait_for(Duration::from_secs(5), || async {
+        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["state"] == "dual_write")
+    })
+    .await?;
+
+    // A writer takes a source position and holds its transaction open...
+    let mut held = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut held).await?;
+    let late = Uuid::new_v4();
+    let late_position: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+         VALUES ($1, $2, 'Direct', 'Late', $3, 1, now(), '{}') RETURNING global_position",
+    )
+    .bind(late)
+    .bind(Uuid::new_v4())
+    .bind(tenant)
+    .fetch_one(&mut held)
+    .await?;
+    // ...while an append through the proxy commits after it and is mirrored at once.
+    let reply = http
+        .post(
+            &switchyard_tests::stream_url(&proxy.data, tenant, "Order", Uuid::new_v4()),
+            &switchyard_tests::events_body(Some(0), 1, "Early"),
+        )
+        .await?;
+    assert_eq!(reply.status.as_u16(), 201, "{:?}", reply.json);
+    let mirrored = reply.json["global_positions"][0]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no position in {:?}", reply.json))?;
+    assert!(mirrored > late_position);
+    let target = EventStore::connect("dedicated", env.store_url("dedicated"), 2)?;
+    wait_for(Duration::from_secs(5), || async {
+        Ok(target.count_tenant(tenant).await? == 7)
+    })
+    .await?;
+    sqlx::query("COMMIT").execute(&mut held).await?;
+    assert_eq!(converged(&env, tenant).await?.len(), 8);
+    // Both are mapped once the tail has passed them.
+    let control = switchyard_store::ControlDb::connect(&env.control_url, 1)?;
+    let mid: Uuid = id.parse()?;
+    wait_for(Duration::from_secs(30), || async {
+        Ok(control.position_map_len(mid).await? == 8)
+    })
+    .await?;
+    let target_of = |source_position: i64| {
+        let control = &control;
+        async move {
+            Ok::<_, anyhow::Error>(
+                control
+                    .translate_position(mid, source_position)
+                    .await?
+                    .map(|t| t.target_position),
+            )
+        }
+    };
+    let in_target: std::collections::HashMap<Uuid, i64> = target
+        .read_tenant(tenant, 0, 100)
+        .await?
+        .iter()
+        .map(|e| (e.event_id, e.global_position))
+        .collect();
+    let late_in_target = in_target[&late];
+    let below_late: Vec<i64> = in_target
+        .values()
+        .copied()
+        .filter(|p| *p < late_in_target)
+        .collect();
+    assert_eq!(
+        below_late.len(),
+        7,
+        "the mirrored event landed before the late one"
+    );
+    // A checkpoint that has seen the late event but not the mirrored one.
+    let translated = target_of(late_position)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no translation"))?;
+    let first_unseen = *below_late.iter().max().unwrap_or(&0);
+    assert!(
+        translated < first_unseen,
+        "checkpoint at source {late_position} translated to {translated}: the event at target \
+         {first_unseen} (source {mirrored}) would be skipped"
+    );
+    // Through the CLI too.
+    let cli = env.control_json(&[
+        "positions",
+        "translate",
+        &id,
+        "--source-position",
+        &late_position.to_string(),
+    ])?;
+    assert_eq!(cli["target_position"], translated);
+    Ok(())
+}

@@ -150,3 +150,71 @@ async fn an_unreachable_target_never_fails_an_append() -> Result<()> {
     );
     Ok(())
 }
+
+/// A retry of a committed append that sends the same events in another order (issue 14 item
+/// 2). The store answered such a retry by version and the mirror paired event i with row i,
+/// landing the events at swapped versions in the target. It is refused now (409
+/// `retry_order_mismatch`), writes nothing anywhere, and the retry in the original order
+/// answers the original result and mirrors every event at its own version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_in_another_order_is_refused_and_never_mirrored_at_swapped_versions() -> Result<()>
+{
+    for_each_backend(|backend| async move {
+        let extra = "[proxy]\nrouting_poll_ms = 100\n";
+        let (env, proxy, http) = started(backend, &["shared", "dedicated"], extra, &[]).await?;
+        let tenant = Uuid::new_v4();
+        let aggregate = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", aggregate);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let event = |id: Uuid, kind: &str| {
+            serde_json::json!({"event_id": id, "event_type": kind, "payload": {"kind": kind}})
+        };
+        // Committed before the migration (no mirror); the client did not hear the answer.
+        let original = serde_json::json!({"expected_version": 0, "events": [event(a, "A"), event(b, "B")]});
+        let first = http.post(&url, &original).await?;
+        assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.json);
+
+        dual_write(&env.control_url, tenant, "shared", "dedicated").await?;
+        let route_url = format!("{}/admin/routes/{tenant}", proxy.admin);
+        wait_for(Duration::from_secs(3), || async {
+            Ok(http.get(&route_url).await?.json["state"] == "dual_write")
+        })
+        .await?;
+
+        let reordered = serde_json::json!({"expected_version": 0, "events": [event(b, "B"), event(a, "A")]});
+        let refused = http.post(&url, &reordered).await?;
+        assert_eq!(
+            (refused.status, refused.json["error"].as_str()),
+            (StatusCode::CONFLICT, Some("retry_order_mismatch")),
+            "{:?}",
+            refused.json
+        );
+        let again = http.post(&url, &original).await?;
+        assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.json);
+        assert_eq!(again.json, first.json, "the original answer");
+
+        let target = EventStore::connect("dedicated", env.store_url("dedicated"), 2)?;
+        wait_for(Duration::from_secs(5), || async {
+            Ok(target.count_tenant(tenant).await? == 2)
+        })
+        .await?;
+        let stream = switchyard_store::StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Order",
+            aggregate_id: aggregate,
+        };
+        let mirrored: Vec<(Uuid, i32, String)> = target
+            .read_stream(stream, 1, 10)
+            .await?
+            .into_iter()
+            .map(|e| (e.event_id, e.version, e.event_type))
+            .collect();
+        assert_eq!(
+            mirrored,
+            vec![(a, 1, "A".to_owned()), (b, 2, "B".to_owned())],
+            "every event at its own version"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -1,7 +1,8 @@
 //! `checkpoints migrate MIGRATION --database URL [--names a,b] [--dry-run]`: rewrite
 //! eventsource-py `projection_checkpoints` rows from source to target positions, through the
-//! migration's position map (exact, else the nearest mapped position at or below, reported as
-//! inexact). The plan is printed first; rows that cannot be translated are refused and left
+//! migration's position map: just before the first target position of an event past the
+//! checkpoint (target positions follow landing order, not source order), so a projection may
+//! see some events again but never misses one; exact when that is the checkpoint's own event. The plan is printed first; rows that cannot be translated are refused and left
 //! as they are (exit 1). Rows already holding a translated (position, event) pair are skipped,
 //! so running it twice is harmless. Stop the projections first: each row is rewritten only if
 //! it still holds what the plan read.
@@ -39,7 +40,8 @@ pub struct Args {
 enum Action {
     /// Rewritten to the exact target position of the same event.
     Exact,
-    /// Rewritten to the target position of the nearest mapped event at or below.
+    /// Rewritten to a target position below the checkpoint's own event's: events that landed
+    /// out of source order are delivered again.
     Inexact,
     /// Already at a translated position: nothing to do.
     AlreadyTranslated,
@@ -198,7 +200,7 @@ async fn plan_row(
             } else {
                 row.action = Action::Inexact;
                 row.detail = format!(
-                    "{position} -> {} (inexact: nearest mapped source position at or below is {}, event {event})",
+                    "{position} -> {} (inexact: the event there, {event}, has source position {}; events landed out of source order are delivered again)",
                     t.target_position, t.source_position
                 );
             }

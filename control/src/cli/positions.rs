@@ -1,5 +1,6 @@
 //! `positions translate MIGRATION --source-position P`: a subscription checkpoint's position
-//! in the target (the nearest mapped position at or below when not exact).
+//! in the target: just before the first target position of an event past P, so a subscriber
+//! may see some events again but never misses one (target positions follow landing order).
 
 use serde_json::json;
 use uuid::Uuid;
@@ -29,8 +30,8 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
         .await?;
     let Some(t) = found else {
         return Err(CliError::Refused(format!(
-            "no mapped position at or below {source_position} in migration {migration}: \
-             the checkpoint predates the tenant's first event (start the subscription at 0)"
+            "no target position in migration {migration} precedes every event past \
+             {source_position}: start the subscription at 0"
         )));
     };
     emit(
@@ -47,7 +48,8 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
                 format!("{}", t.target_position)
             } else {
                 format!(
-                    "{} (inexact: nearest mapped source position at or below is {})",
+                    "{} (inexact: the event there has source position {}; events landed out of \
+                     source order are delivered again)",
                     t.target_position, t.source_position
                 )
             }

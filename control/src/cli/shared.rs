@@ -47,6 +47,8 @@ pub struct Status {
     pub events_copied: i64,
     pub progress_percentage: f64,
     pub lag: Option<i64>,
+    /// Streams whose events can never land in the target (divergence; see `lag`).
+    pub divergent_streams: Vec<String>,
     /// Average bulk-copy rate since the copy started, events per second.
     pub rate_events_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
@@ -62,11 +64,13 @@ impl Status {
     /// Builds the view; `lag` costs a count in each store, so it is taken only while the
     /// migration is active (the stores may be unreachable: then it is left out).
     pub async fn of(engine: &Engine, record: MigrationRecord) -> Self {
-        let lag = if record.is_active() {
-            engine.lag(&record).await.ok()
+        let report = if record.is_active() {
+            engine.lag_report(&record).await.ok()
         } else {
             None
         };
+        let lag = report.as_ref().map(|r| r.lag);
+        let divergent_streams = report.map(|r| r.divergent_streams).unwrap_or_default();
         #[allow(clippy::cast_precision_loss)] // counts stay far below 2^52
         let rate = record.started_at.and_then(|started| {
             let end = record.completed_at.unwrap_or(record.updated_at);
@@ -91,6 +95,7 @@ impl Status {
             events_copied: record.events_copied,
             progress_percentage: (record.progress_percentage() * 10.0).round() / 10.0,
             lag,
+            divergent_streams,
             rate_events_per_second: rate.map(|r| r.round()),
             eta_seconds: eta.map(|e| e.round()),
             error_message: record.error_message.clone(),
@@ -122,6 +127,12 @@ impl Status {
         ));
         if let Some(lag) = self.lag {
             out.push_str(&format!("Lag: {lag} events\n"));
+        }
+        if !self.divergent_streams.is_empty() {
+            out.push_str(&format!(
+                "Divergent streams (can never land in the target): {}\n",
+                self.divergent_streams.join(", ")
+            ));
         }
         if let Some(rate) = self.rate_events_per_second {
             out.push_str(&format!("Rate: {rate:.0} events/s\n"));

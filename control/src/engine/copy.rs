@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use switchyard_store::control::{Action, Progress};
-use switchyard_store::{AuditNote, MigrationRecord, MigrationState, PassWindow, StoredEvent};
+use switchyard_store::{
+    AuditNote, Divergence, Landing, MigrationRecord, MigrationState, PassWindow, StoredEvent,
+};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -14,6 +16,8 @@ use super::{Engine, EngineError, MigrationOptions, Report};
 /// How many times in a row a batch may fail to land anything before the migration fails: a
 /// row whose predecessor never arrives means the target contradicts the source.
 const MAX_STUCK_BATCHES: u32 = 50;
+/// How a divergence recorded as a migration's error begins.
+const DIVERGENCE: &str = "divergence:";
 /// Most events one tail batch reads (the tail's passes are small; this bounds memory).
 const TAIL_BATCH: u32 = 2000;
 
@@ -23,6 +27,10 @@ struct Landed {
     prefix: usize,
     /// Source position of the last of them.
     last_position: i64,
+    /// Rows of the batch this call inserted (not those already there).
+    inserted: usize,
+    /// The first row of the batch that can never land, and why.
+    diverged: Option<(StoredEvent, Divergence)>,
 }
 
 impl Engine {
@@ -129,6 +137,9 @@ impl Engine {
             if landed.prefix == batch.len() {
                 prefetched = Some(next.map_err(EngineError::store(source.id()))?);
             }
+            if let Some((event, why)) = &landed.diverged {
+                return Err(diverged(record.id, event, *why));
+            }
             if landed.prefix == 0 {
                 stuck += 1;
                 self.check_stuck(record.id, stuck, &batch[0])?;
@@ -137,8 +148,10 @@ impl Engine {
             }
             stuck = 0;
             after = landed.last_position;
+            // Progress of the copy's snapshot: rows already there (a copy resumed after a
+            // crash) count as done; the metric counts only what this batch inserted.
             copied += landed.prefix as i64;
-            self.metrics.copied(landed.prefix);
+            self.metrics.copied(landed.inserted);
             record = self
                 .control
                 .update_progress(
@@ -207,8 +220,12 @@ impl Engine {
     }
 
     /// One tail pass: everything between the tail's horizon and the source's current one.
-    /// Returns how many events it copied. The tail horizon moves only when the whole pass
-    /// landed, so a row that could not land yet is read again by the next pass.
+    /// Returns how many events it inserted (rows the mirror already landed do not count, so
+    /// a pass that only meets those, or a row that cannot land, lets the driver rest and
+    /// measure the lag). The tail horizon moves only when the whole pass landed, so a row
+    /// that could not land yet is read again by the next pass. A row that can never land
+    /// (divergence) is recorded as the migration's error, naming its stream, and counted in
+    /// `switchyard_control_migration_divergent_streams`; the tail keeps going for the rest.
     pub(super) async fn tail_pass(
         &self,
         record: &MigrationRecord,
@@ -238,6 +255,7 @@ impl Engine {
         let mut after = 0;
         let mut copied = 0usize;
         let mut complete = true;
+        let mut divergence = None;
         loop {
             if *stop.borrow() {
                 return Ok(copied);
@@ -250,7 +268,10 @@ impl Engine {
                 break;
             }
             let landed = self.land(record.id, target, &batch).await?;
-            copied += landed.prefix;
+            copied += landed.inserted;
+            if let Some((event, why)) = landed.diverged {
+                divergence = Some(divergence_message(&event, why));
+            }
             if landed.prefix < batch.len() {
                 // The rest waits for the next pass (its predecessor is not in the target yet).
                 complete = false;
@@ -259,6 +280,26 @@ impl Engine {
             after = landed.last_position;
         }
         self.metrics.copied(copied);
+        match &divergence {
+            Some(message) => {
+                self.metrics.observe_divergence(record, 1);
+                if record.error_message.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(migration.id = %record.id, "{message}");
+                    self.control.set_error(record.id, Some(message)).await?;
+                }
+            }
+            // Corrected meanwhile (the target's rows were fixed): the error goes.
+            None if complete
+                && record
+                    .error_message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(DIVERGENCE)) =>
+            {
+                self.metrics.observe_divergence(record, 0);
+                self.control.set_error(record.id, None).await?;
+            }
+            None => {}
+        }
         let record = self
             .control
             .update_progress(
@@ -289,24 +330,37 @@ impl Engine {
         target: &switchyard_store::EventStore,
         batch: &[StoredEvent],
     ) -> Result<Landed, EngineError> {
-        let positions = target
-            .insert_copied(batch)
+        let landings = target
+            .copy_in(batch)
             .await
             .map_err(EngineError::store(target.id()))?;
         let map: Vec<(i64, i64, Uuid)> = batch
             .iter()
-            .zip(&positions)
-            .filter_map(|(e, p)| p.map(|p| (e.global_position, p, e.event_id)))
+            .zip(&landings)
+            .filter_map(|(e, l)| l.position().map(|p| (e.global_position, p, e.event_id)))
             .collect();
         if !map.is_empty() {
             self.control.insert_position_map(id, &map).await?;
         }
-        let prefix = positions.iter().take_while(|p| p.is_some()).count();
+        let prefix = landings
+            .iter()
+            .take_while(|l| l.position().is_some())
+            .count();
+        let inserted = landings
+            .iter()
+            .filter(|l| matches!(l, Landing::Inserted(_)))
+            .count();
+        let diverged = batch.iter().zip(&landings).find_map(|(e, l)| match l {
+            Landing::Diverged(why) => Some((e.clone(), *why)),
+            _ => None,
+        });
         Ok(Landed {
             prefix,
             last_position: prefix
                 .checked_sub(1)
                 .map_or(0, |i| batch[i].global_position),
+            inserted,
+            diverged,
         })
     }
 
@@ -327,6 +381,24 @@ impl Engine {
             ),
         })
     }
+}
+
+/// The error for an event of migration `id` that can never land in its target.
+pub(super) fn diverged(id: Uuid, event: &StoredEvent, why: Divergence) -> EngineError {
+    EngineError::Divergence {
+        id,
+        message: divergence_message(event, why),
+    }
+}
+
+/// Names an event that can never land in the target, its stream, and why.
+pub(super) fn divergence_message(event: &StoredEvent, why: Divergence) -> String {
+    format!(
+        "{DIVERGENCE} event {} ({}/{} version {}) can never land in the target: {why}; \
+             the stream cannot be migrated until the target is corrected (`verify`, or restart \
+             with --reset-target if the target's rows are this tenant's)",
+        event.event_id, event.aggregate_type, event.aggregate_id, event.version
+    )
 }
 
 /// Sleeps as long as copying `copied` events since `started` got ahead of `max_rate`.

@@ -21,8 +21,8 @@ use crate::verify::{Level, Scope};
 use serde::Serialize;
 use switchyard_store::control::Action;
 use switchyard_store::{
-    AuditNote, Digesting, FenceLock, MigrationError, MigrationRecord, MigrationState, PassWindow,
-    StreamKey,
+    AuditNote, Digesting, FenceLock, Landing, MigrationError, MigrationRecord, MigrationState,
+    PassWindow, StreamKey,
 };
 use uuid::Uuid;
 
@@ -112,13 +112,31 @@ impl Engine {
         }
         // Writers keep writing: sample the lag a few times before refusing.
         let max_lag = i64::try_from(self.settings.cutover_max_lag_events).unwrap_or(i64::MAX);
-        let mut lag = self.lag(&record).await?;
+        let mut report = self.lag_report(&record).await?;
         for _ in 0..LAG_SAMPLES {
-            if lag <= max_lag || force {
+            if report.lag <= max_lag || force || !report.divergent_streams.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            lag = self.lag(&record).await?;
+            report = self.lag_report(&record).await?;
+        }
+        let lag = report.lag;
+        // Events that can never land are not lag: no wait and no --force gets them into the
+        // target, and the fence must not move without them.
+        if !report.divergent_streams.is_empty() {
+            return Err(EngineError::Refused(format!(
+                "migration {id} cannot cut over: {} stream(s) of the tenant have events that can never land in \
+                 the target ({}); nothing was paused. Correct the target (`switchyard-control verify {id}`), or \
+                 abort and start again with --reset-target if the target's rows are this tenant's",
+                report.divergent_streams.len(),
+                report
+                    .divergent_streams
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         if lag > max_lag && !force {
             return Err(EngineError::Refused(format!(
@@ -343,10 +361,12 @@ impl Engine {
 
     /// The final catch-up: every event of the tenant past the tail horizon (no upper bound:
     /// with the fence held, nothing more can commit). Events the mirror or the tail already
-    /// wrote are looked up by id and not inserted again, so the time under the fence grows
+    /// wrote are found by identity and not inserted again, so the time under the fence grows
     /// with what is really missing, not with how far the horizon lags.
     ///
-    /// Verification: every delta event is in the target, and every stream the delta touched
+    /// Every delta event must be in the target by identity (same tenant, stream, version, id
+    /// and content), forced or not: one that did not land, or never can, fails the attempt
+    /// and the fence stays. Unless forced, every stream the delta touched also
     /// agrees in count and last version on both sides. The versions [`Self::check_below_delta`]
     /// compared before the gates closed are not counted again: under the fence only the rest
     /// of each stream is (a stream it did not see, whole). Both stores are asked at once, and
@@ -375,39 +395,38 @@ impl Engine {
             after = last.global_position;
             // With the fence held nothing more commits: a short batch is the last one.
             let more = batch.len() == DELTA_BATCH as usize;
-            let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
-            let mut positions = target
-                .positions_of(&ids)
+            // Rows the mirror or the tail already wrote are found present (same tenant,
+            // stream, version, id and content) and not inserted again.
+            let landings = target
+                .copy_in(&batch)
                 .await
-                .map_err(|e| format!("looking up the final delta: {e}"))?;
-            let missing: Vec<switchyard_store::StoredEvent> = batch
-                .iter()
-                .filter(|e| !positions.contains_key(&e.event_id))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                let landed = target
-                    .insert_copied(&missing)
-                    .await
-                    .map_err(|e| format!("copying the final delta: {e}"))?;
-                for (e, p) in missing.iter().zip(&landed) {
-                    if let Some(p) = p {
-                        positions.insert(e.event_id, *p);
+                .map_err(|e| format!("copying the final delta: {e}"))?;
+            for (e, landing) in batch.iter().zip(&landings) {
+                match landing {
+                    Landing::Inserted(p) => {
                         copied += 1;
+                        map.push((e.global_position, *p, e.event_id));
                     }
-                }
-            }
-            map.extend(batch.iter().filter_map(|e| {
-                positions
-                    .get(&e.event_id)
-                    .map(|p| (e.global_position, *p, e.event_id))
-            }));
-            if below.is_some() {
-                if let Some(e) = batch.iter().find(|e| !positions.contains_key(&e.event_id)) {
-                    return Err(format!(
-                        "verification failed: event {} ({}/{} version {}) cannot land in the target",
-                        e.event_id, e.aggregate_type, e.aggregate_id, e.version
-                    ));
+                    Landing::Present(p) => map.push((e.global_position, *p, e.event_id)),
+                    // Forced or not, the fence never moves while a delta event is not in the
+                    // target: that event would be acknowledged in the source and lost.
+                    Landing::Waiting => {
+                        return Err(format!(
+                            "event {} ({}/{} version {}) of the final delta did not land in the target \
+                             (version {} of its stream is not there); the fence stays where it is",
+                            e.event_id,
+                            e.aggregate_type,
+                            e.aggregate_id,
+                            e.version,
+                            e.version - 1
+                        ))
+                    }
+                    Landing::Diverged(why) => {
+                        return Err(format!(
+                            "{}; the fence stays where it is",
+                            super::copy::divergence_message(e, *why)
+                        ))
+                    }
                 }
             }
             touched.extend(

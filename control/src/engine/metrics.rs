@@ -14,6 +14,8 @@ pub struct EngineMetrics {
     pub copy_events: IntCounter,
     pub copy_rate: GaugeVec,
     pub lag: IntGaugeVec,
+    /// Streams whose events can never land in the target (divergence), per migration.
+    pub divergent_streams: IntGaugeVec,
     pub progress: GaugeVec,
     pub migrations_driven: prometheus::IntGauge,
     pub up: Gauge,
@@ -59,6 +61,14 @@ impl EngineMetrics {
             Opts::new(
                 "switchyard_control_migration_lag_events",
                 "Source events of the tenant not yet in the target (during the bulk copy: events of its snapshot still to copy).",
+            ),
+            labels,
+        )
+        .expect("valid metric");
+        let divergent_streams = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_control_migration_divergent_streams",
+                "Streams of the tenant with an event that can never land in the target (it holds a different event at that id or version, or the stream belongs to another tenant).",
             ),
             labels,
         )
@@ -182,6 +192,7 @@ impl EngineMetrics {
             Box::new(copy_events.clone()),
             Box::new(copy_rate.clone()),
             Box::new(lag.clone()),
+            Box::new(divergent_streams.clone()),
             Box::new(progress.clone()),
             Box::new(migrations_driven.clone()),
             Box::new(up.clone()),
@@ -196,6 +207,7 @@ impl EngineMetrics {
             copy_events,
             copy_rate,
             lag,
+            divergent_streams,
             progress,
             migrations_driven,
             up,
@@ -232,6 +244,13 @@ impl EngineMetrics {
         self.lag.with_label_values(&[&m, &t]).set(lag);
     }
 
+    pub fn observe_divergence(&self, record: &MigrationRecord, streams: usize) {
+        let (m, t) = (record.id.to_string(), record.tenant_id.to_string());
+        self.divergent_streams
+            .with_label_values(&[&m, &t])
+            .set(i64::try_from(streams).unwrap_or(i64::MAX));
+    }
+
     pub fn observe_verification(&self, report: &crate::verify::Report) {
         let level = report.level.as_str();
         self.verify_events
@@ -253,6 +272,7 @@ impl EngineMetrics {
             let _ = vec.remove_label_values(&[&m, &t]);
         }
         let _ = self.lag.remove_label_values(&[&m, &t]);
+        let _ = self.divergent_streams.remove_label_values(&[&m, &t]);
     }
 
     /// Replaces the fleet view with what the control database says now.

@@ -18,7 +18,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use switchyard_store::config::ControlConfig;
 use switchyard_store::{
-    Config, ControlDb, EventStore, MigrationError, MigrationRecord, MigrationState, StoreError,
+    Config, ControlDb, EventStore, Landing, MigrationError, MigrationRecord, MigrationState,
+    StoreError,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -36,6 +37,8 @@ pub const SETTLE: Duration = Duration::from_millis(250);
 /// Most events past the tail horizon a lag measurement checks (beyond that, the lag is at
 /// least this).
 const LAG_SCAN_LIMIT: u32 = 200_000;
+/// Events a lag measurement reads and looks up at a time.
+const LAG_PAGE: u32 = 5000;
 /// How often the tail recomputes the lag (two counts) while it has nothing to copy.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
@@ -119,6 +122,16 @@ pub enum Driven {
     ClaimLost,
 }
 
+/// What a lag measurement found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LagReport {
+    /// Source events of the tenant (settled, past the tail horizon) not in the target.
+    pub lag: i64,
+    /// Streams with an event that can never land in the target (`type/id`, the first such
+    /// version and why): no amount of waiting, and no `--force`, gets them there.
+    pub divergent_streams: Vec<String>,
+}
+
 /// Progress a driver reports as it goes (for a progress bar, `status --watch`, metrics).
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -190,14 +203,22 @@ impl Engine {
         })
     }
 
-    /// The tenant's source events not yet in the target.
+    /// The tenant's source events not yet in the target (see [`Self::lag_report`]).
+    pub async fn lag(&self, record: &MigrationRecord) -> Result<i64, EngineError> {
+        Ok(self.lag_report(record).await?.lag)
+    }
+
+    /// The tenant's source events not yet in the target, and the streams whose events can
+    /// never land there (the target contradicts them: see [`switchyard_store::Divergence`]).
     ///
     /// Once the copy is done, everything below the tail horizon is in the target, so only the
-    /// events past it are checked, by id — and only those written at least [`SETTLE`] ago:
-    /// an append the mirror is carrying right now is not lag (with writers writing, a few
-    /// always are, and counting them would refuse every cutover under load). Before that, it
-    /// is the difference of the two counts (the source counted first).
-    pub async fn lag(&self, record: &MigrationRecord) -> Result<i64, EngineError> {
+    /// events past it are checked, by identity (same tenant, stream, version, id and content:
+    /// a foreign event with the same id is not "in the target") — and only those written at
+    /// least [`SETTLE`] ago: an append the mirror is carrying right now is not lag (with
+    /// writers writing, a few always are, and counting them would refuse every cutover under
+    /// load). Before that, it is the difference of the two counts (the source counted first),
+    /// a progress figure only: nothing is decided by it.
+    pub async fn lag_report(&self, record: &MigrationRecord) -> Result<LagReport, EngineError> {
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
         if let (true, Some(horizon)) = (record.copy_done(), record.tail_horizon) {
@@ -205,19 +226,40 @@ impl Engine {
                 from: Some(horizon),
                 to: i64::MAX,
             };
-            let ids = source
-                .settled_ids(record.tenant_id, window, SETTLE, LAG_SCAN_LIMIT)
-                .await
-                .map_err(EngineError::store(source.id()))?;
-            let mut lag = 0;
-            for chunk in ids.chunks(5000) {
-                let present = target
-                    .count_present(chunk)
+            let mut report = LagReport::default();
+            let mut divergent = std::collections::BTreeSet::new();
+            let mut after = 0;
+            let mut scanned = 0;
+            while scanned < LAG_SCAN_LIMIT {
+                let page = source
+                    .settled_events(record.tenant_id, window, SETTLE, after, LAG_PAGE)
+                    .await
+                    .map_err(EngineError::store(source.id()))?;
+                let Some(last) = page.last() else { break };
+                after = last.global_position;
+                scanned += u32::try_from(page.len()).unwrap_or(u32::MAX);
+                let status = target
+                    .landing_status(&page)
                     .await
                     .map_err(EngineError::store(target.id()))?;
-                lag += i64::try_from(chunk.len()).unwrap_or(i64::MAX) - present;
+                for (e, landing) in page.iter().zip(status) {
+                    match landing {
+                        Landing::Present(_) | Landing::Inserted(_) => {}
+                        Landing::Waiting => report.lag += 1,
+                        Landing::Diverged(why) => {
+                            report.lag += 1;
+                            divergent.insert(format!(
+                                "{}/{} (version {}, event {}: {why})",
+                                e.aggregate_type, e.aggregate_id, e.version, e.event_id
+                            ));
+                        }
+                    }
+                }
             }
-            return Ok(lag);
+            report.divergent_streams = divergent.into_iter().collect();
+            self.metrics
+                .observe_divergence(record, report.divergent_streams.len());
+            return Ok(report);
         }
         let s = source
             .count_tenant(record.tenant_id)
@@ -227,7 +269,10 @@ impl Engine {
             .count_tenant(record.tenant_id)
             .await
             .map_err(EngineError::store(target.id()))?;
-        Ok((s - t).max(0))
+        Ok(LagReport {
+            lag: (s - t).max(0),
+            divergent_streams: Vec::new(),
+        })
     }
 
     /// Drives migration `id` until it settles (paused or terminal), `stop` flips, or the claim

@@ -15,6 +15,11 @@ use super::{CutoverMode, Engine, EngineError, MigrationOptions};
 /// How long an abort waits for a running cutover to commit or roll back.
 const ABORT_WAITS_FOR_CUTOVER: Duration = Duration::from_secs(30);
 
+/// Collisions a refused `migrate start` lists at most.
+const PREFLIGHT_LISTED: usize = 20;
+/// Source events the preflight reads and looks up at a time.
+const PREFLIGHT_PAGE: u32 = 5000;
+
 /// What emergency stop did for one tenant.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Stopped {
@@ -41,8 +46,10 @@ pub struct StartRequest {
 
 impl Engine {
     /// Creates a migration of the tenant from the store it lives in now to the target.
-    /// Refused when the tenant is already migrating, the target is its current store, or the
-    /// target already holds events of the tenant (unless `reset_target`, which deletes them).
+    /// Refused when the tenant is already migrating, the target is its current store, the
+    /// target already holds events of the tenant (unless `reset_target`, which deletes them,
+    /// and only them), or the target holds another tenant's stream or event under an id of
+    /// the tenant's (the preflight names them).
     pub async fn start(
         &self,
         request: &StartRequest,
@@ -82,6 +89,23 @@ impl Engine {
                 "store {} already holds {existing} events of tenant {} (left by an earlier migration?); \
                  start again with --reset-target to delete them first",
                 request.target_store_id, request.tenant_id
+            )));
+        }
+        // Stream and event ids are unique per store only: the target may hold another
+        // tenant's stream or event under one of ours (by accident, or a hostile tenant's
+        // doing). Copying would splice our events onto its stream or count its event as ours.
+        let collisions = self
+            .foreign_collisions(self.store(&source_id)?, target, request.tenant_id)
+            .await?;
+        if !collisions.is_empty() {
+            return Err(EngineError::Refused(format!(
+                "store {} holds rows of other tenants that collide with tenant {}'s in {source_id}: {}{}; \
+                 a migration never changes another tenant's rows (--reset-target deletes only this tenant's), \
+                 so these must be resolved first",
+                request.target_store_id,
+                request.tenant_id,
+                collisions.join(", "),
+                if collisions.len() >= PREFLIGHT_LISTED { ", …" } else { "" }
             )));
         }
         let batch_size = request.batch_size.unwrap_or(self.settings.batch_size);
@@ -219,6 +243,41 @@ impl Engine {
             self.reopen_after_stop(stopped).await;
         }
         Ok(out)
+    }
+
+    /// Migration preflight: the target's rows of other tenants that share an event id or a
+    /// stream with the tenant's events in the source (at most [`PREFLIGHT_LISTED`]).
+    async fn foreign_collisions(
+        &self,
+        source: &switchyard_store::EventStore,
+        target: &switchyard_store::EventStore,
+        tenant: Uuid,
+    ) -> Result<Vec<String>, EngineError> {
+        let mut found = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = source
+                .read_tenant(tenant, after, PREFLIGHT_PAGE)
+                .await
+                .map_err(EngineError::store(source.id()))?;
+            let Some(last) = page.last() else { break };
+            after = last.global_position;
+            let limit = u32::try_from(PREFLIGHT_LISTED - found.len()).unwrap_or(1);
+            for c in target
+                .foreign_collisions(tenant, &page, limit)
+                .await
+                .map_err(EngineError::store(target.id()))?
+            {
+                if !found.contains(&c) {
+                    found.push(c);
+                }
+            }
+            if found.len() >= PREFLIGHT_LISTED {
+                found.truncate(PREFLIGHT_LISTED);
+                break;
+            }
+        }
+        Ok(found)
     }
 
     async fn stop_tenant(&self, tenant: Uuid, note: &AuditNote) -> Result<Stopped, EngineError> {

@@ -228,10 +228,16 @@ pub struct Progress {
     pub tail_position: Option<i64>,
 }
 
+/// The smallest target position of the migration's events past source position `$2` (or
+/// past every target position when there is none): a translated checkpoint stays below it.
+const NEXT_UNSEEN: &str = "coalesce((SELECT min(n.target_position) FROM migration_position_map n
+                     WHERE n.migration_id = $1 AND n.source_position > $2), 9223372036854775807)";
+
 /// A source position's place in the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Translation {
-    /// The mapped source position used: the one asked for when `exact`, else the nearest below.
+    /// The source position of the event at `target_position`: the one asked for when
+    /// `exact`, else one below it.
     pub source_position: i64,
     pub target_position: i64,
     pub exact: bool,
@@ -926,23 +932,31 @@ impl ControlDb {
         }))
     }
 
-    /// The target position of `source_position`: exact when that event was mapped, else the
-    /// nearest mapped position below it; `None` below the first mapped position.
+    /// The target position a subscription checkpoint at `source_position` continues from:
+    /// just before the smallest target position of the tenant's events with a source position
+    /// past it, so everything it has not seen is delivered (some it has seen may be delivered
+    /// again), never skipped. Target positions follow landing order, not source order (the
+    /// mirror and the tail land concurrently), so "the event at the checkpoint" is not the
+    /// answer. Given as the mapped event with the largest target position below that one
+    /// (its source position is at or below the checkpoint): `exact` when it is the
+    /// checkpoint's own event. `None` when the first event in the target is already past the
+    /// checkpoint (start the subscription at 0).
     pub async fn translate_position(
         &self,
         migration_id: Uuid,
         source_position: i64,
     ) -> Result<Option<Translation>, MigrationError> {
         let found: Option<(i64, i64)> = on_backend!(self, |pool, d| {
-            sqlx::query_as(
+            let sql = format!(
                 "SELECT source_position, target_position FROM migration_position_map
-                 WHERE migration_id = $1 AND source_position <= $2
-                 ORDER BY source_position DESC LIMIT 1",
-            )
-            .bind(d.id(migration_id))
-            .bind(source_position)
-            .fetch_optional(pool)
-            .await?
+                 WHERE migration_id = $1 AND target_position < {NEXT_UNSEEN}
+                 ORDER BY target_position DESC LIMIT 1",
+            );
+            sqlx::query_as(&sql)
+                .bind(d.id(migration_id))
+                .bind(source_position)
+                .fetch_optional(pool)
+                .await?
         });
         Ok(found.map(|(source, target)| Translation {
             source_position: source,
@@ -951,23 +965,24 @@ impl ControlDb {
         }))
     }
 
-    /// Like [`Self::translate_position`], with the event recorded at the mapped position.
+    /// Like [`Self::translate_position`], with the event recorded at the answered position.
     pub async fn translate_with_event(
         &self,
         migration_id: Uuid,
         source_position: i64,
     ) -> Result<Option<(Translation, Uuid)>, MigrationError> {
         let found: Option<(i64, i64, String)> = on_backend!(self, |pool, d| {
-            sqlx::query_as(
+            let sql = format!(
                 "SELECT source_position, target_position, CAST(event_id AS TEXT)
                    FROM migration_position_map
-                  WHERE migration_id = $1 AND source_position <= $2
-                  ORDER BY source_position DESC LIMIT 1",
-            )
-            .bind(d.id(migration_id))
-            .bind(source_position)
-            .fetch_optional(pool)
-            .await?
+                  WHERE migration_id = $1 AND target_position < {NEXT_UNSEEN}
+                  ORDER BY target_position DESC LIMIT 1",
+            );
+            sqlx::query_as(&sql)
+                .bind(d.id(migration_id))
+                .bind(source_position)
+                .fetch_optional(pool)
+                .await?
         });
         found
             .map(|(source, target, event)| {

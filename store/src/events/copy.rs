@@ -5,16 +5,24 @@
 //! below `pg_snapshot_xmin(pg_current_snapshot())` taken at the pass start: every such
 //! transaction has finished, so those rows are final, whatever their positions. The next pass
 //! starts where this one ended. Rows with a NULL `txid` predate the column and belong to the
-//! first pass. On SQLite writers are serialised, so positions commit in order and the horizon
-//! is simply the highest position.
+//! first pass; every row inserted since carries its own transaction's id whatever the writer
+//! set (the `switchyard_txid` trigger), so a restore or an `INSERT … SELECT` of every column
+//! still lands in a later window. On SQLite writers are serialised, so positions commit in
+//! order and the horizon is simply the highest position.
 //!
-//! **Target order.** [`EventStore::insert_copied`] lands a stream's version `v` only when
-//! `v = 1` or `v - 1` is already in the target (or lands just before it in the same call), so
-//! the target never has a gap; rows that cannot land yet are reported and retried later.
+//! **Target order.** [`EventStore::copy_in`] lands a stream's version `v` only when `v = 1` or
+//! `v - 1` is already in the target (or lands just before it in the same call), so the target
+//! never has a gap; rows that cannot land yet are reported and retried later.
+//!
+//! **Identity.** An event has landed only where the same tenant, stream, version, event id and
+//! content are (DESIGN.md invariant 7). A row the target holds under the same event id with
+//! anything else, another event at the same stream version, or a stream that holds another
+//! tenant's events is a [`Divergence`]: it can never land, and is reported as such rather than
+//! as copied or as waiting.
 
 use std::collections::HashMap;
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
@@ -63,8 +71,8 @@ const SQLITE_COLUMNS: &str = "global_position, event_id, aggregate_type, aggrega
      event_type, version, actor_id, timestamp, payload, created_at";
 
 /// Inserts a batch under the target-order rule and answers `(event_id, global_position)` of
-/// the rows it inserted; rows already there or waiting for their predecessor are looked up
-/// after (see [`insert_copied_pg`]). `heads` is materialised so each stream's head is looked
+/// the rows it inserted; rows already there, diverged or waiting for their predecessor are
+/// classified after ([`PG_CLASSIFY`]). `heads` is materialised so each stream's head is looked
 /// up once. Returning only the inserted rows (rather than joining every batch row back to
 /// the insert and to `events`) matters: with a generic plan PostgreSQL estimates `unnest` of
 /// a parameter at 10 rows and such a join turned into a batch² nested loop (measured: 3.4 s
@@ -76,16 +84,23 @@ WITH batch AS (
            WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
                                 actor_id, version, ts, payload, created_at, ord)
 ), heads AS MATERIALIZED (
-    SELECT s.aggregate_id, s.aggregate_type,
+    SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
            coalesce((SELECT max(e.version) FROM events e
                       WHERE e.aggregate_id = s.aggregate_id
-                        AND e.aggregate_type = s.aggregate_type), 0) AS head
-      FROM (SELECT DISTINCT aggregate_id, aggregate_type FROM batch) s
+                        AND e.aggregate_type = s.aggregate_type), 0) AS head,
+           EXISTS (SELECT 1 FROM events e
+                    WHERE e.aggregate_id = s.aggregate_id
+                      AND e.aggregate_type = s.aggregate_type
+                      AND e.tenant_id IS DISTINCT FROM s.tenant_id) AS foreign_stream
+      FROM (SELECT DISTINCT aggregate_id, aggregate_type, tenant_id FROM batch) s
 ), landing AS (
+    -- A row whose event id the target already uses never lands (present or diverged), and
+    -- a stream holding another tenant's events takes none of ours.
     SELECT b.*, h.head,
            row_number() OVER (PARTITION BY b.aggregate_id, b.aggregate_type ORDER BY b.version) AS rn
-      FROM batch b JOIN heads h USING (aggregate_id, aggregate_type)
-     WHERE b.version > h.head
+      FROM batch b JOIN heads h USING (aggregate_id, aggregate_type, tenant_id)
+     WHERE b.version > h.head AND NOT h.foreign_stream
+       AND NOT EXISTS (SELECT 1 FROM events x WHERE x.event_id = b.event_id)
 )
 INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
                     version, timestamp, payload, created_at)
@@ -95,6 +110,74 @@ SELECT event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
  ORDER BY ord
 ON CONFLICT DO NOTHING
 RETURNING event_id, global_position";
+
+/// For each given event, what the target holds for it: the row with its event id (position,
+/// and whether tenant, stream, version and content are the same), whether its stream version
+/// holds another event, and whether its stream holds another tenant's events.
+const PG_CLASSIFY: &str = "
+SELECT b.event_id, e.global_position,
+       coalesce(e.tenant_id IS NOT DISTINCT FROM b.tenant_id
+                AND e.aggregate_id = b.aggregate_id AND e.aggregate_type = b.aggregate_type
+                AND e.version = b.version AND e.event_type = b.event_type
+                AND e.actor_id IS NOT DISTINCT FROM b.actor_id AND e.timestamp = b.ts
+                AND e.payload = b.payload::jsonb, false) AS same,
+       EXISTS (SELECT 1 FROM events f
+                WHERE f.aggregate_id = b.aggregate_id AND f.aggregate_type = b.aggregate_type
+                  AND f.tenant_id IS DISTINCT FROM b.tenant_id) AS foreign_stream,
+       EXISTS (SELECT 1 FROM events v
+                WHERE v.aggregate_id = b.aggregate_id AND v.aggregate_type = b.aggregate_type
+                  AND v.version = b.version AND v.event_id <> b.event_id) AS version_taken
+  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+              $7::int4[], $8::timestamptz[], $9::text[])
+       AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, ts,
+            payload)
+  LEFT JOIN events e ON e.event_id = b.event_id";
+
+/// What copying one event into a target came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// Inserted now, at this position.
+    Inserted(i64),
+    /// Already there, identical (same tenant, stream, version, id and content), at this
+    /// position: a retry, the mirror, or another copier put it there.
+    Present(i64),
+    /// Its predecessor is not in the target yet: a later pass lands it.
+    Waiting,
+    /// The target contradicts it: it can never land.
+    Diverged(Divergence),
+}
+
+impl Landing {
+    /// Where the event is in the target, if it is there (inserted now or before).
+    pub fn position(self) -> Option<i64> {
+        match self {
+            Self::Inserted(p) | Self::Present(p) => Some(p),
+            Self::Waiting | Self::Diverged(_) => None,
+        }
+    }
+}
+
+/// Why an event can never land in a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// The target holds another event (other tenant, stream, version or content) under its id.
+    EventIdTaken,
+    /// The target holds another event at its stream and version.
+    VersionTaken,
+    /// The target's stream of that id holds another tenant's events.
+    ForeignStream,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::EventIdTaken => "the target holds a different event with its event id",
+            Self::VersionTaken => "the target holds a different event at its stream version",
+            Self::ForeignStream => "the target's stream of that id belongs to another tenant",
+        })
+    }
+}
 
 impl EventStore {
     /// The current stable horizon (see the module docs).
@@ -200,54 +283,119 @@ impl EventStore {
         }
     }
 
-    /// Ids of the tenant's events in `window` that were written at least `settled` ago (by
-    /// the store's clock), at most `limit`: what a lag measurement checks against the target.
-    pub async fn settled_ids(
+    /// The tenant's events in `window` after `after_position` that were written at least
+    /// `settled` ago (by the store's clock), at most `limit`, in position order: what a lag
+    /// measurement checks against the target (by identity, [`Self::landing_status`]).
+    pub async fn settled_events(
         &self,
         tenant: Uuid,
         window: PassWindow,
         settled: std::time::Duration,
+        after_position: i64,
         limit: u32,
-    ) -> Result<Vec<Uuid>, StoreError> {
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let millis = i64::try_from(settled.as_millis()).unwrap_or(i64::MAX);
         match &self.backend {
             Backend::Postgres(pool) => {
                 let sql = format!(
-                    "SELECT event_id FROM events WHERE {PG_WINDOW}
+                    "SELECT {PG_COLUMNS} FROM events WHERE {PG_WINDOW}
                         AND created_at < clock_timestamp() - make_interval(secs => $5::float8 / 1000)
-                      LIMIT $6"
+                      ORDER BY global_position LIMIT $6"
                 );
-                Ok(sqlx::query_scalar(&sql)
+                let rows = sqlx::query(&sql)
                     .bind(tenant)
-                    .bind(0i64)
+                    .bind(after_position)
                     .bind(window.from.map(|f| f.to_string()))
                     .bind(window.to.to_string())
                     .bind(millis)
                     .bind(i64::from(limit))
                     .fetch_all(pool)
-                    .await?)
+                    .await?;
+                rows.iter().map(super::postgres::decode).collect()
             }
             Backend::Sqlite(pool) => {
                 let cutoff =
                     format_timestamp(&(Utc::now() - chrono::Duration::milliseconds(millis)));
                 let sql = format!(
-                    "SELECT event_id FROM events WHERE {SQLITE_WINDOW} AND created_at < ?5 LIMIT ?6"
+                    "SELECT {SQLITE_COLUMNS} FROM events WHERE {SQLITE_WINDOW} AND created_at < ?5
+                      ORDER BY global_position LIMIT ?6"
                 );
-                let ids: Vec<String> = sqlx::query_scalar(&sql)
+                let rows = sqlx::query(&sql)
                     .bind(tenant.to_string())
-                    .bind(0i64)
+                    .bind(after_position)
                     .bind(window.from)
                     .bind(window.to)
                     .bind(cutoff)
                     .bind(i64::from(limit))
                     .fetch_all(pool)
                     .await?;
-                ids.iter()
-                    .map(|id| {
-                        Uuid::parse_str(id)
-                            .map_err(|e| StoreError::Corrupt(format!("event_id {id:?}: {e}")))
-                    })
-                    .collect()
+                rows.iter().map(super::sqlite::decode).collect()
+            }
+        }
+    }
+
+    /// Rows here that belong to another tenant than `tenant` and collide with `events` (of
+    /// `tenant`, from another store): the same event id, or the same stream. Described as
+    /// `event <id>` or `stream <type>/<id>`, at most `limit`, for a migration's preflight.
+    pub async fn foreign_collisions(
+        &self,
+        tenant: Uuid,
+        events: &[StoredEvent],
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let mut streams: Vec<(Uuid, &str)> = events
+            .iter()
+            .map(|e| (e.aggregate_id, e.aggregate_type.as_str()))
+            .collect();
+        streams.sort_unstable();
+        streams.dedup();
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let (aggregate_ids, aggregate_types): (Vec<Uuid>, Vec<&str>) =
+                    streams.into_iter().unzip();
+                Ok(sqlx::query_scalar(
+                    "(SELECT 'event ' || e.event_id::text FROM events e
+                       WHERE e.event_id = ANY ($1) AND e.tenant_id IS DISTINCT FROM $4 LIMIT $5)
+                     UNION ALL
+                     (SELECT DISTINCT 'stream ' || e.aggregate_type || '/' || e.aggregate_id::text
+                        FROM unnest($2::uuid[], $3::text[]) AS s(aggregate_id, aggregate_type)
+                        JOIN events e USING (aggregate_id, aggregate_type)
+                       WHERE e.tenant_id IS DISTINCT FROM $4 LIMIT $5)",
+                )
+                .bind(&ids)
+                .bind(&aggregate_ids)
+                .bind(&aggregate_types)
+                .bind(tenant)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?)
+            }
+            Backend::Sqlite(pool) => {
+                let ids =
+                    serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let streams = serde_json::to_string(&streams)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(sqlx::query_scalar(
+                    "SELECT * FROM (SELECT 'event ' || e.event_id FROM events e
+                       WHERE e.event_id IN (SELECT value FROM json_each(?1))
+                         AND e.tenant_id IS NOT ?3 LIMIT ?4)
+                     UNION ALL
+                     SELECT * FROM (SELECT DISTINCT 'stream ' || e.aggregate_type || '/' || e.aggregate_id
+                        FROM json_each(?2) s
+                        JOIN events e ON e.aggregate_id = json_extract(s.value, '$[0]')
+                                     AND e.aggregate_type = json_extract(s.value, '$[1]')
+                       WHERE e.tenant_id IS NOT ?3 LIMIT ?4)",
+                )
+                .bind(ids)
+                .bind(streams)
+                .bind(tenant.to_string())
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?)
             }
         }
     }
@@ -287,29 +435,6 @@ impl EventStore {
         }
     }
 
-    /// How many of `ids` are here.
-    pub async fn count_present(&self, ids: &[Uuid]) -> Result<i64, StoreError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        match &self.backend {
-            Backend::Postgres(pool) => Ok(sqlx::query_scalar(
-                "SELECT count(*) FROM events WHERE event_id = ANY ($1)",
-            )
-            .bind(ids)
-            .fetch_one(pool)
-            .await?),
-            Backend::Sqlite(pool) => {
-                let json =
-                    serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id IN (SELECT value FROM json_each(?1))")
-                    .bind(json)
-                    .fetch_one(pool)
-                    .await?)
-            }
-        }
-    }
-
     /// How many events the tenant has here.
     pub async fn count_tenant(&self, tenant: Uuid) -> Result<i64, StoreError> {
         match &self.backend {
@@ -345,12 +470,10 @@ impl EventStore {
     }
 
     /// Copies `events` (from another store) in, under the target-order rule, keeping ids,
-    /// streams, versions, types, payloads, actors and timestamps. Idempotent by `event_id`.
-    /// Answers each input's position here, or `None` where it cannot land yet.
-    pub async fn insert_copied(
-        &self,
-        events: &[StoredEvent],
-    ) -> Result<Vec<Option<i64>>, StoreError> {
+    /// streams, versions, types, payloads, actors and timestamps. Idempotent by identity:
+    /// answers, per input, whether it was inserted now, was already there (the same event),
+    /// cannot land yet, or can never land (see the module docs).
+    pub async fn copy_in(&self, events: &[StoredEvent]) -> Result<Vec<Landing>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -360,23 +483,54 @@ impl EventStore {
         // inserted) until `deadlock_timeout` (1 s) ended it. One order for everyone has no
         // cycle. The mirror batches in arrival order, which is not position order.
         if events.is_sorted_by_key(|e| e.global_position) {
-            return self.insert_copied_in_order(events).await;
+            return self.copy_in_order(events).await;
         }
         let mut order: Vec<usize> = (0..events.len()).collect();
         order.sort_by_key(|&i| events[i].global_position);
         let sorted: Vec<StoredEvent> = order.iter().map(|&i| events[i].clone()).collect();
-        let landed = self.insert_copied_in_order(&sorted).await?;
-        let mut answers = vec![None; events.len()];
-        for (&i, position) in order.iter().zip(landed) {
-            answers[i] = position;
+        let landed = self.copy_in_order(&sorted).await?;
+        let mut answers = vec![Landing::Waiting; events.len()];
+        for (&i, landing) in order.iter().zip(landed) {
+            answers[i] = landing;
         }
         Ok(answers)
     }
 
-    async fn insert_copied_in_order(
+    /// [`Self::copy_in`], answering only where each input is here (inserted or present).
+    pub async fn insert_copied(
         &self,
         events: &[StoredEvent],
     ) -> Result<Vec<Option<i64>>, StoreError> {
+        Ok(self
+            .copy_in(events)
+            .await?
+            .into_iter()
+            .map(Landing::position)
+            .collect())
+    }
+
+    /// What copying `events` here would come to, without writing: [`Landing::Present`] where
+    /// the same event is here, [`Landing::Diverged`] where the target contradicts it,
+    /// [`Landing::Waiting`] otherwise.
+    pub async fn landing_status(&self, events: &[StoredEvent]) -> Result<Vec<Landing>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.backend {
+            Backend::Postgres(pool) => classify_pg(pool, events).await,
+            Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut heads = HashMap::new();
+                let mut out = Vec::with_capacity(events.len());
+                for e in events {
+                    out.push(classify_sqlite(&mut conn, &mut heads, e).await?.0);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    async fn copy_in_order(&self, events: &[StoredEvent]) -> Result<Vec<Landing>, StoreError> {
         match &self.backend {
             Backend::Postgres(pool) => insert_copied_pg(pool, events).await,
             Backend::Sqlite(pool) => insert_copied_sqlite(pool, events).await,
@@ -440,99 +594,190 @@ impl EventStore {
     }
 }
 
+/// The columns of `events` as the arrays [`PG_INSERT_COPIED`] and [`PG_CLASSIFY`] bind.
+struct PgBatch<'a> {
+    ids: Vec<Uuid>,
+    aggregate_ids: Vec<Uuid>,
+    aggregate_types: Vec<&'a str>,
+    event_types: Vec<&'a str>,
+    tenants: Vec<Option<Uuid>>,
+    actors: Vec<Option<&'a str>>,
+    versions: Vec<i32>,
+    timestamps: Vec<chrono::DateTime<Utc>>,
+    payloads: Vec<&'a str>,
+    created: Vec<chrono::DateTime<Utc>>,
+}
+
+impl<'a> PgBatch<'a> {
+    fn of(events: &'a [StoredEvent]) -> Self {
+        Self {
+            ids: events.iter().map(|e| e.event_id).collect(),
+            aggregate_ids: events.iter().map(|e| e.aggregate_id).collect(),
+            aggregate_types: events.iter().map(|e| e.aggregate_type.as_str()).collect(),
+            event_types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            tenants: events.iter().map(|e| e.tenant_id).collect(),
+            actors: events.iter().map(|e| e.actor_id.as_deref()).collect(),
+            versions: events.iter().map(|e| e.version).collect(),
+            timestamps: events.iter().map(|e| e.timestamp).collect(),
+            payloads: events.iter().map(|e| e.payload.get()).collect(),
+            created: events.iter().map(|e| e.created_at).collect(),
+        }
+    }
+}
+
 async fn insert_copied_pg(
     pool: &PgPool,
     events: &[StoredEvent],
-) -> Result<Vec<Option<i64>>, StoreError> {
-    let n = events.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut aggregate_ids = Vec::with_capacity(n);
-    let mut aggregate_types = Vec::with_capacity(n);
-    let mut event_types = Vec::with_capacity(n);
-    let mut tenants = Vec::with_capacity(n);
-    let mut actors = Vec::with_capacity(n);
-    let mut versions = Vec::with_capacity(n);
-    let mut timestamps = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
-    let mut created = Vec::with_capacity(n);
-    for e in events {
-        ids.push(e.event_id);
-        aggregate_ids.push(e.aggregate_id);
-        aggregate_types.push(e.aggregate_type.as_str());
-        event_types.push(e.event_type.as_str());
-        tenants.push(e.tenant_id);
-        actors.push(e.actor_id.as_deref());
-        versions.push(e.version);
-        timestamps.push(e.timestamp);
-        payloads.push(e.payload.get());
-        created.push(e.created_at);
-    }
+) -> Result<Vec<Landing>, StoreError> {
+    let b = PgBatch::of(events);
     let inserted: Vec<(Uuid, i64)> = sqlx::query_as(PG_INSERT_COPIED)
-        .bind(&ids)
-        .bind(&aggregate_ids)
-        .bind(&aggregate_types)
-        .bind(&event_types)
-        .bind(&tenants)
-        .bind(&actors)
-        .bind(&versions)
-        .bind(&timestamps)
-        .bind(&payloads)
-        .bind(&created)
+        .bind(&b.ids)
+        .bind(&b.aggregate_ids)
+        .bind(&b.aggregate_types)
+        .bind(&b.event_types)
+        .bind(&b.tenants)
+        .bind(&b.actors)
+        .bind(&b.versions)
+        .bind(&b.timestamps)
+        .bind(&b.payloads)
+        .bind(&b.created)
         .fetch_all(pool)
         .await?;
-    let complete = inserted.len() == n;
-    let mut by_id: HashMap<Uuid, i64> = inserted.into_iter().collect();
-    if !complete {
-        // Already there (a retry, the mirror) or not landed (its predecessor is missing).
-        let missing: Vec<Uuid> = ids
+    let complete = inserted.len() == events.len();
+    let inserted: HashMap<Uuid, i64> = inserted.into_iter().collect();
+    if complete {
+        return Ok(b
+            .ids
             .iter()
-            .filter(|id| !by_id.contains_key(*id))
-            .copied()
-            .collect();
-        let present: Vec<(Uuid, i64)> =
-            sqlx::query_as("SELECT event_id, global_position FROM events WHERE event_id = ANY($1)")
-                .bind(&missing)
-                .fetch_all(pool)
-                .await?;
-        by_id.extend(present);
+            .map(|id| {
+                inserted
+                    .get(id)
+                    .map_or(Landing::Waiting, |p| Landing::Inserted(*p))
+            })
+            .collect());
     }
-    Ok(ids.iter().map(|id| by_id.get(id).copied()).collect())
+    // Already there (a retry, the mirror), diverged, or not landed (its predecessor is
+    // missing): decided by identity, never by the event id alone.
+    let rest: Vec<StoredEvent> = events
+        .iter()
+        .filter(|e| !inserted.contains_key(&e.event_id))
+        .cloned()
+        .collect();
+    let classified: HashMap<Uuid, Landing> = rest
+        .iter()
+        .map(|e| e.event_id)
+        .zip(classify_pg(pool, &rest).await?)
+        .collect();
+    Ok(b.ids
+        .iter()
+        .map(|id| match inserted.get(id) {
+            Some(p) => Landing::Inserted(*p),
+            None => classified.get(id).copied().unwrap_or(Landing::Waiting),
+        })
+        .collect())
+}
+
+async fn classify_pg(pool: &PgPool, events: &[StoredEvent]) -> Result<Vec<Landing>, StoreError> {
+    let b = PgBatch::of(events);
+    let rows: Vec<(Uuid, Option<i64>, bool, bool, bool)> = sqlx::query_as(PG_CLASSIFY)
+        .bind(&b.ids)
+        .bind(&b.aggregate_ids)
+        .bind(&b.aggregate_types)
+        .bind(&b.event_types)
+        .bind(&b.tenants)
+        .bind(&b.actors)
+        .bind(&b.versions)
+        .bind(&b.timestamps)
+        .bind(&b.payloads)
+        .fetch_all(pool)
+        .await?;
+    let by_id: HashMap<Uuid, Landing> = rows
+        .into_iter()
+        .map(|(id, position, same, foreign_stream, version_taken)| {
+            let landing = match (position, same) {
+                (Some(p), true) => Landing::Present(p),
+                (Some(_), false) => Landing::Diverged(Divergence::EventIdTaken),
+                (None, _) if foreign_stream => Landing::Diverged(Divergence::ForeignStream),
+                (None, _) if version_taken => Landing::Diverged(Divergence::VersionTaken),
+                (None, _) => Landing::Waiting,
+            };
+            (id, landing)
+        })
+        .collect();
+    Ok(b.ids
+        .iter()
+        .map(|id| by_id.get(id).copied().unwrap_or(Landing::Waiting))
+        .collect())
+}
+
+/// A stream's head here and whether it holds another tenant's events.
+type SqliteHeads = HashMap<(Uuid, String), (i32, bool)>;
+
+/// What copying `e` into a SQLite target comes to, without writing; [`Landing::Waiting`]
+/// comes with whether `e` is the next version of its stream (it can be inserted now).
+async fn classify_sqlite(
+    conn: &mut sqlx::SqliteConnection,
+    heads: &mut SqliteHeads,
+    e: &StoredEvent,
+) -> Result<(Landing, bool), StoreError> {
+    let sql = format!("SELECT {SQLITE_COLUMNS} FROM events WHERE event_id = ?1");
+    let existing = sqlx::query(&sql)
+        .bind(e.event_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = existing {
+        let old = super::sqlite::decode(&row)?;
+        let same = old.tenant_id == e.tenant_id
+            && old.aggregate_id == e.aggregate_id
+            && old.aggregate_type == e.aggregate_type
+            && old.version == e.version
+            && old.event_type == e.event_type
+            && old.actor_id == e.actor_id
+            && old.timestamp.trunc_subsecs(6) == e.timestamp.trunc_subsecs(6)
+            && super::json_equal(old.payload.get(), e.payload.get());
+        return Ok(if same {
+            (Landing::Present(old.global_position), false)
+        } else {
+            (Landing::Diverged(Divergence::EventIdTaken), false)
+        });
+    }
+    let key = (e.aggregate_id, e.aggregate_type.clone());
+    let (head, foreign) = match heads.get(&key) {
+        Some(head) => *head,
+        None => {
+            let head: (i32, bool) = sqlx::query_as(
+                "SELECT coalesce(max(version), 0), coalesce(max(tenant_id IS NOT ?3), 0)
+                   FROM events WHERE aggregate_id = ?1 AND aggregate_type = ?2",
+            )
+            .bind(e.aggregate_id.to_string())
+            .bind(&e.aggregate_type)
+            .bind(e.tenant_id.map(|t| t.to_string()))
+            .fetch_one(&mut *conn)
+            .await?;
+            heads.insert(key, head);
+            head
+        }
+    };
+    Ok(if foreign {
+        (Landing::Diverged(Divergence::ForeignStream), false)
+    } else if e.version <= head {
+        (Landing::Diverged(Divergence::VersionTaken), false)
+    } else {
+        (Landing::Waiting, e.version == head + 1)
+    })
 }
 
 async fn insert_copied_sqlite(
     pool: &SqlitePool,
     events: &[StoredEvent],
-) -> Result<Vec<Option<i64>>, StoreError> {
+) -> Result<Vec<Landing>, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let mut heads: HashMap<(Uuid, &str), i32> = HashMap::new();
+    let mut heads = SqliteHeads::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let existing: Option<i64> =
-            sqlx::query_scalar("SELECT global_position FROM events WHERE event_id = ?1")
-                .bind(e.event_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-        if existing.is_some() {
-            out.push(existing);
-            continue;
-        }
-        let key = (e.aggregate_id, e.aggregate_type.as_str());
-        let head = match heads.get(&key) {
-            Some(head) => *head,
-            None => {
-                let head: i32 = sqlx::query_scalar(
-                    "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = ?1 AND aggregate_type = ?2",
-                )
-                .bind(e.aggregate_id.to_string())
-                .bind(&e.aggregate_type)
-                .fetch_one(&mut *tx)
-                .await?;
-                heads.insert(key, head);
-                head
-            }
-        };
-        if e.version != head + 1 {
-            out.push(None);
+        let (landing, next) = classify_sqlite(&mut tx, &mut heads, e).await?;
+        if !next {
+            out.push(landing);
             continue;
         }
         let position: Option<i64> = sqlx::query_scalar(
@@ -553,10 +798,16 @@ async fn insert_copied_sqlite(
         .bind(format_timestamp(&e.created_at))
         .fetch_optional(&mut *tx)
         .await?;
-        if position.is_some() {
-            heads.insert(key, e.version);
-        }
-        out.push(position);
+        out.push(match position {
+            Some(p) => {
+                heads.insert(
+                    (e.aggregate_id, e.aggregate_type.clone()),
+                    (e.version, false),
+                );
+                Landing::Inserted(p)
+            }
+            None => Landing::Waiting,
+        });
     }
     tx.commit().await?;
     Ok(out)

@@ -8,7 +8,7 @@ mod postgres;
 mod sqlite;
 mod verify;
 
-pub use copy::PassWindow;
+pub use copy::{Divergence, Landing, PassWindow};
 pub use fence::FenceLock;
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
 

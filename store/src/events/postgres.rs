@@ -137,6 +137,7 @@ fn classify(e: sqlx::Error, expected: Option<i32>) -> Attempt {
     match code.as_str() {
         "SWF01" => Attempt::Failed(AppendError::Fenced { moved_to: detail }),
         "SWI01" => Attempt::Failed(AppendError::EventIdReused),
+        "SWI02" => Attempt::Failed(AppendError::RetryReordered),
         "SWS01" => Attempt::Failed(AppendError::StreamOfOtherTenant),
         "SWV01" => Attempt::Failed(AppendError::VersionConflict {
             expected,

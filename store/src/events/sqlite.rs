@@ -89,7 +89,24 @@ pub(super) async fn append(
         if !all_match {
             return Err(Attempt::Failed(AppendError::EventIdReused));
         }
-        let rows = existing
+        // Keyed by event id: request event i must sit at the first version plus i, or the
+        // retry is another append (see SWI02 in store-postgresql.sql).
+        let by_id: std::collections::HashMap<Uuid, &StoredEvent> =
+            existing.iter().map(|e| (e.event_id, e)).collect();
+        let in_request_order: Vec<&StoredEvent> = events
+            .iter()
+            .filter_map(|new| by_id.get(&new.event_id).copied())
+            .collect();
+        let first = in_request_order.first().map_or(0, |e| e.version);
+        let in_order = in_request_order.len() == events.len()
+            && in_request_order
+                .iter()
+                .zip(0..)
+                .all(|(e, i)| e.version == first + i);
+        if !in_order {
+            return Err(Attempt::Failed(AppendError::RetryReordered));
+        }
+        let rows = in_request_order
             .iter()
             .map(|e| AppendedRow {
                 version: e.version,
