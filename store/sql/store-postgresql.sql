@@ -28,7 +28,7 @@ CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_txid
     ON events (tenant_id, txid);
 
 -- Every inserted row carries its own transaction's id, whatever the writer set: a restore or an
--- `INSERT … SELECT` copying every column (txid NULL, or an old value below a migration's
+-- `INSERT ... SELECT` copying every column (txid NULL, or an old value below a migration's
 -- horizon) would otherwise fall outside every tail window and never be copied (issue 14 item
 -- 13). The WHEN clause keeps the default path (txid already current) free of a PL/pgSQL call.
 -- The value is the column's default, so eventsource-py sees what it always did.

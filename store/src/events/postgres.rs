@@ -210,3 +210,20 @@ pub(crate) fn decode(row: &PgRow) -> Result<StoredEvent, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("payload is not JSON: {e}")))?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// A store may be a database in any server encoding eventsource-py accepts (LATIN1, say):
+    /// the schema we send it must convert to every one of them, so it is ASCII only.
+    #[test]
+    fn the_store_schema_is_ascii_so_any_database_encoding_takes_it() {
+        for (name, ddl) in [
+            ("eventsource-py", super::EVENTSOURCE_DDL),
+            ("switchyard", super::SWITCHYARD_DDL),
+        ] {
+            if let Some((line, text)) = ddl.lines().enumerate().find(|(_, l)| !l.is_ascii()) {
+                panic!("{name} DDL line {}: non-ASCII text: {text}", line + 1);
+            }
+        }
+    }
+}
