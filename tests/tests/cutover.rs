@@ -928,3 +928,95 @@ async fn auto_cutover_finishes_the_migration_by_itself() -> Result<()> {
     })
     .await
 }
+
+/// Issue 14 item 9: `--cutover auto` whose cutover keeps failing (a session holds the fence
+/// past the budget, every time) backs off between attempts — each wait at least the configured
+/// backoff, doubled — and gives up after its attempt cap with the reason in `status`, instead
+/// of pausing the tenant's writers every second forever; the tenant keeps dual-writing, and
+/// once the cause is gone a manual cutover finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_auto_cutover_backs_off_and_gives_up_saying_why() -> Result<()> {
+    use anyhow::Context as _;
+    for_each_backend(|backend| async move {
+        let extra = "[control]\ncutover_timeout_ms = 300\nauto_cutover_attempts = 3\n\
+                     auto_cutover_backoff_ms = 700\n";
+        let env = Env::new(backend, &["shared", "dedicated"], extra).await?;
+        env.control_json(&["init"])?;
+        let tenant = Uuid::new_v4();
+        seed_tenant(&env, tenant, 300).await?;
+        let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        // A slow copy (3 s), so the fence can be taken after the copy created it and before
+        // the first automatic cutover.
+        let started = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--batch-size",
+            "50",
+            "--max-rate",
+            "100",
+            "--cutover",
+            "auto",
+            "--detach",
+        ])?;
+        let id = started["id"].as_str().unwrap_or_default().to_owned();
+        wait_for(Duration::from_secs(30), || async {
+            Ok(env.control_json(&["status", &id])?["state"] == "bulk_copy")
+        })
+        .await?;
+        let holder = FenceHolder::take(&env, tenant).await?;
+        assert_eq!(env.control_json(&["status", &id])?["state"], "bulk_copy");
+
+        wait_for_every(
+            Duration::from_secs(90),
+            Duration::from_millis(250),
+            || async {
+                let s = env.control_json(&["status", &id])?;
+                Ok(s["error_message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("gave up")))
+            },
+        )
+        .await
+        .context("auto cutover gives up and says so in status")?;
+        let status = env.control_json(&["status", &id])?;
+        assert_eq!(status["state"], "dual_write", "{status}");
+        let message = status["error_message"].as_str().unwrap_or_default();
+        assert!(message.contains("3 cutover attempts"), "{message}");
+        assert!(message.contains(&format!("cutover {id}")), "{message}");
+
+        let rollbacks = |audit: &Value| -> Vec<chrono::DateTime<chrono::Utc>> {
+            audit
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|e| e["action"] == "cutover_rollback")
+                        .filter_map(|e| e["at"].as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let at = rollbacks(&env.control_json(&["audit", &id])?);
+        assert_eq!(at.len(), 3, "{at:?}");
+        for (i, pair) in at.windows(2).enumerate() {
+            let waited = (pair[1] - pair[0]).to_std()?;
+            let backoff = Duration::from_millis(700 << i);
+            assert!(
+                waited >= backoff,
+                "attempt {}: {waited:?} < {backoff:?}",
+                i + 2
+            );
+        }
+
+        holder.release().await?;
+        let cut = env.control_json(&["cutover", &id])?;
+        assert_eq!(cut["success"], true, "{cut}");
+        assert_eq!(env.control_json(&["status", &id])?["state"], "migrated");
+        assert_eq!(rollbacks(&env.control_json(&["audit", &id])?).len(), 3);
+        Ok(())
+    })
+    .await
+}
