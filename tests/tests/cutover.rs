@@ -1023,3 +1023,72 @@ async fn a_failing_auto_cutover_backs_off_and_gives_up_saying_why() -> Result<()
     })
     .await
 }
+
+/// Issue 14 item 9: under steady writes every tail pass copies something; the lag is measured
+/// on a timer all the same, so `--cutover auto` fires (on 0645b7a it waited for a pass that
+/// copied nothing, and with a writer that never pauses it never cut over). The writer bypasses
+/// the proxies (a direct SQL session), so the tail, not the mirror, carries its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_cutover_fires_under_steady_writes() -> Result<()> {
+    use anyhow::Context as _;
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 200).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let url = env.store_url("shared").to_owned();
+    let writer = tokio::spawn(async move {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        let mut written = 0u64;
+        // Until stopped, or refused by the moved fence.
+        while !*stop_rx.borrow() {
+            let inserted = sqlx::query(
+                "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                     actor_id, version, timestamp, payload)
+                 VALUES (gen_random_uuid(), gen_random_uuid(), 'Direct', 'Written', $1, 'direct',
+                     1, now(), '{}')",
+            )
+            .bind(tenant)
+            .execute(&mut c)
+            .await;
+            if inserted.is_err() {
+                break;
+            }
+            written += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok::<_, anyhow::Error>(written)
+    });
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--cutover",
+        "auto",
+        "--detach",
+    ])?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let migrated = wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let written = writer.await??;
+    migrated.with_context(|| format!("status {:?}", env.control_json(&["status", &id])))?;
+    assert!(written > 0);
+    let (source, target) = (
+        tenant_events(env.store_url("shared"), tenant).await?,
+        tenant_events(env.store_url("dedicated"), tenant).await?,
+    );
+    assert_eq!(
+        source, target,
+        "every committed direct write is in the target"
+    );
+    Ok(())
+}
