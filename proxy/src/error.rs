@@ -135,7 +135,13 @@ impl ApiError {
     #[must_use]
     pub fn of_append(self, generated_ids: bool) -> Self {
         match self {
-            Self::StoreUnavailable { .. } | Self::Timeout(_) if generated_ids => {
+            // `source: None` is a store this proxy lacks: nothing was sent.
+            Self::StoreUnavailable {
+                source: Some(_), ..
+            }
+            | Self::Timeout(_)
+                if generated_ids =>
+            {
                 Self::Unconfirmed(Box::new(self))
             }
             other => other,

@@ -41,8 +41,11 @@ pub const SETTLE: Duration = Duration::from_millis(250);
 /// Most events past the tail horizon a lag measurement checks (beyond that, the lag is at
 /// least this).
 const LAG_SCAN_LIMIT: u32 = 200_000;
-/// How often the tail recomputes the lag (two counts) while it has nothing to copy.
+/// How often the tail recomputes the lag while it has nothing to copy.
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// How often it does while passes keep finding rows (a lag check reads every id past the tail
+/// horizon, up to [`LAG_SCAN_LIMIT`]: not every second while a backlog is being copied).
+const LAG_EVERY_BUSY: Duration = Duration::from_secs(5);
 
 /// How a migration proceeds from dual-write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -421,7 +424,12 @@ impl Engine {
                     // On a timer, not only when a pass found nothing: under steady writes
                     // every pass copies something, and the lag must still be known (for
                     // `--cutover auto`, `status`, the metric).
-                    if last_lag_at.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                    let every = if copied == 0 {
+                        LAG_EVERY
+                    } else {
+                        LAG_EVERY_BUSY
+                    };
+                    if last_lag_at.is_none_or(|at| at.elapsed() >= every) {
                         let lag = self.lag(&record).await?;
                         last_lag_at = Some(std::time::Instant::now());
                         self.metrics.observe_lag(&record, lag);
