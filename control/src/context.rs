@@ -35,6 +35,10 @@ impl Context {
                 db.ensure_schema()
                     .await
                     .map_err(CliError::store("control database"))?;
+                // The embedded default has no `init`: the first program to start records it.
+                db.record_default_store(&self.config.default_store)
+                    .await
+                    .map_err(CliError::store("control database"))?;
             }
             self.control = Some(db);
         }
@@ -69,7 +73,28 @@ impl Context {
             .prepare_embedded()
             .await
             .map_err(|e| CliError::Failed(e.to_string()))?;
+        engine.check_default_store().await?;
         Ok(engine)
+    }
+
+    /// The default store recorded in the control database (the config's while none is); refused
+    /// when this config names another (see [`crate::engine::default_store_mismatch`]).
+    pub async fn default_store(&mut self) -> Result<String, CliError> {
+        let configured = self.config.default_store.clone();
+        let recorded = self
+            .control()
+            .await?
+            .default_store()
+            .await
+            .map_err(CliError::store("control database"))?
+            .unwrap_or_else(|| configured.clone());
+        if recorded != configured {
+            return Err(CliError::Refused(crate::engine::default_store_mismatch(
+                &configured,
+                &recorded,
+            )));
+        }
+        Ok(recorded)
     }
 
     /// Every configured store id, in config order.

@@ -592,6 +592,7 @@ async fn migrate(
                 max_rate: None,
                 reset_target: false,
                 cutover: CutoverMode::Manual,
+                drive: true,
             },
             &note,
         )

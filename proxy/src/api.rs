@@ -143,6 +143,9 @@ pub struct Limits {
 pub struct AppendCommand {
     pub expected_version: Option<i32>,
     pub events: Vec<NewEvent>,
+    /// Whether some event came without an `event_id` (one was generated here): then a failure
+    /// that may have committed must not be called retryable.
+    pub generated_ids: bool,
 }
 
 /// Decodes and validates an append body: 400 for what is not the right JSON, 422 for events
@@ -185,6 +188,7 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
     }
     let mut seen = HashSet::with_capacity(parsed.events.len());
     let mut events = Vec::with_capacity(parsed.events.len());
+    let mut generated_ids = false;
     for (i, event) in parsed.events.into_iter().enumerate() {
         let field = |name: &str, value: &str, required: bool| -> Result<(), ApiError> {
             if (required && value.is_empty()) || value.len() > limits.max_field_bytes {
@@ -235,6 +239,7 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
                     })
             })
             .transpose()?;
+        generated_ids |= event.event_id.is_none();
         let event_id = event.event_id.unwrap_or_else(Uuid::now_v7);
         if !seen.insert(event_id) {
             return Err(ApiError::invalid(
@@ -253,6 +258,7 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
     Ok(AppendCommand {
         expected_version,
         events,
+        generated_ids,
     })
 }
 
@@ -347,6 +353,12 @@ struct ReadReply<'a> {
     next: Option<i64>,
 }
 
+/// Set by an append whose event ids were (partly) generated here, for the server's request
+/// timeout, which answers after this handler is gone: a timed-out append of that kind may have
+/// committed and is not safe to retry as is (see [`ApiError::of_append`]).
+#[derive(Debug, Clone, Default)]
+pub struct UnconfirmedOnTimeout(pub Arc<std::sync::atomic::AtomicBool>);
+
 /// Handles one data-plane request; every failure is already a reply.
 pub async fn handle(
     state: Arc<AppState>,
@@ -380,6 +392,8 @@ async fn route(
             },
             Method::POST,
         ) => {
+            let unconfirmed_on_timeout =
+                request.extensions().get::<UnconfirmedOnTimeout>().cloned();
             let body = read_body(state, request).await?;
             let command = decode_append(
                 &body,
@@ -396,7 +410,13 @@ async fn route(
             // A guard, not inc/dec around the call: a request cancelled mid-append (client
             // gone, deadline passed) drops this future and must still leave the gauge.
             let _in_flight = InFlight::enter(&state.metrics.appends_in_flight);
-            append(state, stream, command).await
+            let generated_ids = command.generated_ids;
+            if let (true, Some(marker)) = (generated_ids, unconfirmed_on_timeout) {
+                marker.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+            append(state, stream, command)
+                .await
+                .map_err(|e| e.of_append(generated_ids))
         }
         (
             Endpoint::Stream {

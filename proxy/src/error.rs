@@ -62,6 +62,17 @@ pub enum ApiError {
     Unauthorized,
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An append that failed after it may have reached the store (the store went away
+    /// mid-call, or the request timed out), and that had events without a client `event_id`:
+    /// it may have committed under ids the client never saw, so a blind retry could store its
+    /// events twice. Same status and code as the failure; `retryable: false`,
+    /// `may_have_committed: true`.
+    #[error(
+        "{0}; the append may have committed, and events without an event_id got ids the client \
+         never saw, so retrying it as is could store them twice: read the stream to check, or \
+         give every event an event_id (a retry with the same ids answers what was stored)"
+    )]
+    Unconfirmed(Box<ApiError>),
 }
 
 /// The coarse class of an error, for metrics and for clients deciding whether to retry.
@@ -120,12 +131,34 @@ impl ApiError {
             | Self::RateLimited { .. }
             | Self::Timeout(_) => Kind::Unavailable,
             Self::Internal(_) => Kind::Internal,
+            Self::Unconfirmed(inner) => inner.kind(),
         }
     }
 
-    /// Whether the same request may succeed later.
+    /// Whether sending the same request again is safe and may succeed: never for an append
+    /// that may have committed under generated ids ([`ApiError::Unconfirmed`]).
     pub fn is_retryable(&self) -> bool {
-        self.kind() == Kind::Unavailable
+        !matches!(self, Self::Unconfirmed(_)) && self.kind() == Kind::Unavailable
+    }
+
+    /// This failure of an append, told truthfully: when the append may have reached the store
+    /// (a store error or a timeout) and some of its event ids were generated here, it becomes
+    /// [`ApiError::Unconfirmed`]. Failures that wrote nothing (refusals, a closed gate, a
+    /// moved fence) stay as they are.
+    #[must_use]
+    pub fn of_append(self, generated_ids: bool) -> Self {
+        match self {
+            // `source: None` is a store this proxy lacks: nothing was sent.
+            Self::StoreUnavailable {
+                source: Some(_), ..
+            }
+            | Self::Timeout(_)
+                if generated_ids =>
+            {
+                Self::Unconfirmed(Box::new(self))
+            }
+            other => other,
+        }
     }
 
     fn status(&self) -> StatusCode {
@@ -147,6 +180,7 @@ impl ApiError {
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unconfirmed(inner) => inner.status(),
         }
     }
 
@@ -170,12 +204,17 @@ impl ApiError {
             Self::BodyTimeout(_) => "body_timeout",
             Self::Unauthorized => "unauthorized",
             Self::Internal(_) => "internal",
+            Self::Unconfirmed(inner) => inner.code(),
         }
     }
 
     /// The reply. Internal and store errors are logged here, once, with their cause.
     pub fn into_response(self) -> Response<Body> {
-        match &self {
+        let logged = match &self {
+            Self::Unconfirmed(inner) => inner,
+            other => other,
+        };
+        match logged {
             Self::Internal(cause) => tracing::error!(error = %cause, "internal error"),
             Self::StoreUnavailable {
                 store_id,
@@ -187,6 +226,9 @@ impl ApiError {
         body.insert("error".into(), json!(self.code()));
         body.insert("message".into(), json!(self.to_string()));
         body.insert("retryable".into(), json!(self.is_retryable()));
+        if matches!(self, Self::Unconfirmed(_)) {
+            body.insert("may_have_committed".into(), json!(true));
+        }
         let mut retry_after = None;
         let mut allow = None;
         match &self {
@@ -286,4 +328,67 @@ pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Respo
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn reply(error: ApiError) -> (StatusCode, Value, bool) {
+        let response = error.into_response();
+        let status = response.status();
+        let retry_after = response.headers().contains_key(header::RETRY_AFTER);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a full body")
+            .to_bytes();
+        (
+            status,
+            serde_json::from_slice(&body).expect("JSON"),
+            retry_after,
+        )
+    }
+
+    fn unavailable() -> ApiError {
+        ApiError::StoreUnavailable {
+            store_id: "shared".to_owned(),
+            source: Some(StoreError::unavailable("connection reset")),
+        }
+    }
+
+    /// Item 14 of issue 14: an append with generated event ids that failed after it may have
+    /// reached the store is not called retryable; one the client gave every id to is.
+    #[tokio::test]
+    async fn an_append_that_may_have_committed_under_generated_ids_is_not_retryable() {
+        let (status, body, retry_after) = reply(unavailable().of_append(true)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"], "store_unavailable");
+        assert_eq!(body["retryable"], false);
+        assert_eq!(body["may_have_committed"], true);
+        assert!(!retry_after, "no Retry-After invites a blind retry");
+
+        let (status, body, retry_after) = reply(unavailable().of_append(false)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["retryable"], true);
+        assert!(body.get("may_have_committed").is_none());
+        assert!(retry_after);
+
+        let (status, body, _) = reply(ApiError::Timeout(300).of_append(true)).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["error"], "timeout");
+        assert_eq!(body["retryable"], false);
+
+        // Failures that wrote nothing stay retryable whatever the ids.
+        for nothing_written in [
+            ApiError::WritesPaused { retry_after_s: 1 },
+            ApiError::Overloaded,
+            ApiError::RoutingNotLoaded,
+        ] {
+            let (_, body, _) = reply(nothing_written.of_append(true)).await;
+            assert_eq!(body["retryable"], true, "{body}");
+        }
+    }
 }

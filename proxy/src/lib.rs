@@ -49,6 +49,8 @@ pub struct AppState {
     pub mirror: Mirror,
     /// Serialises reloads (see `watcher::reload`).
     pub(crate) reload_lock: Mutex<()>,
+    /// Lets concurrent reloads join the one in progress (see `watcher::reload`).
+    pub(crate) reload_flight: watcher::ReloadFlight,
     /// Wakes the watcher to reload now (a notification arrived).
     pub(crate) reload_now: Notify,
     /// This proxy's id in the control database's `proxies` table.
@@ -100,6 +102,9 @@ pub enum BuildError {
     TooManyStores(usize),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    /// The config's `default_store` is not the one the control database records.
+    #[error("{0}")]
+    DefaultStore(String),
 }
 
 /// A built proxy, ready to run.
@@ -151,6 +156,7 @@ impl App {
             routes: Routes::new(RoutingTable::empty(default_store)),
             metrics,
             reload_lock: Mutex::new(()),
+            reload_flight: watcher::ReloadFlight::default(),
             reload_now: Notify::new(),
             proxy_id: if config.proxy.proxy_id.is_empty() {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -180,6 +186,12 @@ impl App {
                 .ensure_schema()
                 .await
                 .map_err(BuildError::Control)?;
+            // The embedded default has no `init`: the first program to start records it.
+            self.state
+                .control
+                .record_default_store(&self.state.config.default_store)
+                .await
+                .map_err(BuildError::Control)?;
         }
         for store in self.state.stores.iter().filter(|s| s.is_embedded()) {
             store
@@ -191,6 +203,27 @@ impl App {
                 })?;
         }
         Ok(())
+    }
+
+    /// Refuses to start when the control database records another default store than this
+    /// config's. A control database that does not answer within `limit` is not waited for (the
+    /// proxy starts while it is down); the routing watcher then follows the recorded default.
+    pub async fn check_default_store(&self, limit: Duration) -> Result<(), BuildError> {
+        let configured = &self.state.config.default_store;
+        match tokio::time::timeout(limit, self.state.control.default_store()).await {
+            Ok(Ok(Some(recorded))) if &recorded != configured => Err(BuildError::DefaultStore(
+                switchyard_store::config::default_store_mismatch(configured, &recorded),
+            )),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the recorded default store yet");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!("the control database did not answer; the default store is checked when routing loads");
+                Ok(())
+            }
+        }
     }
 
     pub fn state(&self) -> &Arc<AppState> {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use switchyard_proxy::telemetry::{self, LogFormat};
@@ -56,6 +57,10 @@ async fn main() -> ExitCode {
         }
     };
     if let Err(e) = app.prepare_embedded().await {
+        eprintln!("switchyard-proxy: {e}");
+        return ExitCode::from(1);
+    }
+    if let Err(e) = app.check_default_store(Duration::from_secs(5)).await {
         eprintln!("switchyard-proxy: {e}");
         return ExitCode::from(1);
     }

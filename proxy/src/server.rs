@@ -98,8 +98,11 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let operation = Endpoint::operation(request.method(), request.uri().path());
+        // The append handler marks whether it generated event ids; read after a timeout.
+        let unconfirmed = crate::api::UnconfirmedOnTimeout::default();
+        request.extensions_mut().insert(unconfirmed.clone());
         let request_id = request
             .headers()
             .get("x-request-id")
@@ -131,7 +134,11 @@ where
                     Ok(handled) => match handled {
                         Ok(response) => response,
                         Err(e) if e.is::<tower::timeout::error::Elapsed>() => {
-                            ApiError::Timeout(timeout_ms).into_response()
+                            let generated_ids =
+                                unconfirmed.0.load(std::sync::atomic::Ordering::Acquire);
+                            ApiError::Timeout(timeout_ms)
+                                .of_append(generated_ids)
+                                .into_response()
                         }
                         Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
                             ApiError::Overloaded.into_response()

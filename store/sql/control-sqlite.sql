@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
     version    INTEGER NOT NULL,
     updated_at TEXT NOT NULL DEFAULT (datetime('now'))
 );
-INSERT INTO switchyard_schema (component, version) VALUES ('control', 1)
+INSERT INTO switchyard_schema (component, version) VALUES ('control', 2)
 ON CONFLICT (component) DO UPDATE SET version = excluded.version, updated_at = datetime('now');
 
 -- Migrations; see control-postgresql.sql for what each column holds. UUIDs and timestamps are
@@ -90,4 +90,15 @@ CREATE TABLE IF NOT EXISTS proxies (
     routing_epoch INTEGER NOT NULL,
     last_seen     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     details       TEXT
+);
+
+-- Settings every process must agree on (issue 14 item 12), by name. `default_store`: the store
+-- of every tenant without a `tenant_routing` row. `init` records the config's value when none
+-- is recorded; `routing set-default` changes it (refused while a tenant without a row has a
+-- migration that is not over, and bumping the routing epoch so proxies reload); a process whose
+-- config names another default refuses to start.
+CREATE TABLE IF NOT EXISTS switchyard_settings (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );

@@ -137,6 +137,25 @@ pub struct ControlConfig {
     pub batch_size: u32,
     /// Copy rate limit in events per second; 0 = unlimited. Default 0.
     pub max_rate: u64,
+    /// Most cutovers `--cutover auto` tries (counting those that rolled back); then it stops
+    /// and says why in `status`, and the operator cuts over by hand. Default 5.
+    pub auto_cutover_attempts: u32,
+    /// Wait after the first rolled-back automatic cutover before the next; doubles after each
+    /// (at most 5 minutes). Default 2000.
+    pub auto_cutover_backoff_ms: u64,
+}
+
+/// Why a process refuses a config whose `default_store` is not the one the control database
+/// records (issue 14 item 12): two processes with different defaults split the history of
+/// every tenant without a routing row between two stores.
+pub fn default_store_mismatch(configured: &str, recorded: &str) -> String {
+    format!(
+        "this config's default_store is {configured:?}, but the control database records \
+         {recorded:?} as the store of every tenant without a routing row; a process using another \
+         default would read and write those tenants in the wrong store. Set default_store = \
+         {recorded:?} in the config, or change the recorded default with \
+         `switchyard-control routing set-default STORE`"
+    )
 }
 
 fn default_control_url() -> String {
@@ -197,6 +216,8 @@ impl Default for ControlConfig {
             cutover_max_lag_events: 0,
             batch_size: 5000,
             max_rate: 0,
+            auto_cutover_attempts: 5,
+            auto_cutover_backoff_ms: 2000,
         }
     }
 }

@@ -121,6 +121,12 @@ impl StoreError {
         )))
     }
 
+    /// An unavailability known only by its description (passed on from another caller's
+    /// attempt, say).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable(sqlx::Error::Protocol(message.into()))
+    }
+
     /// Whether a retry (of the same request, later) can help.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))

@@ -41,6 +41,8 @@ fn new_migration(tenant_id: Uuid) -> NewMigration {
         source_store_id: "shared".to_owned(),
         target_store_id: "dedicated".to_owned(),
         config: json!({ "batch_size": 1000, "cutover": "manual" }),
+        route_epoch: None,
+        claim: None,
     }
 }
 
@@ -662,6 +664,103 @@ async fn proxies_report_their_epoch() -> Result<()> {
             .map(|p| p.proxy_id)
             .collect();
         assert_eq!(left, vec!["p-1".to_owned()]);
+        Ok(())
+    })
+    .await
+}
+
+/// Issue 14 item 11: a migration is created only if the tenant's route is still the one its
+/// source was chosen from, and `routing set` only while the tenant has no migration that is not
+/// over; each checked in its own transaction after the routing epoch's lock, so of the two
+/// racing, exactly one wins, every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_migration_and_routing_by_hand_never_both_win() -> Result<()> {
+    on_every_backend(|db| async move {
+        // Deterministic: a route changed after it was read refuses the creation.
+        let tenant = Uuid::new_v4();
+        let epoch = db
+            .set_route_by_hand(&switchyard_store::RouteUpdate::normal(tenant, "shared"))
+            .await?;
+        let stale = NewMigration {
+            route_epoch: Some(0),
+            ..new_migration(tenant)
+        };
+        match db.create_migration(&stale, &operator()).await {
+            Err(e @ MigrationError::RouteChanged { .. }) => {
+                assert_eq!(e.kind(), MigrationErrorKind::Conflict);
+            }
+            other => bail!("a stale route epoch: {other:?}"),
+        }
+        assert!(db.active_migration(tenant).await?.is_none());
+        let fresh = NewMigration {
+            route_epoch: Some(epoch),
+            ..new_migration(tenant)
+        };
+        let m = db.create_migration(&fresh, &operator()).await?;
+        match db
+            .set_route_by_hand(&switchyard_store::RouteUpdate::normal(tenant, "dedicated"))
+            .await
+        {
+            Err(MigrationError::AlreadyActive { existing_id, .. }) => assert_eq!(existing_id, m.id),
+            other => bail!("routing set beside a pending migration: {other:?}"),
+        }
+
+        // Racing: exactly one of the two wins.
+        for round in 0..20 {
+            let tenant = Uuid::new_v4();
+            let create = NewMigration {
+                route_epoch: Some(0),
+                ..new_migration(tenant)
+            };
+            let note = operator();
+            let route = switchyard_store::RouteUpdate::normal(tenant, "dedicated");
+            let (created, routed) = tokio::join!(
+                db.create_migration(&create, &note),
+                db.set_route_by_hand(&route)
+            );
+            ensure!(
+                created.is_ok() != routed.is_ok(),
+                "round {round}: created {created:?}, routed {routed:?}"
+            );
+            let row = db.route(tenant).await?;
+            let active = db.active_migration(tenant).await?;
+            ensure!(
+                row.is_some() != active.is_some(),
+                "round {round}: route {row:?} and migration {active:?}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Issue 14 item 8: a worker whose lease ran out writes no more progress, even before another
+/// worker claims the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_writes_stop_when_the_lease_runs_out() -> Result<()> {
+    on_every_backend(|db| async move {
+        let m = create(&db, Uuid::new_v4()).await?;
+        let progress = Progress {
+            events_copied: Some(1),
+            ..Progress::default()
+        };
+        assert!(db.claim(m.id, "w1", Duration::from_millis(300)).await?);
+        db.update_progress(m.id, Some("w1"), &progress).await?;
+        wait_for(Duration::from_secs(10), || {
+            let (db, progress) = (db.clone(), progress.clone());
+            async move {
+                Ok(matches!(
+                    db.update_progress(m.id, Some("w1"), &progress).await,
+                    Err(MigrationError::ClaimLost { .. })
+                ))
+            }
+        })
+        .await
+        .context("the expired lease refuses w1's checkpoint")?;
+        assert_eq!(db.migration(m.id).await?.claimed_by.as_deref(), Some("w1"));
+        // Renewing (a live driver's heartbeat) makes it the holder again.
+        assert!(db.claim(m.id, "w1", Duration::from_secs(60)).await?);
+        db.update_progress(m.id, Some("w1"), &progress).await?;
         Ok(())
     })
     .await

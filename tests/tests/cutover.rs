@@ -1012,6 +1012,101 @@ async fn a_forced_cutover_never_moves_the_fence_past_an_event_that_cannot_land()
     .await
 }
 
+/// Issue 14 item 9: `--cutover auto` whose cutover keeps failing (a session holds the fence
+/// past the budget, every time) backs off between attempts — each wait at least the configured
+/// backoff, doubled — and gives up after its attempt cap with the reason in `status`, instead
+/// of pausing the tenant's writers every second forever; the tenant keeps dual-writing, and
+/// once the cause is gone a manual cutover finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_auto_cutover_backs_off_and_gives_up_saying_why() -> Result<()> {
+    use anyhow::Context as _;
+    for_each_backend(|backend| async move {
+        let extra = "[control]\ncutover_timeout_ms = 300\nauto_cutover_attempts = 3\n\
+                     auto_cutover_backoff_ms = 700\n";
+        let env = Env::new(backend, &["shared", "dedicated"], extra).await?;
+        env.control_json(&["init"])?;
+        let tenant = Uuid::new_v4();
+        seed_tenant(&env, tenant, 300).await?;
+        let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        // A slow copy (3 s), so the fence can be taken after the copy created it and before
+        // the first automatic cutover.
+        let started = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--batch-size",
+            "50",
+            "--max-rate",
+            "100",
+            "--cutover",
+            "auto",
+            "--detach",
+        ])?;
+        let id = started["id"].as_str().unwrap_or_default().to_owned();
+        // In process, not through `status` (a process per look): the window is the copy's 3 s.
+        let source = switchyard_store::EventStore::connect("shared", env.store_url("shared"), 1)?;
+        wait_for(Duration::from_secs(30), || async {
+            Ok(source.fence(tenant).await?.is_some())
+        })
+        .await
+        .with_context(|| format!("the copy creates the fence\n{}", serve.log()))?;
+        source.close().await;
+        let holder = FenceHolder::take(&env, tenant).await?;
+
+        wait_for_every(
+            Duration::from_secs(90),
+            Duration::from_millis(250),
+            || async {
+                let s = env.control_json(&["status", &id])?;
+                Ok(s["error_message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("gave up")))
+            },
+        )
+        .await
+        .context("auto cutover gives up and says so in status")?;
+        let status = env.control_json(&["status", &id])?;
+        assert_eq!(status["state"], "dual_write", "{status}");
+        let message = status["error_message"].as_str().unwrap_or_default();
+        assert!(message.contains("3 cutover attempts"), "{message}");
+        assert!(message.contains(&format!("cutover {id}")), "{message}");
+
+        let rollbacks = |audit: &Value| -> Vec<chrono::DateTime<chrono::Utc>> {
+            audit
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|e| e["action"] == "cutover_rollback")
+                        .filter_map(|e| e["at"].as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let at = rollbacks(&env.control_json(&["audit", &id])?);
+        assert_eq!(at.len(), 3, "{at:?}");
+        for (i, pair) in at.windows(2).enumerate() {
+            let waited = (pair[1] - pair[0]).to_std()?;
+            let backoff = Duration::from_millis(700 << i);
+            assert!(
+                waited >= backoff,
+                "attempt {}: {waited:?} < {backoff:?}",
+                i + 2
+            );
+        }
+
+        holder.release().await?;
+        let cut = env.control_json(&["cutover", &id])?;
+        assert_eq!(cut["success"], true, "{cut}");
+        assert_eq!(env.control_json(&["status", &id])?["state"], "migrated");
+        assert_eq!(rollbacks(&env.control_json(&["audit", &id])?).len(), 3);
+        Ok(())
+    })
+    .await
+}
+
 /// The same under the fence: a delta event that can never land but that the lag check does
 /// not see (its `created_at`, set by the writer, is in the future, so it never counts as
 /// settled). `cutover --force` passes the lag gate, closes the gates, takes the fence, finds
@@ -1078,5 +1173,74 @@ async fn a_forced_cutover_rolls_back_when_a_delta_event_cannot_land_under_the_fe
         "the fence never moved: {said}"
     );
     assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    Ok(())
+}
+
+/// Issue 14 item 9: under steady writes every tail pass copies something; the lag is measured
+/// on a timer all the same, so `--cutover auto` fires (on 0645b7a it waited for a pass that
+/// copied nothing, and with a writer that never pauses it never cut over). The writer bypasses
+/// the proxies (a direct SQL session), so the tail, not the mirror, carries its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_cutover_fires_under_steady_writes() -> Result<()> {
+    use anyhow::Context as _;
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 200).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let url = env.store_url("shared").to_owned();
+    let writer = tokio::spawn(async move {
+        let mut c = sqlx::PgConnection::connect(&url).await?;
+        let mut written = 0u64;
+        // Until stopped, or refused by the moved fence.
+        while !*stop_rx.borrow() {
+            let inserted = sqlx::query(
+                "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                     actor_id, version, timestamp, payload)
+                 VALUES (gen_random_uuid(), gen_random_uuid(), 'Direct', 'Written', $1, 'direct',
+                     1, now(), '{}')",
+            )
+            .bind(tenant)
+            .execute(&mut c)
+            .await;
+            if inserted.is_err() {
+                break;
+            }
+            written += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok::<_, anyhow::Error>(written)
+    });
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let started = env.control_json(&[
+        "migrate",
+        "start",
+        "--tenant",
+        &tenant.to_string(),
+        "--to",
+        "dedicated",
+        "--cutover",
+        "auto",
+        "--detach",
+    ])?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let migrated = wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let written = writer.await??;
+    migrated.with_context(|| format!("status {:?}", env.control_json(&["status", &id])))?;
+    assert!(written > 0);
+    let (source, target) = (
+        tenant_events(env.store_url("shared"), tenant).await?,
+        tenant_events(env.store_url("dedicated"), tenant).await?,
+    );
+    assert_eq!(
+        source, target,
+        "every committed direct write is in the target"
+    );
     Ok(())
 }

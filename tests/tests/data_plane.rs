@@ -526,7 +526,37 @@ async fn slow_store_hits_the_request_deadline() -> Result<()> {
         reply.json
     );
     assert_eq!(reply.json["error"], "timeout");
-    assert_eq!(reply.json["retryable"], true);
+    assert_eq!(
+        reply.json["retryable"], true,
+        "every event had an event_id: a retry is safe"
+    );
+    // Without client event ids the append may commit after its timeout under ids the client
+    // never saw (issue 14 item 14): a blind retry would store it twice, so it is not retryable.
+    let anonymous =
+        json!({"expected_version": null, "events": [{"event_type": "E", "payload": {}}]});
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, Uuid::new_v4(), "A", Uuid::new_v4()),
+            &anonymous,
+        )
+        .await?;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{:?}",
+        reply.json
+    );
+    assert_eq!(reply.json["error"], "timeout");
+    assert_eq!(reply.json["retryable"], false, "{:?}", reply.json);
+    assert_eq!(reply.json["may_have_committed"], true, "{:?}", reply.json);
+    assert!(
+        reply.json["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("event_id"),
+        "{:?}",
+        reply.json
+    );
     sqlx::query("ROLLBACK").execute(&mut blocker).await?;
     Ok(())
 }

@@ -844,6 +844,8 @@ async fn measure_loop(
                 source_store_id: "shared".to_owned(),
                 target_store_id: "dedicated".to_owned(),
                 config: json!({ "batch_size": batch_size }),
+                route_epoch: None,
+                claim: None,
             },
             &AuditNote::new("copy-benchmark"),
         )

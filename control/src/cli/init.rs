@@ -16,6 +16,7 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct Report {
     control: &'static str,
+    default_store: String,
     stores: Vec<StoreReport>,
 }
 
@@ -27,11 +28,24 @@ struct StoreReport {
 }
 
 pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
-    ctx.control()
-        .await?
+    let control = ctx.control().await?.clone();
+    control
         .ensure_schema()
         .await
         .map_err(CliError::store("control database"))?;
+    // Every process must agree on where row-less tenants live: the first `init` records the
+    // config's default store, later ones check it.
+    let configured = ctx.config.default_store.clone();
+    let recorded = control
+        .record_default_store(&configured)
+        .await
+        .map_err(CliError::store("control database"))?;
+    if recorded != configured {
+        return Err(CliError::Refused(crate::engine::default_store_mismatch(
+            &configured,
+            &recorded,
+        )));
+    }
     let ids = if args.stores.is_empty() {
         ctx.store_ids()
     } else {
@@ -51,10 +65,14 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
         json,
         &Report {
             control: "ready",
+            default_store: configured,
             stores,
         },
         |r| {
-            let mut out = format!("control database: {}\n", r.control);
+            let mut out = format!(
+                "control database: {} (default store: {})\n",
+                r.control, r.default_store
+            );
             for s in &r.stores {
                 out.push_str(&format!("store {} ({}): {}\n", s.id, s.backend, s.status));
             }

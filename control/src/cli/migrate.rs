@@ -58,6 +58,7 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
         max_rate: args.max_rate,
         reset_target: args.reset_target,
         cutover: args.cutover,
+        drive: !args.detach,
     };
     let record = engine
         .start(&request, &operator_note(args.reason.as_deref()))

@@ -12,8 +12,15 @@ pub enum Command {
     /// A tenant's route (its row, or the default store), or every routing row.
     Get { tenant: Option<Uuid> },
     /// Route a tenant to a store by hand. This moves no data: use `migrate` to move a tenant
-    /// with its events. Refused while the tenant is migrating.
+    /// with its events. Refused while the tenant has a migration that is not over (pending
+    /// included), checked in the same transaction as the change.
     Set { tenant: Uuid, store: String },
+    /// Change the default store: where every tenant without a routing row lives, recorded in
+    /// the control database. This moves no data: tenants without a row that have events in
+    /// the old default lose sight of them (pin them first with `routing set TENANT OLD`).
+    /// Refused while such a tenant has a migration that is not over. Every process's config
+    /// must then name the new default (a process whose config disagrees refuses to start).
+    SetDefault { store: String },
 }
 
 /// A route as shown: the row, or the default a tenant without one gets.
@@ -62,7 +69,7 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
         Command::Get {
             tenant: Some(tenant),
         } => {
-            let default = ctx.config.default_store.clone();
+            let default = ctx.default_store().await?;
             let record = ctx
                 .control()
                 .await?
@@ -116,10 +123,11 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
                     )));
                 }
             }
+            // The check that decides: no migration of the tenant that is not over, in the
+            // transaction that writes the route.
             let epoch = control
-                .set_route(&RouteUpdate::normal(tenant, &store))
-                .await
-                .map_err(CliError::store("control database"))?;
+                .set_route_by_hand(&RouteUpdate::normal(tenant, &store))
+                .await?;
             let record = control
                 .route(tenant)
                 .await
@@ -128,6 +136,26 @@ pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), 
             emit(json, &shown, |_| {
                 format!("tenant {tenant} now routes to {store} (epoch {epoch})")
             });
+        }
+        Command::SetDefault { store } => {
+            ctx.store(&store)?;
+            let control = ctx.control().await?;
+            let before = control
+                .default_store()
+                .await
+                .map_err(CliError::store("control database"))?;
+            let epoch = control.change_default_store(&store).await?;
+            emit(
+                json,
+                &serde_json::json!({ "default_store": store, "previous": before, "epoch": epoch }),
+                |_| {
+                    format!(
+                        "the default store is {store} now (was {}; epoch {epoch}); set \
+                         default_store = \"{store}\" in every process's config",
+                        before.as_deref().unwrap_or("not recorded")
+                    )
+                },
+            );
         }
     }
     Ok(())

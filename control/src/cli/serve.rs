@@ -33,6 +33,7 @@ pub async fn run(ctx: &mut Context, args: &Args) -> Result<(), CliError> {
         .prepare_embedded()
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
+    engine.check_default_store().await?;
     // One machine-readable line on stdout, so supervisors and tests learn the bound port.
     println!("switchyard-control serve listening admin={bound} worker={worker}");
     tracing::info!(admin_addr = %bound, worker, "serving");

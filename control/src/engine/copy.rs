@@ -39,6 +39,37 @@ impl Engine {
     pub(super) async fn begin_copy(&self, record: &MigrationRecord) -> Result<(), EngineError> {
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
+        // A moved source fence means the tenant's writes already left that store: reopening
+        // it would let appends land where nothing reads them any more. Only a cutover of
+        // this tenant's migration moves it, and that needs this migration dual-writing, so
+        // nothing moves it between this check and the open below.
+        let fence = source
+            .fence(record.tenant_id)
+            .await
+            .map_err(EngineError::store(source.id()))?;
+        if let Some(("moved", moved_to)) = fence.as_ref().map(|(s, m)| (s.as_str(), m)) {
+            let why = format!(
+                "the fence of tenant {} in source store {} is moved (to {}): the tenant's writes \
+                 left that store, so it cannot be the source of a migration; check `routing get {}`",
+                record.tenant_id,
+                source.id(),
+                moved_to.as_deref().unwrap_or("?"),
+                record.tenant_id
+            );
+            // Failed, routing untouched (nothing was started).
+            let note = AuditNote::new(format!("worker:{}", self.worker)).with_reason(why.clone());
+            self.control
+                .transition(
+                    record.id,
+                    MigrationState::Pending,
+                    Action::Fail,
+                    &note,
+                    None,
+                )
+                .await?;
+            tracing::warn!(migration.id = %record.id, reason = %why, "migration failed before it started");
+            return Ok(());
+        }
         source
             .open_fence(record.tenant_id, record.revision)
             .await

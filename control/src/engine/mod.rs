@@ -30,6 +30,11 @@ pub use self::ops::{StartRequest, Stopped};
 
 /// How long a driver's claim lasts without renewal; another worker takes over after it.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(5);
+/// How often a driver renews its claim, whatever it is doing (a long batch, a throttled copy,
+/// a cutover): well inside the lease, so a slow control database call or two do not lose it.
+const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait between two automatic cutover attempts.
+const AUTO_CUTOVER_MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long the tail rests when a pass found nothing new.
 const TAIL_IDLE: Duration = Duration::from_millis(100);
 /// How long after its write an event counts as lag if it is not in the target yet.
@@ -39,8 +44,11 @@ pub const SETTLE: Duration = Duration::from_millis(250);
 const LAG_SCAN_LIMIT: u32 = 200_000;
 /// Events a lag measurement reads and looks up at a time.
 const LAG_PAGE: u32 = 5000;
-/// How often the tail recomputes the lag (two counts) while it has nothing to copy.
+/// How often the tail recomputes the lag while it has nothing to copy.
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// How often it does while passes keep finding rows (a lag check reads every id past the tail
+/// horizon, up to [`LAG_SCAN_LIMIT`]: not every second while a backlog is being copied).
+const LAG_EVERY_BUSY: Duration = Duration::from_secs(5);
 
 /// How a migration proceeds from dual-write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -106,6 +114,9 @@ impl EngineError {
                         | MigrationError::Illegal { .. }
                         | MigrationError::NotFound(_)
                         | MigrationError::SameStore(_)
+                        | MigrationError::RouteChanged { .. }
+                        | MigrationError::DefaultChanged { .. }
+                        | MigrationError::DefaultInUse { .. }
                 )
             )
     }
@@ -180,6 +191,11 @@ impl Engine {
         if self.control.is_embedded() {
             self.control
                 .ensure_schema()
+                .await
+                .map_err(EngineError::store("control"))?;
+            // The embedded default has no `init`: the first program to start records it.
+            self.control
+                .record_default_store(&self.default_store)
                 .await
                 .map_err(EngineError::store("control"))?;
         }
@@ -275,8 +291,77 @@ impl Engine {
         })
     }
 
+    /// Whether `--cutover auto` may try a cutover now. Every cutover that rolled back is an
+    /// attempt (counted from the audit log, so a new driver — another replica, a restart —
+    /// counts the same): after `auto_cutover_attempts` of them it stops trying and says so in
+    /// the migration's error (shown by `status`); between them it waits
+    /// `auto_cutover_backoff_ms`, doubled after each, so a cutover that keeps failing does not
+    /// pause the tenant's writers every second.
+    async fn auto_cutover_due(&self, record: &MigrationRecord) -> Result<bool, EngineError> {
+        let log = self.control.audit_log(record.id).await?;
+        let rollbacks: Vec<_> = log
+            .iter()
+            .filter(|e| e.action == switchyard_store::control::Action::CutoverRollback.as_str())
+            .collect();
+        let Some(last) = rollbacks.last() else {
+            return Ok(true);
+        };
+        let attempts = u32::try_from(rollbacks.len()).unwrap_or(u32::MAX);
+        if attempts >= self.settings.auto_cutover_attempts {
+            let why = last
+                .reason
+                .clone()
+                .or_else(|| last.details.as_ref().map(ToString::to_string))
+                .unwrap_or_else(|| "see the audit log".to_owned());
+            let message = format!(
+                "--cutover auto gave up after {attempts} cutover attempts rolled back (the last: {why}); \
+                 find the cause (`switchyard-control audit {id}`), then run `switchyard-control cutover {id}`",
+                id = record.id
+            );
+            if record.error_message.as_deref() != Some(message.as_str()) {
+                tracing::warn!(migration.id = %record.id, attempts, "automatic cutover gave up");
+                self.control.set_error(record.id, Some(&message)).await?;
+            }
+            return Ok(false);
+        }
+        let backoff = Duration::from_millis(self.settings.auto_cutover_backoff_ms)
+            .saturating_mul(1 << (attempts - 1).min(16))
+            .min(AUTO_CUTOVER_MAX_BACKOFF);
+        let since = (chrono::Utc::now() - last.at).to_std().unwrap_or_default();
+        Ok(since >= backoff)
+    }
+
+    /// The store of tenants without a routing row: the one recorded in the control database,
+    /// or this config's while none is recorded (a control database `init` has not upgraded).
+    pub async fn recorded_default_store(&self) -> Result<String, EngineError> {
+        Ok(self
+            .control
+            .default_store()
+            .await
+            .map_err(EngineError::store("control"))?
+            .unwrap_or_else(|| self.default_store.clone()))
+    }
+
+    /// Refuses to work with a config whose `default_store` is not the one recorded in the
+    /// control database: its row-less tenants would be read and migrated from the wrong store.
+    pub async fn check_default_store(&self) -> Result<(), EngineError> {
+        let recorded = self.recorded_default_store().await?;
+        if recorded == self.default_store {
+            return Ok(());
+        }
+        Err(EngineError::Refused(default_store_mismatch(
+            &self.default_store,
+            &recorded,
+        )))
+    }
+
     /// Drives migration `id` until it settles (paused or terminal), `stop` flips, or the claim
     /// is lost; `report` hears of every batch and tail pass.
+    ///
+    /// The claim is renewed every [`CLAIM_RENEW_EVERY`] beside the work, for as long as the
+    /// driver runs (a copy or a pass outlasts the lease); a renewal that finds the claim gone
+    /// stops the driver at its next batch boundary, and its progress writes are refused from
+    /// the moment the lease ran out.
     pub async fn drive(
         &self,
         id: Uuid,
@@ -286,15 +371,69 @@ impl Engine {
         if !self.control.claim(id, &self.worker, CLAIM_LEASE).await? {
             return Ok(Driven::ClaimLost);
         }
-        let result = self.drive_claimed(id, stop, report).await;
+        // The driver's stop: the caller's, or a lost claim.
+        let (halt_tx, halt_rx) = watch::channel(*stop.borrow());
+        let finished = tokio::sync::Notify::new();
+        let work = async {
+            let result = self.drive_claimed(id, &halt_rx, report).await;
+            finished.notify_one();
+            result
+        };
+        let (result, lost) = tokio::join!(work, self.keep_claim(id, stop, &halt_tx, &finished));
         // Hand the migration back at once rather than after the lease runs out.
-        let _ = self.control.release(id, &self.worker).await;
+        if !lost {
+            let _ = self.control.release(id, &self.worker).await;
+        }
         if let Ok(record) = self.control.migration(id).await {
             self.metrics.forget(&record);
         }
         match result {
             Err(EngineError::Migration(MigrationError::ClaimLost { .. })) => Ok(Driven::ClaimLost),
+            Ok(Driven::Stopped) if lost => Ok(Driven::ClaimLost),
             other => other,
+        }
+    }
+
+    /// Renews the claim on `id` until `finished`; passes `stop` on to `halt`, and flips
+    /// `halt` itself when a renewal finds the claim taken. Returns whether it was lost.
+    async fn keep_claim(
+        &self,
+        id: Uuid,
+        stop: &watch::Receiver<bool>,
+        halt: &watch::Sender<bool>,
+        finished: &tokio::sync::Notify,
+    ) -> bool {
+        let mut stop = stop.clone();
+        let mut stop_open = true;
+        let mut renew = tokio::time::interval(CLAIM_RENEW_EVERY);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                () = finished.notified() => return false,
+                changed = stop.changed(), if stop_open => match changed {
+                    Ok(()) => {
+                        if *stop.borrow() {
+                            let _ = halt.send(true);
+                        }
+                    }
+                    Err(_) => stop_open = false,
+                },
+                _ = renew.tick() => match self.control.claim(id, &self.worker, CLAIM_LEASE).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(migration.id = %id, worker = %self.worker,
+                            "the claim was taken by another worker; stopping at the next batch boundary");
+                        let _ = halt.send(true);
+                        // Still wait for the driver: it is finishing its batch.
+                        finished.notified().await;
+                        return true;
+                    }
+                    // The lease may still hold; the next tick tries again. Once it ran out,
+                    // progress writes are refused and the driver stops by itself.
+                    Err(e) => tracing::warn!(migration.id = %id, error = %e, "cannot renew the claim"),
+                },
+            }
         }
     }
 
@@ -327,8 +466,15 @@ impl Engine {
                 }
                 MigrationState::DualWrite => {
                     let copied = self.tail_pass(&record, stop, report).await?;
-                    let due = last_lag_at.is_none_or(|at| at.elapsed() >= LAG_EVERY);
-                    if copied == 0 && due {
+                    // On a timer, not only when a pass found nothing: under steady writes
+                    // every pass copies something, and the lag must still be known (for
+                    // `--cutover auto`, `status`, the metric).
+                    let every = if copied == 0 {
+                        LAG_EVERY
+                    } else {
+                        LAG_EVERY_BUSY
+                    };
+                    if last_lag_at.is_none_or(|at| at.elapsed() >= every) {
                         let lag = self.lag(&record).await?;
                         last_lag_at = Some(std::time::Instant::now());
                         self.metrics.observe_lag(&record, lag);
@@ -337,14 +483,11 @@ impl Engine {
                             rate: 0.0,
                             lag: Some(lag),
                         });
-                    }
-                    if copied == 0
-                        && due
-                        && MigrationOptions::of(&record, &self.settings).cutover
-                            == CutoverMode::Auto
-                    {
-                        let lag = self.lag(&record).await?;
-                        if lag == 0 {
+                        if lag == 0
+                            && MigrationOptions::of(&record, &self.settings).cutover
+                                == CutoverMode::Auto
+                            && self.auto_cutover_due(&record).await?
+                        {
                             let note =
                                 switchyard_store::AuditNote::new(format!("worker:{}", self.worker))
                                     .with_reason("--cutover auto: lag reached 0");
@@ -379,6 +522,8 @@ impl Engine {
         }
     }
 }
+
+pub use switchyard_store::config::default_store_mismatch;
 
 /// The OS user, for the audit log of operator actions: `$USER`, `$LOGNAME`, or the name of
 /// this process's uid in /etc/passwd.

@@ -42,6 +42,9 @@ pub struct StartRequest {
     pub max_rate: Option<u64>,
     pub reset_target: bool,
     pub cutover: CutoverMode,
+    /// The caller drives the migration itself right away (a foreground `migrate start`): it is
+    /// created claimed by this engine's worker, so no `serve` replica takes it first.
+    pub drive: bool,
 }
 
 impl Engine {
@@ -61,6 +64,8 @@ impl Engine {
             .route(request.tenant_id)
             .await
             .map_err(EngineError::store("control"))?;
+        // What the source was chosen from; the creation compares it again in its transaction.
+        let route_epoch = route.as_ref().map_or(0, |r| r.epoch);
         let source_id = match &route {
             Some(r) if r.migration_state != RoutingState::Normal => {
                 return Err(EngineError::Refused(format!(
@@ -71,7 +76,7 @@ impl Engine {
                 )))
             }
             Some(r) => r.store_id.clone(),
-            None => self.default_store.clone(),
+            None => self.recorded_default_store().await?,
         };
         self.store(&source_id)?;
         if source_id == request.target_store_id {
@@ -126,6 +131,10 @@ impl Engine {
                     source_store_id: source_id,
                     target_store_id: request.target_store_id.clone(),
                     config: serde_json::to_value(&options).unwrap_or_default(),
+                    route_epoch: Some(route_epoch),
+                    claim: request
+                        .drive
+                        .then(|| (self.worker.clone(), super::CLAIM_LEASE)),
                 },
                 note,
             )
@@ -316,7 +325,7 @@ impl Engine {
         let store = match (&source, &route) {
             (Some(s), _) => s.clone(),
             (None, Some(r)) => r.store_id.clone(),
-            (None, None) => self.default_store.clone(),
+            (None, None) => self.recorded_default_store().await?,
         };
         if route
             .as_ref()

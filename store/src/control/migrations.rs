@@ -71,6 +71,35 @@ pub enum MigrationError {
         tenant_id: Uuid,
         route_tenant: Uuid,
     },
+    #[error(
+        "tenant {tenant_id}'s route changed (epoch {expected} when read, {actual} now) while the \
+         migration was being created; nothing was created: check `routing get {tenant_id}` and \
+         start again if still wanted"
+    )]
+    RouteChanged {
+        tenant_id: Uuid,
+        expected: i64,
+        actual: i64,
+    },
+    #[error(
+        "tenant {tenant_id} has no routing row, so it lives in the default store, which is \
+         {default:?} now, not {source_store_id:?} as read; nothing was created: start again"
+    )]
+    DefaultChanged {
+        tenant_id: Uuid,
+        source_store_id: String,
+        default: String,
+    },
+    #[error(
+        "tenant {tenant_id} has no routing row (it lives in the default store) and its migration \
+         {migration_id} is {state}: changing the default store would move it mid-migration; \
+         let the migration start copying, finish or abort it first"
+    )]
+    DefaultInUse {
+        tenant_id: Uuid,
+        migration_id: Uuid,
+        state: MigrationState,
+    },
     #[error("tenant {0}: migrations were created and ended concurrently; retry")]
     Contended(Uuid),
     #[error(transparent)]
@@ -96,9 +125,12 @@ impl MigrationError {
             | Self::Illegal { .. }
             | Self::SameStore(_)
             | Self::RouteOfOtherTenant { .. } => MigrationErrorKind::Client,
-            Self::AlreadyActive { .. } | Self::StateChanged { .. } | Self::ClaimLost { .. } => {
-                MigrationErrorKind::Conflict
-            }
+            Self::AlreadyActive { .. }
+            | Self::StateChanged { .. }
+            | Self::ClaimLost { .. }
+            | Self::RouteChanged { .. }
+            | Self::DefaultChanged { .. }
+            | Self::DefaultInUse { .. } => MigrationErrorKind::Conflict,
             Self::Contended(_) => MigrationErrorKind::Unavailable,
             Self::Store(e) if e.is_retryable() => MigrationErrorKind::Unavailable,
             Self::Store(_) => MigrationErrorKind::Internal,
@@ -207,6 +239,13 @@ pub struct NewMigration {
     pub source_store_id: String,
     pub target_store_id: String,
     pub config: Value,
+    /// The epoch of the tenant's routing row when the caller chose the source (0: no row).
+    /// The creation is refused with [`MigrationError::RouteChanged`] if the route changed
+    /// since; `None` skips the check.
+    pub route_epoch: Option<i64>,
+    /// Created already claimed by this worker for this lease (a foreground `migrate start`
+    /// that drives it at once), so no `serve` replica takes it in between.
+    pub claim: Option<(String, Duration)>,
 }
 
 /// A state change that happened.
@@ -285,6 +324,13 @@ impl Pg {
         "NOW()"
     }
 
+    /// Reads the routing epoch and locks its row until the transaction ends, which every
+    /// routing change takes first: the checks that follow in the same transaction cannot be
+    /// overtaken by a routing change.
+    pub(super) fn lock_routing_epoch(self) -> &'static str {
+        "SELECT epoch FROM switchyard_routing_epoch FOR UPDATE"
+    }
+
     /// The time `seconds_param` (a float8 parameter) from now.
     pub(super) fn now_plus(self, seconds_param: &str) -> String {
         format!("(NOW() + make_interval(secs => {seconds_param}))")
@@ -308,11 +354,29 @@ impl Pg {
     ) -> Result<i64, StoreError> {
         write_route_pg(tx, update).await
     }
+
+    async fn notify_routing(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::routing::ROUTING_CHANNEL)
+            .bind(epoch.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
 }
 
 impl Lite {
     pub(super) fn now(self) -> &'static str {
         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    }
+
+    /// `BEGIN IMMEDIATE` already excludes every other writer.
+    pub(super) fn lock_routing_epoch(self) -> &'static str {
+        "SELECT epoch FROM switchyard_routing_epoch"
     }
 
     pub(super) fn now_plus(self, seconds_param: &str) -> String {
@@ -338,6 +402,16 @@ impl Lite {
         update: &RouteUpdate,
     ) -> Result<i64, StoreError> {
         write_route_sqlite(tx, update).await
+    }
+
+    /// SQLite has no NOTIFY: proxies poll the epoch.
+    #[allow(clippy::unused_async)]
+    async fn notify_routing(
+        self,
+        _tx: &mut Transaction<'_, Sqlite>,
+        _epoch: i64,
+    ) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -439,6 +513,9 @@ impl Columns for SqliteRow {
 /// unique index in the DDL.
 const TERMINAL: &str = "('migrated', 'failed', 'rolled_back')";
 
+/// The recorded default store.
+const SELECT_DEFAULT: &str = "SELECT value FROM switchyard_settings WHERE name = 'default_store'";
+
 const COLUMNS: &str = "id, tenant_id, source_store_id, target_store_id, state, paused_from, \
      events_total, events_copied, copy_horizon, copy_position, tail_horizon, tail_position, \
      error_message, config, revision, claimed_by, claimed_until, created_at, started_at, \
@@ -502,9 +579,12 @@ impl ControlDb {
                 let mut tx = d.begin(pool).await?;
                 let sql = format!(
                     "INSERT INTO tenant_migrations (id, tenant_id, source_store_id,
-                         target_store_id, state, config, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, 'pending', $5, {now}, {now})
+                         target_store_id, state, config, claimed_by, claimed_until,
+                         created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, 'pending', $5, $6,
+                         CASE WHEN $6 IS NULL THEN NULL ELSE {until} END, {now}, {now})
                      RETURNING {COLUMNS}",
+                    until = d.now_plus("$7"),
                     now = d.now()
                 );
                 let inserted = sqlx::query(&sql)
@@ -513,10 +593,52 @@ impl ControlDb {
                     .bind(&new.source_store_id)
                     .bind(&new.target_store_id)
                     .bind(&new.config)
+                    .bind(new.claim.as_ref().map(|(worker, _)| worker.as_str()))
+                    .bind(
+                        new.claim
+                            .as_ref()
+                            .map_or(0.0, |(_, lease)| lease.as_secs_f64()),
+                    )
                     .fetch_one(&mut *tx)
                     .await;
                 match inserted {
                     Ok(row) => {
+                        if let Some(expected) = new.route_epoch {
+                            // After the insert (which may wait for a racing end of the
+                            // tenant's last migration, whose transaction takes the epoch row
+                            // last): the epoch row, then the route as it is now. A routing
+                            // change either committed before (seen here) or waits for this
+                            // transaction and then sees the migration and refuses.
+                            sqlx::query(d.lock_routing_epoch())
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            let actual: Option<i64> = sqlx::query_scalar(
+                                "SELECT epoch FROM tenant_routing WHERE tenant_id = $1",
+                            )
+                            .bind(d.id(new.tenant_id))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                            if actual.unwrap_or(0) != expected {
+                                return Err(MigrationError::RouteChanged {
+                                    tenant_id: new.tenant_id,
+                                    expected,
+                                    actual: actual.unwrap_or(0),
+                                });
+                            }
+                            // No row: the tenant lives in the recorded default store.
+                            let default: Option<String> = sqlx::query_scalar(SELECT_DEFAULT)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                            if let (None, Some(default)) = (actual, default) {
+                                if default != new.source_store_id {
+                                    return Err(MigrationError::DefaultChanged {
+                                        tenant_id: new.tenant_id,
+                                        source_store_id: new.source_store_id.clone(),
+                                        default,
+                                    });
+                                }
+                            }
+                        }
                         let record = decode_migration(&row)?;
                         d.insert_audit(
                             &mut tx,
@@ -726,8 +848,127 @@ impl ControlDb {
         })
     }
 
-    /// Records progress. With `worker`, only while that worker holds the claim (else
-    /// [`MigrationError::ClaimLost`]), so a worker that lost its lease stops writing.
+    /// Routes a tenant by hand (`routing set`). Refused with [`MigrationError::AlreadyActive`]
+    /// while the tenant has a migration that is not over, checked in the transaction that
+    /// writes the route, after taking the routing epoch's lock: a migration created at the
+    /// same time is either seen here or sees this route's new epoch and refuses itself.
+    pub async fn set_route_by_hand(&self, update: &RouteUpdate) -> Result<i64, MigrationError> {
+        let active = format!(
+            "SELECT {COLUMNS} FROM tenant_migrations WHERE tenant_id = $1 AND state NOT IN {TERMINAL}"
+        );
+        on_backend!(self, |pool, d| {
+            let mut tx = d.begin(pool).await?;
+            sqlx::query(d.lock_routing_epoch())
+                .fetch_one(&mut *tx)
+                .await?;
+            let existing = sqlx::query(&active)
+                .bind(d.id(update.tenant_id))
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?;
+            if let Some(existing) = existing {
+                return Err(MigrationError::AlreadyActive {
+                    tenant_id: update.tenant_id,
+                    existing_id: existing.id,
+                    state: existing.state,
+                });
+            }
+            let epoch = d.write_route(&mut tx, update).await?;
+            tx.commit().await?;
+            Ok(epoch)
+        })
+    }
+
+    /// The default store recorded in the control database: where every tenant without a
+    /// routing row lives. `None` before `init` recorded one (or before the schema has the
+    /// settings table).
+    pub async fn default_store(&self) -> Result<Option<String>, StoreError> {
+        let found: Result<Option<String>, sqlx::Error> = on_backend!(self, |pool, _d| {
+            sqlx::query_scalar(SELECT_DEFAULT)
+                .fetch_optional(pool)
+                .await
+        });
+        match found {
+            Ok(found) => Ok(found),
+            // An older schema (the binaries upgraded before `init` ran): nothing recorded.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01")
+                    || e.message().contains("no such table") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records `store` as the default store unless one is recorded already; returns the one
+    /// recorded now (which differs from `store` when another was recorded first).
+    pub async fn record_default_store(&self, store: &str) -> Result<String, StoreError> {
+        let recorded: String = on_backend!(self, |pool, d| {
+            let sql = format!(
+                "INSERT INTO switchyard_settings (name, value, updated_at)
+                 VALUES ('default_store', $1, {now}) ON CONFLICT (name) DO NOTHING",
+                now = d.now()
+            );
+            sqlx::query(&sql).bind(store).execute(pool).await?;
+            sqlx::query_scalar(SELECT_DEFAULT).fetch_one(pool).await?
+        });
+        Ok(recorded)
+    }
+
+    /// Changes the recorded default store (`routing set-default`), which moves every tenant
+    /// without a routing row — and moves no data. Refused with
+    /// [`MigrationError::DefaultInUse`] while such a tenant has a migration that is not over
+    /// (checked after the routing epoch's lock, as [`Self::set_route_by_hand`] does); bumps the
+    /// routing epoch (NOTIFYed on PostgreSQL) so proxies reload. Returns that epoch.
+    pub async fn change_default_store(&self, store: &str) -> Result<i64, MigrationError> {
+        let rowless = format!(
+            "SELECT {COLUMNS} FROM tenant_migrations m WHERE state NOT IN {TERMINAL}
+               AND NOT EXISTS (SELECT 1 FROM tenant_routing r WHERE r.tenant_id = m.tenant_id)
+             ORDER BY created_at LIMIT 1"
+        );
+        on_backend!(self, |pool, d| {
+            let mut tx = d.begin(pool).await?;
+            sqlx::query(d.lock_routing_epoch())
+                .fetch_one(&mut *tx)
+                .await?;
+            let blocking = sqlx::query(&rowless)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(decode_migration)
+                .transpose()?;
+            if let Some(m) = blocking {
+                return Err(MigrationError::DefaultInUse {
+                    tenant_id: m.tenant_id,
+                    migration_id: m.id,
+                    state: m.state,
+                });
+            }
+            let sql = format!(
+                "INSERT INTO switchyard_settings (name, value, updated_at)
+                 VALUES ('default_store', $1, {now})
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value,
+                     updated_at = excluded.updated_at",
+                now = d.now()
+            );
+            sqlx::query(&sql).bind(store).execute(&mut *tx).await?;
+            let epoch: i64 = sqlx::query_scalar(
+                "UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            d.notify_routing(&mut tx, epoch).await?;
+            tx.commit().await?;
+            Ok(epoch)
+        })
+    }
+
+    /// Records progress. With `worker`, only while that worker holds the claim and its lease
+    /// has not run out (else [`MigrationError::ClaimLost`]), so a worker that lost its lease —
+    /// even one nobody has taken over from yet — stops writing.
     pub async fn update_progress(
         &self,
         id: Uuid,
@@ -744,7 +985,7 @@ impl ControlDb {
                      tail_horizon = COALESCE($6, tail_horizon),
                      tail_position = COALESCE($7, tail_position),
                      revision = revision + 1, updated_at = {now}
-                 WHERE id = $1 AND ($8 IS NULL OR claimed_by = $8)
+                 WHERE id = $1 AND ($8 IS NULL OR (claimed_by = $8 AND claimed_until >= {now}))
                  RETURNING {COLUMNS}",
                 now = d.now()
             );

@@ -23,7 +23,7 @@ use crate::url::{pg_pool, sqlite_pool, StoreUrl};
 const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
 const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
 /// The `switchyard_schema` version `control-sqlite.sql` records; raise both together.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA_LOCK: i64 = 0x5359_5244_0002;
 
 /// A connected control database. Cheap to clone.
