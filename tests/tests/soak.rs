@@ -742,7 +742,8 @@ impl Soak<'_> {
         };
         let tenant = self.tenants[t].to_string();
         let stop = rng.chance(60);
-        let offset = rng.millis(0, 80);
+        // Wide enough to land anywhere in the cutover: its lag checks, the gates, the fence.
+        let offset = rng.millis(0, 600);
         let cutover_first = rng.chance(70);
         let cut = ["cutover", id.as_str(), "--timeout-ms", "2000"];
         let other: Vec<&str> = if stop {
