@@ -6,6 +6,14 @@
 //! proxies and workers. Operations that are illegal in the current state must be refused with
 //! a clear error (exit 1 or 2 and a message), never a crash.
 //!
+//! Adversarial operations try to break "nothing lost" on purpose: a cutover raced by
+//! `emergency-stop` or `abort` at a random offset (then every proxy must acknowledge an append
+//! of the tenant again within the budget plus a margin), `routing set` raced against
+//! `migrate start`, an acknowledged append retried with its events in another order, and rows
+//! of a foreign tenant planted in other stores with a soak tenant's event ids or stream ids
+//! (a later migration there must refuse or stop on the divergence; the foreign rows must
+//! survive untouched). `cutover --force` meets those divergences too.
+//!
 //! At the end the faults stop, every remaining migration is cut over or aborted, and every
 //! invariant the end state can show is checked against the writers' own record of what was
 //! acknowledged (see [`check_invariants`] for the exact list and docs/reliability.md for how to
@@ -268,6 +276,15 @@ struct Soak<'a> {
     /// `(operation, outcome)` → count, for the summary.
     tally: BTreeMap<(String, &'static str), usize>,
     faults: Vec<tokio::task::JoinHandle<()>>,
+    /// Appends the adversarial operations had acknowledged (probes after a race, reordered
+    /// retries), per tenant: checked like the writers' own.
+    extra_acked: Vec<Vec<Acked>>,
+    /// A tenant outside the soak's, whose rows are planted in other stores to collide with
+    /// the soak tenants' stream and event ids.
+    hostile: Uuid,
+    /// The planted rows: `(store, event_id, aggregate_type, aggregate_id, version)`; every one
+    /// must still be there, unchanged, at the end.
+    collisions: Vec<(String, Uuid, String, Uuid, i32)>,
 }
 
 async fn soak(rng_seed: u64, duration: Duration, log: &OpLog) -> Result<String> {
@@ -317,6 +334,9 @@ async fn soak(rng_seed: u64, duration: Duration, log: &OpLog) -> Result<String> 
         succeeded: Vec::new(),
         tally: BTreeMap::new(),
         faults: Vec::new(),
+        extra_acked: vec![Vec::new(); TENANTS],
+        hostile: Uuid::new_v4(),
+        collisions: Vec::new(),
     };
     let outcome = run(&mut soak, &mut rng, duration).await;
     if outcome.is_err() && std::env::var_os("SWITCHYARD_SOAK_KEEP").is_some() {
@@ -413,11 +433,16 @@ async fn run(soak: &mut Soak<'_>, rng: &mut Rng, duration: Duration) -> Result<S
     if let Some(e) = stop_error {
         return Err(e);
     }
+    for (mine, extra) in acked.iter_mut().zip(&soak.extra_acked) {
+        mine.extend(extra.iter().cloned());
+    }
     let appends: usize = acked.iter().map(Vec::len).sum();
     log.push(format!("writers stopped: {appends} acknowledged appends"));
     let checked = soak.check_invariants(&initial, &acked).await?;
+    let collisions = soak.check_collisions().await?;
     soak.check_process_logs()?;
-    let mut summary = format!("acknowledged appends: {appends}\n{checked}\noperations:\n");
+    let mut summary =
+        format!("acknowledged appends: {appends}\n{checked}\n{collisions}\noperations:\n");
     for ((op, outcome), n) in &soak.tally {
         let _ = writeln!(summary, "  {op:<22} {outcome:<8} {n}");
     }
@@ -580,16 +605,32 @@ impl Soak<'_> {
                 with_migration[rng.below(with_migration.len())]
             };
             match pick {
-                0..=15 => self.op_start(rng, t).await?,
-                16..=22 => self.op_simple(m, "pause", &[]).await?,
-                23..=29 => self.op_simple(m, "resume", &[]).await?,
-                30..=38 => self.op_simple(m, "abort", &["--reason", "soak"]).await?,
-                39..=52 => self.op_cutover(rng, m).await?,
-                53..=59 => self.op_verify(m).await?,
-                60..=79 => self.op_fault(rng),
-                80..=84 => self.op_kill_proxy(rng).await?,
-                85..=89 => self.op_kill_serve(rng).await?,
-                _ => self.op_invalid(rng).await?,
+                0..=13 => self.op_start(rng, t).await?,
+                14..=19 => self.op_simple(m, "pause", &[]).await?,
+                20..=25 => self.op_simple(m, "resume", &[]).await?,
+                26..=32 => self.op_simple(m, "abort", &["--reason", "soak"]).await?,
+                33..=44 => self.op_cutover(rng, m).await?,
+                45..=50 => self.op_verify(m).await?,
+                51..=66 => self.op_fault(rng),
+                67..=70 => self.op_kill_proxy(rng).await?,
+                71..=74 => self.op_kill_serve(rng).await?,
+                75..=78 => self.op_invalid(rng).await?,
+                79..=84 => {
+                    let d = self.dual_writing(rng).await?.unwrap_or(m);
+                    self.op_race_cutover(rng, d).await?;
+                }
+                85..=88 => self.op_race_routing_start(rng, t).await?,
+                89..=95 => {
+                    // Mostly a dual-writing tenant: its mirror is what a reordered retry
+                    // could mislead.
+                    let d = if rng.chance(80) {
+                        self.dual_writing(rng).await?.unwrap_or(t)
+                    } else {
+                        t
+                    };
+                    self.op_reordered_retry(rng, d).await?;
+                }
+                _ => self.op_collision(rng, t).await?,
             }
             if n.is_multiple_of(10) {
                 self.check_one_active_per_tenant().await?;
@@ -689,6 +730,423 @@ impl Soak<'_> {
             self.succeeded.push((id, "cutover"));
         }
         Ok(())
+    }
+
+    /// A cutover of the tenant's latest migration with `emergency-stop` or `abort` of it
+    /// started beside it at a random offset (either may win). Whatever the outcome, the tenant
+    /// must be writable again through every proxy within the budget plus a margin, on the
+    /// store its routing names (the final check finds each probe there).
+    async fn op_race_cutover(&mut self, rng: &mut Rng, t: usize) -> Result<()> {
+        let Some(id) = self.latest(t) else {
+            return Ok(());
+        };
+        let tenant = self.tenants[t].to_string();
+        let stop = rng.chance(60);
+        // Wide enough to land anywhere in the cutover: its lag checks, the gates, the fence.
+        let offset = rng.millis(0, 600);
+        let cutover_first = rng.chance(70);
+        let cut = ["cutover", id.as_str(), "--timeout-ms", "2000"];
+        let other: Vec<&str> = if stop {
+            vec![
+                "emergency-stop",
+                "--tenant",
+                &tenant,
+                "--reason",
+                "soak race",
+            ]
+        } else {
+            vec!["abort", &id, "--reason", "soak race"]
+        };
+        let delayed = |first: bool| async move {
+            if !first {
+                tokio::time::sleep(offset).await;
+            }
+        };
+        let (c, o) = tokio::join!(
+            async {
+                delayed(cutover_first).await;
+                self.control(&cut).await
+            },
+            async {
+                delayed(!cutover_first).await;
+                self.control(&other).await
+            }
+        );
+        let (c, o) = (c?, o?);
+        let what = if stop { "emergency-stop" } else { "abort" };
+        self.record(
+            &format!("race: cutover vs {what}"),
+            &format!(
+                "tenant {t} {id} (cutover {})",
+                if cutover_first { "first" } else { "second" }
+            ),
+            &c,
+        );
+        self.record(
+            &format!("race: {what} vs cutover"),
+            &format!("tenant {t} {id} +{offset:?}"),
+            &o,
+        );
+        if c.code == 0 && c.json()["success"] == true {
+            self.succeeded.push((id.clone(), "cutover"));
+        }
+        if o.code == 0 && !stop {
+            self.succeeded.push((id.clone(), "abort"));
+        }
+        if stop && o.code == 0 {
+            let stopped = o.json();
+            let mine = stopped
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["tenant_id"] == tenant.as_str()))
+                .cloned()
+                .unwrap_or(Value::Null);
+            ensure!(
+                mine["error"].is_null(),
+                "emergency stop of tenant {t} beside a cutover reported an error: {mine}"
+            );
+        }
+        self.probe(t, "after a race").await
+    }
+
+    /// A random tenant whose latest migration is dual-writing, if any: races with a cutover
+    /// mean something only there.
+    async fn dual_writing(&self, rng: &mut Rng) -> Result<Option<usize>> {
+        let active = self.migrations(true).await?;
+        let ready: Vec<usize> = active
+            .iter()
+            .filter(|m| m["state"] == "dual_write")
+            .filter_map(|m| {
+                self.tenants
+                    .iter()
+                    .position(|t| m["tenant_id"] == t.to_string())
+            })
+            .collect();
+        Ok((!ready.is_empty()).then(|| ready[rng.below(ready.len())]))
+    }
+
+    /// One append of a fresh stream through every proxy: each must be acknowledged within the
+    /// cutover budget plus a margin for a loaded machine (faults may be running).
+    async fn probe(&mut self, t: usize, why: &str) -> Result<()> {
+        let tenant = self.tenants[t];
+        let limit = Duration::from_secs(15);
+        for p in 0..self.proxies.len() {
+            let base = self.proxies[p].data.clone();
+            let body = events_body(Some(0), 1, "Probed");
+            let ids = body_ids(&body);
+            let stream = Uuid::new_v4();
+            let url = stream_url(&base, tenant, "Probe", stream);
+            let until = Instant::now() + limit;
+            let mut last = String::new();
+            let acked = loop {
+                match self.http.post(&url, &body).await {
+                    Ok(r) if r.status == StatusCode::CREATED => break Some(r.json),
+                    Ok(r) if r.status.is_server_error() => {
+                        last = format!("{} {}", r.status, r.json)
+                    }
+                    Ok(r) => bail!(
+                        "tenant {t}: probe through proxy {p} {why} refused: {} {}",
+                        r.status,
+                        r.json
+                    ),
+                    Err(e) => last = format!("{e:#}"),
+                }
+                if Instant::now() > until {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let reply = acked.ok_or_else(|| {
+                anyhow!("tenant {t}: no append acknowledged through proxy {p} for {limit:?} {why}; last: {last}")
+            })?;
+            self.extra_acked[t].push(acked_from(stream, ids, &reply));
+        }
+        self.log.push(format!(
+            "  probe tenant {t} {why}: every proxy acknowledged"
+        ));
+        Ok(())
+    }
+
+    /// `routing set` (to the store the tenant is on, so no data is stranded whoever wins)
+    /// beside `migrate start`, for a tenant without an active migration: one of them must be
+    /// refused or both must leave a consistent route (the final check).
+    async fn op_race_routing_start(&mut self, rng: &mut Rng, t: usize) -> Result<()> {
+        let tenant = self.tenants[t].to_string();
+        let active = self.migrations(true).await?;
+        if active.iter().any(|m| m["tenant_id"] == tenant.as_str()) {
+            return Ok(());
+        }
+        let route = self.control_ok(&["routing", "get", &tenant]).await?;
+        let here = route["store_id"].as_str().unwrap_or(STORES[0]).to_owned();
+        let others: Vec<&str> = STORES.iter().copied().filter(|s| *s != here).collect();
+        let to = others[rng.below(others.len())];
+        let offset = rng.millis(0, 40);
+        let start = [
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant,
+            "--to",
+            to,
+            "--detach",
+            "--reset-target",
+            "--batch-size",
+            "100",
+        ];
+        let set = ["routing", "set", tenant.as_str(), here.as_str()];
+        let (a, b) = tokio::join!(self.control(&start), async {
+            tokio::time::sleep(offset).await;
+            self.control(&set).await
+        });
+        let (a, b) = (a?, b?);
+        self.record(
+            "race: migrate start vs routing set",
+            &format!("tenant {t} to {to}"),
+            &a,
+        );
+        self.record(
+            "race: routing set vs migrate start",
+            &format!("tenant {t} on {here} +{offset:?}"),
+            &b,
+        );
+        if a.code == 0 {
+            let id = a.json()["id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("migrate start printed no id: {}", a.stdout))?
+                .to_owned();
+            self.log.push(format!("  tenant {t} migration {id}"));
+            self.started[t].push(id);
+        }
+        Ok(())
+    }
+
+    /// An append with client ids, then the same events again in another order (a client that
+    /// rebuilt its batch before retrying): the retry must be refused (409) or answered with
+    /// what was stored; either way the events stay at the versions first acknowledged.
+    async fn op_reordered_retry(&mut self, rng: &mut Rng, t: usize) -> Result<()> {
+        let tenant = self.tenants[t];
+        let p = rng.below(self.proxies.len());
+        let q = rng.below(self.proxies.len());
+        let stream = Uuid::new_v4();
+        let n = 2 + rng.below(3);
+        let body = events_body(Some(0), n, "Retried");
+        let ids = body_ids(&body);
+        // Half the time, cut the connections to the tenant's migration target right after the
+        // reply, so the mirror of the first append likely fails and the retry's mirror is the
+        // first to reach the target.
+        let target = self
+            .migrations(true)
+            .await?
+            .into_iter()
+            .find(|m| m["tenant_id"] == tenant.to_string() && m["state"] == "dual_write")
+            .and_then(|m| m["target_store_id"].as_str().map(str::to_owned));
+        let cut = target
+            .and_then(|s| STORES.iter().position(|x| *x == s))
+            .filter(|_| rng.chance(50));
+        let Some(first) = self.post_until_answered(p, tenant, stream, &body).await? else {
+            self.log.push(format!(
+                "reordered retry tenant {t}: first append never answered (faults)"
+            ));
+            return Ok(());
+        };
+        ensure!(
+            first.status == StatusCode::CREATED,
+            "tenant {t}: a fresh append was refused: {} {}",
+            first.status,
+            first.json
+        );
+        if let Some(g) = cut {
+            self.gates[g].reset();
+        }
+        self.extra_acked[t].push(acked_from(stream, ids.clone(), &first.json));
+        let mut reordered = body.clone();
+        if let Some(events) = reordered["events"].as_array_mut() {
+            events.reverse();
+        }
+        let Some(retry) = self
+            .post_until_answered(q, tenant, stream, &reordered)
+            .await?
+        else {
+            self.log.push(format!(
+                "reordered retry tenant {t}: retry never answered (faults)"
+            ));
+            return Ok(());
+        };
+        let outcome = match retry.status {
+            StatusCode::CONFLICT => "refused",
+            StatusCode::CREATED => {
+                // Answered: it must describe what was stored (the first append's result),
+                // event by event where the reply says which event is where.
+                ensure!(
+                    retry.json["first_version"] == first.json["first_version"]
+                        && retry.json["last_version"] == first.json["last_version"],
+                    "tenant {t}: a reordered retry was answered {} but the append stored {}",
+                    retry.json,
+                    first.json
+                );
+                if let Some(events) = retry.json["events"].as_array() {
+                    let first_version = first.json["first_version"].as_i64().unwrap_or(-1);
+                    for e in events {
+                        let id = e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok());
+                        let at = id.and_then(|id| ids.iter().position(|x| *x == id));
+                        ensure!(
+                            at.is_some_and(
+                                |i| e["version"].as_i64() == Some(first_version + i as i64)
+                            ),
+                            "tenant {t}: a reordered retry reported {e} but the append stored {}",
+                            first.json
+                        );
+                    }
+                }
+                "ok"
+            }
+            status => bail!(
+                "tenant {t}: a reordered retry answered {status} {}",
+                retry.json
+            ),
+        };
+        *self
+            .tally
+            .entry(("reordered retry".to_owned(), outcome))
+            .or_default() += 1;
+        self.log.push(format!(
+            "reordered retry tenant {t} ({n} events, proxies {p} then {q}) -> {}",
+            retry.status
+        ));
+        Ok(())
+    }
+
+    /// Posts until a non-5xx answer (15 s at most; `None` then).
+    async fn post_until_answered(
+        &self,
+        p: usize,
+        tenant: Uuid,
+        stream: Uuid,
+        body: &Value,
+    ) -> Result<Option<switchyard_tests::Reply>> {
+        let url = stream_url(&self.proxies[p].data, tenant, "Retry", stream);
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.http.post(&url, body).await {
+                Ok(r) if !r.status.is_server_error() => return Ok(Some(r)),
+                _ if Instant::now() > until => return Ok(None),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Plants a row of another tenant in a store the tenant is not on: either with the event
+    /// id of one of the tenant's events, or on one of its streams. A later migration of the
+    /// tenant there must be refused or stop with the divergence named — never count the
+    /// foreign row as its own, splice onto it, or delete it.
+    async fn op_collision(&mut self, rng: &mut Rng, t: usize) -> Result<()> {
+        if self.collisions.len() >= 4 {
+            return Ok(());
+        }
+        let tenant = self.tenants[t];
+        let route = self
+            .control_ok(&["routing", "get", &tenant.to_string()])
+            .await?;
+        let here = route["store_id"].as_str().unwrap_or(STORES[0]).to_owned();
+        let others: Vec<&str> = STORES.iter().copied().filter(|s| *s != here).collect();
+        let there = others[rng.below(others.len())];
+        let theirs = tenant_events(self.env.store_url(&here), tenant).await?;
+        let seeded: Vec<&(Uuid, i32, Uuid, String)> =
+            theirs.iter().filter(|e| e.3.starts_with("Seed|")).collect();
+        let Some(pick) = seeded.get(rng.below(seeded.len().max(1))) else {
+            return Ok(());
+        };
+        let (kind, event_id, aggregate_type, aggregate_id) = if rng.chance(50) {
+            ("event id", pick.2, "Hostile".to_owned(), Uuid::new_v4())
+        } else {
+            ("stream", Uuid::new_v4(), "Seed".to_owned(), pick.0)
+        };
+        let planted = plant(
+            self.env.store_url(there),
+            self.hostile,
+            event_id,
+            &aggregate_type,
+            aggregate_id,
+        )
+        .await?;
+        *self
+            .tally
+            .entry((
+                format!("collision: {kind}"),
+                if planted { "ok" } else { "refused" },
+            ))
+            .or_default() += 1;
+        self.log.push(format!(
+            "collision: a foreign row with tenant {t}'s {kind} in {there} ({event_id} {aggregate_type}/{aggregate_id}) -> {}",
+            if planted { "planted" } else { "already taken there" }
+        ));
+        if !planted {
+            return Ok(());
+        }
+        self.collisions
+            .push((there.to_owned(), event_id, aggregate_type, aggregate_id, 1));
+        // Then move the tenant there (when it is not migrating): the start must refuse, naming
+        // the collision; a migration that starts anyway is left to the rest of the soak, and
+        // the final checks find what it lost.
+        let active = self.migrations(true).await?;
+        if active.iter().any(|m| m["tenant_id"] == tenant.to_string()) {
+            return Ok(());
+        }
+        let tenant = tenant.to_string();
+        let args = [
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant,
+            "--to",
+            there,
+            "--detach",
+            "--reset-target",
+            "--batch-size",
+            "100",
+        ];
+        let out = self.control(&args).await?;
+        self.record(
+            "collision: migrate start",
+            &format!("tenant {t} to {there}"),
+            &out,
+        );
+        if out.code == 0 {
+            let id = out.json()["id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("migrate start printed no id: {}", out.stdout))?
+                .to_owned();
+            self.log.push(format!("  tenant {t} migration {id}"));
+            self.started[t].push(id);
+        }
+        Ok(())
+    }
+
+    /// Every planted foreign row is still where it was planted, unchanged.
+    async fn check_collisions(&self) -> Result<String> {
+        use sqlx::Connection as _;
+        for (store, event_id, aggregate_type, aggregate_id, version) in &self.collisions {
+            let mut conn = sqlx::PgConnection::connect(self.env.store_url(store)).await?;
+            let row: Option<(Option<Uuid>, String, Uuid, i32)> = sqlx::query_as(
+                "SELECT tenant_id, aggregate_type, aggregate_id, version FROM events WHERE event_id = $1",
+            )
+            .bind(event_id)
+            .fetch_optional(&mut conn)
+            .await?;
+            conn.close().await?;
+            ensure!(
+                row == Some((
+                    Some(self.hostile),
+                    aggregate_type.clone(),
+                    *aggregate_id,
+                    *version
+                )),
+                "the foreign row {event_id} planted in {store} changed or vanished: {row:?}"
+            );
+        }
+        Ok(format!(
+            "foreign rows planted and found unchanged: {}",
+            self.collisions.len()
+        ))
     }
 
     /// Verifies the tenant's latest migration: whatever its state, a report must say
@@ -1263,4 +1721,53 @@ fn check_audit(audit: &Value, migration: &Value, succeeded: &[(String, &str)]) -
         );
     }
     Ok(())
+}
+
+/// The client event ids of an append body, in order.
+fn body_ids(body: &Value) -> Vec<Uuid> {
+    body["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An acknowledged append as the writers record it.
+fn acked_from(stream: Uuid, event_ids: Vec<Uuid>, reply: &Value) -> Acked {
+    Acked {
+        aggregate_id: stream,
+        event_ids,
+        first_version: reply["first_version"].as_i64().unwrap_or(-1),
+        store_id: reply["store_id"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Inserts one row of `tenant` straight into a store (as a restore or another application
+/// would); false when the id or the stream's version 1 is taken there.
+async fn plant(
+    url: &str,
+    tenant: Uuid,
+    event_id: Uuid,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+) -> Result<bool> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let inserted = sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, version, timestamp, payload)
+         VALUES ($1, $2, $3, 'Planted', $4, 1, now(), '{\"foreign\": true}')
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(aggregate_id)
+    .bind(aggregate_type)
+    .bind(tenant)
+    .execute(&mut conn)
+    .await?
+    .rows_affected();
+    conn.close().await?;
+    Ok(inserted == 1)
 }
