@@ -20,5 +20,6 @@ pub use control::{
 };
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
 pub use events::{
-    Digesting, EventStore, FenceLock, PassWindow, SchemaStatus, StreamDigest, StreamKey,
+    Digesting, EventStore, FenceLock, OlderWriter, PassWindow, SchemaStatus, StreamDigest,
+    StreamKey, FENCE_MARGIN,
 };

@@ -1246,3 +1246,185 @@ async fn a_source_restart_during_bulk_copy_resumes_from_the_checkpoint() -> Resu
     );
     Ok(())
 }
+
+/// `cutover` and `emergency-stop` started together, the stop a random offset after the gates
+/// closed, round after round, while writers append (issue 14, item 1); the cutover's link to
+/// the source is slowed (15 ms each way) so that the stop often lands while the cutover holds
+/// the fence.
+/// Whoever wins, after each round: routing is normal; a migration the stop failed left the
+/// tenant on its source, one that finished left it on its target; every acknowledged append is
+/// on the store routing names, and appends succeed there again within the cutover's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_stop_racing_a_cutover_leaves_the_tenant_writable_where_routing_points(
+) -> Result<()> {
+    const ROUNDS: usize = 10;
+    const BUDGET_MS: u64 = 3000;
+    let gate = TcpGate::start(PG).await?;
+    gate.set(GateMode::Latency(Duration::from_millis(15)));
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 1000\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let mut home = "shared".to_owned();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut outcomes = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let to = if home == "shared" {
+            "dedicated"
+        } else {
+            "shared"
+        };
+        let reset: &[&str] = if round == 0 { &[] } else { &["--reset-target"] };
+        let id = migrate_to_dual_write(&env, tenant, to, reset).await?;
+        route_is(
+            &http,
+            &proxy,
+            tenant,
+            "state",
+            "dual_write",
+            Duration::from_secs(5),
+        )
+        .await?;
+        let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+        load.progress(5, Duration::from_secs(20)).await?;
+
+        let offset = Duration::from_millis(120 + u64::try_from(Uuid::new_v4().as_u128() % 780)?);
+        let source_var = format!("SWITCHYARD_STORE_{}_URL", home.to_uppercase());
+        let slowed = gate.url(env.store_url(&home));
+        let budget = BUDGET_MS.to_string();
+        let tenant_arg = tenant.to_string();
+        let cutover_args = ["--json", "cutover", &id, "--timeout-ms", &budget];
+        let cutover_vars = [(source_var.as_str(), slowed.as_str())];
+        let cutover = control_off_thread(&env, &cutover_args, &cutover_vars);
+        // The stop starts `offset` after the gates closed (seen in the control database), so
+        // that it lands before, while, or after the cutover holds the fence.
+        let stop = async {
+            let mut control = sqlx::PgConnection::connect(&env.control_url).await?;
+            let closed_by = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < closed_by {
+                let state: String =
+                    sqlx::query_scalar("SELECT state FROM tenant_migrations WHERE id = $1::uuid")
+                        .bind(&id)
+                        .fetch_one(&mut control)
+                        .await?;
+                if state != "dual_write" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(offset).await;
+            control_off_thread(
+                &env,
+                &[
+                    "--json",
+                    "emergency-stop",
+                    "--tenant",
+                    &tenant_arg,
+                    "--reason",
+                    "race",
+                ],
+                &[],
+            )
+            .await
+        };
+        let (cut, stopped) = tokio::join!(cutover, stop);
+        let (cut, stopped) = (cut?, stopped?);
+        let context = || {
+            format!(
+                "round {round} (stop after {offset:?}): cutover exit {} {}{}\nstop exit {} {}{}\nserve log:\n{}",
+                cut.code,
+                cut.stdout,
+                cut.stderr,
+                stopped.code,
+                stopped.stdout,
+                stopped.stderr,
+                serve.log()
+            )
+        };
+        ensure!(
+            stopped.code == 0,
+            "the emergency stop failed: {}",
+            context()
+        );
+        let state = env.control_json(&["status", &id])?["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let route = env.control_json(&["routing", "get", &tenant_arg])?;
+        let routed = route["store_id"].as_str().unwrap_or_default().to_owned();
+        ensure!(
+            route["migration_state"] == "normal",
+            "routing {route}: {}",
+            context()
+        );
+        let expected = match state.as_str() {
+            "migrated" => to.to_owned(),
+            "failed" => home.clone(),
+            other => bail!("the migration is {other}: {}", context()),
+        };
+        ensure!(
+            routed == expected,
+            "the migration is {state} but routing names {routed}: {}",
+            context()
+        );
+        // Appends succeed on the store routing names within the budget (plus the proxies'
+        // reload).
+        let probe_url = stream_url(&proxy.data, tenant, "Probe", Uuid::new_v4());
+        let probe = events_body(Some(0), 1, "Probe");
+        let deadline = Instant::now() + Duration::from_millis(BUDGET_MS + 2000);
+        let reply = loop {
+            let reply = http.post(&probe_url, &probe).await?;
+            if reply.status == StatusCode::CREATED || Instant::now() > deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        ensure!(
+            reply.status == StatusCode::CREATED && reply.json["store_id"] == routed.as_str(),
+            "a probe append got {} {}: {}",
+            reply.status,
+            reply.json,
+            context()
+        );
+        load.progress(5, Duration::from_secs(10))
+            .await
+            .with_context(context)?;
+        acked.extend(load.stop().await?.acked);
+        acked.push(acked_of(&probe, probe_url_stream(&probe_url), &reply.json));
+        let events = tenant_events(env.store_url(&routed), tenant).await?;
+        let present: HashSet<Uuid> = events.iter().map(|e| e.2).collect();
+        let missing = acked
+            .iter()
+            .flat_map(|a| &a.event_ids)
+            .filter(|id| !present.contains(id))
+            .count();
+        ensure!(
+            missing == 0,
+            "{missing} acknowledged events are not on {routed}, the store routing names: {}",
+            context()
+        );
+        assert_all_acked(&acked, &events);
+        println!(
+            "round {round}: stop after {offset:?}, {state}; cutover {}",
+            first_json(&cut.stdout).map_or_else(
+                |_| cut.stderr.clone(),
+                |r| format!("{} {} {}", r["steps_ms"], r["error"], r["message"])
+            )
+        );
+        *outcomes.entry(state).or_insert(0) += 1;
+        home = routed;
+    }
+    println!("cutover against emergency stop, {ROUNDS} rounds: {outcomes:?}");
+    Ok(())
+}
+
+/// The stream id in a stream URL `…/streams/{type}/{id}/events`.
+fn probe_url_stream(url: &str) -> Uuid {
+    url.rsplit('/')
+        .nth(1)
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or_default()
+}
