@@ -1247,6 +1247,206 @@ async fn a_source_restart_during_bulk_copy_resumes_from_the_checkpoint() -> Resu
     Ok(())
 }
 
+/// The connection carrying the fence's move is cut right after it forwarded the `COMMIT`
+/// (issue 14, item 5): the server commits the move, the cutover gets no answer. The cutover
+/// reads the fence again on a fresh session and goes forward by what it says: migrated, the
+/// tenant writable on the target, nothing lost. (A cutover that took the lost answer for a
+/// rollback would route the tenant back onto its moved source fence: every append refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_move_whose_commit_answer_is_lost_goes_forward() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+    load.progress(10, Duration::from_secs(20)).await?;
+
+    // Only the cutover reaches the source through the gate; its first COMMIT there is the
+    // fence's move (everything before it reads without a transaction).
+    let gated = gate.url(env.store_url("shared"));
+    gate.cut_after_next_commit();
+    let out = control_off_thread(
+        &env,
+        &["--json", "cutover", &id, "--timeout-ms", "5000"],
+        &[("SWITCHYARD_STORE_SHARED_URL", gated.as_str())],
+    )
+    .await?;
+    assert_eq!(gate.commit_cuts(), 1, "the move's COMMIT was cut: {out:?}");
+    let report = first_json(&out.stdout)?;
+    assert_eq!(report["success"], true, "{report} {}", out.stderr);
+    assert_eq!(report["state"], "migrated", "{report}");
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("moved")
+    );
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(5),
+    )
+    .await?;
+    load.progress(10, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert!(record.acked.iter().any(|a| a.store_id == "dedicated"));
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&record.acked, &target);
+    contains_all(
+        &target,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    Ok(())
+}
+
+/// The `cutover` process is frozen (SIGSTOP) right as it gets the fence (issue 14, item 6):
+/// PostgreSQL ends its fence transaction after the budget plus the margin of idleness, `serve`
+/// finds the cutover abandoned and rolls it back from what the fence says, and writers are
+/// served again soon after, not when someone notices. The frozen process, once resumed,
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_process_frozen_inside_the_fence_loses_it_within_the_budget() -> Result<()> {
+    const BUDGET_MS: u64 = 2000;
+    let env = two_stores(&format!(
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 1000\n\n[control]\ncutover_timeout_ms = {BUDGET_MS}\n"
+    ))
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+    load.progress(10, Duration::from_secs(20)).await?;
+
+    // The cutover queues for the fence behind a session holding it, and is frozen there; the
+    // session lets go, so the frozen process's transaction gets the fence and sits idle.
+    let mut holder = hold_fence(env.store_url("shared"), tenant).await?;
+    let mut cutover = std::process::Command::new(switchyard_tests::bin("switchyard-control"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .args(["--json", "cutover", &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut watcher = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let queued_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%switchyard_fences%FOR UPDATE%'",
+        )
+        .fetch_one(&mut watcher)
+        .await?;
+        if waiting == 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < queued_by,
+            "the cutover never queued for the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &cutover.id().to_string()])
+            .status()
+    };
+    ensure!(signal("-STOP")?.success(), "SIGSTOP");
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let frozen_at = Instant::now();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE state LIKE 'idle in transaction%' AND query LIKE '%switchyard_fences%FOR UPDATE%'",
+    )
+    .fetch_one(&mut watcher)
+    .await?;
+    let outcome = async {
+        // Served again: the budget plus the margin, plus serve's scan and the proxies' reload.
+        load.progress(5, Duration::from_millis(BUDGET_MS + 1000 + 5000))
+            .await
+            .context("writers were not served again after the freeze")?;
+        let served_after = frozen_at.elapsed();
+        ensure!(
+            env.control_json(&["status", &id])?["state"] == "dual_write",
+            "serve rolled the cutover back"
+        );
+        let (actions, last) = audit(&env, &id)?;
+        ensure!(
+            actions.last().map(String::as_str) == Some("cutover_rollback"),
+            "{actions:?}"
+        );
+        ensure!(
+            last["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("driver stopped")),
+            "{last}"
+        );
+        Ok(served_after)
+    }
+    .await;
+    // Resumed, the frozen process finds its session gone and changes nothing.
+    let _ = signal("-CONT");
+    let finished = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = cutover.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = cutover.kill();
+                bail!("the resumed cutover never exited");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await??;
+    let served_after = outcome.with_context(|| format!("serve log:\n{}", serve.log()))?;
+    assert!(!finished.success(), "the frozen cutover cannot succeed");
+    assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("open")
+    );
+    load.progress(5, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert_all_acked(
+        &record.acked,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    println!(
+        "frozen inside the fence ({held} idle session holding it): writers served again after {served_after:?}"
+    );
+    Ok(())
+}
+
 /// `cutover` and `emergency-stop` started together, the stop a random offset after the gates
 /// closed, round after round, while writers append (issue 14, item 1); the cutover's link to
 /// the source is slowed (15 ms each way) so that the stop often lands while the cutover holds
