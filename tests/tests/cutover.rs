@@ -150,6 +150,7 @@ async fn under_load(backend: Backend) -> Result<()> {
         names,
         [
             "1_check_lag",
+            "1_older_writers",
             "1_verify_below_delta",
             "2_close_gates",
             "3_take_fence",

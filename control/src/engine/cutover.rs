@@ -72,7 +72,7 @@ pub struct CutoverOutcome {
 }
 
 /// The cutover's step durations, keyed so that their order is the protocol's: `1_check_lag`,
-/// `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
+/// `1_older_writers` (waiting for sessions older than the fence row), `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
 /// `5_open_gates`; a failed attempt ends with `4_failed_step` (from the last step that finished
 /// to the failure or the budget's end) and `5_roll_back`. A step that did not run is absent.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -800,10 +800,16 @@ impl Engine {
         if age < ABANDONED_AFTER + Duration::from_millis(self.settings.cutover_timeout_ms) {
             return Ok(None);
         }
+        // The attempt may have been given another budget (`cutover --timeout-ms`): a live
+        // cutover is left its own.
+        let budget = self.attempt_budget(record).await;
+        if age < ABANDONED_AFTER + budget {
+            return Ok(None);
+        }
         let source = self.store(&record.source_store_id)?;
         // A frozen driver's fence transaction ends at most the budget plus the margin after it
         // went idle: wait that long for it.
-        let wait = Duration::from_millis(self.settings.cutover_timeout_ms) + FENCE_MARGIN * 2;
+        let wait = budget + FENCE_MARGIN * 2;
         let mut lock = match source.lock_fence(record.tenant_id, wait).await {
             Ok(lock) => lock,
             // Someone holds it still (a live cutover): not abandoned after all.
@@ -853,6 +859,22 @@ impl Engine {
             Err(MigrationError::StateChanged { actual, .. }) => Ok(Some(actual)),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl Engine {
+    /// The budget the current cutover attempt of `record` was given (its `cutover` audit
+    /// entry's `budget_ms`), or the configured one.
+    async fn attempt_budget(&self, record: &MigrationRecord) -> Duration {
+        let configured = Duration::from_millis(self.settings.cutover_timeout_ms);
+        let Ok(log) = self.control.audit_log(record.id).await else {
+            return configured;
+        };
+        log.iter()
+            .rev()
+            .find(|e| e.action == Action::Cutover.as_str())
+            .and_then(|e| e.details.as_ref()?.get("budget_ms")?.as_u64())
+            .map_or(configured, Duration::from_millis)
     }
 }
 
