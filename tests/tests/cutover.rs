@@ -385,11 +385,14 @@ async fn budget_missed(backend: Backend) -> Result<()> {
         report["duration_ms"].as_u64().unwrap_or(u64::MAX) < 2000,
         "rolled back within the budget: {report}"
     );
-    // The failed attempt is where the budget went: waiting for the fence.
+    // The failed attempt is where the budget went: closing the gates (the budget starts before
+    // them), then waiting for the fence.
     let steps = &report["steps_ms"];
     assert!(steps.get("3_take_fence").is_none(), "{report}");
     assert!(
-        steps["4_failed_step"].as_f64().unwrap_or(0.0) >= 250.0,
+        steps["2_close_gates"].as_f64().unwrap_or(0.0)
+            + steps["4_failed_step"].as_f64().unwrap_or(0.0)
+            >= 250.0,
         "{report}"
     );
     assert!(steps["5_roll_back"].as_f64().is_some(), "{report}");

@@ -101,18 +101,16 @@ fn older_writers(rows: Vec<OlderWriterRow>) -> Vec<OlderWriter> {
         .collect()
 }
 
-/// Takes `FOR UPDATE` on the tenant's fence row in `tx` (whose `lock_timeout` bounds the wait).
+/// Takes `FOR UPDATE` on the tenant's fence row in `tx` (session `pid`, whose `lock_timeout`
+/// bounds the wait).
 /// A wait that gives up answers [`StoreError::Held`] naming the sessions that held the row,
 /// as seen from `pool` halfway through the wait.
 async fn lock_row(
     tx: &mut Transaction<'static, Postgres>,
     pool: &PgPool,
-    tenant: Uuid,
+    (tenant, pid): (Uuid, i32),
     wait: Duration,
 ) -> Result<(), StoreError> {
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut **tx)
-        .await?;
     let lock = sqlx::query("SELECT state FROM switchyard_fences WHERE tenant_id = $1 FOR UPDATE")
         .bind(tenant)
         .execute(&mut **tx);
@@ -181,16 +179,16 @@ impl EventStore {
         match &self.backend {
             Backend::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                sqlx::query(&format!("SET LOCAL lock_timeout = {millis}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("SET LOCAL statement_timeout = {bound}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!(
-                    "SET LOCAL idle_in_transaction_session_timeout = {bound}"
-                ))
-                .execute(&mut *tx)
+                // The three bounds (transaction-local) and this session's pid, in one round trip.
+                let (pid, ..): (i32, String, String, String) = sqlx::query_as(
+                    "SELECT pg_backend_pid(),
+                            set_config('lock_timeout', $1, true),
+                            set_config('statement_timeout', $2, true),
+                            set_config('idle_in_transaction_session_timeout', $2, true)",
+                )
+                .bind(millis.to_string())
+                .bind(bound.to_string())
+                .fetch_one(&mut *tx)
                 .await?;
                 // The row exists since the migration started; create it if someone removed it.
                 sqlx::query(
@@ -200,7 +198,7 @@ impl EventStore {
                 .bind(tenant)
                 .execute(&mut *tx)
                 .await?;
-                lock_row(&mut tx, pool, tenant, budget).await?;
+                lock_row(&mut tx, pool, (tenant, pid), budget).await?;
                 Ok(FenceLock {
                     tenant,
                     tx: Tx::Postgres(tx),
