@@ -109,6 +109,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Url(#[from] crate::url::UrlError),
+    /// A lock (a tenant's fence) stayed held by another session past the wait: who holds it.
+    #[error("{0}")]
+    Held(String),
 }
 
 impl StoreError {

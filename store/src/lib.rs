@@ -20,6 +20,6 @@ pub use control::{
 };
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
 pub use events::{
-    Digesting, Divergence, EventStore, FenceLock, Landing, PassWindow, SchemaStatus, StreamDigest,
-    StreamKey,
+    Digesting, Divergence, EventStore, FenceLock, Landing, OlderWriter, PassWindow, SchemaStatus,
+    StreamDigest, StreamKey, FENCE_MARGIN,
 };

@@ -74,10 +74,25 @@ pub fn redact(text: &str) -> String {
     url.to_string()
 }
 
+/// TCP keepalives every pool asks of the server for its connections (`tcp_keepalives_*`,
+/// `tcp_user_timeout`): a client whose host or network died is noticed in about a minute and
+/// its session ended, so a transaction it held (a tenant's fence) does not stay open for the
+/// kernel's default two hours. sqlx 0.8 has no client-side keepalive option; the server's
+/// side is the one that frees locks. (A process that is alive but frozen is ended by the fence
+/// transaction's own idle timeout, see `FenceLock`.)
+const SERVER_KEEPALIVES: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "60000"),
+];
+
 /// Opens a PostgreSQL pool. Connections are made lazily so a process can start (and report
 /// itself unready) while a database is down.
 pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.application_name("switchyard");
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("switchyard")
+        .options(SERVER_KEEPALIVES);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)

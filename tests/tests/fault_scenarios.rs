@@ -1246,3 +1246,395 @@ async fn a_source_restart_during_bulk_copy_resumes_from_the_checkpoint() -> Resu
     );
     Ok(())
 }
+
+/// The connection carrying the fence's move is cut right after it forwarded the `COMMIT`
+/// (issue 14, item 5): the server commits the move, the cutover gets no answer. The cutover
+/// reads the fence again on a fresh session and goes forward by what it says: migrated, the
+/// tenant writable on the target, nothing lost. (A cutover that took the lost answer for a
+/// rollback would route the tenant back onto its moved source fence: every append refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_move_whose_commit_answer_is_lost_goes_forward() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+    load.progress(10, Duration::from_secs(20)).await?;
+
+    // Only the cutover reaches the source through the gate; its first COMMIT there is the
+    // fence's move (everything before it reads without a transaction).
+    let gated = gate.url(env.store_url("shared"));
+    gate.cut_after_next_commit();
+    let out = control_off_thread(
+        &env,
+        &["--json", "cutover", &id, "--timeout-ms", "5000"],
+        &[("SWITCHYARD_STORE_SHARED_URL", gated.as_str())],
+    )
+    .await?;
+    assert_eq!(gate.commit_cuts(), 1, "the move's COMMIT was cut: {out:?}");
+    let report = first_json(&out.stdout)?;
+    assert_eq!(report["success"], true, "{report} {}", out.stderr);
+    assert_eq!(report["state"], "migrated", "{report}");
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("moved")
+    );
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(5),
+    )
+    .await?;
+    load.progress(10, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert!(record.acked.iter().any(|a| a.store_id == "dedicated"));
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    assert_all_acked(&record.acked, &target);
+    contains_all(
+        &target,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    Ok(())
+}
+
+/// The `cutover` process is frozen (SIGSTOP) right as it gets the fence (issue 14, item 6):
+/// PostgreSQL ends its fence transaction after the budget plus the margin of idleness, `serve`
+/// finds the cutover abandoned and rolls it back from what the fence says, and writers are
+/// served again soon after, not when someone notices. The frozen process, once resumed,
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_process_frozen_inside_the_fence_loses_it_within_the_budget() -> Result<()> {
+    const BUDGET_MS: u64 = 2000;
+    let env = two_stores(&format!(
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 1000\n\n[control]\ncutover_timeout_ms = {BUDGET_MS}\n"
+    ))
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+    load.progress(10, Duration::from_secs(20)).await?;
+
+    // The cutover queues for the fence behind a session holding it, and is frozen there; the
+    // session lets go, so the frozen process's transaction gets the fence and sits idle.
+    let mut holder = hold_fence(env.store_url("shared"), tenant).await?;
+    let mut cutover = std::process::Command::new(switchyard_tests::bin("switchyard-control"))
+        .arg("--config")
+        .arg(&env.config_path)
+        .args(["--json", "cutover", &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut watcher = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let queued_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%switchyard_fences%FOR UPDATE%'",
+        )
+        .fetch_one(&mut watcher)
+        .await?;
+        if waiting == 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < queued_by,
+            "the cutover never queued for the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &cutover.id().to_string()])
+            .status()
+    };
+    ensure!(signal("-STOP")?.success(), "SIGSTOP");
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let frozen_at = Instant::now();
+    // The frozen process's transaction holds the fence, idle (its client cannot go on).
+    let held_by = Instant::now() + Duration::from_secs(2);
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE state LIKE 'idle in transaction%' AND query LIKE '%switchyard_fences%FOR UPDATE%'",
+        )
+        .fetch_one(&mut watcher)
+        .await?;
+        if held == 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < held_by,
+            "the frozen cutover never held the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let outcome = async {
+        // Served again: the budget plus the margin, plus serve's scan and the proxies' reload.
+        load.progress(5, Duration::from_millis(BUDGET_MS + 1000 + 5000))
+            .await
+            .context("writers were not served again after the freeze")?;
+        let served_after = frozen_at.elapsed();
+        ensure!(
+            env.control_json(&["status", &id])?["state"] == "dual_write",
+            "serve rolled the cutover back"
+        );
+        let (actions, last) = audit(&env, &id)?;
+        ensure!(
+            actions.last().map(String::as_str) == Some("cutover_rollback"),
+            "{actions:?}"
+        );
+        ensure!(
+            last["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("driver stopped")),
+            "{last}"
+        );
+        Ok(served_after)
+    }
+    .await;
+    // Resumed, the frozen process finds its session gone and changes nothing.
+    let _ = signal("-CONT");
+    let finished = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = cutover.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = cutover.kill();
+                bail!("the resumed cutover never exited");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await??;
+    let served_after = outcome.with_context(|| format!("serve log:\n{}", serve.log()))?;
+    assert!(!finished.success(), "the frozen cutover cannot succeed");
+    assert_eq!(env.control_json(&["status", &id])?["state"], "dual_write");
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("open")
+    );
+    load.progress(5, Duration::from_secs(10)).await?;
+    let record = load.stop().await?;
+    assert_all_acked(
+        &record.acked,
+        &tenant_events(env.store_url("shared"), tenant).await?,
+    );
+    println!("frozen inside the fence: writers served again after {served_after:?}");
+    Ok(())
+}
+
+/// `cutover` and `emergency-stop` started together, the stop 120–1420 ms after the gates
+/// closed, round after round, while writers append (issue 14, item 1); the cutover's link to
+/// the source is slowed (15 ms each way) so that the stop often lands while the cutover holds
+/// the fence.
+/// Whoever wins, after each round: routing is normal; a migration the stop failed left the
+/// tenant on its source, one that finished left it on its target; every acknowledged append is
+/// on the store routing names, and appends succeed there again within the cutover's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_stop_racing_a_cutover_leaves_the_tenant_writable_where_routing_points(
+) -> Result<()> {
+    const ROUNDS: usize = 10;
+    const BUDGET_MS: u64 = 3000;
+    let gate = TcpGate::start(PG).await?;
+    gate.set(GateMode::Latency(Duration::from_millis(15)));
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 1000\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let mut home = "shared".to_owned();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut outcomes = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let to = if home == "shared" {
+            "dedicated"
+        } else {
+            "shared"
+        };
+        let reset: &[&str] = if round == 0 { &[] } else { &["--reset-target"] };
+        let id = migrate_to_dual_write(&env, tenant, to, reset).await?;
+        route_is(
+            &http,
+            &proxy,
+            tenant,
+            "state",
+            "dual_write",
+            Duration::from_secs(5),
+        )
+        .await?;
+        let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 3);
+        load.progress(5, Duration::from_secs(20)).await?;
+
+        let offset = Duration::from_millis(120 + u64::try_from(Uuid::new_v4().as_u128() % 1300)?);
+        let source_var = format!("SWITCHYARD_STORE_{}_URL", home.to_uppercase());
+        let slowed = gate.url(env.store_url(&home));
+        let budget = BUDGET_MS.to_string();
+        let tenant_arg = tenant.to_string();
+        let cutover_args = ["--json", "cutover", &id, "--timeout-ms", &budget];
+        let cutover_vars = [(source_var.as_str(), slowed.as_str())];
+        let cutover = control_off_thread(&env, &cutover_args, &cutover_vars);
+        // The stop starts `offset` after the gates closed (seen in the control database), so
+        // that it lands before, while, or after the cutover holds the fence.
+        let stop = async {
+            let mut control = sqlx::PgConnection::connect(&env.control_url).await?;
+            let closed_by = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < closed_by {
+                let state: String =
+                    sqlx::query_scalar("SELECT state FROM tenant_migrations WHERE id = $1::uuid")
+                        .bind(&id)
+                        .fetch_one(&mut control)
+                        .await?;
+                if state != "dual_write" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(offset).await;
+            control_off_thread(
+                &env,
+                &[
+                    "--json",
+                    "emergency-stop",
+                    "--tenant",
+                    &tenant_arg,
+                    "--reason",
+                    "race",
+                ],
+                &[],
+            )
+            .await
+        };
+        let (cut, stopped) = tokio::join!(cutover, stop);
+        let (cut, stopped) = (cut?, stopped?);
+        let context = || {
+            format!(
+                "round {round} (stop after {offset:?}): cutover exit {} {}{}\nstop exit {} {}{}\nserve log:\n{}",
+                cut.code,
+                cut.stdout,
+                cut.stderr,
+                stopped.code,
+                stopped.stdout,
+                stopped.stderr,
+                serve.log()
+            )
+        };
+        ensure!(
+            stopped.code == 0,
+            "the emergency stop failed: {}",
+            context()
+        );
+        let state = env.control_json(&["status", &id])?["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let route = env.control_json(&["routing", "get", &tenant_arg])?;
+        let routed = route["store_id"].as_str().unwrap_or_default().to_owned();
+        ensure!(
+            route["migration_state"] == "normal",
+            "routing {route}: {}",
+            context()
+        );
+        let expected = match state.as_str() {
+            "migrated" => to.to_owned(),
+            "failed" => home.clone(),
+            other => bail!("the migration is {other}: {}", context()),
+        };
+        ensure!(
+            routed == expected,
+            "the migration is {state} but routing names {routed}: {}",
+            context()
+        );
+        // Appends succeed on the store routing names within the budget (plus the proxies'
+        // reload).
+        let probe_url = stream_url(&proxy.data, tenant, "Probe", Uuid::new_v4());
+        let probe = events_body(Some(0), 1, "Probe");
+        let deadline = Instant::now() + Duration::from_millis(BUDGET_MS + 2000);
+        let reply = loop {
+            let reply = http.post(&probe_url, &probe).await?;
+            if reply.status == StatusCode::CREATED || Instant::now() > deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        ensure!(
+            reply.status == StatusCode::CREATED && reply.json["store_id"] == routed.as_str(),
+            "a probe append got {} {}: {}",
+            reply.status,
+            reply.json,
+            context()
+        );
+        load.progress(5, Duration::from_secs(10))
+            .await
+            .with_context(context)?;
+        acked.extend(load.stop().await?.acked);
+        acked.push(acked_of(&probe, probe_url_stream(&probe_url), &reply.json));
+        let events = tenant_events(env.store_url(&routed), tenant).await?;
+        let present: HashSet<Uuid> = events.iter().map(|e| e.2).collect();
+        let missing = acked
+            .iter()
+            .flat_map(|a| &a.event_ids)
+            .filter(|id| !present.contains(id))
+            .count();
+        ensure!(
+            missing == 0,
+            "{missing} acknowledged events are not on {routed}, the store routing names: {}",
+            context()
+        );
+        assert_all_acked(&acked, &events);
+        println!(
+            "round {round}: stop after {offset:?}, {state}; cutover {}",
+            first_json(&cut.stdout).map_or_else(
+                |_| cut.stderr.clone(),
+                |r| format!("{} {} {}", r["steps_ms"], r["error"], r["message"])
+            )
+        );
+        *outcomes.entry(state).or_insert(0) += 1;
+        home = routed;
+    }
+    println!("cutover against emergency stop, {ROUNDS} rounds: {outcomes:?}");
+    Ok(())
+}
+
+/// The stream id in a stream URL `…/streams/{type}/{id}/events`.
+fn probe_url_stream(url: &str) -> Uuid {
+    url.rsplit('/')
+        .nth(1)
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or_default()
+}

@@ -126,6 +126,49 @@ async fn the_gate_injects_each_fault_on_command() -> Result<()> {
     Ok(())
 }
 
+/// The gate's COMMIT trap against a real PostgreSQL: the connection that sends `COMMIT` is
+/// cut before the answer comes back, yet the server committed; others pass; once only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_cuts_a_connection_right_after_its_commit() -> Result<()> {
+    use sqlx::Connection as _;
+    let db = switchyard_tests::TestDb::create("commitcut").await?;
+    let gate = TcpGate::start("127.0.0.1:5432").await?;
+    let mut direct = sqlx::PgConnection::connect(&db.url).await?;
+    sqlx::query("CREATE TABLE t (x int)")
+        .execute(&mut direct)
+        .await?;
+    let mut gated = sqlx::PgConnection::connect(&gate.url(&db.url)).await?;
+    let mut tx = gated.begin().await?;
+    sqlx::query("INSERT INTO t VALUES (1)")
+        .execute(&mut *tx)
+        .await?;
+    gate.cut_after_next_commit();
+    let committed = tx.commit().await;
+    assert!(committed.is_err(), "no answer to the COMMIT: {committed:?}");
+    assert_eq!(gate.commit_cuts(), 1);
+    // The server applies the COMMIT it received (after the cut, so perhaps not yet).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut direct)
+            .await?;
+        if rows == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Spent: the next commit through the gate is answered.
+    let mut again = sqlx::PgConnection::connect(&gate.url(&db.url)).await?;
+    let mut tx = again.begin().await?;
+    sqlx::query("INSERT INTO t VALUES (2)")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    assert_eq!(gate.commit_cuts(), 1);
+    Ok(())
+}
+
 /// The migration target is blackholed (packets dropped, connections hang) during dual-write
 /// while writers append: appends keep their normal latency, mirror failures are counted, and
 /// after the blackhole lifts the lag drains to 0 and the target equals the source, with every

@@ -13,6 +13,15 @@
 //! fence stays open), routing returns to `dual_write` and the migration to dual_write, with
 //! the error and the number of held writers reported. After step 4 commits, the fence is the
 //! truth: whatever happens, the migration can only finish (`recover` does it after a crash).
+//!
+//! The budget can cancel everything up to the move, never the move: the deadline is checked
+//! before it, and the move and its commit run with their own bound (the fence transaction's
+//! statement timeout, the budget plus [`FENCE_MARGIN`]). A move whose commit got no clear
+//! answer is settled by reading the fence again under its lock on a fresh session (the lock
+//! waits for a commit still being applied): moved → forward, open → back. No path routes the
+//! tenant back onto a moved fence. The cutover also refuses while a session that may have
+//! written the tenant's rows before its fence row existed is still open (they would commit
+//! behind the moved fence, never copied).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -22,15 +31,20 @@ use serde::Serialize;
 use switchyard_store::control::Action;
 use switchyard_store::{
     AuditNote, Digesting, FenceLock, Landing, MigrationError, MigrationRecord, MigrationState,
-    PassWindow, StreamKey,
+    PassWindow, StreamKey, FENCE_MARGIN,
 };
 use uuid::Uuid;
 
 use super::{Engine, EngineError};
 
 /// How long a migration may sit in `cutover` past its budget before a recoverer treats the
-/// cutover as abandoned (its driver died) and finishes or rolls it back.
-const ABANDONED_AFTER: Duration = Duration::from_secs(3);
+/// cutover as abandoned (its driver died or froze) and finishes or rolls it back: the margin
+/// the fence transaction has past the budget (a live cutover has moved the fence or let it go
+/// by then; a frozen one has lost it to PostgreSQL's timeouts, or loses it while the
+/// recoverer waits for it).
+const ABANDONED_AFTER: Duration = FENCE_MARGIN;
+/// How often the cutover looks again for sessions older than the fence row before refusing.
+const OLDER_WRITERS_POLL: Duration = Duration::from_millis(50);
 /// How many more times the lag is sampled (100 ms apart) before a cutover is refused for it.
 const LAG_SAMPLES: usize = 10;
 /// Most events the final catch-up reads per batch.
@@ -58,7 +72,7 @@ pub struct CutoverOutcome {
 }
 
 /// The cutover's step durations, keyed so that their order is the protocol's: `1_check_lag`,
-/// `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
+/// `1_older_writers` (waiting for sessions older than the fence row), `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
 /// `5_open_gates`; a failed attempt ends with `4_failed_step` (from the last step that finished
 /// to the failure or the budget's end) and `5_roll_back`. A step that did not run is absent.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -83,6 +97,27 @@ impl Steps {
 struct Abort {
     message: String,
     blocked_writers: i64,
+}
+
+/// Steps 3 and 4 done up to the move: the fence held, the delta copied and verified.
+struct Fenced {
+    lock: FenceLock,
+    delta: u64,
+    blocked: i64,
+}
+
+/// Where an attempt ended, from what the source fence says.
+enum Settled {
+    /// The fence moved to the target: only forward.
+    Forward { delta: u64, blocked: i64 },
+    /// The fence is open: back to dual_write (holding the fence meanwhile when `held`).
+    Back {
+        abort: Abort,
+        held: Option<FenceLock>,
+    },
+    /// The fence could not be read, or says something this cutover did not write: routing
+    /// is left as it is (`cutover_paused`) for the recoverer, who decides under the lock.
+    Unknown(String),
 }
 
 impl Engine {
@@ -171,9 +206,11 @@ impl Engine {
             }
         };
         steps.lap("1_verify_below_delta", &mut lap);
-        let deadline = tokio::time::Instant::now() + budget;
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
+        self.wait_for_older_writers(&record, budget).await?;
+        steps.lap("1_older_writers", &mut lap);
+        let deadline = tokio::time::Instant::now() + budget;
 
         // 2. Close the gates.
         let paused_route = record.implied_route(MigrationState::Cutover);
@@ -195,21 +232,41 @@ impl Engine {
         crash_point("after_gate_closed");
         let epoch = closed.routing_epoch.unwrap_or(closed.record.revision);
 
-        // 3 and 4, within what is left of the budget.
+        // 3 and 4 up to the move, within what is left of the budget (cancelling them rolls the
+        // fence transaction back); then the move, never cancelled halfway.
         let attempt = tokio::time::timeout_at(
             deadline,
             self.fence_and_copy(
                 &closed.record,
                 (source, target),
                 below.as_ref(),
-                epoch,
                 deadline,
                 (&mut steps, &mut lap),
             ),
         )
         .await;
-        let failure = match attempt {
-            Ok(Ok((delta, blocked))) => {
+        let settled = match attempt {
+            Ok(Ok(fenced)) => {
+                self.move_fence(
+                    &closed.record,
+                    fenced,
+                    epoch,
+                    deadline,
+                    (&mut steps, &mut lap),
+                )
+                .await
+            }
+            Ok(Err(abort)) => self.fence_still_open(&closed.record, abort).await,
+            Err(_) => {
+                let abort = Abort {
+                    message: format!("cutover budget of {} ms exceeded", budget.as_millis()),
+                    blocked_writers: 0,
+                };
+                self.fence_still_open(&closed.record, abort).await
+            }
+        };
+        let (failure, held) = match settled {
+            Settled::Forward { delta, blocked } => {
                 crash_point("after_fence");
                 // 5. The fence moved: only forward from here.
                 let finished = self.finish_cutover(&closed.record, note).await;
@@ -238,17 +295,27 @@ impl Engine {
                         error: None,
                         steps_ms: steps,
                     }),
+                    Err(EngineError::Migration(MigrationError::StateChanged {
+                        actual: MigrationState::Failed,
+                        ..
+                    })) => Err(EngineError::Refused(format!(
+                        "migration {id}: an emergency stop failed the migration while its fence moved; \
+                         routing never named {} and the stop opens the fence in {} again: the tenant stays there",
+                        closed.record.target_store_id, closed.record.source_store_id
+                    ))),
                     Err(e) => Err(EngineError::Refused(format!(
                         "migration {id}: the fence moved (the tenant's writes are held) but routing could not be \
                          finished: {e}; `switchyard-control serve` or the next `status {id}` finishes it"
                     ))),
                 };
             }
-            Ok(Err(abort)) => abort,
-            Err(_) => Abort {
-                message: format!("cutover budget of {} ms exceeded", budget.as_millis()),
-                blocked_writers: 0,
-            },
+            Settled::Back { abort, held } => (abort, held),
+            Settled::Unknown(message) => {
+                return Err(EngineError::Refused(format!(
+                    "migration {id}: the cutover's outcome is unknown ({message}); routing stays \
+                     cutover_paused until `switchyard-control serve` reads the fence and finishes or rolls back"
+                )));
+            }
         };
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
         steps.lap("4_failed_step", &mut lap);
@@ -274,6 +341,9 @@ impl Engine {
             .cutovers
             .with_label_values(&["rolled_back"])
             .inc();
+        if let Some(lock) = held {
+            let _ = lock.release().await;
+        }
         steps.lap("5_roll_back", &mut lap);
         let state = match rolled {
             Ok(t) => t.record.state,
@@ -295,18 +365,18 @@ impl Engine {
         })
     }
 
-    /// Steps 3 and 4: take the fence, copy and verify the final delta, move the fence. `below`
-    /// is what [`Self::check_below_delta`] compared (`None` when forced: nothing is verified).
-    /// Returns the delta size and the writers held at the moment the fence moved.
+    /// Steps 3 and 4 up to the move: take the fence, make sure no session older than the
+    /// fence row is still open, copy and verify the final delta. `below` is what
+    /// [`Self::check_below_delta`] compared (`None` when forced: nothing is verified).
+    /// Returns the held fence, the delta size and the writers held.
     async fn fence_and_copy(
         &self,
         record: &MigrationRecord,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
         below: Option<&HashMap<StreamKey, i32>>,
-        epoch: i64,
         deadline: tokio::time::Instant,
         (steps, lap): (&mut Steps, &mut Instant),
-    ) -> Result<(u64, i64), Abort> {
+    ) -> Result<Fenced, Abort> {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let fail = |message: String| Abort {
             message,
@@ -332,6 +402,22 @@ impl Engine {
                 return Err(fail(format!("reading the migration: {e}")));
             }
         }
+        // A session that wrote before the fence row existed holds no fence: its rows would
+        // commit behind the moved fence. Checked again here, where none can newly qualify.
+        match lock.older_writers().await {
+            Ok(older) if older.is_empty() => {}
+            Ok(older) => {
+                let _ = lock.release().await;
+                return Err(fail(older_writers_message(source.id(), &older)));
+            }
+            Err(e) => {
+                let _ = lock.release().await;
+                return Err(fail(format!(
+                    "looking for sessions older than the fence in {}: {e}",
+                    source.id()
+                )));
+            }
+        }
         steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
         let outcome = self
@@ -349,14 +435,159 @@ impl Engine {
             }
         };
         crash_point("after_delta_verified");
-        lock.move_to(&record.target_store_id, epoch)
-            .await
-            .map_err(|e| Abort {
-                message: format!("moving the fence: {e}"),
+        Ok(Fenced {
+            lock,
+            delta,
+            blocked,
+        })
+    }
+
+    /// Step 4's move: checks the deadline first, then marks the fence moved and commits with
+    /// its own bound (what is left of the budget plus [`FENCE_MARGIN`]), never cancelled
+    /// halfway. A move without a clear answer is settled by [`Self::read_back_fence`].
+    async fn move_fence(
+        &self,
+        record: &MigrationRecord,
+        fenced: Fenced,
+        epoch: i64,
+        deadline: tokio::time::Instant,
+        (steps, lap): (&mut Steps, &mut Instant),
+    ) -> Settled {
+        let Fenced {
+            lock,
+            delta,
+            blocked,
+        } = fenced;
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let _ = lock.release().await;
+            let abort = Abort {
+                message: format!(
+                    "cutover budget of {} ms exceeded before the fence moved",
+                    self.settings.cutover_timeout_ms
+                ),
                 blocked_writers: blocked,
-            })?;
+            };
+            return self.fence_still_open(record, abort).await;
+        }
+        let bound = deadline - now + FENCE_MARGIN;
+        let moved = tokio::time::timeout(bound, lock.move_to(&record.target_store_id, epoch)).await;
         steps.lap("4_move_fence", lap);
-        Ok((delta, blocked))
+        let message = match moved {
+            Ok(Ok(())) => return Settled::Forward { delta, blocked },
+            Ok(Err(e)) => format!("moving the fence: {e}"),
+            Err(_) => format!(
+                "moving the fence: no answer within {} ms",
+                bound.as_millis()
+            ),
+        };
+        tracing::warn!(migration.id = %record.id, error = %message, "the fence move got no clear answer; reading the fence");
+        match self.read_back_fence(record).await {
+            Ok((state, moved_to, lock)) => {
+                if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str())
+                {
+                    let _ = lock.release().await;
+                    Settled::Forward { delta, blocked }
+                } else if state == "open" {
+                    Settled::Back {
+                        abort: Abort {
+                            message: format!("{message}; the fence is still open"),
+                            blocked_writers: blocked,
+                        },
+                        held: Some(lock),
+                    }
+                } else {
+                    let _ = lock.release().await;
+                    Settled::Unknown(format!("{message}; the fence says {state} to {moved_to:?}"))
+                }
+            }
+            Err(e) => Settled::Unknown(format!("{message}; reading the fence since: {e}")),
+        }
+    }
+
+    /// The source fence read again under its lock, on a fresh session: the lock waits for a
+    /// move whose commit is still being applied (or for PostgreSQL to end a frozen holder's
+    /// transaction), so what it says is final while the lock is held. Tries for a while: the
+    /// connection that failed may have been the only thing wrong.
+    async fn read_back_fence(
+        &self,
+        record: &MigrationRecord,
+    ) -> Result<(String, Option<String>, FenceLock), String> {
+        let source = self
+            .store(&record.source_store_id)
+            .map_err(|e| e.to_string())?;
+        let wait = Duration::from_millis(self.settings.cutover_timeout_ms) + FENCE_MARGIN * 2;
+        let until = tokio::time::Instant::now() + wait * 2;
+        let mut last = String::new();
+        while tokio::time::Instant::now() < until {
+            match source.lock_fence(record.tenant_id, wait).await {
+                Ok(mut lock) => match lock.state().await {
+                    Ok((state, moved_to)) => return Ok((state, moved_to, lock)),
+                    Err(e) => {
+                        let _ = lock.release().await;
+                        last = e.to_string();
+                    }
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last)
+    }
+
+    /// An attempt that failed before sending the move: the fence is open unless someone else
+    /// moved it, which is checked rather than assumed, so the rollback never routes the
+    /// tenant back onto a moved fence.
+    async fn fence_still_open(&self, record: &MigrationRecord, abort: Abort) -> Settled {
+        let Ok(source) = self.store(&record.source_store_id) else {
+            return Settled::Back { abort, held: None };
+        };
+        match source.fence(record.tenant_id).await {
+            Ok(Some((state, moved_to))) if state == "moved" => {
+                if moved_to.as_deref() == Some(record.target_store_id.as_str()) {
+                    Settled::Forward {
+                        delta: 0,
+                        blocked: abort.blocked_writers,
+                    }
+                } else {
+                    Settled::Unknown(format!(
+                        "{}; and the source fence says moved to {moved_to:?}",
+                        abort.message
+                    ))
+                }
+            }
+            // Open, absent, or unreadable: this attempt never sent a move, so not moved by it.
+            _ => Settled::Back { abort, held: None },
+        }
+    }
+
+    /// Step 1's last check: waits (at most `budget`, nobody paused yet) for the sessions that
+    /// may hold rows of the tenant written before its fence row existed
+    /// ([`switchyard_store::EventStore::writers_older_than_fence`]); refuses if they stay.
+    async fn wait_for_older_writers(
+        &self,
+        record: &MigrationRecord,
+        budget: Duration,
+    ) -> Result<(), EngineError> {
+        let source = self.store(&record.source_store_id)?;
+        let until = tokio::time::Instant::now() + budget;
+        loop {
+            let older = source
+                .writers_older_than_fence(record.tenant_id)
+                .await
+                .map_err(EngineError::store(source.id()))?;
+            if older.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(EngineError::Refused(format!(
+                    "migration {}: {} (nothing was paused); end them, then cut over again",
+                    record.id,
+                    older_writers_message(source.id(), &older)
+                )));
+            }
+            tokio::time::sleep(OLDER_WRITERS_POLL).await;
+        }
     }
 
     /// The final catch-up: every event of the tenant past the tail horizon (no upper bound:
@@ -588,14 +819,23 @@ impl Engine {
         if age < ABANDONED_AFTER + Duration::from_millis(self.settings.cutover_timeout_ms) {
             return Ok(None);
         }
+        // The attempt may have been given another budget (`cutover --timeout-ms`): a live
+        // cutover is left its own.
+        let budget = self.attempt_budget(record).await;
+        if age < ABANDONED_AFTER + budget {
+            return Ok(None);
+        }
         let source = self.store(&record.source_store_id)?;
-        let mut lock = match source
-            .lock_fence(record.tenant_id, Duration::from_millis(500))
-            .await
-        {
+        // A frozen driver's fence transaction ends at most the budget plus the margin after it
+        // went idle: wait that long for it.
+        let wait = budget + FENCE_MARGIN * 2;
+        let mut lock = match source.lock_fence(record.tenant_id, wait).await {
             Ok(lock) => lock,
-            // Someone holds it (a live cutover): not abandoned after all.
-            Err(_) => return Ok(None),
+            // Someone holds it still (a live cutover): not abandoned after all.
+            Err(e) => {
+                tracing::info!(migration.id = %record.id, error = %e, "a cutover past its budget still holds the fence");
+                return Ok(None);
+            }
         };
         let (state, moved_to) = match lock.state().await {
             Ok(s) => s,
@@ -641,6 +881,22 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The budget the current cutover attempt of `record` was given (its `cutover` audit
+    /// entry's `budget_ms`), or the configured one.
+    async fn attempt_budget(&self, record: &MigrationRecord) -> Duration {
+        let configured = Duration::from_millis(self.settings.cutover_timeout_ms);
+        let Ok(log) = self.control.audit_log(record.id).await else {
+            return configured;
+        };
+        log.iter()
+            .rev()
+            .find(|e| e.action == Action::Cutover.as_str())
+            .and_then(|e| e.details.as_ref()?.get("budget_ms")?.as_u64())
+            .map_or(configured, Duration::from_millis)
+    }
+}
+
 /// Fault injection for the crash-safety tests: `SWITCHYARD_CRASH_AT=<point>` kills the process
 /// (as `kill -9` would: no cleanup, no unwinding) when it reaches that point. A precise crash
 /// between two steps is the one fault a real component cannot produce on demand. The points,
@@ -654,6 +910,17 @@ fn crash_point(point: &str) {
         eprintln!("switchyard: crashing at {point} (SWITCHYARD_CRASH_AT)");
         std::process::abort();
     }
+}
+
+/// Why sessions older than the fence row stop a cutover, naming them.
+fn older_writers_message(store: &str, older: &[switchyard_store::OlderWriter]) -> String {
+    let named: Vec<String> = older.iter().take(5).map(ToString::to_string).collect();
+    format!(
+        "{} session(s) in store {store} began before the tenant's fence and may hold its rows \
+         outside the fence: {}",
+        older.len(),
+        named.join("; ")
+    )
 }
 
 fn elapsed_ms(since: Instant) -> u64 {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use switchyard_store::control::Action;
 use switchyard_store::{
     AuditNote, MigrationError, MigrationRecord, MigrationState, NewMigration, RoutingState,
+    FENCE_MARGIN,
 };
 use uuid::Uuid;
 
@@ -19,6 +20,9 @@ const ABORT_WAITS_FOR_CUTOVER: Duration = Duration::from_secs(30);
 const PREFLIGHT_LISTED: usize = 20;
 /// Source events the preflight reads and looks up at a time.
 const PREFLIGHT_PAGE: u32 = 5000;
+/// The least an emergency stop waits for a cutover holding a tenant's fence before it gives up
+/// on that tenant and names the holder.
+const STOP_WAITS_FOR_FENCE: Duration = Duration::from_secs(15);
 
 /// What emergency stop did for one tenant.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -289,15 +293,22 @@ impl Engine {
         Ok(found)
     }
 
+    /// Fails the tenant's active migration, if any, and routes the tenant normal on the store
+    /// it belongs to: the source of the migration this stop failed, else the store routing
+    /// already names. A migration that left its state meanwhile (a cutover that finished) is
+    /// read again, never acted on from an old read: a migrated tenant stays on its target.
+    ///
+    /// Once this stop has failed a migration, that migration can never finish (its cutover's
+    /// last step is a compare-and-set from `cutover`), so routing never names its target and
+    /// nothing was acknowledged there: a fence the cutover moves after all is opened again by
+    /// [`Self::reopen_after_stop`], which waits for the cutover's hold.
     async fn stop_tenant(&self, tenant: Uuid, note: &AuditNote) -> Result<Stopped, EngineError> {
-        let mut failed_migration = None;
-        let mut source = None;
-        // The state may change under us (a worker, a cutover finishing): retry the CAS.
+        let mut failed: Option<MigrationRecord> = None;
+        // The state may change under us (a worker, a cutover finishing): read again and retry.
         for _ in 0..10 {
             let Some(record) = self.control.active_migration(tenant).await? else {
                 break;
             };
-            source = Some(record.source_store_id.clone());
             let route = record.implied_route(MigrationState::Failed);
             let note = note
                 .clone()
@@ -308,10 +319,10 @@ impl Engine {
                 .await
             {
                 Ok(_) => {
-                    failed_migration = Some(record.id);
+                    failed = Some(record);
                     break;
                 }
-                Err(MigrationError::StateChanged { .. }) => continue,
+                Err(MigrationError::StateChanged { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -322,8 +333,8 @@ impl Engine {
             .route(tenant)
             .await
             .map_err(EngineError::store("control"))?;
-        let store = match (&source, &route) {
-            (Some(s), _) => s.clone(),
+        let store = match (&failed, &route) {
+            (Some(record), _) => record.source_store_id.clone(),
             (None, Some(r)) => r.store_id.clone(),
             (None, None) => self.recorded_default_store().await?,
         };
@@ -339,19 +350,48 @@ impl Engine {
         Ok(Stopped {
             tenant_id: tenant,
             store_id: store,
-            failed_migration,
+            failed_migration: failed.map(|r| r.id),
             reopened_fence: false,
             error: None,
         })
     }
 
+    /// How long the emergency stop waits for a tenant's fence: a cutover holds it for its
+    /// budget (which `cutover --timeout-ms` may raise) plus the fence's margin at most.
+    fn fence_wait(&self) -> Duration {
+        (Duration::from_millis(self.settings.cutover_timeout_ms) + FENCE_MARGIN * 2)
+            .max(STOP_WAITS_FOR_FENCE)
+    }
+
     /// Writes must be able to land on the store the tenant is routed to: a moved fence there
-    /// is opened again.
+    /// is opened again — only while routing still names that store (checked just before;
+    /// nothing but an operator moves a normal route).
     async fn reopen_after_stop(&self, stopped: &mut Stopped) {
         let Ok(store) = self.store(&stopped.store_id) else {
             return;
         };
-        match store.reopen_fence(stopped.tenant_id).await {
+        match self.control.route(stopped.tenant_id).await {
+            Ok(Some(r)) if r.store_id != stopped.store_id => {
+                stopped.error = Some(format!(
+                    "routing names {} now, not {}: its fence was left as it is",
+                    r.store_id, stopped.store_id
+                ));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stopped.error = Some(format!(
+                    "routing could not be read again, so the fence in {} was left as it is: {}",
+                    stopped.store_id,
+                    EngineError::store("control")(e)
+                ));
+                return;
+            }
+        }
+        match store
+            .reopen_fence(stopped.tenant_id, self.fence_wait())
+            .await
+        {
             Ok(reopened) => stopped.reopened_fence = reopened,
             Err(e) => {
                 stopped.error = Some(format!(

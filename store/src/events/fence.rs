@@ -5,17 +5,31 @@
 //! holds every new append of the tenant — through the proxy or straight into the table — until
 //! the lock is released. [`FenceLock::move_to`] marks the fence moved and commits;
 //! [`FenceLock::release`] (or dropping the lock) rolls back and leaves the fence open.
+//! The transaction carries a lock, statement and idle-in-transaction timeout, so a holder that
+//! freezes (a stopped process, a lost client) loses the fence within its budget plus
+//! [`FENCE_MARGIN`] instead of holding every writer of the tenant for hours; a wait that gives
+//! up names the session holding the fence.
 //! On SQLite the hold is a write transaction (`BEGIN IMMEDIATE`), which holds every writer of
 //! the store for its short duration.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{PgPool, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{Backend, EventStore};
 use crate::event::{format_timestamp, StoreError};
+
+/// What a fence transaction may run or sit idle past its budget before PostgreSQL ends it
+/// (`statement_timeout`, `idle_in_transaction_session_timeout`): room for the move and its
+/// commit, which run after the budget is checked, never an open-ended hold.
+pub const FENCE_MARGIN: Duration = Duration::from_millis(1000);
+
+/// How far past the fence row's last write (`updated_at`, the start of the transaction that
+/// wrote it) a transaction may have begun and still have written without seeing the row: the
+/// writing statement's own duration, generously.
+const FENCE_ROW_SETTLE_SECS: u32 = 1;
 
 /// An open source transaction holding a tenant's fence.
 #[derive(Debug)]
@@ -30,24 +44,152 @@ enum Tx {
     Sqlite(Transaction<'static, Sqlite>),
 }
 
+/// A session in a store's database whose writes may have escaped a tenant's fence (see
+/// [`EventStore::writers_older_than_fence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OlderWriter {
+    pub pid: i32,
+    pub application_name: String,
+    pub client_addr: String,
+    pub xact_start: String,
+}
+
+impl std::fmt::Display for OlderWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} (application {:?}, client {}, in a transaction since {})",
+            self.pid, self.application_name, self.client_addr, self.xact_start
+        )
+    }
+}
+
+/// Sessions in a transaction that began before the tenant's fence row was last written and
+/// that wrote `events` (so they may hold rows of the tenant inserted before the fence existed,
+/// which no fence held), or whose snapshot predates the row (a repeatable-read transaction
+/// that would not see the fence when it inserts). Their rows would commit behind a moved
+/// fence, never copied. Run on `exec`, excluding its own session.
+const OLDER_WRITERS_SQL: &str = "
+    SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
+           a.xact_start::text
+      FROM pg_stat_activity a, switchyard_fences f
+     WHERE f.tenant_id = $1
+       AND a.datname = current_database()
+       AND a.pid <> pg_backend_pid()
+       AND a.backend_type = 'client backend'
+       AND a.xact_start IS NOT NULL
+       AND (age(a.backend_xmin) >= age(f.xmin)
+            OR (EXISTS (SELECT 1 FROM pg_locks l
+                         WHERE l.pid = a.pid AND l.relation = 'events'::regclass
+                           AND l.mode = 'RowExclusiveLock' AND l.granted)
+                AND (a.xact_start < f.updated_at + make_interval(secs => $2)
+                     OR age(a.backend_xid) >= age(f.xmin))))
+     ORDER BY a.xact_start";
+
+type OlderWriterRow = (i32, String, String, String);
+
+fn older_writers(rows: Vec<OlderWriterRow>) -> Vec<OlderWriter> {
+    rows.into_iter()
+        .map(
+            |(pid, application_name, client_addr, xact_start)| OlderWriter {
+                pid,
+                application_name,
+                client_addr,
+                xact_start,
+            },
+        )
+        .collect()
+}
+
+/// Takes `FOR UPDATE` on the tenant's fence row in `tx` (session `pid`, whose `lock_timeout`
+/// bounds the wait).
+/// A wait that gives up answers [`StoreError::Held`] naming the sessions that held the row,
+/// as seen from `pool` halfway through the wait.
+async fn lock_row(
+    tx: &mut Transaction<'static, Postgres>,
+    pool: &PgPool,
+    (tenant, pid): (Uuid, i32),
+    wait: Duration,
+) -> Result<(), StoreError> {
+    let lock = sqlx::query("SELECT state FROM switchyard_fences WHERE tenant_id = $1 FOR UPDATE")
+        .bind(tenant)
+        .execute(&mut **tx);
+    tokio::pin!(lock);
+    let look = async {
+        tokio::time::sleep(wait / 2).await;
+        holders(pool, pid).await
+    };
+    let seen = tokio::select! {
+        done = &mut lock => return done.map(|_| ()).map_err(StoreError::from),
+        seen = look => seen,
+    };
+    match lock.await {
+        Ok(_) => Ok(()),
+        // 55P03 lock_not_available (lock_timeout), 57014 query_canceled (statement_timeout).
+        Err(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c == "55P03" || c == "57014") =>
+        {
+            Err(StoreError::Held(format!(
+                "the fence of tenant {tenant} stayed held for {} ms by {}",
+                wait.as_millis(),
+                if seen.is_empty() {
+                    "a session that has let go since".to_owned()
+                } else {
+                    seen.join("; ")
+                }
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The sessions `pid` waits for, described for an operator.
+async fn holders(pool: &PgPool, pid: i32) -> Vec<String> {
+    type Holder = (i32, String, String, String, String);
+    let rows: Result<Vec<Holder>, _> = sqlx::query_as(
+        "SELECT pid, coalesce(application_name, ''), coalesce(client_addr::text, 'local'),
+                coalesce(state, ''), coalesce(xact_start::text, '')
+           FROM pg_stat_activity WHERE pid = ANY (pg_blocking_pids($1))",
+    )
+    .bind(pid)
+    .fetch_all(pool)
+    .await;
+    rows.unwrap_or_default()
+        .into_iter()
+        .map(|(pid, app, client, state, since)| {
+            format!("pid {pid} (application {app:?}, client {client}, {state}, in a transaction since {since})")
+        })
+        .collect()
+}
+
 impl EventStore {
     /// Takes the tenant's fence, waiting at most `budget` for appends in flight (PostgreSQL
-    /// `lock_timeout`; the same bound applies to each later statement of the transaction).
+    /// `lock_timeout`). Each later statement of the transaction may run, and the transaction
+    /// may sit idle, for `budget` plus [`FENCE_MARGIN`]; past that PostgreSQL ends it and the
+    /// fence stays as it was.
     pub async fn lock_fence(
         &self,
         tenant: Uuid,
         budget: Duration,
     ) -> Result<FenceLock, StoreError> {
         let millis = budget.as_millis().clamp(1, u128::from(u32::MAX));
+        let bound = (budget + FENCE_MARGIN)
+            .as_millis()
+            .clamp(1, u128::from(u32::MAX));
         match &self.backend {
             Backend::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                sqlx::query(&format!("SET LOCAL lock_timeout = {millis}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("SET LOCAL statement_timeout = {millis}"))
-                    .execute(&mut *tx)
-                    .await?;
+                // The three bounds (transaction-local) and this session's pid, in one round trip.
+                let (pid, ..): (i32, String, String, String) = sqlx::query_as(
+                    "SELECT pg_backend_pid(),
+                            set_config('lock_timeout', $1, true),
+                            set_config('statement_timeout', $2, true),
+                            set_config('idle_in_transaction_session_timeout', $2, true)",
+                )
+                .bind(millis.to_string())
+                .bind(bound.to_string())
+                .fetch_one(&mut *tx)
+                .await?;
                 // The row exists since the migration started; create it if someone removed it.
                 sqlx::query(
                     "INSERT INTO switchyard_fences (tenant_id, state, epoch, updated_at)
@@ -56,10 +198,7 @@ impl EventStore {
                 .bind(tenant)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("SELECT state FROM switchyard_fences WHERE tenant_id = $1 FOR UPDATE")
-                    .bind(tenant)
-                    .execute(&mut *tx)
-                    .await?;
+                lock_row(&mut tx, pool, (tenant, pid), budget).await?;
                 Ok(FenceLock {
                     tenant,
                     tx: Tx::Postgres(tx),
@@ -82,6 +221,27 @@ impl EventStore {
             }
         }
     }
+
+    /// Sessions whose rows of the tenant may have escaped its fence: in a transaction that
+    /// began before the fence row was last written and wrote `events`, or that reads from a
+    /// snapshot older than the row. Until they end, moving the fence could strand their rows
+    /// in this store (they commit after the move, and no copy ever reads them). SQLite
+    /// serialises writers behind the write lock the fence itself takes: none.
+    pub async fn writers_older_than_fence(
+        &self,
+        tenant: Uuid,
+    ) -> Result<Vec<OlderWriter>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => Ok(older_writers(
+                sqlx::query_as(OLDER_WRITERS_SQL)
+                    .bind(tenant)
+                    .bind(f64::from(FENCE_ROW_SETTLE_SECS))
+                    .fetch_all(pool)
+                    .await?,
+            )),
+            Backend::Sqlite(_) => Ok(Vec::new()),
+        }
+    }
 }
 
 impl FenceLock {
@@ -101,6 +261,21 @@ impl FenceLock {
                     .await?
             }
         })
+    }
+
+    /// [`EventStore::writers_older_than_fence`], asked inside this transaction (holding the
+    /// fence, so the answer cannot grow until the fence moves or is released).
+    pub async fn older_writers(&mut self) -> Result<Vec<OlderWriter>, StoreError> {
+        match &mut self.tx {
+            Tx::Postgres(tx) => Ok(older_writers(
+                sqlx::query_as(OLDER_WRITERS_SQL)
+                    .bind(self.tenant)
+                    .bind(f64::from(FENCE_ROW_SETTLE_SECS))
+                    .fetch_all(&mut **tx)
+                    .await?,
+            )),
+            Tx::Sqlite(_) => Ok(Vec::new()),
+        }
     }
 
     /// Sessions waiting behind this lock right now (writers the fence is holding). SQLite
@@ -160,29 +335,42 @@ impl FenceLock {
 }
 
 impl EventStore {
-    /// Opens a moved fence again (emergency stop: the tenant stays on this store). Waits for a
-    /// cutover holding the fence to finish first.
-    pub async fn reopen_fence(&self, tenant: Uuid) -> Result<bool, StoreError> {
-        let changed = match &self.backend {
-            Backend::Postgres(pool) => sqlx::query(
-                "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = now()
-                 WHERE tenant_id = $1 AND state = 'moved'",
-            )
-            .bind(tenant)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-            Backend::Sqlite(pool) => sqlx::query(
-                "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = ?2
-                 WHERE tenant_id = ?1 AND state = 'moved'",
-            )
-            .bind(tenant.to_string())
-            .bind(format_timestamp(&Utc::now()))
-            .execute(pool)
-            .await?
-            .rows_affected(),
-        };
-        Ok(changed > 0)
+    /// Opens a moved fence again (emergency stop: the tenant stays on this store). Takes the
+    /// fence first, so a cutover holding it commits or rolls back before the fence is read
+    /// (an `UPDATE … WHERE state = 'moved'` alone would skip a row the cutover holds, then
+    /// the cutover would move it); gives up after `wait` naming the holder
+    /// ([`StoreError::Held`]). Answers whether the fence was moved and is open now.
+    pub async fn reopen_fence(&self, tenant: Uuid, wait: Duration) -> Result<bool, StoreError> {
+        let mut lock = self.lock_fence(tenant, wait).await?;
+        let (state, _) = lock.state().await?;
+        if state != "moved" {
+            lock.release().await?;
+            return Ok(false);
+        }
+        match lock.tx {
+            Tx::Postgres(mut tx) => {
+                sqlx::query(
+                    "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = now()
+                     WHERE tenant_id = $1",
+                )
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            Tx::Sqlite(mut tx) => {
+                sqlx::query(
+                    "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = ?2
+                     WHERE tenant_id = ?1",
+                )
+                .bind(tenant.to_string())
+                .bind(format_timestamp(&Utc::now()))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(true)
     }
 
     /// Each listed stream's event count and last version here (absent streams are left out).

@@ -9,7 +9,7 @@ mod sqlite;
 mod verify;
 
 pub use copy::{Divergence, Landing, PassWindow};
-pub use fence::FenceLock;
+pub use fence::{FenceLock, OlderWriter, FENCE_MARGIN};
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
 
 use std::sync::Arc;
