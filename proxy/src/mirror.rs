@@ -37,30 +37,34 @@ pub struct MirrorJob {
 }
 
 impl MirrorJob {
-    /// The committed append as the source stored it. Row i of `appended` is request event
-    /// i: the store matches a retry's rows by event id and answers them in the request's
-    /// order, and refuses (`retry_order_mismatch`) a retry whose events it stored in another
-    /// order, so event i is at `first_version + i` by the store's own check, not by hope.
+    /// The committed append as the source stored it: each request event with the stored row
+    /// of the same event id (position, version and the timestamps the store filled in). An
+    /// event the store did not report is left out (the tail copies it): rows are paired by
+    /// identity, never by index.
     pub fn from_append(stream: StreamRef<'_>, events: Vec<NewEvent>, appended: &Appended) -> Self {
+        let rows: HashMap<Uuid, usize> = appended
+            .event_ids
+            .iter()
+            .enumerate()
+            .map(|(row, id)| (*id, row))
+            .collect();
         let events = events
             .into_iter()
-            .enumerate()
-            .map(|(i, e)| StoredEvent {
-                global_position: appended
-                    .global_positions
-                    .get(i)
-                    .copied()
-                    .unwrap_or_default(),
-                event_id: e.event_id,
-                aggregate_type: stream.aggregate_type.to_owned(),
-                aggregate_id: stream.aggregate_id,
-                tenant_id: Some(stream.tenant_id),
-                event_type: e.event_type,
-                version: appended.first_version + i32::try_from(i).unwrap_or(i32::MAX),
-                actor_id: e.actor_id,
-                timestamp: appended.timestamps.get(i).copied().unwrap_or_else(Utc::now),
-                created_at: appended.created_at.get(i).copied().unwrap_or_else(Utc::now),
-                payload: e.payload,
+            .filter_map(|e| {
+                let row = *rows.get(&e.event_id)?;
+                Some(StoredEvent {
+                    global_position: *appended.global_positions.get(row)?,
+                    event_id: e.event_id,
+                    aggregate_type: stream.aggregate_type.to_owned(),
+                    aggregate_id: stream.aggregate_id,
+                    tenant_id: Some(stream.tenant_id),
+                    event_type: e.event_type,
+                    version: *appended.versions.get(row)?,
+                    actor_id: e.actor_id,
+                    timestamp: *appended.timestamps.get(row)?,
+                    created_at: *appended.created_at.get(row)?,
+                    payload: e.payload,
+                })
             })
             .collect();
         Self {
@@ -280,5 +284,67 @@ fn note_failed(
         let entry = stats.entry(*owner).or_default();
         entry.total_failures += 1;
         entry.note_failure(std::slice::from_ref(event), Some(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone as _;
+    use serde_json::value::RawValue;
+
+    fn event(id: Uuid, n: u32) -> NewEvent {
+        let payload = RawValue::from_string(format!("{{\"n\":{n}}}")).expect("valid JSON");
+        NewEvent::new(id, format!("E{n}"), payload, None, None)
+    }
+
+    /// Each mirrored event carries the stored row of its own id, whatever order the store
+    /// reports the rows in; an event the store did not report is left to the tail.
+    #[test]
+    fn a_mirror_job_pairs_rows_with_events_by_id_never_by_index() {
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let at = |s: i64| {
+            Utc.timestamp_opt(1_700_000_000 + s, 0)
+                .single()
+                .expect("valid")
+        };
+        // The store reports b's row first (b at version 7), then a's (version 8); c is missing.
+        let appended = Appended {
+            first_version: 7,
+            last_version: 8,
+            global_positions: vec![70, 80],
+            timestamps: vec![at(7), at(8)],
+            created_at: vec![at(17), at(18)],
+            event_ids: vec![b, a],
+            versions: vec![7, 8],
+        };
+        let stream = StreamRef {
+            tenant_id: Uuid::new_v4(),
+            aggregate_type: "Order",
+            aggregate_id: Uuid::new_v4(),
+        };
+        let job = MirrorJob::from_append(
+            stream,
+            vec![event(a, 1), event(b, 2), event(c, 3)],
+            &appended,
+        );
+        let got: Vec<(Uuid, i32, i64, DateTime<Utc>, &str)> = job
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.event_id,
+                    e.version,
+                    e.global_position,
+                    e.timestamp,
+                    e.event_type.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(a, 8, 80, at(8), "E1"), (b, 7, 70, at(7), "E2")],
+            "each event with its own row; the unreported one left out"
+        );
     }
 }

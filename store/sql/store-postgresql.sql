@@ -71,9 +71,14 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
 --   SWV01 version conflict (DETAIL = the stream's actual version)
 --   SWV02 lost a race: a concurrent append took the version or inserted the same ids; the whole
 --         statement is rolled back and the caller retries (DETAIL = the actual version)
--- Returns what the caller needs to mirror the events exactly (positions, versions, and the
--- timestamps the store filled in).
-CREATE OR REPLACE FUNCTION switchyard_append(
+-- Returns what the caller needs to mirror the events exactly: each stored row's event id (so
+-- the caller pairs rows with its events by id, never by index), position, version, and the
+-- timestamps the store filled in.
+-- The result type grew a column (out_event_id); CREATE OR REPLACE cannot change it, so the old
+-- function is dropped first, inside init's transaction (callers never see it missing).
+DROP FUNCTION IF EXISTS switchyard_append(UUID, TEXT, UUID, INTEGER, UUID[], TEXT[], JSONB[],
+                                          TEXT[], TIMESTAMPTZ[]);
+CREATE FUNCTION switchyard_append(
     p_tenant         UUID,
     p_aggregate_type TEXT,
     p_aggregate_id   UUID,
@@ -84,7 +89,7 @@ CREATE OR REPLACE FUNCTION switchyard_append(
     p_actors         TEXT[],
     p_timestamps     TIMESTAMPTZ[]
 ) RETURNS TABLE (out_position BIGINT, out_version INTEGER, out_timestamp TIMESTAMPTZ,
-                out_created_at TIMESTAMPTZ)
+                out_created_at TIMESTAMPTZ, out_event_id UUID)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_n        INTEGER := cardinality(p_event_ids);
@@ -134,7 +139,8 @@ BEGIN
                 RAISE EXCEPTION 'a retry must send the events in the order of the original append'
                       USING ERRCODE = 'SWI02';
             END IF;
-            RETURN QUERY SELECT e.global_position, e.version, e.timestamp, e.created_at
+            RETURN QUERY SELECT e.global_position, e.version, e.timestamp, e.created_at,
+                                e.event_id
                            FROM unnest(p_event_ids) WITH ORDINALITY AS u(id, ord)
                            JOIN events e ON e.event_id = u.id
                           ORDER BY u.ord;
@@ -163,7 +169,7 @@ BEGIN
       FROM unnest(p_event_ids, p_event_types, p_payloads, p_actors, p_timestamps)
            WITH ORDINALITY AS u(id, typ, payload, actor, ts, ord)
     ON CONFLICT DO NOTHING
-    RETURNING e.global_position, e.version, e.timestamp, e.created_at;
+    RETURNING e.global_position, e.version, e.timestamp, e.created_at, e.event_id;
     GET DIAGNOSTICS v_inserted = ROW_COUNT;
     IF v_inserted < v_n THEN
         SELECT max(e.version) INTO v_current FROM events e
@@ -213,5 +219,5 @@ CREATE TRIGGER switchyard_fence
     REFERENCING NEW TABLE AS switchyard_new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION switchyard_fence_check();
 
-INSERT INTO switchyard_schema (component, version) VALUES ('store', 1)
+INSERT INTO switchyard_schema (component, version) VALUES ('store', 2)
 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();

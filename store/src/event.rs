@@ -57,6 +57,13 @@ pub struct Appended {
     /// Each event's `created_at` as stored.
     #[serde(skip)]
     pub created_at: Vec<DateTime<Utc>>,
+    /// Each stored row's event id, as the store reports it: whoever pairs the rows with the
+    /// request's events (the mirror) does it by id, never by index.
+    #[serde(skip)]
+    pub event_ids: Vec<Uuid>,
+    /// Each stored row's version.
+    #[serde(skip)]
+    pub versions: Vec<i32>,
 }
 
 /// An event read back from a store.

@@ -39,7 +39,11 @@ pub(super) async fn ensure_schema(pool: &PgPool) -> Result<(), StoreError> {
 pub(super) async fn schema_status(pool: &PgPool) -> Result<SchemaStatus, StoreError> {
     let (events, ours): (bool, bool) = sqlx::query_as(
         "SELECT to_regclass('events') IS NOT NULL,
-                to_regprocedure('switchyard_append(uuid,text,uuid,integer,uuid[],text[],jsonb[],text[],timestamptz[])') IS NOT NULL",
+                EXISTS (SELECT 1 FROM pg_proc
+                         WHERE oid = to_regprocedure('switchyard_append(uuid,text,uuid,integer,uuid[],text[],jsonb[],text[],timestamptz[])')
+                           -- the current result type (a store initialised by an older
+                           -- version needs `init` again)
+                           AND 'out_event_id' = ANY (proargnames))",
     )
     .fetch_one(pool)
     .await?;
@@ -62,7 +66,7 @@ pub(super) async fn append(
     let actors: Vec<Option<&str>> = events.iter().map(|e| e.actor_id.as_deref()).collect();
     let timestamps: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.timestamp).collect();
     let rows = sqlx::query(
-        "SELECT out_position, out_version, out_timestamp, out_created_at
+        "SELECT out_position, out_version, out_timestamp, out_created_at, out_event_id
            FROM switchyard_append($1, $2, $3, $4, $5, $6, $7::text[]::jsonb[], $8, $9)",
     )
     .bind(stream.tenant_id)
@@ -87,6 +91,7 @@ pub(super) async fn append(
             position: row.try_get(0)?,
             timestamp: row.try_get(2)?,
             created_at: row.try_get(3)?,
+            event_id: row.try_get(4)?,
         });
     }
     appended(rows_out, events.len()).map_err(Attempt::from)
@@ -99,6 +104,7 @@ pub(super) struct AppendedRow {
     pub position: i64,
     pub timestamp: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    pub event_id: Uuid,
 }
 
 /// Builds the reply from the stored rows, in version order.
@@ -114,6 +120,8 @@ pub(super) fn appended(
             global_positions: rows.iter().map(|r| r.position).collect(),
             timestamps: rows.iter().map(|r| r.timestamp).collect(),
             created_at: rows.iter().map(|r| r.created_at).collect(),
+            event_ids: rows.iter().map(|r| r.event_id).collect(),
+            versions: rows.iter().map(|r| r.version).collect(),
         }),
         _ => Err(StoreError::Corrupt(format!(
             "append returned {} rows for {expected_len} events",

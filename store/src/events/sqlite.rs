@@ -113,6 +113,7 @@ pub(super) async fn append(
                 position: e.global_position,
                 timestamp: e.timestamp,
                 created_at: e.created_at,
+                event_id: e.event_id,
             })
             .collect();
         return appended(rows, events.len()).map_err(Attempt::from);
@@ -168,6 +169,7 @@ pub(super) async fn append(
             position,
             timestamp,
             created_at: now,
+            event_id: event.event_id,
         });
     }
     tx.commit().await?;
