@@ -147,13 +147,22 @@ impl Engine {
         }
         // Writers keep writing: sample the lag a few times before refusing.
         let max_lag = i64::try_from(self.settings.cutover_max_lag_events).unwrap_or(i64::MAX);
-        let mut report = self.lag_report(&record).await?;
+        let mut report = self.lag_report_until(&record, Some(max_lag)).await?;
         for _ in 0..LAG_SAMPLES {
             if report.lag <= max_lag || force || !report.divergent_streams.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            report = self.lag_report(&record).await?;
+            // Someone else (an operator's abort or emergency stop, a worker) may have moved the
+            // migration on meanwhile: then there is nothing left to wait for.
+            let now = self.control.migration(id).await?;
+            if now.state != MigrationState::DualWrite {
+                return Err(EngineError::Refused(format!(
+                    "migration {id} is {} now (changed while this cutover waited for the lag); nothing was paused",
+                    now.state
+                )));
+            }
+            report = self.lag_report_until(&record, Some(max_lag)).await?;
         }
         let lag = report.lag;
         // Events that can never land are not lag: no wait and no --force gets them into the
@@ -175,7 +184,7 @@ impl Engine {
         }
         if lag > max_lag && !force {
             return Err(EngineError::Refused(format!(
-                "migration {id} lags by {lag} events (cutover_max_lag_events = {max_lag}); wait for the tail \
+                "migration {id} lags by at least {lag} events (cutover_max_lag_events = {max_lag}); wait for the tail \
                  (`switchyard-control lag {id}`), or use --force to cut over anyway"
             )));
         }

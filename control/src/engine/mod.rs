@@ -235,6 +235,18 @@ impl Engine {
     /// load). Before that, it is the difference of the two counts (the source counted first),
     /// a progress figure only: nothing is decided by it.
     pub async fn lag_report(&self, record: &MigrationRecord) -> Result<LagReport, EngineError> {
+        self.lag_report_until(record, None).await
+    }
+
+    /// [`Self::lag_report`], stopping as soon as the lag is past `stop_above`: a cutover only
+    /// needs to know whether the lag is within its limit, and a large lag (a tail that stopped,
+    /// writers going) must not make it read every event past the horizon, again and again.
+    /// The lag reported is then a lower bound.
+    pub async fn lag_report_until(
+        &self,
+        record: &MigrationRecord,
+        stop_above: Option<i64>,
+    ) -> Result<LagReport, EngineError> {
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
         if let (true, Some(horizon)) = (record.copy_done(), record.tail_horizon) {
@@ -246,7 +258,7 @@ impl Engine {
             let mut divergent = std::collections::BTreeSet::new();
             let mut after = 0;
             let mut scanned = 0;
-            while scanned < LAG_SCAN_LIMIT {
+            while scanned < LAG_SCAN_LIMIT && stop_above.is_none_or(|limit| report.lag <= limit) {
                 let page = source
                     .settled_events(record.tenant_id, window, SETTLE, after, LAG_PAGE)
                     .await
