@@ -12,7 +12,8 @@
 //! `migrate start`, an acknowledged append retried with its events in another order, and rows
 //! of a foreign tenant planted in other stores with a soak tenant's event ids or stream ids
 //! (a later migration there must refuse or stop on the divergence; the foreign rows must
-//! survive untouched). `cutover --force` meets those divergences too.
+//! survive untouched). `cutover --force` meets those divergences too, and some cutovers lose
+//! the answer to the next `COMMIT` on their source connection (an ambiguous fence move).
 //!
 //! At the end the faults stop, every remaining migration is cut over or aborted, and every
 //! invariant the end state can show is checked against the writers' own record of what was
@@ -717,6 +718,27 @@ impl Soak<'_> {
         }
         if rng.chance(20) {
             args.push("--force".to_owned());
+        }
+        // Now and then the answer to the next COMMIT through the source's gate is lost (most
+        // likely the fence move's): the cutover must settle it by what the fence says.
+        if rng.chance(15) {
+            let source = self
+                .migrations(true)
+                .await?
+                .into_iter()
+                .find(|m| m["id"] == id.as_str())
+                .and_then(|m| m["source_store_id"].as_str().map(str::to_owned));
+            if let Some(g) = source.and_then(|s| STORES.iter().position(|x| *x == s)) {
+                self.gates[g].cut_after_next_commit();
+                self.log.push(format!(
+                    "fault on {}: the next COMMIT's answer is lost",
+                    STORES[g]
+                ));
+                *self
+                    .tally
+                    .entry(("fault commit cut".to_owned(), "ok"))
+                    .or_default() += 1;
+            }
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.control(&refs).await?;
