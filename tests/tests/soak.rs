@@ -583,6 +583,20 @@ impl Soak<'_> {
         }
     }
 
+    /// Records the migration a `migrate start` that exited 0 created for tenant `t`.
+    fn note_started(&mut self, t: usize, out: &Out) -> Result<()> {
+        if out.code != 0 {
+            return Ok(());
+        }
+        let id = out.json()["id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("migrate start printed no id: {}", out.stdout))?
+            .to_owned();
+        self.log.push(format!("  tenant {t} migration {id}"));
+        self.started[t].push(id);
+        Ok(())
+    }
+
     fn latest(&self, tenant: usize) -> Option<String> {
         self.started[tenant].last().cloned()
     }
@@ -680,14 +694,7 @@ impl Soak<'_> {
         let out = self.control(&args).await?;
         let what = format!("tenant {t} to {to} {:?}", &args[9..]);
         self.record("migrate start", &what, &out);
-        if out.code == 0 {
-            let id = out.json()["id"]
-                .as_str()
-                .ok_or_else(|| anyhow!("migrate start printed no id: {}", out.stdout))?
-                .to_owned();
-            self.log.push(format!("  tenant {t} migration {id}"));
-            self.started[t].push(id);
-        }
+        self.note_started(t, &out)?;
         Ok(())
     }
 
@@ -930,14 +937,7 @@ impl Soak<'_> {
             &format!("tenant {t} on {here} +{offset:?}"),
             &b,
         );
-        if a.code == 0 {
-            let id = a.json()["id"]
-                .as_str()
-                .ok_or_else(|| anyhow!("migrate start printed no id: {}", a.stdout))?
-                .to_owned();
-            self.log.push(format!("  tenant {t} migration {id}"));
-            self.started[t].push(id);
-        }
+        self.note_started(t, &a)?;
         Ok(())
     }
 
@@ -1132,14 +1132,7 @@ impl Soak<'_> {
             &format!("tenant {t} to {there}"),
             &out,
         );
-        if out.code == 0 {
-            let id = out.json()["id"]
-                .as_str()
-                .ok_or_else(|| anyhow!("migrate start printed no id: {}", out.stdout))?
-                .to_owned();
-            self.log.push(format!("  tenant {t} migration {id}"));
-            self.started[t].push(id);
-        }
+        self.note_started(t, &out)?;
         Ok(())
     }
 
