@@ -171,9 +171,13 @@ fn demo_config(control_url: String, shared: String, dedicated: String) -> Config
         id: id.to_owned(),
         url,
         max_connections: 8,
+        sslmode: String::new(),
+        ssl_root_cert: String::new(),
     };
     Config {
         control_url,
+        control_sslmode: String::new(),
+        control_ssl_root_cert: String::new(),
         default_store: "shared".to_owned(),
         stores: vec![store("shared", shared), store("dedicated", dedicated)],
         proxy: ProxyConfig::default(),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::tls::Keys;
 use crate::url::StoreUrl;
 
 /// Where the embedded default keeps its files.
@@ -39,6 +40,14 @@ pub struct Config {
     /// Control database: routing, migrations, audit. Default: `sqlite://switchyard-data/control.db`.
     #[serde(default = "default_control_url")]
     pub control_url: String,
+    /// TLS to a PostgreSQL control database: `disable`, `prefer`, `require`, `verify-ca` or
+    /// `verify-full`. Default empty: the URL's own `sslmode=`, else `prefer`.
+    #[serde(default)]
+    pub control_sslmode: String,
+    /// PEM file of the CA that signed the control database's certificate; needed by
+    /// `verify-ca` and `verify-full`. Default empty: the URL's own `sslrootcert=`, else none.
+    #[serde(default)]
+    pub control_ssl_root_cert: String,
     /// Store for tenants that have no routing row. Default: `shared`.
     #[serde(default = "default_store_id")]
     pub default_store: String,
@@ -60,6 +69,14 @@ pub struct StoreConfig {
     /// Connections each process keeps to this store at most. Default: 16.
     #[serde(default = "default_pool_size")]
     pub max_connections: u32,
+    /// TLS to this store (PostgreSQL): `disable`, `prefer`, `require`, `verify-ca` or
+    /// `verify-full`. Default empty: the URL's own `sslmode=`, else `prefer`.
+    #[serde(default)]
+    pub sslmode: String,
+    /// PEM file of the CA that signed this store's certificate; needed by `verify-ca` and
+    /// `verify-full`. Default empty: the URL's own `sslrootcert=`, else none.
+    #[serde(default)]
+    pub ssl_root_cert: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -174,6 +191,8 @@ fn default_stores() -> Vec<StoreConfig> {
             id: id.to_owned(),
             url: format!("sqlite://{EMBEDDED_DIR}/{id}.db"),
             max_connections: default_pool_size(),
+            sslmode: String::new(),
+            ssl_root_cert: String::new(),
         })
         .collect()
 }
@@ -227,6 +246,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             control_url: default_control_url(),
+            control_sslmode: String::new(),
+            control_ssl_root_cert: String::new(),
             default_store: default_store_id(),
             stores: default_stores(),
             proxy: ProxyConfig::default(),
@@ -269,14 +290,15 @@ impl Config {
         };
         config.apply_env(vars)?;
         config.expand_secrets(vars)?;
+        config.resolve_tls()?;
         config.validate()?;
         Ok(config)
     }
 
     /// Applies `SWITCHYARD_<KEY>`, `SWITCHYARD_PROXY_<KEY>`, `SWITCHYARD_CONTROL_<KEY>` and
-    /// `SWITCHYARD_STORE_<ID>_URL` overrides. A variable in one of those families that names no
-    /// key is an error; other `SWITCHYARD_` variables (`SWITCHYARD_CONFIG`, `SWITCHYARD_LOG`) are
-    /// not configuration keys and are left alone.
+    /// `SWITCHYARD_STORE_<ID>_URL` (`_SSLMODE`, `_SSL_ROOT_CERT`) overrides. A variable in one of
+    /// those families that names no key is an error; other `SWITCHYARD_` variables
+    /// (`SWITCHYARD_CONFIG`, `SWITCHYARD_LOG`) are not configuration keys and are left alone.
     fn apply_env(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
         let mut tree = toml::Value::try_from(&*self)
             .map_err(|e| ConfigError::Invalid(format!("serialising defaults: {e}")))?;
@@ -286,17 +308,29 @@ impl Config {
                 continue;
             };
             if let Some(rest) = key.strip_prefix("STORE_") {
-                let store = rest
-                    .strip_suffix("_URL")
-                    .and_then(|id| self.stores.iter_mut().find(|s| env_name(&s.id) == id));
-                match store {
-                    Some(store) => store.url.clone_from(value),
+                let slot = ["_URL", "_SSLMODE", "_SSL_ROOT_CERT"]
+                    .into_iter()
+                    .find_map(|suffix| {
+                        let id = rest.strip_suffix(suffix)?;
+                        let index = self.stores.iter().position(|s| env_name(&s.id) == id)?;
+                        Some((index, suffix))
+                    });
+                match slot {
+                    Some((index, suffix)) => {
+                        let store = &mut self.stores[index];
+                        let field = match suffix {
+                            "_URL" => &mut store.url,
+                            "_SSLMODE" => &mut store.sslmode,
+                            _ => &mut store.ssl_root_cert,
+                        };
+                        field.clone_from(value);
+                    }
                     None => {
                         return Err(ConfigError::Env {
                             var: var.clone(),
-                            message:
-                                "names no configured store (expected SWITCHYARD_STORE_<ID>_URL)"
-                                    .to_owned(),
+                            message: "names no configured store (expected \
+                                      SWITCHYARD_STORE_<ID>_URL, _SSLMODE or _SSL_ROOT_CERT)"
+                                .to_owned(),
                         })
                     }
                 }
@@ -351,7 +385,32 @@ impl Config {
         Ok(())
     }
 
-    /// Checks everything that can be checked without a network.
+    /// Resolves each PostgreSQL database's TLS settings (keys and URL parameters, see
+    /// [`crate::tls::resolve`]) and writes them into both: the URL, where the driver reads them,
+    /// and the keys, so that the keys show what applies and resolving again agrees.
+    fn resolve_tls(&mut self) -> Result<(), ConfigError> {
+        resolve_tls_of(
+            &mut self.control_url,
+            &mut self.control_sslmode,
+            &mut self.control_ssl_root_cert,
+            CONTROL_TLS_KEYS,
+            "",
+        )?;
+        for store in &mut self.stores {
+            let context = format!("store {:?}: ", store.id);
+            resolve_tls_of(
+                &mut store.url,
+                &mut store.sslmode,
+                &mut store.ssl_root_cert,
+                STORE_TLS_KEYS,
+                &context,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without a network (but the TLS settings, which
+    /// [`Config::resolve_tls`] checks as it resolves them).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.stores.is_empty() {
@@ -479,6 +538,37 @@ impl Config {
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# unprintable: {e}"))
     }
+}
+
+/// The names of the control database's TLS keys, and a store's, for errors.
+const CONTROL_TLS_KEYS: Keys<'static> = Keys {
+    url: "control_url",
+    sslmode: "control_sslmode",
+    ssl_root_cert: "control_ssl_root_cert",
+};
+const STORE_TLS_KEYS: Keys<'static> = Keys {
+    url: "url",
+    sslmode: "sslmode",
+    ssl_root_cert: "ssl_root_cert",
+};
+
+/// Resolves one database's TLS settings ([`crate::tls::resolve`], its error after `context`,
+/// which store) and writes them into its URL and keys.
+fn resolve_tls_of(
+    url: &mut String,
+    sslmode: &mut String,
+    ssl_root_cert: &mut String,
+    keys: Keys<'_>,
+    context: &str,
+) -> Result<(), ConfigError> {
+    let resolved = crate::tls::resolve(url, sslmode, ssl_root_cert, keys)
+        .map_err(|e| ConfigError::Invalid(format!("{context}{e}")))?;
+    if let Some(tls) = resolved {
+        *url = crate::tls::with_tls(url, &tls);
+        *sslmode = tls.mode.as_str().to_owned();
+        *ssl_root_cert = tls.root_cert.unwrap_or_default();
+    }
+    Ok(())
 }
 
 /// The smallest head buffer the HTTP/1 server accepts.
@@ -861,6 +951,99 @@ url = "postgres://${USER}:${PW}@${HOST}/db?sslmode=require&password=${PW}"
         let c = Config::from_parts(Some("[proxy]\nadmin_token = \"${PW}\"\n"), None, &env)
             .expect("valid");
         assert_eq!(c.proxy.admin_token, "p@ss:w/rd?#%&x");
+    }
+
+    /// The TLS keys, from the file and the environment, end up in the URL the driver reads;
+    /// what cannot work is refused naming the key, never the URL.
+    #[test]
+    fn tls_keys_are_checked_and_written_into_the_url() {
+        let ca = std::env::temp_dir().join(format!("switchyard-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("temp file");
+        let ca = ca.display().to_string();
+        let text = format!(
+            r#"
+control_url = "postgres://u:s3cret@db/control"
+[[stores]]
+id = "shared"
+url = "postgres://u:s3cret@db/a?application_name=x"
+sslmode = "verify-full"
+ssl_root_cert = "{ca}"
+[[stores]]
+id = "dedicated-a"
+url = "postgres://u:s3cret@db/b"
+"#
+        );
+        let c = Config::from_parts(
+            Some(&text),
+            None,
+            &vars(&[
+                ("SWITCHYARD_CONTROL_SSLMODE", "require"),
+                ("SWITCHYARD_CONTROL_SSL_ROOT_CERT", &ca),
+                ("SWITCHYARD_STORE_DEDICATED_A_SSLMODE", "require"),
+            ]),
+        )
+        .expect("valid");
+        let encoded = ca.replace('/', "%2F");
+        assert_eq!(
+            c.stores[0].url,
+            format!("postgres://u:s3cret@db/a?application_name=x&sslmode=verify-full&sslrootcert={encoded}")
+        );
+        // libpq's rule: require with a CA file checks the chain.
+        assert_eq!(c.control_sslmode, "verify-ca");
+        assert_eq!(
+            c.control_url,
+            format!("postgres://u:s3cret@db/control?sslmode=verify-ca&sslrootcert={encoded}")
+        );
+        assert_eq!(c.stores[1].url, "postgres://u:s3cret@db/b?sslmode=require");
+        let mut again = c.clone();
+        again.resolve_tls().expect("resolving again agrees");
+        assert_eq!(again, c);
+
+        let store = |lines: &str| {
+            format!("[[stores]]\nid = \"shared\"\nurl = \"postgres://u:s3cret@db/a\"\n{lines}")
+        };
+        let cases = [
+            (
+                store("sslmode = \"verify-full\"\n"),
+                "store \"shared\": sslmode verify-full checks the server's certificate against a \
+                 CA: set ssl_root_cert",
+            ),
+            (
+                "control_url = \"postgres://u:s3cret@db/c?sslmode=verify-ca\"\n".to_owned(),
+                "set control_ssl_root_cert",
+            ),
+            (
+                store("sslmode = \"verify-full\"\nssl_root_cert = \"/nonexistent/ca.pem\"\n"),
+                "ssl_root_cert: cannot read the CA file \"/nonexistent/ca.pem\"",
+            ),
+            (
+                store(&format!("ssl_root_cert = \"{ca}\"\n")),
+                "ssl_root_cert is set but sslmode prefer never checks",
+            ),
+            (store("sslmode = \"verify_full\"\n"), "sslmode must be disable, prefer"),
+            (
+                "[[stores]]\nid = \"shared\"\nurl = \"postgres://u:s3cret@db/a?sslmode=disable\"\nsslmode = \"require\"\n".to_owned(),
+                "sslmode = \"require\" but url says sslmode=disable",
+            ),
+            (
+                "[[stores]]\nid = \"shared\"\nurl = \"sqlite://a.db\"\nsslmode = \"require\"\n".to_owned(),
+                "sslmode applies to PostgreSQL only",
+            ),
+        ];
+        for (text, needle) in &cases {
+            let err = Config::from_parts(Some(text), None, &[])
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        let typo = vars(&[("SWITCHYARD_STORE_SHARED_SSL_MODE", "x")]);
+        let err = Config::from_parts(None, None, &typo).expect_err("typo");
+        assert!(err.to_string().contains("SHARED_SSL_MODE"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod control;
 pub mod event;
 pub mod events;
 pub mod provision;
+pub mod tls;
 pub mod url;
 
 pub use config::Config;

@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
@@ -89,10 +89,17 @@ const SERVER_KEEPALIVES: [(&str, &str); 4] = [
 
 /// Opens a PostgreSQL pool. Connections are made lazily so a process can start (and report
 /// itself unready) while a database is down.
+///
+/// TLS is what the URL's `sslmode=` and `sslrootcert=` say (the config writes its keys there,
+/// see [`crate::tls`]); without `sslmode=` it is `prefer`, whatever the environment's
+/// `PGSSLMODE` says, so the config alone decides.
 pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?
+    let mut options = PgConnectOptions::from_str(url)?
         .application_name("switchyard")
         .options(SERVER_KEEPALIVES);
+    if !crate::tls::url_sets_mode(url) {
+        options = options.ssl_mode(PgSslMode::Prefer);
+    }
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
