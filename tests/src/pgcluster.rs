@@ -6,6 +6,9 @@
 //! `/usr/lib/postgresql/<version>/bin` (Debian's layout; 15 on the development machine). PostgreSQL refuses to run as root: when the test runs as
 //! root, the cluster's folder is handed to the `postgres` OS user and every command runs as it
 //! (`runuser -u postgres --`).
+//!
+//! [`PgCluster::start_tls`] starts one that speaks TLS only over TCP (`ssl = on`, and pg_hba
+//! refuses cleartext), for the tests of `sslmode`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,11 +27,24 @@ pub struct PgCluster {
     data: PathBuf,
     log: PathBuf,
     as_postgres: bool,
+    /// Started with `ssl = on` (kept across restarts).
+    tls: bool,
 }
 
 impl PgCluster {
     /// Initialises and starts a cluster on a free port of 127.0.0.1.
     pub fn start() -> Result<Self> {
+        Self::init(None)
+    }
+
+    /// Like [`PgCluster::start`], with `ssl = on`, the certificate chain `cert_pem` and its key
+    /// `key_pem`; pg_hba trusts TLS connections over TCP and rejects cleartext ones (`hostssl
+    /// … trust`, `hostnossl … reject`).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        Self::init(Some((cert_pem, key_pem)))
+    }
+
+    fn init(tls: Option<(&str, &str)>) -> Result<Self> {
         let root =
             std::env::temp_dir().join(format!("switchyard-pgcluster-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&root)?;
@@ -46,6 +62,7 @@ impl PgCluster {
             log: root.join("server.log"),
             root,
             as_postgres,
+            tls: tls.is_some(),
         };
         cluster
             .tool("initdb")
@@ -58,8 +75,35 @@ impl PgCluster {
             .success()
             .then_some(())
             .context("initdb failed")?;
+        if let Some((cert_pem, key_pem)) = tls {
+            cluster.write_tls_files(cert_pem, key_pem)?;
+        }
         cluster.pg_ctl(&["start"])?;
         Ok(cluster)
+    }
+
+    /// `server.crt` and `server.key` (PostgreSQL's default `ssl_cert_file` and `ssl_key_file`,
+    /// in the data folder) and a pg_hba that takes TLS only over TCP. The server refuses a key
+    /// that others may read, so it is 0600 and the server's user owns all three files.
+    fn write_tls_files(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let hba = "local all all trust\n\
+                   hostssl all all 127.0.0.1/32 trust\n\
+                   hostnossl all all 127.0.0.1/32 reject\n";
+        let files = [
+            ("server.crt", cert_pem),
+            ("server.key", key_pem),
+            ("pg_hba.conf", hba),
+        ];
+        for (name, text) in files {
+            let path = self.data.join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if self.as_postgres {
+                run(Command::new("chown").arg("postgres:").arg(&path))?;
+            }
+        }
+        Ok(())
     }
 
     /// The URL of database `name` on this cluster.
@@ -67,10 +111,20 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// The URL of database `name` through the cluster's Unix socket (trusted, and never TLS:
+    /// what a test uses to look at a TLS-only cluster from behind the server's back).
+    pub fn socket_url(&self, name: &str) -> String {
+        format!(
+            "postgres://postgres@localhost:{}/{name}?host={}",
+            self.port,
+            self.data.display()
+        )
+    }
+
     /// Creates a database with a unique name starting with `label`; returns its URL.
     pub async fn create_db(&self, label: &str) -> Result<String> {
         let name = format!("sy_{label}_{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        let mut admin = sqlx::PgConnection::connect(&self.socket_url("postgres")).await?;
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .await?;
@@ -90,12 +144,15 @@ impl PgCluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<()> {
-        let options = format!(
+        let mut options = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c fsync=off -c shared_buffers=32MB -c max_connections=50",
             self.port,
             self.data.display()
         );
+        if self.tls {
+            options.push_str(" -c ssl=on");
+        }
         let out = self
             .tool("pg_ctl")
             .args(args)
