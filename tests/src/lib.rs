@@ -868,9 +868,13 @@ impl TcpGate {
         self.set(GateMode::Pass);
     }
 
-    /// `url` (a PostgreSQL URL on 127.0.0.1:5432) rewritten to go through this gate.
+    /// `url` (a PostgreSQL URL on 127.0.0.1:5432) rewritten to go through this gate, in
+    /// cleartext (`sslmode=disable`): the `COMMIT` trap reads the PostgreSQL stream, which TLS
+    /// would hide (the test server offers TLS, and the default `prefer` takes it).
     pub fn url(&self, url: &str) -> String {
-        url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port), 1)
+        let gated = url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port), 1);
+        let separator = if gated.contains('?') { '&' } else { '?' };
+        format!("{gated}{separator}sslmode=disable")
     }
 }
 
