@@ -784,6 +784,52 @@ mod tests {
     }
 
     #[test]
+    fn an_exposed_data_plane_needs_authentication() {
+        let exposed = ("SWITCHYARD_PROXY_LISTEN", "0.0.0.0:7070");
+        let load = |extra: &[(&str, &str)]| {
+            let mut all = vec![exposed];
+            all.extend_from_slice(extra);
+            Config::from_parts(None, None, &vars(&all)).expect("valid config")
+        };
+        let refusal = load(&[]).proxy.unauthenticated_exposure().expect("refused");
+        assert!(
+            refusal.contains("0.0.0.0:7070") && refusal.contains("allow_unauthenticated"),
+            "{refusal}"
+        );
+        for allowed in [
+            ("SWITCHYARD_PROXY_ALLOW_UNAUTHENTICATED", "true"),
+            (
+                "SWITCHYARD_PROXY_DATA_TOKENS_FILE",
+                "/etc/switchyard/data-tokens",
+            ),
+        ] {
+            assert_eq!(load(&[allowed]).proxy.unauthenticated_exposure(), None);
+        }
+        let loopback = Config::from_parts(None, None, &[]).expect("defaults");
+        assert_eq!(loopback.proxy.unauthenticated_exposure(), None);
+        // Client certificates are asked for in the TLS handshake: no TLS, no client CA.
+        let err = Config::from_parts(
+            None,
+            None,
+            &vars(&[("SWITCHYARD_PROXY_TLS_CLIENT_CA_PATH", "/etc/ca.pem")]),
+        )
+        .expect_err("a client CA without TLS");
+        assert!(err.to_string().contains("tls_client_ca_path"), "{err}");
+        let with_tls = Config::from_parts(
+            None,
+            None,
+            &vars(&[
+                exposed,
+                ("SWITCHYARD_PROXY_TLS_CERT_PATH", "/c.pem"),
+                ("SWITCHYARD_PROXY_TLS_KEY_PATH", "/k.pem"),
+                ("SWITCHYARD_PROXY_TLS_CLIENT_CA_PATH", "/ca.pem"),
+            ]),
+        )
+        .expect("mutual TLS");
+        assert_eq!(with_tls.proxy.unauthenticated_exposure(), None);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_parts(Some("[proxy]\nlisten_addr = \"x\"\n"), None, &[])
             .expect_err("unknown key");
