@@ -1,5 +1,6 @@
-//! The admin port: health, readiness, metrics, the routing table, reloads. Mutating calls
-//! need the configured bearer token (compared in constant time).
+//! The admin port: health, readiness, metrics, the routing table, reloads. Every call but
+//! `/healthz`, `/readyz` and `/metrics` (probes and scrapers) needs the configured bearer token
+//! (compared in constant time): the routing table lists tenant ids.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if !matches!(segments.as_slice(), ["healthz" | "readyz" | "metrics"]) {
+        authorize(state, &request)?;
+    }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(ready(state).await),
@@ -74,7 +78,6 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             Ok(json_response(StatusCode::OK, &body))
         }
         (&Method::POST, ["admin", "routes", "reload"]) => {
-            authorize(state, &request)?;
             let epoch = crate::watcher::reload(state, "admin").await.map_err(|e| {
                 ApiError::StoreUnavailable {
                     store_id: "control".to_owned(),
@@ -84,7 +87,6 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             Ok(json_response(StatusCode::OK, &json!({ "epoch": epoch })))
         }
         (&Method::POST, ["admin", "tenants", tenant, "resume-writes"]) => {
-            authorize(state, &request)?;
             let tenant = Uuid::parse_str(tenant).map_err(|_| {
                 ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
             })?;
@@ -99,7 +101,6 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
             &json!({ "filter": crate::telemetry::current_filter() }),
         )),
         (&Method::PUT | &Method::POST, ["admin", "log-level"]) => {
-            authorize(state, &request)?;
             let body = read_small_body(request).await?;
             let filter = crate::telemetry::set_from_json(&body)
                 .map_err(|m| ApiError::bad_request("invalid_filter", m))?;

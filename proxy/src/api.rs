@@ -50,6 +50,13 @@ impl Endpoint {
         }
     }
 
+    /// The tenant in the path.
+    pub fn tenant(&self) -> Uuid {
+        match self {
+            Self::Stream { tenant, .. } | Self::Feed { tenant } => *tenant,
+        }
+    }
+
     /// Parses `/v1/tenants/{t}/streams/{type}/{id}/events` and `/v1/tenants/{t}/events`.
     pub fn parse(path: &str, max_field_bytes: usize) -> Result<Option<Self>, ApiError> {
         let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
@@ -374,6 +381,13 @@ async fn route(
     state: &AppState,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    // Before anything else, so a caller without a token learns nothing, not even which
+    // paths exist.
+    let grant = state
+        .data_tokens
+        .as_ref()
+        .map(|tokens| tokens.authenticate(request.headers()))
+        .transpose()?;
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let Some(endpoint) = Endpoint::parse(&path, state.config.proxy.max_field_bytes)? else {
@@ -382,6 +396,9 @@ async fn route(
             path,
         });
     };
+    if let Some(grant) = &grant {
+        grant.check(endpoint.tenant())?;
+    }
     let query = request.uri().query().unwrap_or("").to_owned();
     match (endpoint, method) {
         (

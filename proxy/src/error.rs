@@ -60,6 +60,12 @@ pub enum ApiError {
     Timeout(u64),
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// A data-plane request without a bearer token the proxy knows (tokens are configured).
+    #[error("missing or unknown bearer token")]
+    Unauthenticated,
+    /// A data-plane request whose token is not allowed the tenant in its path.
+    #[error("this token is not allowed this tenant")]
+    ForbiddenTenant,
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An append that failed after it may have reached the store (the store went away
@@ -120,7 +126,9 @@ impl ApiError {
             | Self::Unstorable { .. }
             | Self::StreamNotFound
             | Self::BodyTimeout(_)
-            | Self::Unauthorized => Kind::Client,
+            | Self::Unauthorized
+            | Self::Unauthenticated
+            | Self::ForbiddenTenant => Kind::Client,
             Self::VersionConflict { .. } | Self::EventIdReused | Self::RetryReordered => {
                 Kind::Conflict
             }
@@ -178,7 +186,8 @@ impl ApiError {
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::ForbiddenTenant => StatusCode::FORBIDDEN,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unconfirmed(inner) => inner.status(),
         }
@@ -203,6 +212,8 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::BodyTimeout(_) => "body_timeout",
             Self::Unauthorized => "unauthorized",
+            Self::Unauthenticated => "unauthenticated",
+            Self::ForbiddenTenant => "forbidden_tenant",
             Self::Internal(_) => "internal",
             Self::Unconfirmed(inner) => inner.code(),
         }
@@ -264,6 +275,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, Self::Unauthorized | Self::Unauthenticated) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(allow) = allow {
             response

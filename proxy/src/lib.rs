@@ -6,6 +6,7 @@
 //! table on a separate admin port. [`App::build`] and [`App::run`] let tests start the real
 //! thing in-process on `127.0.0.1:0`.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod error;
@@ -59,8 +60,13 @@ pub struct AppState {
     pub admin_url: std::sync::OnceLock<String>,
     /// Where this proxy's data plane answers, as reported in `proxies` (set when it binds).
     pub data_url: std::sync::OnceLock<String>,
-    /// TLS for both listeners, when a certificate and key are configured.
+    /// TLS for the admin listener, when a certificate and key are configured.
     pub tls: Option<tls::Tls>,
+    /// TLS for the data listener: the same certificate, plus client certificates when
+    /// `proxy.tls_client_ca_path` is set.
+    pub data_tls: Option<tls::Tls>,
+    /// Data-plane bearer tokens, when `proxy.data_tokens_file` is set.
+    pub data_tokens: Option<access::DataTokens>,
     shutting_down: AtomicBool,
 }
 
@@ -102,6 +108,11 @@ pub enum BuildError {
     TooManyStores(usize),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Tokens(#[from] access::TokensError),
+    /// A data listener beyond loopback that nobody has to authenticate to.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The config's `default_store` is not the one the control database records.
     #[error("{0}")]
     DefaultStore(String),
@@ -117,6 +128,9 @@ impl App {
     /// Opens (lazily connecting) pools on every store and the control database. Nothing here
     /// waits for a database: a proxy starts while one is down and reports itself unready.
     pub fn build(config: Config) -> Result<Self, BuildError> {
+        if let Some(refusal) = config.proxy.unauthenticated_exposure() {
+            return Err(BuildError::Unauthenticated(refusal));
+        }
         if config.stores.len() >= usize::from(StoreIdx::MAX) {
             return Err(BuildError::TooManyStores(config.stores.len()));
         }
@@ -138,15 +152,33 @@ impl App {
             .get(&config.default_store)
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
-        let tls = if config.proxy.tls_cert_path.is_empty() {
+        let (tls, data_tls) = if config.proxy.tls_cert_path.is_empty() {
+            (None, None)
+        } else {
+            let p = &config.proxy;
+            let admin = tls::Tls::load(&p.tls_cert_path, &p.tls_key_path, None)?;
+            let data = if p.tls_client_ca_path.is_empty() {
+                admin.clone()
+            } else {
+                tls::Tls::load(
+                    &p.tls_cert_path,
+                    &p.tls_key_path,
+                    Some(&p.tls_client_ca_path),
+                )?
+            };
+            (Some(admin), Some(data))
+        };
+        let data_tokens = if config.proxy.data_tokens_file.is_empty() {
             None
         } else {
-            Some(tls::Tls::load(
-                &config.proxy.tls_cert_path,
-                &config.proxy.tls_key_path,
-            )?)
+            Some(access::DataTokens::load(&config.proxy.data_tokens_file)?)
         };
         let metrics = ProxyMetrics::new();
+        if let Some(tokens) = &data_tokens {
+            metrics
+                .data_tokens
+                .set(i64::try_from(tokens.len()).unwrap_or(i64::MAX));
+        }
         let state = AppState {
             mirror: Mirror::new(stores.len(), metrics.clone()),
             stores,
@@ -169,6 +201,8 @@ impl App {
             admin_url: std::sync::OnceLock::new(),
             data_url: std::sync::OnceLock::new(),
             tls,
+            data_tls,
+            data_tokens,
             shutting_down: AtomicBool::new(false),
             config,
         };
@@ -247,11 +281,29 @@ impl App {
         }
         if let Ok(addr) = data.local_addr() {
             let _ = state.data_url.set(format!("{scheme}://{addr}"));
+            if !state.config.proxy.data_plane_authenticated() && !addr.ip().is_loopback() {
+                // Only reachable with proxy.allow_unauthenticated (App::build refuses otherwise).
+                tracing::warn!(
+                    data_addr = %addr,
+                    "unauthenticated data plane on {addr}: anyone who can reach it may read and \
+                     write every tenant (proxy.allow_unauthenticated = true)"
+                );
+                state.metrics.data_plane_unauthenticated.set(1);
+            }
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         // The admin port outlives the data port's drain, so `/readyz` can say 503 meanwhile.
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let watcher = tokio::spawn(watcher::run(Arc::clone(&state), stop_rx.clone()));
+        let tokens_watcher = state.data_tokens.is_some().then(|| {
+            let (state, stop) = (Arc::clone(&state), stop_rx.clone());
+            tokio::spawn(async move {
+                if let Some(tokens) = &state.data_tokens {
+                    let every = Duration::from_millis(state.config.proxy.data_tokens_poll_ms);
+                    access::watch(tokens, &state.metrics, every, stop).await;
+                }
+            })
+        });
         let mirror_workers = state.mirror.start(&state.stores);
         let admin_server = tokio::spawn(server::serve_with(
             admin,
@@ -265,7 +317,7 @@ impl App {
             server::data_service(Arc::clone(&state)),
             stop_rx,
             grace,
-            server::ServeOptions::data(&state.config.proxy, state.tls.clone()),
+            server::ServeOptions::data(&state.config.proxy, state.data_tls.clone()),
         );
         tokio::pin!(data_server);
         tokio::select! {
@@ -286,6 +338,9 @@ impl App {
         let _ = admin_stop_tx.send(true);
         let _ = admin_server.await;
         watcher.abort();
+        if let Some(tokens_watcher) = tokens_watcher {
+            tokens_watcher.abort();
+        }
         for worker in mirror_workers {
             worker.abort();
         }

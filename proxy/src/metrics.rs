@@ -29,6 +29,13 @@ pub struct ProxyMetrics {
     /// 1 when a store answered its last ping, 0 when not; `store` is a configured store id
     /// (bounded by the configuration).
     pub store_up: prometheus::IntGaugeVec,
+    /// Data-plane tokens in use (from `proxy.data_tokens_file`).
+    pub data_tokens: IntGauge,
+    /// Re-reads of a changed tokens file by outcome (`ok`, `error`: the old tokens stay).
+    pub data_token_reloads: IntCounterVec,
+    /// 1 when the data plane listens beyond loopback with no authentication, by
+    /// `proxy.allow_unauthenticated`.
+    pub data_plane_unauthenticated: IntGauge,
     pub build_info: IntGaugeVecHolder,
 }
 
@@ -124,6 +131,29 @@ impl ProxyMetrics {
             &["store"],
         )
         .expect("valid metric");
+        let data_tokens = IntGauge::new(
+            "switchyard_proxy_data_tokens",
+            "Data-plane bearer tokens in use (from proxy.data_tokens_file).",
+        )
+        .expect("valid metric");
+        let data_token_reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_data_token_reloads_total",
+                "Re-reads of a changed data tokens file by outcome (on error the tokens in use \
+                 stay).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in ["ok", "error"] {
+            data_token_reloads.with_label_values(&[outcome]);
+        }
+        let data_plane_unauthenticated = IntGauge::new(
+            "switchyard_proxy_data_plane_unauthenticated",
+            "1 when the data plane listens beyond loopback with neither tokens nor client \
+             certificates (proxy.allow_unauthenticated = true), else 0.",
+        )
+        .expect("valid metric");
         let build_info = prometheus::IntGaugeVec::new(
             Opts::new("switchyard_build_info", "Build information; always 1."),
             &["program", "version", "commit"],
@@ -151,6 +181,9 @@ impl ProxyMetrics {
             Box::new(routing_reloads.clone()),
             Box::new(routing_unknown_stores.clone()),
             Box::new(store_up.clone()),
+            Box::new(data_tokens.clone()),
+            Box::new(data_token_reloads.clone()),
+            Box::new(data_plane_unauthenticated.clone()),
             Box::new(build_info.clone()),
         ] {
             registry
@@ -171,6 +204,9 @@ impl ProxyMetrics {
             routing_reloads,
             routing_unknown_stores,
             store_up,
+            data_tokens,
+            data_token_reloads,
+            data_plane_unauthenticated,
             build_info: IntGaugeVecHolder(build_info),
         }
     }

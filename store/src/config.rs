@@ -136,6 +136,21 @@ pub struct ProxyConfig {
     pub tls_cert_path: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`.
     pub tls_key_path: String,
+    /// PEM CA certificate(s); when set (with `tls_cert_path`), the data listener accepts only
+    /// clients presenting a certificate that CA signed (mutual TLS). The admin listener does
+    /// not ask for one (probes and scrapers). Empty means no client certificates.
+    pub tls_client_ca_path: String,
+    /// Data-plane bearer tokens: a file of `<token> <tenant-uuid>[,<tenant-uuid>...]` or
+    /// `<token> *` lines (`#` comments). When set, every data-plane request needs
+    /// `Authorization: Bearer <token>` allowed its tenant. Re-read when its content changes.
+    /// Empty means no tokens.
+    pub data_tokens_file: String,
+    /// How often `data_tokens_file` is checked for changes. Default 2000.
+    pub data_tokens_poll_ms: u64,
+    /// Lets the data plane listen on a non-loopback address with neither `data_tokens_file`
+    /// nor `tls_client_ca_path` (otherwise the proxy refuses to start). Logged as a warning
+    /// and exported as `switchyard_proxy_data_plane_unauthenticated`. Default false.
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -222,6 +237,10 @@ impl Default for ProxyConfig {
             rate_limit_burst: 0,
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
+            tls_client_ca_path: String::new(),
+            data_tokens_file: String::new(),
+            data_tokens_poll_ms: 2000,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -253,6 +272,32 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             control: ControlConfig::default(),
         }
+    }
+}
+
+impl ProxyConfig {
+    /// Whether data-plane requests must authenticate (bearer tokens or client certificates).
+    pub fn data_plane_authenticated(&self) -> bool {
+        !self.data_tokens_file.is_empty() || !self.tls_client_ca_path.is_empty()
+    }
+
+    /// Why the proxy must not start with this data plane: a listener beyond loopback that
+    /// nobody has to authenticate to, unless `allow_unauthenticated` says so. Checked by the
+    /// proxy only (the control plane reads the same file but serves no data plane).
+    pub fn unauthenticated_exposure(&self) -> Option<String> {
+        (!self.data_plane_authenticated()
+            && !self.allow_unauthenticated
+            && !is_loopback(&self.listen))
+            .then(|| {
+                format!(
+                    "proxy.listen = {:?} is not a loopback address and the data plane has no \
+                     authentication: anyone who can reach it could read and write every \
+                     tenant's events; set proxy.data_tokens_file (SWITCHYARD_PROXY_DATA_TOKENS_FILE) \
+                     or proxy.tls_client_ca_path, bind it to 127.0.0.1, or set \
+                     proxy.allow_unauthenticated = true if the network alone guards it",
+                    self.listen
+                )
+            })
     }
 }
 
@@ -479,6 +524,7 @@ impl Config {
             ("proxy.keep_alive_idle_ms", p.keep_alive_idle_ms),
             ("proxy.body_read_timeout_ms", p.body_read_timeout_ms),
             ("proxy.max_connections", p.max_connections as u64),
+            ("proxy.data_tokens_poll_ms", p.data_tokens_poll_ms),
             (
                 "control.cutover_timeout_ms",
                 self.control.cutover_timeout_ms,
@@ -497,6 +543,13 @@ impl Config {
         if p.tls_cert_path.is_empty() != p.tls_key_path.is_empty() {
             return invalid(
                 "proxy.tls_cert_path and proxy.tls_key_path must be set together".to_owned(),
+            );
+        }
+        if !p.tls_client_ca_path.is_empty() && p.tls_cert_path.is_empty() {
+            return invalid(
+                "proxy.tls_client_ca_path needs proxy.tls_cert_path and proxy.tls_key_path \
+                 (client certificates are asked for in the TLS handshake)"
+                    .to_owned(),
             );
         }
         if p.admin_token.is_empty() && !is_loopback(&p.admin_listen) {
@@ -818,6 +871,52 @@ mod tests {
             Config::from_parts(None, None, &vars(&[(key, "127.0.0.1:7999")]))
                 .expect("loopback without a token");
         }
+    }
+
+    #[test]
+    fn an_exposed_data_plane_needs_authentication() {
+        let exposed = ("SWITCHYARD_PROXY_LISTEN", "0.0.0.0:7070");
+        let load = |extra: &[(&str, &str)]| {
+            let mut all = vec![exposed];
+            all.extend_from_slice(extra);
+            Config::from_parts(None, None, &vars(&all)).expect("valid config")
+        };
+        let refusal = load(&[]).proxy.unauthenticated_exposure().expect("refused");
+        assert!(
+            refusal.contains("0.0.0.0:7070") && refusal.contains("allow_unauthenticated"),
+            "{refusal}"
+        );
+        for allowed in [
+            ("SWITCHYARD_PROXY_ALLOW_UNAUTHENTICATED", "true"),
+            (
+                "SWITCHYARD_PROXY_DATA_TOKENS_FILE",
+                "/etc/switchyard/data-tokens",
+            ),
+        ] {
+            assert_eq!(load(&[allowed]).proxy.unauthenticated_exposure(), None);
+        }
+        let loopback = Config::from_parts(None, None, &[]).expect("defaults");
+        assert_eq!(loopback.proxy.unauthenticated_exposure(), None);
+        // Client certificates are asked for in the TLS handshake: no TLS, no client CA.
+        let err = Config::from_parts(
+            None,
+            None,
+            &vars(&[("SWITCHYARD_PROXY_TLS_CLIENT_CA_PATH", "/etc/ca.pem")]),
+        )
+        .expect_err("a client CA without TLS");
+        assert!(err.to_string().contains("tls_client_ca_path"), "{err}");
+        let with_tls = Config::from_parts(
+            None,
+            None,
+            &vars(&[
+                exposed,
+                ("SWITCHYARD_PROXY_TLS_CERT_PATH", "/c.pem"),
+                ("SWITCHYARD_PROXY_TLS_KEY_PATH", "/k.pem"),
+                ("SWITCHYARD_PROXY_TLS_CLIENT_CA_PATH", "/ca.pem"),
+            ]),
+        )
+        .expect("mutual TLS");
+        assert_eq!(with_tls.proxy.unauthenticated_exposure(), None);
     }
 
     #[test]

@@ -1098,8 +1098,24 @@ pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uu
 
 /// A proxy's admin view of a tenant's route (`GET /admin/routes/{tenant}`).
 pub async fn route_state(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<Value> {
+    route_state_with(http, proxy, tenant, None).await
+}
+
+/// [`route_state`] from a proxy with an admin token (every admin read needs it).
+pub async fn route_state_with(
+    http: &Http,
+    proxy: &ProxyProcess,
+    tenant: Uuid,
+    admin_token: Option<&str>,
+) -> Result<Value> {
+    let bearer = admin_token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    let url = format!("{}/admin/routes/{tenant}", proxy.admin);
     Ok(http
-        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
+        .request(http::Method::GET, &url, Bytes::new(), &headers)
         .await?
         .json)
 }

@@ -146,10 +146,12 @@ fn test_certificates() -> Result<(Vec<u8>, String, String)> {
     Ok((ca.der().to_vec(), cert.pem(), key.serialize_pem()))
 }
 
-/// One request over TLS (HTTP/1.1 or, by ALPN, HTTP/2) trusting only `ca`.
+/// One request over TLS (HTTP/1.1 or, by ALPN, HTTP/2) trusting only `ca`, presenting
+/// `client` (certificate PEM, key PEM) when given.
 async fn tls_request(
     addr: &str,
     ca: &[u8],
+    client: Option<&(String, String)>,
     h2: bool,
     method: Method,
     path: &str,
@@ -157,12 +159,23 @@ async fn tls_request(
 ) -> Result<(StatusCode, Value)> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::CertificateDer::from(ca.to_vec()))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            use rustls::pki_types::pem::PemObject;
+            builder.with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(
+                    cert.as_bytes(),
+                )?],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+            )?
+        }
+    };
     config.alpn_protocols = vec![if h2 {
         b"h2".to_vec()
     } else {
@@ -193,6 +206,23 @@ async fn tls_request(
     Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
+/// Waits until the admin port answers `/readyz` 200 over TLS (no client certificate).
+async fn wait_ready_over_tls(
+    proxy: &switchyard_tests::ProxyProcess,
+    admin: &str,
+    ca: &[u8],
+) -> Result<()> {
+    wait_for(Duration::from_secs(20), || async {
+        Ok(
+            tls_request(admin, ca, None, false, Method::GET, "/readyz", Vec::new())
+                .await
+                .is_ok_and(|(s, _)| s == StatusCode::OK),
+        )
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", proxy.log()))
+}
+
 /// With a certificate and key configured, both listeners speak TLS (HTTP/1.1 and h2 by ALPN)
 /// and nothing else; an append over HTTPS lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,23 +244,16 @@ async fn tls_on_data_and_admin_listeners() -> Result<()> {
         proxy.data.trim_start_matches("http://").to_owned(),
         proxy.admin.trim_start_matches("http://").to_owned(),
     );
-    wait_for(Duration::from_secs(20), || async {
-        Ok(
-            tls_request(&admin, &ca, false, Method::GET, "/readyz", Vec::new())
-                .await
-                .is_ok_and(|(s, _)| s == StatusCode::OK),
-        )
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", proxy.log()))?;
+    wait_ready_over_tls(&proxy, &admin, &ca).await?;
 
     let (tenant, aggregate) = (Uuid::new_v4(), Uuid::new_v4());
     let path = format!("/v1/tenants/{tenant}/streams/Order/{aggregate}/events");
     let body = serde_json::to_vec(&events_body(Some(0), 2, "OverTls"))?;
-    let (status, reply) = tls_request(&data, &ca, false, Method::POST, &path, body).await?;
+    let (status, reply) = tls_request(&data, &ca, None, false, Method::POST, &path, body).await?;
     assert_eq!(status, StatusCode::CREATED, "{reply}");
     assert_eq!(reply["last_version"], 2);
-    let (status, reply) = tls_request(&data, &ca, true, Method::GET, &path, Vec::new()).await?;
+    let (status, reply) =
+        tls_request(&data, &ca, None, true, Method::GET, &path, Vec::new()).await?;
     assert_eq!(status, StatusCode::OK, "{reply}");
     assert_eq!(
         reply["events"].as_array().map(Vec::len),
@@ -258,11 +281,17 @@ async fn tls_on_data_and_admin_listeners() -> Result<()> {
     }
     // A client that does not trust the CA fails the handshake.
     let (other_ca, _, _) = test_certificates()?;
-    assert!(
-        tls_request(&data, &other_ca, false, Method::GET, &path, Vec::new())
-            .await
-            .is_err()
-    );
+    assert!(tls_request(
+        &data,
+        &other_ca,
+        None,
+        false,
+        Method::GET,
+        &path,
+        Vec::new()
+    )
+    .await
+    .is_err());
     Ok(())
 }
 
@@ -762,6 +791,415 @@ async fn event_ids_of_another_tenant_are_refused() -> Result<()> {
         }
         assert_eq!(count_events(&store, Some(owner)).await?, 1);
         assert_eq!(count_events(&store, Some(intruder)).await?, 1);
+    }
+    Ok(())
+}
+
+/// The value of one series (`name` or `name{labels}`, as exported) in a proxy's scrape.
+async fn metric(http: &Http, admin: &str, series: &str) -> Result<Option<f64>> {
+    let text = String::from_utf8(http.get(&format!("{admin}/metrics")).await?.body.to_vec())?;
+    Ok(text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    }))
+}
+
+/// A request with `token` as its bearer token (none when empty).
+async fn with_token(
+    http: &Http,
+    method: Method,
+    url: &str,
+    body: &Value,
+    token: &str,
+) -> Result<switchyard_tests::Reply> {
+    let bearer = format!("Bearer {token}");
+    let headers: &[(&str, &str)] = if token.is_empty() {
+        &[]
+    } else {
+        &[("authorization", bearer.as_str())]
+    };
+    let body = if method == Method::POST {
+        Bytes::from(serde_json::to_vec(body)?)
+    } else {
+        Bytes::new()
+    };
+    http.request(method, url, body, headers).await
+}
+
+/// With `proxy.data_tokens_file`, every data-plane request needs a bearer token allowed its
+/// tenant: none or an unknown one is 401 `unauthenticated` (with `WWW-Authenticate: Bearer`,
+/// whatever the path), a token of other tenants 403 `forbidden_tenant` and nothing is written.
+/// Rewriting the file adds and removes tokens without a restart; a rewrite that does not parse
+/// keeps the tokens in use and is counted. No token reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_tokens_allow_their_tenants_only() -> Result<()> {
+    let dir = TempDir::new("tokens")?;
+    let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let (app, ops, added) = (
+        "app-token-Secret-0001",
+        "ops-token-Secret-0002",
+        "new-token-Secret-0003",
+    );
+    let tokens = dir.path.join("data-tokens");
+    std::fs::write(
+        &tokens,
+        format!("# the orders app\n{app} {mine}\n{ops} *  # operators\n"),
+    )?;
+    let extra = format!(
+        "[proxy]\ndata_tokens_file = \"{}\"\ndata_tokens_poll_ms = 50\n",
+        tokens.display()
+    );
+    let (env, proxy, http) = started(
+        Backend::Sqlite,
+        &["shared"],
+        &extra,
+        &[("SWITCHYARD_LOG", "debug")],
+    )
+    .await?;
+    let append = |tenant| stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+    let body = events_body(Some(0), 1, "E");
+
+    for (method, url) in [
+        (Method::POST, append(mine)),
+        (Method::GET, append(mine)),
+        (Method::GET, feed_url(&proxy.data, mine)),
+        (Method::GET, format!("{}/v1/nothing", proxy.data)),
+    ] {
+        for token in ["", "app-token-Secret-000", "app-token-Secret-00011"] {
+            let refused = with_token(&http, method.clone(), &url, &body, token).await?;
+            assert_eq!(
+                refused.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {url} {token:?}"
+            );
+            assert_eq!(
+                refused.json["error"], "unauthenticated",
+                "{:?}",
+                refused.json
+            );
+            assert_eq!(refused.headers["www-authenticate"], "Bearer");
+        }
+        let basic = http
+            .request(
+                method.clone(),
+                &url,
+                Bytes::new(),
+                &[("authorization", app)],
+            )
+            .await?;
+        assert_eq!(basic.status, StatusCode::UNAUTHORIZED, "no Bearer scheme");
+    }
+    for (method, url) in [
+        (Method::POST, append(other)),
+        (Method::GET, append(other)),
+        (Method::GET, feed_url(&proxy.data, other)),
+    ] {
+        let refused = with_token(&http, method.clone(), &url, &body, app).await?;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{method} {url}");
+        assert_eq!(
+            refused.json["error"], "forbidden_tenant",
+            "{:?}",
+            refused.json
+        );
+    }
+    assert_eq!(count_events(env.store_url("shared"), None).await?, 0);
+    // Each append that lands has fresh event ids (an id is unique across tenants).
+    let fresh = || events_body(Some(0), 1, "E");
+    let ok = with_token(&http, Method::POST, &append(mine), &fresh(), app).await?;
+    assert_eq!(ok.status, StatusCode::CREATED, "{:?}", ok.json);
+    let ok = with_token(&http, Method::POST, &append(other), &fresh(), ops).await?;
+    assert_eq!(ok.status, StatusCode::CREATED, "{:?}", ok.json);
+    let read = with_token(&http, Method::GET, &feed_url(&proxy.data, mine), &body, app).await?;
+    assert_eq!(read.status, StatusCode::OK);
+
+    // A rewrite: `added` for the other tenant, `app` gone. No restart.
+    std::fs::write(&tokens, format!("{ops} *\n{added} {other},{mine}\n"))?;
+    let feed = feed_url(&proxy.data, other);
+    wait_for(Duration::from_secs(10), || async {
+        Ok(with_token(&http, Method::GET, &feed, &body, added)
+            .await?
+            .status
+            == StatusCode::OK)
+    })
+    .await?;
+    let gone = with_token(&http, Method::POST, &append(mine), &body, app).await?;
+    assert_eq!(gone.status, StatusCode::UNAUTHORIZED, "a removed token");
+    assert_eq!(
+        metric(
+            &http,
+            &proxy.admin,
+            "switchyard_proxy_data_token_reloads_total{outcome=\"ok\"}"
+        )
+        .await?,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&http, &proxy.admin, "switchyard_proxy_data_tokens").await?,
+        Some(2.0)
+    );
+
+    // A rewrite that does not parse: counted, logged by line, and the tokens in use stay.
+    std::fs::write(&tokens, format!("{ops} *\n{app} not-a-tenant\n"))?;
+    wait_for(Duration::from_secs(10), || async {
+        Ok(metric(
+            &http,
+            &proxy.admin,
+            "switchyard_proxy_data_token_reloads_total{outcome=\"error\"}",
+        )
+        .await?
+            == Some(1.0))
+    })
+    .await?;
+    let kept = with_token(&http, Method::POST, &append(other), &fresh(), added).await?;
+    assert_eq!(kept.status, StatusCode::CREATED, "{:?}", kept.json);
+    let log = proxy.log();
+    assert!(log.contains("line 2"), "{log}");
+    for token in [app, ops, added] {
+        assert!(!log.contains(token), "a token in the log:\n{log}");
+    }
+    Ok(())
+}
+
+/// A tokens file that cannot be read or does not parse is a start-up error naming the file
+/// and the line, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_tokens_file_is_a_start_error() -> Result<()> {
+    let env = Env::new(Backend::Sqlite, &["shared"], "").await?;
+    env.control_json(&["init"])?;
+    let tokens = env.dir.path.join("data-tokens");
+    let secret = "start-token-Secret-9";
+    let path = tokens.display().to_string();
+    for (content, says) in [
+        (None, "No such file"),
+        (Some(format!("# ok\n{secret} *\n{secret}\n")), "line 3"),
+        (
+            Some(format!("{secret} {}\n{secret} *\n", Uuid::new_v4())),
+            "line 2",
+        ),
+        (Some(format!("{} {secret}\n", Uuid::new_v4())), "line 1"),
+        (Some("short *\n".to_owned()), "line 1"),
+    ] {
+        if let Some(content) = &content {
+            std::fs::write(&tokens, content)?;
+        }
+        let (code, output) = run_proxy_for(
+            &env.config_path,
+            &[("SWITCHYARD_PROXY_DATA_TOKENS_FILE", &path)],
+            Duration::from_secs(10),
+        )?;
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{content:?}: exit {code:?}: {output}"
+        );
+        assert!(
+            output.contains(&path) && output.contains(says),
+            "{content:?}: {output}"
+        );
+        assert!(
+            !output.contains(secret),
+            "{content:?}: the token is shown: {output}"
+        );
+        assert!(!output.contains("listening"), "{output}");
+    }
+    Ok(())
+}
+
+/// A data listener beyond loopback with neither tokens nor client certificates refuses to
+/// start; `proxy.allow_unauthenticated = true` starts it with a warning and a gauge at 1; with
+/// a tokens file it starts and the gauge stays 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_data_plane_needs_authentication() -> Result<()> {
+    let env = Env::new(Backend::Sqlite, &["shared"], "").await?;
+    env.control_json(&["init"])?;
+    let exposed = ("SWITCHYARD_PROXY_LISTEN", "0.0.0.0:0");
+    let (code, output) = run_proxy_for(&env.config_path, &[exposed], Duration::from_secs(10))?;
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {output}");
+    assert!(
+        output.contains("0.0.0.0:0")
+            && output.contains("data_tokens_file")
+            && output.contains("allow_unauthenticated"),
+        "{output}"
+    );
+    assert!(!output.contains("listening"), "{output}");
+
+    let http = Http::new();
+    let gauge = "switchyard_proxy_data_plane_unauthenticated";
+    let allowed = env.proxy(&[exposed, ("SWITCHYARD_PROXY_ALLOW_UNAUTHENTICATED", "true")])?;
+    allowed.wait_ready(&http).await?;
+    let log = allowed.log();
+    assert!(
+        log.contains("WARN") && log.contains("unauthenticated data plane on 0.0.0.0:"),
+        "{log}"
+    );
+    assert_eq!(metric(&http, &allowed.admin, gauge).await?, Some(1.0));
+    let data = allowed.data.replace("0.0.0.0", "127.0.0.1");
+    let tenant = Uuid::new_v4();
+    let reply = http.get(&feed_url(&data, tenant)).await?;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+    drop(allowed);
+
+    let tokens = env.dir.path.join("data-tokens");
+    std::fs::write(&tokens, format!("exposed-token-0123 {tenant}\n"))?;
+    let path = tokens.display().to_string();
+    let guarded = env.proxy(&[exposed, ("SWITCHYARD_PROXY_DATA_TOKENS_FILE", &path)])?;
+    guarded.wait_ready(&http).await?;
+    assert_eq!(metric(&http, &guarded.admin, gauge).await?, Some(0.0));
+    assert!(!guarded.log().contains("unauthenticated data plane"));
+    let data = guarded.data.replace("0.0.0.0", "127.0.0.1");
+    assert_eq!(
+        http.get(&feed_url(&data, tenant)).await?.status,
+        StatusCode::UNAUTHORIZED
+    );
+    Ok(())
+}
+
+/// A CA, and a certificate it signed for `localhost`/127.0.0.1 (server) or for a client.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca_key = KeyPair::generate()?;
+        let ca = params.self_signed(&ca_key)?;
+        Ok(Self { ca, ca_key })
+    }
+
+    /// `(cert PEM, key PEM)`; a server's names `localhost` and 127.0.0.1.
+    fn issue(&self, server: bool) -> Result<(String, String)> {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let mut params = CertificateParams::new(if server {
+            vec!["localhost".to_owned()]
+        } else {
+            vec!["orders-app".to_owned()]
+        })?;
+        if server {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        } else {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// With `proxy.tls_client_ca_path`, the data listener serves only clients with a certificate
+/// that CA signed: none, or one from another CA, fails the handshake; the admin listener still
+/// answers probes without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_good_certificate() -> Result<()> {
+    let dir = TempDir::new("mtls")?;
+    let (pki, stranger) = (Pki::new("switchyard test CA")?, Pki::new("another CA")?);
+    let (cert, key) = pki.issue(true)?;
+    let paths = ["cert.pem", "key.pem", "clients.pem"].map(|f| dir.path.join(f));
+    std::fs::write(&paths[0], cert)?;
+    std::fs::write(&paths[1], key)?;
+    std::fs::write(&paths[2], pki.ca.pem())?;
+    let extra = format!(
+        "[proxy]\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\ntls_client_ca_path = \"{}\"\n",
+        paths[0].display(),
+        paths[1].display(),
+        paths[2].display()
+    );
+    let env = Env::new(Backend::Sqlite, &["shared"], &extra).await?;
+    env.control_json(&["init"])?;
+    // Beyond loopback: client certificates are authentication enough to start.
+    let proxy = env.proxy(&[("SWITCHYARD_PROXY_LISTEN", "0.0.0.0:0")])?;
+    let data = proxy
+        .data
+        .trim_start_matches("http://")
+        .replace("0.0.0.0", "127.0.0.1");
+    let admin = proxy.admin.trim_start_matches("http://").to_owned();
+    let ca = pki.ca.der().to_vec();
+    wait_ready_over_tls(&proxy, &admin, &ca).await?;
+
+    let tenant = Uuid::new_v4();
+    let path = format!(
+        "/v1/tenants/{tenant}/streams/Order/{}/events",
+        Uuid::new_v4()
+    );
+    let body = serde_json::to_vec(&events_body(Some(0), 1, "OverMtls"))?;
+    let foreign = stranger.issue(false)?;
+    for (client, what) in [(None, "no certificate"), (Some(&foreign), "another CA's")] {
+        let refused =
+            tls_request(&data, &ca, client, false, Method::POST, &path, body.clone()).await;
+        assert!(refused.is_err(), "{what}: {refused:?}");
+    }
+    assert_eq!(
+        count_events(env.store_url("shared"), Some(tenant)).await?,
+        0
+    );
+    let good = pki.issue(false)?;
+    let (status, reply) =
+        tls_request(&data, &ca, Some(&good), false, Method::POST, &path, body).await?;
+    assert_eq!(status, StatusCode::CREATED, "{reply}");
+    assert_eq!(
+        count_events(env.store_url("shared"), Some(tenant)).await?,
+        1
+    );
+    Ok(())
+}
+
+/// With `proxy.admin_token` set, every admin call but `/healthz`, `/readyz` and `/metrics`
+/// needs it, reads included (the routing table lists tenant ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reads_need_the_token_when_one_is_set() -> Result<()> {
+    let token = "admin-read-token";
+    let extra = format!("[proxy]\nadmin_token = \"{token}\"\n");
+    let (_env, proxy, http) = started(Backend::Sqlite, &["shared"], &extra, &[]).await?;
+    let admin = &proxy.admin;
+    let tenant = Uuid::new_v4();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let open = http.get(&format!("{admin}{path}")).await?;
+        assert_eq!(open.status, StatusCode::OK, "{path}");
+    }
+    for (path, with_token) in [
+        ("/admin/routes".to_owned(), StatusCode::OK),
+        (format!("/admin/routes/{tenant}"), StatusCode::OK),
+        (
+            "/admin/routes/not-a-uuid".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/admin/log-level".to_owned(), StatusCode::OK),
+        ("/admin/nothing".to_owned(), StatusCode::NOT_FOUND),
+    ] {
+        let url = format!("{admin}{path}");
+        for wrong in ["", "Bearer admin-read-tokeN", "admin-read-token"] {
+            let headers: &[(&str, &str)] = if wrong.is_empty() {
+                &[]
+            } else {
+                &[("authorization", wrong)]
+            };
+            let refused = http
+                .request(Method::GET, &url, Bytes::new(), headers)
+                .await?;
+            assert_eq!(
+                refused.status,
+                StatusCode::UNAUTHORIZED,
+                "GET {path} {wrong:?}"
+            );
+            assert_eq!(refused.json["error"], "unauthorized");
+            assert!(!String::from_utf8_lossy(&refused.body).contains(&tenant.to_string()));
+        }
+        let bearer = format!("Bearer {token}");
+        let allowed = http
+            .request(
+                Method::GET,
+                &url,
+                Bytes::new(),
+                &[("authorization", bearer.as_str())],
+            )
+            .await?;
+        assert_eq!(allowed.status, with_token, "GET {path}: {:?}", allowed.json);
     }
     Ok(())
 }

@@ -751,7 +751,8 @@ async fn resume_writes_opens_a_stuck_gate_locally() -> Result<()> {
         .await?;
     wait_for(Duration::from_secs(3), || async {
         Ok(
-            switchyard_tests::route_state(&http, &proxy, tenant).await?["state"]
+            switchyard_tests::route_state_with(&http, &proxy, tenant, Some("t0ken")).await?
+                ["state"]
                 == "cutover_paused",
         )
     })

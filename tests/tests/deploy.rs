@@ -492,9 +492,19 @@ async fn logs_are_structured_and_their_level_changes_at_run_time() -> Result<()>
     let generated = reply.headers["x-request-id"].to_str()?.to_owned();
     assert!(Uuid::parse_str(&generated).is_ok(), "{generated}");
 
+    // Reading the level needs the token too on the proxy (every admin call but the probes').
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    let level = |url: String| {
+        let http = http.clone();
+        async move {
+            http.request(http::Method::GET, &url, Vec::new(), &auth)
+                .await
+        }
+    };
     for admin in [&proxy.admin, &serve.admin] {
         let url = format!("{admin}/admin/log-level");
-        let now = http.get(&url).await?;
+        let now = level(url.clone()).await?;
         assert_eq!(now.json["filter"], "info", "{admin}");
         let body = br#"{"level":"debug"}"#.to_vec();
         let denied = http
@@ -519,7 +529,7 @@ async fn logs_are_structured_and_their_level_changes_at_run_time() -> Result<()>
             )
             .await?;
         assert_eq!(typo.status, 400, "{admin}");
-        assert_eq!(http.get(&url).await?.json["filter"], "info");
+        assert_eq!(level(url.clone()).await?.json["filter"], "info");
         let ok = http
             .request(
                 http::Method::PUT,
@@ -529,7 +539,7 @@ async fn logs_are_structured_and_their_level_changes_at_run_time() -> Result<()>
             )
             .await?;
         assert_eq!(ok.status, 200, "{admin}: {:?}", ok.json);
-        assert_eq!(http.get(&url).await?.json["filter"], "debug");
+        assert_eq!(level(url.clone()).await?.json["filter"], "debug");
     }
     let info_log = proxy.log();
     let reply = append("req-debug-2").await?;

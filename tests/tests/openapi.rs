@@ -273,8 +273,15 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
         })
         .await?;
     let route_url = format!("{adm}/admin/routes/{stuck}");
+    // Every admin call but the probes' needs the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let get = |url: String| {
+        let http = http.clone();
+        async move { http.request(Method::GET, &url, "", &auth).await }
+    };
     wait_for(Duration::from_secs(10), || async {
-        Ok(http.get(&route_url).await?.json["state"] == "cutover_paused")
+        Ok(get(route_url.clone()).await?.json["state"] == "cutover_paused")
     })
     .await?;
     let paused = http
@@ -288,23 +295,36 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
     data.check(&Method::POST, stream_path, &paused);
 
     // Admin port of the proxy.
-    for path in ["/healthz", "/readyz", "/metrics", "/admin/routes"] {
+    for path in ["/healthz", "/readyz", "/metrics"] {
         let reply = http.get(&format!("{adm}{path}")).await?;
         assert_eq!(reply.status, StatusCode::OK, "{path}");
         admin.check(&Method::GET, path, &reply);
     }
-    let route = http.get(&route_url).await?;
+    for (path, template) in [
+        ("/admin/routes".to_owned(), "/admin/routes"),
+        (
+            format!("/admin/routes/{stuck}"),
+            "/admin/routes/{tenant_id}",
+        ),
+        ("/admin/log-level".to_owned(), "/admin/log-level"),
+    ] {
+        let denied = http.get(&format!("{adm}{path}")).await?;
+        assert_eq!(denied.status, StatusCode::UNAUTHORIZED, "{path}");
+        admin.check(&Method::GET, template, &denied);
+    }
+    let routes = get(format!("{adm}/admin/routes")).await?;
+    assert_eq!(routes.status, StatusCode::OK);
+    admin.check(&Method::GET, "/admin/routes", &routes);
+    let route = get(route_url.clone()).await?;
     assert_eq!(route.json["target_store_id"], "dedicated");
     admin.check(&Method::GET, "/admin/routes/{tenant_id}", &route);
-    let bad = http.get(&format!("{adm}/admin/routes/not-a-uuid")).await?;
+    let bad = get(format!("{adm}/admin/routes/not-a-uuid")).await?;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     admin.check(&Method::GET, "/admin/routes/{tenant_id}", &bad);
     let reload = format!("{adm}/admin/routes/reload");
     let denied = http.request(Method::POST, &reload, "", &[]).await?;
     assert_eq!(denied.status, StatusCode::UNAUTHORIZED);
     admin.check(&Method::POST, "/admin/routes/reload", &denied);
-    let bearer = format!("Bearer {TOKEN}");
-    let auth = [("authorization", bearer.as_str())];
     let reloaded = http.request(Method::POST, &reload, "", &auth).await?;
     assert_eq!(reloaded.status, StatusCode::OK);
     admin.check(&Method::POST, "/admin/routes/reload", &reloaded);
@@ -318,7 +338,7 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
         &resumed,
     );
     let level = format!("{adm}/admin/log-level");
-    let current = http.get(&level).await?;
+    let current = get(level.clone()).await?;
     assert_eq!(current.status, StatusCode::OK);
     admin.check(&Method::GET, "/admin/log-level", &current);
     let denied = http
@@ -336,12 +356,61 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
         .await?;
     assert_eq!(set.status, StatusCode::OK);
     admin.check(&Method::PUT, "/admin/log-level", &set);
-    let wrong = http.get(&resume).await?;
+    let wrong = get(resume.clone()).await?;
     assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
     admin.check_component("MethodNotAllowed", &wrong);
-    let nowhere = http.get(&format!("{adm}/nowhere")).await?;
+    let nowhere = get(format!("{adm}/nowhere")).await?;
     assert_eq!(nowhere.status, StatusCode::NOT_FOUND);
     admin.check_component("NotFound", &nowhere);
+
+    // A proxy with data tokens: no token or an unknown one 401, another tenant's 403.
+    let tokens = env.dir.path.join("data-tokens");
+    std::fs::write(&tokens, format!("openapi-data-token-1 {tenant}\n"))?;
+    let guarded = env.proxy(&[(
+        "SWITCHYARD_PROXY_DATA_TOKENS_FILE",
+        &tokens.display().to_string(),
+    )])?;
+    guarded.wait_ready(&http).await?;
+    let app = [("authorization", "Bearer openapi-data-token-1")];
+    let unknown = [("authorization", "Bearer openapi-data-token-2")];
+    for (method, url, path, body) in [
+        (
+            Method::POST,
+            stream_url(&guarded.data, other, "Order", order),
+            stream_path,
+            serde_json::to_vec(&events_body(None, 1, "X"))?,
+        ),
+        (
+            Method::GET,
+            stream_url(&guarded.data, other, "Order", order),
+            stream_path,
+            Vec::new(),
+        ),
+        (
+            Method::GET,
+            feed_url(&guarded.data, other),
+            feed_path,
+            Vec::new(),
+        ),
+    ] {
+        for headers in [&[][..], &unknown[..]] {
+            let refused = http
+                .request(method.clone(), &url, body.clone(), headers)
+                .await?;
+            assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{method} {url}");
+            assert_eq!(refused.headers["www-authenticate"], "Bearer");
+            data.check(&method, path, &refused);
+        }
+        let forbidden = http.request(method.clone(), &url, body, &app).await?;
+        assert_eq!(forbidden.status, StatusCode::FORBIDDEN, "{method} {url}");
+        data.check(&method, path, &forbidden);
+    }
+    let allowed = http
+        .request(Method::GET, &feed_url(&guarded.data, tenant), "", &app)
+        .await?;
+    assert_eq!(allowed.status, StatusCode::OK);
+    data.check(&Method::GET, feed_path, &allowed);
+    drop(guarded);
 
     // Admin port of `serve`: the same health, readiness and metrics operations.
     let serve = ServeProcess::spawn(&env.config_path, "openapi", &[])?;

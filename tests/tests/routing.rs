@@ -13,13 +13,18 @@ use switchyard_tests::{
 use uuid::Uuid;
 
 async fn routed_store(http: &Http, proxy: &ProxyProcess, tenant: Uuid) -> Result<String> {
-    let reply = http
-        .get(&format!("{}/admin/routes/{tenant}", proxy.admin))
-        .await?;
-    Ok(reply.json["store_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+    routed_store_with(http, proxy, tenant, None).await
+}
+
+/// [`routed_store`] from a proxy with an admin token (admin reads need it).
+async fn routed_store_with(
+    http: &Http,
+    proxy: &ProxyProcess,
+    tenant: Uuid,
+    admin_token: Option<&str>,
+) -> Result<String> {
+    let route = switchyard_tests::route_state_with(http, proxy, tenant, admin_token).await?;
+    Ok(route["store_id"].as_str().unwrap_or_default().to_owned())
 }
 
 /// With the poll effectively off, a `routing set` reaches the proxy through NOTIFY alone,
@@ -151,7 +156,7 @@ async fn admin_reload_needs_the_token_when_one_is_set() -> Result<()> {
         .await?;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        routed_store(&http, &proxy, tenant).await?,
+        routed_store_with(&http, &proxy, tenant, Some("s3cret-token")).await?,
         "shared",
         "no reload happened"
     );
@@ -165,7 +170,10 @@ async fn admin_reload_needs_the_token_when_one_is_set() -> Result<()> {
         .await?;
     assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.json);
     assert_eq!(ok.json["epoch"], 1);
-    assert_eq!(routed_store(&http, &proxy, tenant).await?, "dedicated");
+    assert_eq!(
+        routed_store_with(&http, &proxy, tenant, Some("s3cret-token")).await?,
+        "dedicated"
+    );
     assert!(
         !proxy.log().contains("s3cret-token"),
         "the token never reaches the log"
