@@ -148,7 +148,15 @@ impl App {
         };
         let metrics = ProxyMetrics::new();
         let state = AppState {
-            mirror: Mirror::new(stores.len(), metrics.clone()),
+            mirror: Mirror::new(
+                &config
+                    .stores
+                    .iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>(),
+                config.proxy.mirror_queue_bytes,
+                metrics.clone(),
+            ),
             stores,
             store_index,
             default_store,
