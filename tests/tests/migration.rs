@@ -690,12 +690,6 @@ async fn a_stalled_target_never_holds_more_mirror_memory_than_its_byte_bound() -
             "payload": {"version": version, "pad": "x".repeat(PAYLOAD)},
         }]})
     };
-    let metrics_url = format!("{}/metrics", proxy.admin);
-    let scrape = || async {
-        Ok::<_, anyhow::Error>(
-            String::from_utf8_lossy(&http.get(&metrics_url).await?.body).into_owned(),
-        )
-    };
 
     // Warm up with the target reachable: the same appends, mirrored, so what the process
     // keeps for its pools and buffers is in the baseline.
@@ -720,7 +714,8 @@ async fn a_stalled_target_never_holds_more_mirror_memory_than_its_byte_bound() -
     }
     let load = load.elapsed();
     let peak = proxy.memory_kib("VmHWM")?;
-    let text = scrape().await?;
+    let scraped = http.get(&format!("{}/metrics", proxy.admin)).await?;
+    let text = String::from_utf8_lossy(&scraped.body);
     let dropped = metric(
         &text,
         "switchyard_proxy_mirror_dropped_events_total{reason=\"queue_bytes\"}",
