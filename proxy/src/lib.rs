@@ -180,7 +180,15 @@ impl App {
                 .set(i64::try_from(tokens.len()).unwrap_or(i64::MAX));
         }
         let state = AppState {
-            mirror: Mirror::new(stores.len(), metrics.clone()),
+            mirror: Mirror::new(
+                &config
+                    .stores
+                    .iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>(),
+                config.proxy.mirror_queue_bytes,
+                metrics.clone(),
+            ),
             stores,
             store_index,
             default_store,

@@ -21,6 +21,12 @@ pub struct ProxyMetrics {
     pub gate_writers: IntGauge,
     pub gate_wait: Histogram,
     pub mirror_writes: IntCounterVec,
+    /// Events the mirror dropped before queueing them, by `reason`; their sum is
+    /// `mirror_writes{outcome="dropped"}`.
+    pub mirror_dropped: IntCounterVec,
+    /// Bytes of committed appends queued or being written per target `store` (a configured
+    /// store id).
+    pub mirror_queue_bytes: prometheus::IntGaugeVec,
     pub fence_rejections: IntCounter,
     pub routing_epoch: IntGauge,
     pub routing_tenants: IntGauge,
@@ -94,6 +100,26 @@ impl ProxyMetrics {
         for outcome in ["ok", "deferred", "failed", "dropped"] {
             mirror_writes.with_label_values(&[outcome]);
         }
+        let mirror_dropped = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_mirror_dropped_events_total",
+                "Events the dual-write mirror dropped (left to the migration's tail) by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in crate::mirror::DropReason::ALL {
+            mirror_dropped.with_label_values(&[reason.label()]);
+        }
+        let mirror_queue_bytes = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_mirror_queue_bytes",
+                "Bytes of committed appends queued for a target store's mirror worker or being \
+                 written by it (bounded by proxy.mirror_queue_bytes).",
+            ),
+            &["store"],
+        )
+        .expect("valid metric");
         let fence_rejections = IntCounter::new(
             "switchyard_proxy_fence_rejections_total",
             "Appends a store refused because the tenant's fence had moved.",
@@ -175,6 +201,8 @@ impl ProxyMetrics {
             Box::new(gate_writers.clone()),
             Box::new(gate_wait.clone()),
             Box::new(mirror_writes.clone()),
+            Box::new(mirror_dropped.clone()),
+            Box::new(mirror_queue_bytes.clone()),
             Box::new(fence_rejections.clone()),
             Box::new(routing_epoch.clone()),
             Box::new(routing_tenants.clone()),
@@ -198,6 +226,8 @@ impl ProxyMetrics {
             gate_writers,
             gate_wait,
             mirror_writes,
+            mirror_dropped,
+            mirror_queue_bytes,
             fence_rejections,
             routing_epoch,
             routing_tenants,

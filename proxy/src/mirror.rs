@@ -3,15 +3,19 @@
 //! target store, in batches, under the target-order rule.
 //!
 //! The mirror never slows or fails a client's append: queueing is a non-blocking `try_send`
-//! into a bounded queue; a full queue, an unreachable target or an event that cannot land yet
-//! is counted (metrics and per-tenant stats on the admin port) and left to the migration's
-//! tail, which copies everything the mirror missed.
+//! into a queue bounded in appends and in bytes (`proxy.mirror_queue_bytes`, held from queueing
+//! until the worker is done with the append, so a stalled target never holds more); a full
+//! queue, an unreachable target or an event that cannot land yet is counted (metrics and
+//! per-tenant stats on the admin port) and left to the migration's tail, which copies
+//! everything the mirror missed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prometheus::IntGauge;
 use serde::Serialize;
 use switchyard_store::{Appended, EventStore, NewEvent, StoredEvent, StreamRef};
 use tokio::sync::mpsc;
@@ -24,10 +28,101 @@ use crate::routing::StoreIdx;
 const QUEUE_CAPACITY: usize = 4096;
 /// Most events one target insert carries.
 const MAX_BATCH_EVENTS: usize = 2000;
+/// Bytes past which a batch is written without taking more appends: the insert's encoded
+/// arguments (and the sorted copy `copy_in` may make) grow with the batch, beside the budget.
+const MAX_BATCH_BYTES: usize = 4 << 20;
 /// How long one target insert may take before it counts as failed.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streams listed per tenant in the failure stats.
 const MAX_STREAMS_LISTED: usize = 64;
+
+/// Why a committed append was not queued for its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The queue holds `QUEUE_CAPACITY` appends.
+    QueueFull,
+    /// The append would take the queue past `proxy.mirror_queue_bytes`.
+    QueueBytes,
+    /// The target's worker is gone (it only ends when the mirror is dropped, or on a panic).
+    Closed,
+}
+
+impl DropReason {
+    pub const ALL: [Self; 3] = [Self::QueueFull, Self::QueueBytes, Self::Closed];
+
+    /// The `reason` label of `switchyard_proxy_mirror_dropped_events_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::QueueBytes => "queue_bytes",
+            Self::Closed => "closed",
+        }
+    }
+
+    /// What the tenant's mirror stats show as its last error.
+    fn message(self) -> &'static str {
+        match self {
+            Self::QueueFull => "mirror queue full",
+            Self::QueueBytes => "mirror queue over proxy.mirror_queue_bytes",
+            Self::Closed => "mirror worker stopped",
+        }
+    }
+}
+
+/// The byte budget of one target's queue: what is queued plus what its worker is writing.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+    /// `switchyard_proxy_mirror_queue_bytes{store}`.
+    gauge: IntGauge,
+}
+
+impl Budget {
+    /// Takes `bytes` from the budget if they fit; they return when the [`Held`] drops.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Held> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .ok()?;
+        self.gauge.add(gauge_value(bytes));
+        Some(Held {
+            budget: Arc::clone(self),
+            bytes,
+        })
+    }
+
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+fn gauge_value(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// Bytes of one queued append, returned to its target's budget when dropped: after the worker
+/// wrote it (or failed to), and also when a worker is aborted with it.
+#[derive(Debug)]
+struct Held {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.gauge.sub(gauge_value(self.bytes));
+    }
+}
+
+/// A job in a target's queue, with the bytes it holds.
+#[derive(Debug)]
+struct Queued {
+    job: MirrorJob,
+    held: Held,
+}
 
 /// Events of one committed append, for one target.
 #[derive(Debug)]
@@ -72,6 +167,21 @@ impl MirrorJob {
             events,
         }
     }
+
+    /// What the job's events hold in memory: payloads, the other variable-length fields and
+    /// each event's fixed part.
+    pub fn bytes(&self) -> usize {
+        self.events
+            .iter()
+            .map(|e| {
+                std::mem::size_of::<StoredEvent>()
+                    + e.payload.get().len()
+                    + e.aggregate_type.len()
+                    + e.event_type.len()
+                    + e.actor_id.as_ref().map_or(0, String::len)
+            })
+            .sum()
+    }
 }
 
 /// What the admin port shows about one tenant's mirroring on this proxy.
@@ -111,56 +221,85 @@ impl TenantMirrorStats {
     }
 }
 
-/// The mirror of one proxy: a queue and a worker per store that is a migration target.
+/// The mirror of one proxy: a queue, a byte budget and a worker per store that is a migration
+/// target.
 #[derive(Debug)]
 pub struct Mirror {
-    queues: Vec<mpsc::Sender<MirrorJob>>,
-    receivers: Mutex<Vec<Option<mpsc::Receiver<MirrorJob>>>>,
+    queues: Vec<mpsc::Sender<Queued>>,
+    budgets: Vec<Arc<Budget>>,
+    receivers: Mutex<Vec<Option<mpsc::Receiver<Queued>>>>,
     stats: Arc<Mutex<HashMap<Uuid, TenantMirrorStats>>>,
     metrics: ProxyMetrics,
 }
 
 impl Mirror {
-    pub fn new(stores: usize, metrics: ProxyMetrics) -> Self {
-        let (queues, receivers) = (0..stores)
+    /// One queue per store of `store_ids` (in store index order), each holding at most
+    /// `queue_bytes` bytes of appends.
+    pub fn new(store_ids: &[&str], queue_bytes: usize, metrics: ProxyMetrics) -> Self {
+        let (queues, receivers) = store_ids
+            .iter()
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 (tx, Some(rx))
             })
             .unzip();
+        let budgets = store_ids
+            .iter()
+            .map(|id| {
+                Arc::new(Budget {
+                    limit: queue_bytes,
+                    used: AtomicUsize::new(0),
+                    gauge: metrics.mirror_queue_bytes.with_label_values(&[id]),
+                })
+            })
+            .collect();
         Self {
             queues,
+            budgets,
             receivers: Mutex::new(receivers),
             stats: Arc::default(),
             metrics,
         }
     }
 
-    /// Queues a committed append for `target` without waiting. A full queue drops the job
-    /// (counted; the tail copies it).
+    /// Queues a committed append for `target` without waiting. A job that finds the queue full
+    /// or its byte budget spent is dropped (counted; the tail copies it).
     pub fn enqueue(&self, target: StoreIdx, job: MirrorJob) {
-        let Some(queue) = self.queues.get(usize::from(target)) else {
+        let (Some(queue), Some(budget)) = (
+            self.queues.get(usize::from(target)),
+            self.budgets.get(usize::from(target)),
+        ) else {
             return;
         };
-        if let Err(e) = queue.try_send(job) {
-            let job = match e {
-                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
-                    job
-                }
+        let Some(held) = budget.reserve(job.bytes()) else {
+            return self.drop_job(&job, DropReason::QueueBytes);
+        };
+        if let Err(e) = queue.try_send(Queued { job, held }) {
+            let (queued, reason) = match e {
+                mpsc::error::TrySendError::Full(queued) => (queued, DropReason::QueueFull),
+                mpsc::error::TrySendError::Closed(queued) => (queued, DropReason::Closed),
             };
-            let n = job.events.len() as u64;
-            self.metrics
-                .mirror_writes
-                .with_label_values(&["dropped"])
-                .inc_by(n);
-            let mut stats = self
-                .stats
-                .lock()
-                .expect("mirror stats lock is never poisoned");
-            let entry = stats.entry(job.tenant).or_default();
-            entry.events_dropped += n;
-            entry.note_failure(&job.events, Some("mirror queue full"));
+            self.drop_job(&queued.job, reason);
         }
+    }
+
+    fn drop_job(&self, job: &MirrorJob, reason: DropReason) {
+        let n = job.events.len() as u64;
+        self.metrics
+            .mirror_writes
+            .with_label_values(&["dropped"])
+            .inc_by(n);
+        self.metrics
+            .mirror_dropped
+            .with_label_values(&[reason.label()])
+            .inc_by(n);
+        let mut stats = self
+            .stats
+            .lock()
+            .expect("mirror stats lock is never poisoned");
+        let entry = stats.entry(job.tenant).or_default();
+        entry.events_dropped += n;
+        entry.note_failure(&job.events, Some(reason.message()));
     }
 
     /// This proxy's mirror stats for a tenant, if it ever mirrored for it.
@@ -170,6 +309,13 @@ impl Mirror {
             .expect("mirror stats lock is never poisoned")
             .get(tenant)
             .cloned()
+    }
+
+    /// Bytes queued for `target` or being written there now.
+    pub fn queued_bytes(&self, target: StoreIdx) -> usize {
+        self.budgets
+            .get(usize::from(target))
+            .map_or(0, |budget| budget.used())
     }
 
     /// Starts one worker per store; they run until their queue closes (shutdown).
@@ -193,12 +339,14 @@ impl Mirror {
             .collect()
     }
 
-    /// Waits up to `timeout` for every queue to empty (shutdown hands back what is left to
-    /// the tail). Returns whether they emptied.
+    /// Waits up to `timeout` for every queue to empty and every worker to finish its batch
+    /// (shutdown hands back what is left to the tail). Returns whether they did.
     pub async fn drain(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.queues.iter().all(|q| q.capacity() == q.max_capacity()) {
+            if self.queues.iter().all(|q| q.capacity() == q.max_capacity())
+                && self.budgets.iter().all(|b| b.used() == 0)
+            {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -211,7 +359,7 @@ impl Mirror {
 
 async fn worker(
     store: EventStore,
-    mut rx: mpsc::Receiver<MirrorJob>,
+    mut rx: mpsc::Receiver<Queued>,
     stats: Arc<Mutex<HashMap<Uuid, TenantMirrorStats>>>,
     metrics: ProxyMetrics,
 ) {
@@ -220,14 +368,25 @@ async fn worker(
         // One insert per batch of jobs: fewer round trips when appends come fast.
         let mut batch: Vec<StoredEvent> = Vec::new();
         let mut owners: Vec<Uuid> = Vec::new();
-        for job in jobs.drain(..) {
-            owners.extend(std::iter::repeat_n(job.tenant, job.events.len()));
-            batch.extend(job.events);
-            if batch.len() >= MAX_BATCH_EVENTS {
+        // The batch's bytes stay held until its write ended, whatever the outcome.
+        let mut held: Vec<Held> = Vec::new();
+        let mut batch_bytes = 0;
+        for queued in jobs.drain(..) {
+            owners.extend(std::iter::repeat_n(
+                queued.job.tenant,
+                queued.job.events.len(),
+            ));
+            batch.extend(queued.job.events);
+            batch_bytes += queued.held.bytes;
+            held.push(queued.held);
+            if batch.len() >= MAX_BATCH_EVENTS || batch_bytes >= MAX_BATCH_BYTES {
                 write(&store, &mut batch, &mut owners, &stats, &metrics).await;
+                held.clear();
+                batch_bytes = 0;
             }
         }
         write(&store, &mut batch, &mut owners, &stats, &metrics).await;
+        held.clear();
     }
 }
 
@@ -292,6 +451,157 @@ mod tests {
     use super::*;
     use chrono::TimeZone as _;
     use serde_json::value::RawValue;
+
+    /// A job of one event, first of a new stream, with a payload of about `payload_bytes`.
+    fn job(tenant: Uuid, position: i64, payload_bytes: usize) -> MirrorJob {
+        let payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(payload_bytes));
+        let now = Utc::now();
+        MirrorJob {
+            tenant,
+            events: vec![StoredEvent {
+                global_position: position,
+                event_id: Uuid::new_v4(),
+                aggregate_type: "Order".to_owned(),
+                aggregate_id: Uuid::new_v4(),
+                tenant_id: Some(tenant),
+                event_type: "Placed".to_owned(),
+                version: 1,
+                actor_id: None,
+                timestamp: now,
+                created_at: now,
+                payload: RawValue::from_string(payload).expect("valid JSON"),
+            }],
+        }
+    }
+
+    /// A mirror of one target store whose budget holds `jobs` jobs of 10,000-byte payloads,
+    /// its metrics, the store (a fresh SQLite file, with its schema or without: then every
+    /// write fails), the file and one job's bytes.
+    async fn mirror_of(
+        jobs: usize,
+        with_schema: bool,
+    ) -> (Mirror, ProxyMetrics, EventStore, std::path::PathBuf, usize) {
+        let (store, path) = sqlite_store(with_schema).await;
+        let metrics = ProxyMetrics::new();
+        let one = job(Uuid::nil(), 0, 10_000).bytes();
+        let mirror = Mirror::new(&["target"], jobs * one, metrics.clone());
+        (mirror, metrics, store, path, one)
+    }
+
+    /// A SQLite store in a fresh file.
+    async fn sqlite_store(with_schema: bool) -> (EventStore, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("switchyard-mirror-{}.db", Uuid::new_v4()));
+        let store = EventStore::connect("target", &format!("sqlite://{}", path.display()), 1)
+            .expect("a SQLite URL");
+        if with_schema {
+            store.ensure_schema().await.expect("schema");
+        }
+        (store, path)
+    }
+
+    /// Stops the workers and removes the store's files.
+    async fn finish(
+        workers: Vec<tokio::task::JoinHandle<()>>,
+        store: EventStore,
+        path: &std::path::Path,
+    ) {
+        for worker in workers {
+            worker.abort();
+        }
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// Polls until the target's budget is empty again.
+    async fn wait_released(mirror: &Mirror) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while mirror.queued_bytes(0) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "bytes never released: {}",
+                mirror.queued_bytes(0)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn metric(metrics: &ProxyMetrics, line: &str) -> bool {
+        metrics.render().lines().any(|l| l == line)
+    }
+
+    /// Appends hold their bytes from queueing until the worker wrote them; one that does not
+    /// fit is dropped and counted by reason; once written, the budget is whole again.
+    #[tokio::test]
+    async fn queued_bytes_are_bounded_and_returned_once_the_worker_wrote_them() {
+        let (mirror, metrics, store, path, one) = mirror_of(3, true).await;
+        let tenant = Uuid::new_v4();
+        // No worker yet: the queue only fills.
+        for position in 1..=4 {
+            mirror.enqueue(0, job(tenant, position, 10_000));
+        }
+        assert_eq!(mirror.queued_bytes(0), 3 * one, "three fit, the fourth not");
+        assert!(metric(
+            &metrics,
+            &format!(
+                "switchyard_proxy_mirror_queue_bytes{{store=\"target\"}} {}",
+                3 * one
+            )
+        ));
+        assert!(metric(
+            &metrics,
+            "switchyard_proxy_mirror_dropped_events_total{reason=\"queue_bytes\"} 1"
+        ));
+        assert!(metric(
+            &metrics,
+            "switchyard_proxy_mirror_writes_total{outcome=\"dropped\"} 1"
+        ));
+        let stats = mirror.stats(&tenant).expect("stats");
+        assert_eq!(stats.events_dropped, 1);
+        assert_eq!(
+            stats.last_error.as_deref(),
+            Some("mirror queue over proxy.mirror_queue_bytes")
+        );
+
+        let workers = mirror.start(std::slice::from_ref(&store));
+        wait_released(&mirror).await;
+        assert_eq!(mirror.stats(&tenant).expect("stats").events_mirrored, 3);
+        assert!(metric(
+            &metrics,
+            "switchyard_proxy_mirror_queue_bytes{store=\"target\"} 0"
+        ));
+        // The budget is whole again: the next append is queued and written.
+        mirror.enqueue(0, job(tenant, 5, 10_000));
+        wait_released(&mirror).await;
+        assert_eq!(mirror.stats(&tenant).expect("stats").events_mirrored, 4);
+        assert_eq!(mirror.stats(&tenant).expect("stats").events_dropped, 1);
+        finish(workers, store, &path).await;
+    }
+
+    /// A write that fails returns its bytes just the same.
+    #[tokio::test]
+    async fn queued_bytes_are_returned_when_the_write_fails() {
+        let (mirror, metrics, store, path, one) = mirror_of(2, false).await;
+        let tenant = Uuid::new_v4();
+        mirror.enqueue(0, job(tenant, 1, 10_000));
+        mirror.enqueue(0, job(tenant, 2, 10_000));
+        assert_eq!(mirror.queued_bytes(0), 2 * one);
+        let workers = mirror.start(std::slice::from_ref(&store));
+        wait_released(&mirror).await;
+        let stats = mirror.stats(&tenant).expect("stats");
+        assert_eq!((stats.total_failures, stats.events_mirrored), (2, 0));
+        assert!(mirror.drain(Duration::from_secs(1)).await);
+        mirror.enqueue(0, job(tenant, 3, 10_000));
+        mirror.enqueue(0, job(tenant, 4, 10_000));
+        wait_released(&mirror).await;
+        assert_eq!(mirror.stats(&tenant).expect("stats").total_failures, 4);
+        assert!(metric(
+            &metrics,
+            "switchyard_proxy_mirror_dropped_events_total{reason=\"queue_bytes\"} 0"
+        ));
+        finish(workers, store, &path).await;
+    }
 
     fn event(id: Uuid, n: u32) -> NewEvent {
         let payload = RawValue::from_string(format!("{{\"n\":{n}}}")).expect("valid JSON");

@@ -94,6 +94,10 @@ pub struct ProxyConfig {
     pub max_body_bytes: usize,
     /// Most events in one append. Default 1000.
     pub max_events_per_append: usize,
+    /// Bytes of committed appends (payloads plus event metadata) one target store's mirror
+    /// queue holds, from queueing until its worker is done with them; past it a new append is
+    /// not mirrored (counted; the tail copies it). At least `max_body_bytes`. Default 64 MiB.
+    pub mirror_queue_bytes: usize,
     /// Longest `event_type`, `aggregate_type` and `actor_id`, in bytes (the columns are
     /// VARCHAR(255)). Default 255.
     pub max_field_bytes: usize,
@@ -221,6 +225,7 @@ impl Default for ProxyConfig {
             proxy_id: String::new(),
             max_body_bytes: 1 << 20,
             max_events_per_append: 1000,
+            mirror_queue_bytes: 64 << 20,
             max_field_bytes: 255,
             gate_wait_ms: 5000,
             request_timeout_ms: 30_000,
@@ -514,6 +519,7 @@ impl Config {
                 p.max_events_per_append as u64,
             ),
             ("proxy.max_field_bytes", p.max_field_bytes as u64),
+            ("proxy.mirror_queue_bytes", p.mirror_queue_bytes as u64),
             ("proxy.request_timeout_ms", p.request_timeout_ms),
             (
                 "proxy.max_concurrent_requests",
@@ -534,6 +540,13 @@ impl Config {
             if value == 0 {
                 return invalid(format!("{name} must be > 0"));
             }
+        }
+        if p.mirror_queue_bytes < p.max_body_bytes {
+            return invalid(format!(
+                "proxy.mirror_queue_bytes ({}) must be at least proxy.max_body_bytes ({}): a \
+                 largest append would never fit in a mirror queue",
+                p.mirror_queue_bytes, p.max_body_bytes
+            ));
         }
         if p.max_header_bytes < MIN_HEADER_BYTES {
             return invalid(format!(
@@ -1159,6 +1172,11 @@ url = "postgres://u:s3cret@db/b"
             ("control_url = \"postgres://${UNSET_VAR_FOR_TEST}@h/db\"\n", "UNSET_VAR_FOR_TEST"),
             ("[proxy]\nadmin_listen = \"0.0.0.0:7071\"\n", "admin_token"),
             ("[proxy]\nmax_header_bytes = 100\n", "max_header_bytes"),
+            ("[proxy]\nmirror_queue_bytes = 0\n", "mirror_queue_bytes"),
+            (
+                "[proxy]\nmax_body_bytes = 2048\nmirror_queue_bytes = 1024\n",
+                "at least proxy.max_body_bytes",
+            ),
             ("[proxy]\ntls_cert_path = \"c.pem\"\n", "tls_key_path"),
         ];
         for (text, needle) in cases {

@@ -356,6 +356,17 @@ impl ProxyProcess {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// A memory figure of the process from `/proc/<pid>/status`, in KiB: `VmRSS` (resident
+    /// now) or `VmHWM` (the most it was ever resident).
+    pub fn memory_kib(&self, field: &str) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().strip_suffix("kB")?.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no {field} in /proc/{}/status", self.pid()))
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, http: &Http) -> Result<()> {
         let url = format!("{}/readyz", self.admin);

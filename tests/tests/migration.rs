@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use switchyard_store::EventStore;
 use switchyard_tests::{
-    for_each_backend, seed, tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result,
-    ServeProcess, TcpGate, Writers,
+    for_each_backend, seed, tenant_events, wait_for, wait_for_every, Backend, Env, GateMode, Http,
+    ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -540,27 +540,35 @@ async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
     .await
 }
 
-/// The target stops accepting connections during dual-write: appends still succeed promptly,
-/// mirror failures are counted, and the tail closes the gap once the target is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Result<()> {
-    let gate = TcpGate::start("127.0.0.1:5432").await?;
-    let env = Env::new(
-        Backend::Postgres,
-        &["shared", "dedicated"],
-        "[proxy]\nrouting_poll_ms = 100\n",
-    )
-    .await?;
+/// A seeded tenant migrating to `dedicated` under `serve`, at `dual_write` with lag 0 and
+/// mirrored by a proxy; the proxy and `serve` reach the target through `gate`.
+struct GatedMigration {
+    env: Env,
+    proxy: ProxyProcess,
+    http: Http,
+    tenant: Uuid,
+    id: String,
+    _serve: ServeProcess,
+}
+
+/// [`GatedMigration`] of a tenant with `streams` streams of `per_stream` events, `extra`
+/// appended to the config.
+async fn dual_writing_through(
+    gate: &TcpGate,
+    extra: &str,
+    streams: usize,
+    per_stream: usize,
+) -> Result<GatedMigration> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], extra).await?;
     env.control_json(&["init"])?;
-    // Proxy and serve reach the target through the gate.
     let gated = gate.url(env.store_url("dedicated"));
     let via_gate = [("SWITCHYARD_STORE_DEDICATED_URL", gated.as_str())];
     let tenant = Uuid::new_v4();
-    seed(env.store_url("shared"), tenant, 10, 10).await?;
+    seed(env.store_url("shared"), tenant, streams, per_stream).await?;
     let http = Http::new();
     let proxy = env.proxy(&via_gate)?;
     proxy.wait_ready(&http).await?;
-    let _serve = ServeProcess::spawn(&env.config_path, "w", &via_gate)?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &via_gate)?;
     let id = migration_id(&env.control_json(&[
         "migrate",
         "start",
@@ -575,6 +583,29 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
         Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["mirroring"] == true)
     })
     .await?;
+    Ok(GatedMigration {
+        env,
+        proxy,
+        http,
+        tenant,
+        id,
+        _serve: serve,
+    })
+}
+
+/// The target stops accepting connections during dual-write: appends still succeed promptly,
+/// mirror failures are counted, and the tail closes the gap once the target is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Result<()> {
+    let gate = TcpGate::start("127.0.0.1:5432").await?;
+    let GatedMigration {
+        env,
+        proxy,
+        http,
+        tenant,
+        id,
+        _serve,
+    } = dual_writing_through(&gate, "[proxy]\nrouting_poll_ms = 100\n", 10, 10).await?;
 
     gate.close();
     let aggregate = Uuid::new_v4();
@@ -613,6 +644,107 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
         .map(|e| e.2)
         .collect();
     assert_eq!(ids.len(), 120);
+    Ok(())
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Issue 15 item 2: a stalled target with large appends. The mirror's queue was bounded only
+/// in appends (4,096), so its memory grew with every large append while the target hung; now
+/// it holds at most `proxy.mirror_queue_bytes` per target store, drops (and counts) the rest,
+/// and the tail repairs what was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_target_never_holds_more_mirror_memory_than_its_byte_bound() -> Result<()> {
+    /// `proxy.mirror_queue_bytes` here.
+    const BOUND_KIB: u64 = 8 * 1024;
+    /// What the proxy may grow by beyond the bound: the requests in flight (body, decoded
+    /// events, the source insert's encoded arguments: about 3 times a 512 KiB payload), the
+    /// worker's batch being encoded for the target (at most 4 MiB plus one append) and
+    /// allocator slack.
+    const ALLOWANCE_KIB: u64 = 16 * 1024;
+    const PAYLOAD: usize = 512 * 1024;
+    /// 48 MiB of payloads, 6 times the bound.
+    const APPENDS: i64 = 96;
+    let gate = TcpGate::start("127.0.0.1:5432").await?;
+    let extra = format!(
+        "[proxy]\nrouting_poll_ms = 100\nmirror_queue_bytes = {}\n",
+        BOUND_KIB * 1024
+    );
+    let migration = dual_writing_through(&gate, &extra, 1, 10).await?;
+    let (env, proxy, http, tenant) = (
+        &migration.env,
+        &migration.proxy,
+        &migration.http,
+        migration.tenant,
+    );
+    let aggregate = Uuid::new_v4();
+    let url = switchyard_tests::stream_url(&proxy.data, tenant, "Large", aggregate);
+    let large = |version: i64| {
+        json!({"expected_version": version, "events": [{
+            "event_id": Uuid::new_v4(),
+            "event_type": "Large",
+            "payload": {"version": version, "pad": "x".repeat(PAYLOAD)},
+        }]})
+    };
+
+    // Warm up with the target reachable: the same appends, mirrored, so what the process
+    // keeps for its pools and buffers is in the baseline.
+    for version in 0..4 {
+        let reply = http.post(&url, &large(version)).await?;
+        assert_eq!(reply.status, http::StatusCode::CREATED, "{:?}", reply.json);
+    }
+    wait_for(Duration::from_secs(10), || async {
+        Ok(
+            switchyard_tests::route_state(http, proxy, tenant).await?["mirror"]["events_mirrored"]
+                == 4,
+        )
+    })
+    .await?;
+    let baseline = proxy.memory_kib("VmRSS")?;
+
+    gate.set(GateMode::Blackhole);
+    let load = Instant::now();
+    for version in 4..4 + APPENDS {
+        let reply = http.post(&url, &large(version)).await?;
+        assert_eq!(reply.status, http::StatusCode::CREATED, "{:?}", reply.json);
+    }
+    let load = load.elapsed();
+    let peak = proxy.memory_kib("VmHWM")?;
+    let scraped = http.get(&format!("{}/metrics", proxy.admin)).await?;
+    let text = String::from_utf8_lossy(&scraped.body);
+    let dropped = metric(
+        &text,
+        "switchyard_proxy_mirror_dropped_events_total{reason=\"queue_bytes\"}",
+    );
+    eprintln!(
+        "resident before the load {baseline} KiB, peak {peak} KiB (+{} KiB); {APPENDS} appends in {load:?}; dropped {dropped:?}",
+        peak.saturating_sub(baseline)
+    );
+    assert!(
+        peak <= baseline + BOUND_KIB + ALLOWANCE_KIB,
+        "resident memory peaked at {peak} KiB, {} KiB over the {baseline} KiB before the load \
+         (bound {BOUND_KIB} KiB + allowance {ALLOWANCE_KIB} KiB)",
+        peak.saturating_sub(baseline)
+    );
+    assert!(
+        dropped.is_some_and(|n| n >= 1.0),
+        "drops past the byte bound are counted: {dropped:?}"
+    );
+    let stats = switchyard_tests::route_state(http, proxy, tenant).await?;
+    assert!(
+        stats["mirror"]["events_dropped"].as_u64() >= Some(1),
+        "{stats}"
+    );
+
+    // Released, the target gets what the mirror wrote and the tail copies what it dropped.
+    gate.set(GateMode::Pass);
+    caught_up(env, &migration.id, Duration::from_secs(60)).await?;
+    let events = converged(env, tenant).await?;
+    assert_eq!(events.len(), 10 + 4 + usize::try_from(APPENDS)?);
     Ok(())
 }
 
