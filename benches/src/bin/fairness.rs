@@ -9,13 +9,14 @@
 //! `…_dedicated`), starts the proxy in-process on `127.0.0.1:0` with both stores
 //! (`--pool-size` connections each, `--max-requests` request slots, `--share` as
 //! `proxy.migrating_tenant_share`), and routes the hot tenant `dual_write` (shared →
-//! dedicated) with `ControlDb::set_route`. `--hot-writers` writers append to the hot tenant
-//! without pause (one event each, retrying 20 ms after a 503), and `--writers` writers append
-//! to the other tenant (one event each with `expected_version`, closed loop). It alternates
-//! phases (`--rounds` pairs): baseline (nothing else happens) and cutover (a session holds the
-//! hot tenant's source fence row `FOR UPDATE`, as a cutover does, for the whole phase; the
-//! proxy's route stays `dual_write`, as in a proxy whose control link is down, so its hot
-//! appends block on the fence row inside PostgreSQL). Each phase is `--warmup-seconds`
+//! dedicated) with `ControlDb::set_route`. `--writers` writers append to the other tenant (one
+//! event each with `expected_version`, closed loop) in every phase. It alternates phases
+//! (`--rounds` pairs): baseline (the other tenant alone; with `--hot-in-baseline` the hot
+//! writers append too) and cutover (a session holds the hot tenant's source fence row `FOR
+//! UPDATE`, as a cutover does, for the whole phase, while `--hot-writers` writers append to the
+//! hot tenant without pause, one event each, retrying 20 ms after a 503; the proxy's route
+//! stays `dual_write`, as in a proxy whose control link is down, so its hot appends block on
+//! the fence row inside PostgreSQL). Each phase is `--warmup-seconds`
 //! unmeasured, then `--seconds` measured. It reports the other tenant's latency percentiles
 //! and failures per phase (merged over rounds), the hot tenant's answers, and the proxy's
 //! `switchyard_proxy_shed_requests_total`, as one JSON line and a Markdown table. `--share 1`
@@ -75,6 +76,10 @@ struct Args {
     /// `proxy.max_concurrent_requests`.
     #[arg(long, default_value_t = 32)]
     max_requests: usize,
+    /// Let the hot tenant append in the baseline phases too (without it the baseline is the
+    /// other tenant alone).
+    #[arg(long)]
+    hot_in_baseline: bool,
     /// `proxy.migrating_tenant_share`; 1 is no bound.
     #[arg(long, default_value_t = 0.5)]
     share: f64,
@@ -186,16 +191,23 @@ async fn other_writer(
     let mut latencies = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?;
     let mut failures = BTreeMap::new();
     let mut version = 0u64;
+    // When the current version was first tried: a latency runs from there to its 201, across
+    // the 503s between (what the client waited for its event to be stored).
+    let mut first_try = None;
     loop {
-        let started = Instant::now();
-        if started >= end {
+        let now = Instant::now();
+        if now >= end {
             return Ok((latencies, failures));
         }
+        let started = *first_try.get_or_insert(now);
+        // After a 503 (nothing written) the retry carries a new event id; one that did write
+        // would end in a 409 on the next try, and the harness stops.
         let (status, code) = post(&client, &uri, one_event(Some(version))).await?;
         let finished = Instant::now();
         let measured = finished >= measure_from && finished <= end;
         if status == StatusCode::CREATED {
             version += 1;
+            first_try = None;
             if measured {
                 let us = u64::try_from(finished.duration_since(started).as_micros())
                     .unwrap_or(MAX_LATENCY_US);
@@ -211,6 +223,8 @@ async fn other_writer(
             if status == StatusCode::CONFLICT || status == StatusCode::GATEWAY_TIMEOUT {
                 bail!("the other tenant's append was answered {status} {code}; the harness cannot go on");
             }
+            // A client backing off before it retries.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -269,11 +283,14 @@ struct Harness {
     source_url: String,
     hot: Uuid,
     other: Uuid,
+    /// The hot writers' answers, by status and code, over every phase.
+    hot_answers: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl Harness {
     /// One phase: the other tenant's writers, each on a new stream, merged into `into`; during
-    /// a cutover phase a session holds the hot tenant's fence row.
+    /// a cutover phase (and with `--hot-in-baseline` in a baseline one) the hot writers, and a
+    /// session holding the hot tenant's fence row in a cutover phase.
     async fn run(&self, phase: Phase, into: &mut Outcome) -> Result<()> {
         let mut holder = None;
         if phase == Phase::Cutover {
@@ -288,6 +305,24 @@ impl Harness {
                 bail!("the hot tenant has no fence row");
             }
             holder = Some(session);
+        }
+        let (stop_hot, hot_stopped) = watch::channel(false);
+        let mut hot_tasks = tokio::task::JoinSet::new();
+        if phase == Phase::Cutover || self.args.hot_in_baseline {
+            for _ in 0..self.args.hot_writers {
+                let uri = format!(
+                    "{}/v1/tenants/{}/streams/BenchAccount/{}/events",
+                    self.proxy_base,
+                    self.hot,
+                    Uuid::new_v4()
+                );
+                hot_tasks.spawn(hot_writer(
+                    self.client.clone(),
+                    uri,
+                    hot_stopped.clone(),
+                    Arc::clone(&self.hot_answers),
+                ));
+            }
         }
         let start = Instant::now();
         let measure_from = start + Duration::from_secs_f64(self.args.warmup_seconds);
@@ -310,6 +345,12 @@ impl Harness {
             }
         }
         into.window += end.duration_since(measure_from);
+        let _ = stop_hot.send(true);
+        while let Some(done) = hot_tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                eprintln!("a hot writer failed: {e:#}");
+            }
+        }
         if let Some(mut session) = holder {
             sqlx::query("ROLLBACK").execute(&mut session).await?;
             session.close().await?;
@@ -406,21 +447,6 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let (stop_hot, hot_stopped) = watch::channel(false);
-    let hot_answers = Arc::new(Mutex::new(BTreeMap::new()));
-    let mut hot_tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.hot_writers {
-        let uri = format!(
-            "{proxy_base}/v1/tenants/{hot}/streams/BenchAccount/{}/events",
-            Uuid::new_v4()
-        );
-        hot_tasks.spawn(hot_writer(
-            client.clone(),
-            uri,
-            hot_stopped.clone(),
-            Arc::clone(&hot_answers),
-        ));
-    }
     let harness = Harness {
         args: args.clone(),
         client: client.clone(),
@@ -428,6 +454,7 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
         source_url: shared_url.clone(),
         hot,
         other,
+        hot_answers: Arc::default(),
     };
     let mut measured = Measured {
         baseline: Outcome::new()?,
@@ -448,13 +475,7 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
             }
         }
     }
-    let _ = stop_hot.send(true);
-    while let Some(done) = hot_tasks.join_next().await {
-        if let Ok(Err(e)) = done {
-            eprintln!("a hot writer failed: {e:#}");
-        }
-    }
-    measured.hot = hot_answers.lock().await.clone();
+    measured.hot = harness.hot_answers.lock().await.clone();
     measured.shed = shed_counters(&client, &admin_base)
         .await
         .unwrap_or_default();
@@ -474,6 +495,7 @@ fn report(args: &Args, load: ([f64; 3], [f64; 3]), m: &Measured) -> String {
         "pool_size": args.pool_size,
         "max_requests": args.max_requests,
         "share": args.share,
+        "hot_in_baseline": args.hot_in_baseline,
         "smoke": args.smoke,
         "baseline": m.baseline.summary(),
         "cutover": m.cutover.summary(),
