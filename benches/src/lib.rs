@@ -198,3 +198,59 @@ pub async fn seed(
     conn.close().await?;
     Ok((seconds, payload_bytes))
 }
+
+// ---------------------------------------------------------------------------------------------
+// The machine and the proxy
+
+/// The 1, 5 and 15-minute load averages (Linux), printed beside the figures.
+pub fn load_averages() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut out = [f64::NAN; 3];
+    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
+        *slot = field.parse().unwrap_or(f64::NAN);
+    }
+    out
+}
+
+/// The real proxy, in-process on `127.0.0.1:0`, until [`InProcessProxy::stop`].
+pub struct InProcessProxy {
+    /// `http://addr` of the data plane.
+    pub data: String,
+    /// `http://addr` of the admin port.
+    pub admin: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessProxy {
+    pub async fn start(config: switchyard_store::Config) -> Result<Self> {
+        let app = switchyard_proxy::App::build(config).context("building the proxy")?;
+        let data = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (data_url, admin_url) = (
+            format!("http://{}", data.local_addr()?),
+            format!("http://{}", admin.local_addr()?),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(data, admin, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            data: data_url,
+            admin: admin_url,
+            stop,
+            task,
+        })
+    }
+
+    /// Shuts the proxy down as SIGTERM would, waiting up to 15 s.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(std::time::Duration::from_secs(15), self.task)
+            .await
+            .is_err()
+        {
+            eprintln!("the proxy did not stop within 15 s");
+        }
+    }
+}

@@ -449,6 +449,7 @@ async fn route(
             })?;
             routes_loaded(state).await?;
             let route = *state.routes.load().get(&tenant);
+            let _slot = state.fairness.request_slot(&route)?;
             let store = state.store(route.store)?;
             let stream = StreamRef {
                 tenant_id: tenant,
@@ -468,6 +469,7 @@ async fn route(
             let (after, limit) = read_params(&query, "after_position")?;
             routes_loaded(state).await?;
             let route = *state.routes.load().get(&tenant);
+            let _slot = state.fairness.request_slot(&route)?;
             let store = state.store(route.store)?;
             let events = store
                 .read_tenant(tenant, after, limit)
@@ -521,7 +523,10 @@ async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
 }
 
 /// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
-/// route that replaced the stale one, so the client sees only latency.
+/// route that replaced the stale one, so the client sees only latency. While the route is
+/// migrating the append holds a request slot of the migrating tenants' share (also at the
+/// gate) and, around the store call, one of their share of the store's connections
+/// (`crate::fairness`).
 async fn append(
     state: &AppState,
     stream: StreamRef<'_>,
@@ -530,15 +535,22 @@ async fn append(
     routes_loaded(state).await?;
     let mut route: Route = *state.routes.load().get(&stream.tenant_id);
     let mut reroutes = 0;
+    // Taken on the first migrating route this append sees, kept to the end.
+    let mut slot = None;
     loop {
+        if slot.is_none() {
+            slot = state.fairness.request_slot(&route)?;
+        }
         if route.state == RoutingState::CutoverPaused {
             route = gate::wait(state, stream.tenant_id, Until::Open).await?;
         }
         let store = state.store(route.store)?;
-        match store
+        let connection = state.fairness.connection(&route, route.store).await?;
+        let appended = store
             .append(stream, command.expected_version, &command.events)
-            .await
-        {
+            .await;
+        drop(connection);
+        match appended {
             Ok(appended) => {
                 let reply = json_response(
                     StatusCode::CREATED,

@@ -48,6 +48,12 @@ pub enum ApiError {
     },
     #[error("the proxy is overloaded; retry shortly")]
     Overloaded,
+    /// A migrating tenant already holds its share of the proxy's request slots or of its
+    /// store's connections (`proxy.migrating_tenant_share`); other tenants are not refused.
+    #[error(
+        "this tenant is migrating and holds its share of the proxy's {resource}; retry shortly"
+    )]
+    TenantOverloaded { resource: &'static str },
     /// The proxy has not loaded its routing table yet (just started, or the control database
     /// has not answered): it cannot tell which store is the tenant's.
     #[error("the proxy has not loaded its routing table yet; retry shortly")]
@@ -135,6 +141,7 @@ impl ApiError {
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
+            | Self::TenantOverloaded { .. }
             | Self::RoutingNotLoaded
             | Self::RateLimited { .. }
             | Self::Timeout(_) => Kind::Unavailable,
@@ -182,6 +189,7 @@ impl ApiError {
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
+            | Self::TenantOverloaded { .. }
             | Self::RoutingNotLoaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -207,6 +215,7 @@ impl ApiError {
             Self::WritesPaused { .. } => "writes_paused",
             Self::StoreUnavailable { .. } => "store_unavailable",
             Self::Overloaded => "overloaded",
+            Self::TenantOverloaded { .. } => "tenant_overloaded",
             Self::RoutingNotLoaded => "routing_not_loaded",
             Self::Timeout(_) => "timeout",
             Self::RateLimited { .. } => "rate_limited",
@@ -250,7 +259,10 @@ impl ApiError {
             Self::WritesPaused { retry_after_s } | Self::RateLimited { retry_after_s } => {
                 retry_after = Some(*retry_after_s);
             }
-            Self::Overloaded | Self::StoreUnavailable { .. } | Self::RoutingNotLoaded => {
+            Self::Overloaded
+            | Self::TenantOverloaded { .. }
+            | Self::StoreUnavailable { .. }
+            | Self::RoutingNotLoaded => {
                 retry_after = Some(1);
             }
             Self::PayloadTooLarge { limit } => {
@@ -401,6 +413,9 @@ mod tests {
         for nothing_written in [
             ApiError::WritesPaused { retry_after_s: 1 },
             ApiError::Overloaded,
+            ApiError::TenantOverloaded {
+                resource: "request slots",
+            },
             ApiError::RoutingNotLoaded,
         ] {
             let (_, body, _) = reply(nothing_written.of_append(true)).await;

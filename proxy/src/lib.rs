@@ -10,6 +10,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod fairness;
 pub mod gate;
 pub mod limits;
 pub mod metrics;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub routes: Routes,
     pub metrics: ProxyMetrics,
     pub mirror: Mirror,
+    /// The migrating tenants' share of request slots and store connections.
+    pub fairness: fairness::Fairness,
     /// Serialises reloads (see `watcher::reload`).
     pub(crate) reload_lock: Mutex<()>,
     /// Lets concurrent reloads join the one in progress (see `watcher::reload`).
@@ -179,7 +182,15 @@ impl App {
                 .data_tokens
                 .set(i64::try_from(tokens.len()).unwrap_or(i64::MAX));
         }
+        let fairness = fairness::Fairness::new(
+            config.proxy.migrating_tenant_share,
+            config.proxy.max_concurrent_requests,
+            stores.iter().map(EventStore::max_connections),
+            Duration::from_millis(config.proxy.gate_wait_ms),
+            metrics.clone(),
+        );
         let state = AppState {
+            fairness,
             mirror: Mirror::new(
                 &config
                     .stores

@@ -20,6 +20,8 @@ pub struct ProxyMetrics {
     pub appends_in_flight: IntGauge,
     pub gate_writers: IntGauge,
     pub gate_wait: Histogram,
+    /// Requests refused to protect the others, by reason (see [`crate::fairness::Shed`]).
+    pub shed_requests: IntCounterVec,
     pub mirror_writes: IntCounterVec,
     /// Events the mirror dropped before queueing them, by `reason`; their sum is
     /// `mirror_writes{outcome="dropped"}`.
@@ -87,6 +89,17 @@ impl ProxyMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let shed_requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_shed_requests_total",
+                "Data-plane requests refused to protect other requests, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in crate::fairness::Shed::ALL {
+            shed_requests.with_label_values(&[reason.as_str()]);
+        }
         let mirror_writes = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_mirror_writes_total",
@@ -200,6 +213,7 @@ impl ProxyMetrics {
             Box::new(appends_in_flight.clone()),
             Box::new(gate_writers.clone()),
             Box::new(gate_wait.clone()),
+            Box::new(shed_requests.clone()),
             Box::new(mirror_writes.clone()),
             Box::new(mirror_dropped.clone()),
             Box::new(mirror_queue_bytes.clone()),
@@ -225,6 +239,7 @@ impl ProxyMetrics {
             appends_in_flight,
             gate_writers,
             gate_wait,
+            shed_requests,
             mirror_writes,
             mirror_dropped,
             mirror_queue_bytes,
@@ -239,6 +254,20 @@ impl ProxyMetrics {
             data_plane_unauthenticated,
             build_info: IntGaugeVecHolder(build_info),
         }
+    }
+
+    /// Counts a request refused for `reason`.
+    pub fn shed(&self, reason: crate::fairness::Shed) {
+        self.shed_requests
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Requests refused for `reason` so far.
+    pub fn shed_count(&self, reason: crate::fairness::Shed) -> u64 {
+        self.shed_requests
+            .with_label_values(&[reason.as_str()])
+            .get()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::api::{self, Endpoint};
 use crate::error::{ApiError, Body};
+use crate::fairness::Shed;
 use crate::limits::{Activity, RateLimiter};
 use crate::metrics::ProxyMetrics;
 use crate::tls::Tls;
@@ -39,7 +40,9 @@ use crate::AppState;
 /// 3. load-shed — refuses at once (503 overloaded) instead of queueing when the limit is full,
 ///    so a slow store cannot make the proxy hoard requests.
 /// 4. concurrency limit — bounds the requests in progress, hence memory and pool pressure.
-/// 5. the handler — routes, gates, appends, reads.
+/// 5. the handler — routes, gates, appends, reads. Requests of migrating tenants take one more
+///    slot there, from their share (`crate::fairness`): the tenant is known only once the path
+///    is parsed and its route looked up, and a refusal there frees this layer's slot at once.
 pub fn data_service(
     state: Arc<AppState>,
 ) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = impl Send>
@@ -130,7 +133,10 @@ where
                     None => Ok(inner.oneshot(request).await),
                 };
                 let mut response = match handled {
-                    Err(refused) => refused.into_response(),
+                    Err(refused) => {
+                        metrics.shed(Shed::RateLimit);
+                        refused.into_response()
+                    }
                     Ok(handled) => match handled {
                         Ok(response) => response,
                         Err(e) if e.is::<tower::timeout::error::Elapsed>() => {
@@ -141,6 +147,7 @@ where
                                 .into_response()
                         }
                         Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+                            metrics.shed(Shed::ConcurrencyLimit);
                             ApiError::Overloaded.into_response()
                         }
                         Err(e) => ApiError::Internal(e).into_response(),

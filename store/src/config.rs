@@ -107,6 +107,12 @@ pub struct ProxyConfig {
     pub request_timeout_ms: u64,
     /// Requests handled at once before new ones are shed with 503. Default 1024.
     pub max_concurrent_requests: usize,
+    /// Fairness during a migration: the share (more than 0, at most 1) of
+    /// `max_concurrent_requests`, and of each store's `max_connections`, that requests of
+    /// migrating tenants (route `bulk_copy`, `dual_write` or `cutover_paused`) may hold
+    /// together; past it their requests get 503 `tenant_overloaded` and other tenants keep the
+    /// rest. 1 turns it off. Default 0.5.
+    pub migrating_tenant_share: f64,
     /// Routing safety-net poll interval. Default 1000.
     pub routing_poll_ms: u64,
     /// Whether to LISTEN for routing notifications (PostgreSQL control database only).
@@ -230,6 +236,7 @@ impl Default for ProxyConfig {
             gate_wait_ms: 5000,
             request_timeout_ms: 30_000,
             max_concurrent_requests: 1024,
+            migrating_tenant_share: 0.5,
             routing_poll_ms: 1000,
             routing_listen: true,
             shutdown_grace_ms: 10_000,
@@ -548,6 +555,12 @@ impl Config {
                 p.mirror_queue_bytes, p.max_body_bytes
             ));
         }
+        if !(p.migrating_tenant_share > 0.0 && p.migrating_tenant_share <= 1.0) {
+            return invalid(format!(
+                "proxy.migrating_tenant_share = {} must be more than 0 and at most 1",
+                p.migrating_tenant_share
+            ));
+        }
         if p.max_header_bytes < MIN_HEADER_BYTES {
             return invalid(format!(
                 "proxy.max_header_bytes must be at least {MIN_HEADER_BYTES}"
@@ -697,6 +710,11 @@ fn parse_like(existing: &toml::Value, text: &str) -> Result<toml::Value, String>
             .parse::<i64>()
             .map(toml::Value::Integer)
             .map_err(|_| "is not a whole number".to_owned()),
+        toml::Value::Float(_) => text
+            .trim()
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| "is not a number".to_owned()),
         toml::Value::Boolean(_) => match text.trim() {
             "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
             "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
@@ -998,6 +1016,34 @@ url = "postgres://postgres@127.0.0.1/b"
         let err = Config::from_parts(None, None, &vars(&[("SWITCHYARD_STORE_NOPE_URL", "x")]))
             .expect_err("no such store");
         assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn the_migrating_tenant_share_is_a_fraction_from_file_or_env() {
+        assert!((Config::default().proxy.migrating_tenant_share - 0.5).abs() < f64::EPSILON);
+        let c = Config::from_parts(Some("[proxy]\nmigrating_tenant_share = 0.25\n"), None, &[])
+            .expect("valid");
+        assert!((c.proxy.migrating_tenant_share - 0.25).abs() < f64::EPSILON);
+        let c = Config::from_parts(
+            None,
+            None,
+            &vars(&[("SWITCHYARD_PROXY_MIGRATING_TENANT_SHARE", "1")]),
+        )
+        .expect("valid");
+        assert!((c.proxy.migrating_tenant_share - 1.0).abs() < f64::EPSILON);
+        for bad in ["0", "1.5", "-0.1", "NaN", "half"] {
+            let err = Config::from_parts(
+                None,
+                None,
+                &vars(&[("SWITCHYARD_PROXY_MIGRATING_TENANT_SHARE", bad)]),
+            )
+            .expect_err(bad);
+            assert!(
+                err.to_string().contains("MIGRATING_TENANT_SHARE")
+                    || err.to_string().contains("migrating_tenant_share"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     /// A secret in a file that does not parse, in a value of the wrong type, in an environment

@@ -71,3 +71,10 @@ fn append_overhead_smoke() -> Result<()> {
 fn cutover_smoke() -> Result<()> {
     smoke("cutover", &[]).map(drop)
 }
+
+#[test]
+fn fairness_smoke() -> Result<()> {
+    let s = smoke("fairness", &[])?;
+    assert!(s["cutover"]["count"].as_u64().unwrap_or(0) > 0, "{s}");
+    Ok(())
+}

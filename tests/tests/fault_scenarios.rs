@@ -17,9 +17,9 @@ use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
-    assert_all_acked, count_events, events_body, route_state, run_control, seed, seed_sql,
-    stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http,
-    ProxyProcess, Result, ServeProcess, TcpGate,
+    assert_all_acked, count_events, events_body, feed_url, route_state, run_control, seed,
+    seed_sql, stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode,
+    Http, ProxyProcess, Result, ServeProcess, TcpGate,
 };
 use uuid::Uuid;
 
@@ -1637,4 +1637,175 @@ fn probe_url_stream(url: &str) -> Uuid {
         .nth(1)
         .and_then(|id| Uuid::parse_str(id).ok())
         .unwrap_or_default()
+}
+
+/// Fairness during a hot tenant's cutover (issue 15, item 8; docs/architecture.md "Fairness
+/// during a migration"). One proxy has not heard of the cutover: its control link is
+/// blackholed, so its route of the hot tenant stays `dual_write`. A session holds the hot
+/// tenant's source fence `FOR UPDATE`, as a cutover does, so that proxy's appends of the hot
+/// tenant block on the fence row inside PostgreSQL, each on a pool connection. 40 writers of
+/// the hot tenant (more than the 16 request slots and the 8 connections of the store) append
+/// without pause. Meanwhile another tenant on the same store appends through the same proxy:
+/// each of its appends succeeds. The hot tenant holds at most its share (the default 0.5) of
+/// the connections, and its refused appends are 503 `tenant_overloaded`, retryable.
+///
+/// Before the share existed the hot tenant's appends took all 8 connections and the request
+/// slots, and the other tenant's appends were shed (503 `overloaded`) or timed out waiting for
+/// a connection (503 `store_unavailable` after the pool's 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_tenants_cutover_seen_by_a_stale_proxy_never_sheds_another_tenant() -> Result<()> {
+    const HOT_WRITERS: usize = 40;
+    // ceil(0.5 × 8): the harness gives each store a pool of 8.
+    const HOT_CONNECTIONS: i64 = 4;
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores(
+        "[proxy]\nrouting_poll_ms = 100\nmax_concurrent_requests = 16\nrequest_timeout_ms = 20000\n",
+    )
+    .await?;
+    let (hot, other) = (Uuid::new_v4(), Uuid::new_v4());
+    seed(env.store_url("shared"), hot, 2, 5).await?;
+    seed(env.store_url("shared"), other, 1, 1).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gate.url(&env.control_url))])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    migrate_to_dual_write(&env, hot, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &proxy,
+        hot,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    // From here on the proxy hears of nothing: a cutover would not reach it.
+    gate.set(GateMode::Blackhole);
+    let mut holder = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    let held = sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR UPDATE")
+        .bind(hot)
+        .execute(&mut holder)
+        .await?;
+    ensure!(held.rows_affected() == 1, "the hot tenant has a fence row");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writers: Vec<_> = (0..HOT_WRITERS)
+        .map(|_| {
+            let (http, stopped) = (http.clone(), stopped.clone());
+            let url = stream_url(&proxy.data, hot, "Hot", Uuid::new_v4());
+            tokio::spawn(async move {
+                let mut answers: BTreeMap<(u16, String, bool), usize> = BTreeMap::new();
+                while !*stopped.borrow() {
+                    let reply = http.post(&url, &events_body(None, 1, "Hot")).await?;
+                    let code = reply.json["error"].as_str().unwrap_or_default().to_owned();
+                    let retryable = reply.json["retryable"].as_bool().unwrap_or(false);
+                    *answers
+                        .entry((reply.status.as_u16(), code, retryable))
+                        .or_insert(0) += 1;
+                    if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+                        // A client backing off; not a synchronisation.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Ok::<_, anyhow::Error>(answers)
+            })
+        })
+        .collect();
+
+    // The hot tenant's appends queue behind the fence on every connection they may hold.
+    let mut watcher = sqlx::PgConnection::connect(env.store_url("shared")).await?;
+    let queued_by = Instant::now() + Duration::from_secs(20);
+    while appends_waiting_for_a_lock(&mut watcher).await? < HOT_CONNECTIONS {
+        ensure!(
+            Instant::now() < queued_by,
+            "the hot tenant's appends never queued behind the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The other tenant, same store, same proxy: 4 writers, 5 appends each.
+    let others: Vec<_> = (0..4)
+        .map(|_| {
+            let http = http.clone();
+            let url = stream_url(&proxy.data, other, "Other", Uuid::new_v4());
+            tokio::spawn(async move {
+                for version in 0..5 {
+                    let reply = http
+                        .post(&url, &events_body(Some(version), 1, "Other"))
+                        .await?;
+                    ensure!(
+                        reply.status == StatusCode::CREATED,
+                        "the other tenant's append {version} was answered {}: {}",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    );
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut most_blocked = 0;
+    for handle in others {
+        handle.await??;
+        most_blocked = most_blocked.max(appends_waiting_for_a_lock(&mut watcher).await?);
+    }
+    let feed = http.get(&feed_url(&proxy.data, other)).await?;
+    ensure!(
+        feed.status == StatusCode::OK,
+        "the other tenant's feed read"
+    );
+    let metrics = http.get(&format!("{}/metrics", proxy.admin)).await?;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let _ = stop.send(true);
+    let mut answers: BTreeMap<(u16, String, bool), usize> = BTreeMap::new();
+    for writer in writers {
+        for (answer, n) in writer.await?? {
+            *answers.entry(answer).or_insert(0) += n;
+        }
+    }
+    gate.open();
+    println!("hot tenant's answers (status, code, retryable): {answers:?}; most appends blocked at the fence: {most_blocked}");
+    ensure!(
+        most_blocked <= HOT_CONNECTIONS,
+        "{most_blocked} appends held connections at the fence"
+    );
+    for ((status, code, retryable), n) in &answers {
+        ensure!(
+            *status == 201 || (*status == 503 && code == "tenant_overloaded" && *retryable),
+            "the hot tenant got {n} × {status} {code} (retryable {retryable})"
+        );
+    }
+    ensure!(
+        answers
+            .keys()
+            .any(|(_, code, _)| code == "tenant_overloaded"),
+        "the hot tenant was held to its share: {answers:?}"
+    );
+    ensure!(
+        metrics.lines().any(|l| l.starts_with(
+            "switchyard_proxy_shed_requests_total{reason=\"migrating_tenant_requests\"}"
+        ) && !l.ends_with(" 0")),
+        "refusals counted by reason"
+    );
+    let stored = tenant_events(env.store_url("shared"), other).await?;
+    ensure!(
+        stored.len() == 1 + 20,
+        "{} events of the other tenant",
+        stored.len()
+    );
+    Ok(())
+}
+
+/// Appends waiting for a lock in the watcher's database now (each holds a pool connection).
+async fn appends_waiting_for_a_lock(watcher: &mut sqlx::PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND query LIKE '%switchyard_append%'",
+    )
+    .fetch_one(watcher)
+    .await?)
 }

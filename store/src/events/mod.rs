@@ -89,6 +89,14 @@ impl EventStore {
         Arc::clone(&self.id)
     }
 
+    /// Connections the pool opens at most (a SQLite pool's size is capped below the config's).
+    pub fn max_connections(&self) -> u32 {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.options().get_max_connections(),
+            Backend::Sqlite(pool) => pool.options().get_max_connections(),
+        }
+    }
+
     /// Whether this is an embedded (SQLite) store, whose schema programs create on start.
     pub fn is_embedded(&self) -> bool {
         matches!(self.backend, Backend::Sqlite(_))
