@@ -10,13 +10,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use switchyard_store::{AppendError, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef};
+use switchyard_store::{
+    AppendError, EventStore, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef,
+};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
 use crate::gate::{self, Until};
 use crate::mirror::MirrorJob;
-use crate::routing::Route;
+use crate::routing::{Moved, Route, UNKNOWN_STORE};
 use crate::AppState;
 
 /// Largest `limit` a read may ask for.
@@ -430,9 +432,7 @@ async fn route(
             let from = i32::try_from(from.max(1)).map_err(|_| {
                 ApiError::bad_request("invalid_query", "from_version is out of range")
             })?;
-            routes_loaded(state).await?;
-            let route = *state.routes.load().get(&tenant);
-            let store = state.store(route.store)?;
+            let store = read_store(state, tenant).await?;
             let stream = StreamRef {
                 tenant_id: tenant,
                 aggregate_type: &aggregate_type,
@@ -449,9 +449,7 @@ async fn route(
         }
         (Endpoint::Feed { tenant }, Method::GET) => {
             let (after, limit) = read_params(&query, "after_position")?;
-            routes_loaded(state).await?;
-            let route = *state.routes.load().get(&tenant);
-            let store = state.store(route.store)?;
+            let store = read_store(state, tenant).await?;
             let events = store
                 .read_tenant(tenant, after, limit)
                 .await
@@ -503,6 +501,21 @@ async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// The store a read of `tenant` goes to: its route's, unless an append through this proxy met
+/// the tenant's fence moved off that store before routing said so (the control database out
+/// of reach, a reload still to come): then the store the fence named, which holds everything
+/// the source held when the fence moved and every append since, or 503 `route_stale` when
+/// this proxy has not configured it. Never the source it left, which is stale.
+async fn read_store(state: &AppState, tenant: Uuid) -> Result<&EventStore, ApiError> {
+    routes_loaded(state).await?;
+    let route = *state.routes.load().get(&tenant);
+    match state.routes.moved_to(&tenant, &route) {
+        None => state.store(route.store),
+        Some(UNKNOWN_STORE) => Err(ApiError::RouteStale),
+        Some(to) => state.store(to),
+    }
+}
+
 /// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
 /// route that replaced the stale one, so the client sees only latency.
 async fn append(
@@ -523,6 +536,8 @@ async fn append(
             .await
         {
             Ok(appended) => {
+                // This store's fence is open: a move noted earlier was undone.
+                state.routes.forget_moved(&stream.tenant_id, route.store);
                 let reply = json_response(
                     StatusCode::CREATED,
                     &AppendReply {
@@ -545,6 +560,15 @@ async fn append(
                 state.metrics.fence_rejections.inc();
                 tracing::info!(tenant.id = %stream.tenant_id, store.id = store.id(), %moved_to,
                     "fence moved; reloading routing and re-routing the append");
+                // Reads follow the fence from now on, whether or not routing can be reloaded.
+                state.routes.note_moved(
+                    stream.tenant_id,
+                    Moved {
+                        from: route.store,
+                        to: state.store_index(&moved_to).unwrap_or(UNKNOWN_STORE),
+                        epoch: route.epoch,
+                    },
+                );
                 reroutes += 1;
                 if reroutes > MAX_REROUTES {
                     return Err(ApiError::WritesPaused { retry_after_s: 1 });
