@@ -100,7 +100,12 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Two hex digits and nothing else: `from_str_radix` alone also takes a sign, so
+            // `%+41` decoded as 0x04 then `1`, a second spelling of another stream's type.
             let hex = segment.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -313,6 +318,75 @@ pub fn check_decode_append(body: &[u8], limits: Limits) {
             }
         }
     }
+}
+
+/// [`Endpoint::parse`] and the read query parser on an arbitrary path and query, with the
+/// properties every answer must have, for the fuzz target `parse_path` and the property tests:
+/// panics when one is broken. A refusal is 400 or 422; a stream path's `aggregate_type` is its
+/// segment percent-decoded by RFC 3986 (`%` and two hex digits, nothing else), 1 to
+/// `max_field_bytes` bytes without NUL, and its ids are the segments' UUIDs; an accepted query
+/// has a start >= 0 and a limit of 1 to [`MAX_READ_LIMIT`].
+#[doc(hidden)]
+pub fn check_parse_request(path: &str, query: &str, max_field_bytes: usize) {
+    let _ = Endpoint::operation(&Method::GET, path);
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match Endpoint::parse(path, max_field_bytes) {
+        Err(e) => {
+            let status = e.into_response().status().as_u16();
+            assert!(
+                matches!(status, 400 | 422),
+                "parsing {path:?} answered {status}"
+            );
+        }
+        Ok(None) => {}
+        Ok(Some(Endpoint::Feed { tenant })) => {
+            assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
+        }
+        Ok(Some(Endpoint::Stream {
+            tenant,
+            aggregate_type,
+            aggregate_id,
+        })) => {
+            assert_eq!(segments.len(), 7, "{path:?}");
+            assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
+            assert_eq!(Uuid::parse_str(segments[5]).ok(), Some(aggregate_id));
+            assert_eq!(
+                rfc3986_decode(segments[4]).as_deref(),
+                Some(aggregate_type.as_str()),
+                "{path:?}"
+            );
+            assert!(!aggregate_type.is_empty() && aggregate_type.len() <= max_field_bytes);
+            assert!(!aggregate_type.contains('\0'));
+        }
+    }
+    for start_name in ["from_version", "after_position"] {
+        match read_params(query, start_name) {
+            Err(e) => {
+                let status = e.into_response().status().as_u16();
+                assert_eq!(status, 400, "query {query:?} answered {status}");
+            }
+            Ok((start, limit)) => {
+                assert!(start >= 0, "{query:?}");
+                assert!((1..=MAX_READ_LIMIT).contains(&limit), "{query:?}");
+            }
+        }
+    }
+}
+
+/// The oracle's percent-decoding, written from RFC 3986 rather than shared with the parser.
+fn rfc3986_decode(segment: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut bytes = segment.bytes();
+    while let Some(byte) = bytes.next() {
+        if byte == b'%' {
+            let high = char::from(bytes.next()?).to_digit(16)?;
+            let low = char::from(bytes.next()?).to_digit(16)?;
+            out.push(u8::try_from(high * 16 + low).ok()?);
+        } else {
+            out.push(byte);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn depth(value: &serde_json::Value) -> usize {
@@ -722,6 +796,15 @@ mod tests {
             Some(Endpoint::Feed { tenant: t })
         );
         assert!(matches!(Endpoint::parse("/v2/x", 64), Ok(None)));
+        for escape in ["%+41", "%-1", "%4", "%4g"] {
+            assert!(
+                matches!(
+                    Endpoint::parse(&format!("/v1/tenants/{t}/streams/A{escape}/{a}/events"), 64),
+                    Err(ApiError::BadRequest { .. })
+                ),
+                "{escape}"
+            );
+        }
         assert!(matches!(
             Endpoint::parse("/v1/tenants/nope/events", 64),
             Err(ApiError::BadRequest { .. })
