@@ -55,6 +55,10 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
         (&Method::GET, ["readyz"]) => Ok(ready(state).await),
         (&Method::GET, ["metrics"]) => {
             check_stores(state).await;
+            state
+                .metrics
+                .routing_moved_tenants
+                .set(i64::try_from(state.routes.moved_len()).unwrap_or(i64::MAX));
             let mut response = text(StatusCode::OK, &state.metrics.render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -75,6 +79,11 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
                 json!(table.get(&tenant).state == switchyard_store::RoutingState::DualWrite);
             body["mirror"] = json!(state.mirror.stats(&tenant));
             body["table_epoch"] = json!(table.epoch());
+            // A moved fence this proxy met before routing said so: where its reads go instead.
+            body["reads_follow_fence_to"] = json!(state
+                .routes
+                .moved_to(&tenant, table.get(&tenant))
+                .map(|to| state.store_name(to)));
             Ok(json_response(StatusCode::OK, &body))
         }
         (&Method::POST, ["admin", "routes", "reload"]) => {

@@ -10,13 +10,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use switchyard_store::{AppendError, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef};
+use switchyard_store::{
+    AppendError, EventStore, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef,
+};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
 use crate::gate::{self, Until};
 use crate::mirror::MirrorJob;
-use crate::routing::Route;
+use crate::routing::{Moved, Route, UNKNOWN_STORE};
 use crate::AppState;
 
 /// Largest `limit` a read may ask for.
@@ -105,7 +107,12 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Two hex digits and nothing else: `from_str_radix` alone also takes a sign, so
+            // `%+41` decoded as 0x04 then `1`, a second spelling of another stream's type.
             let hex = segment.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -320,6 +327,75 @@ pub fn check_decode_append(body: &[u8], limits: Limits) {
     }
 }
 
+/// [`Endpoint::parse`] and the read query parser on an arbitrary path and query, with the
+/// properties every answer must have, for the fuzz target `parse_path` and the property tests:
+/// panics when one is broken. A refusal is 400 or 422; a stream path's `aggregate_type` is its
+/// segment percent-decoded by RFC 3986 (`%` and two hex digits, nothing else), 1 to
+/// `max_field_bytes` bytes without NUL, and its ids are the segments' UUIDs; an accepted query
+/// has a start >= 0 and a limit of 1 to [`MAX_READ_LIMIT`].
+#[doc(hidden)]
+pub fn check_parse_request(path: &str, query: &str, max_field_bytes: usize) {
+    let _ = Endpoint::operation(&Method::GET, path);
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match Endpoint::parse(path, max_field_bytes) {
+        Err(e) => {
+            let status = e.into_response().status().as_u16();
+            assert!(
+                matches!(status, 400 | 422),
+                "parsing {path:?} answered {status}"
+            );
+        }
+        Ok(None) => {}
+        Ok(Some(Endpoint::Feed { tenant })) => {
+            assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
+        }
+        Ok(Some(Endpoint::Stream {
+            tenant,
+            aggregate_type,
+            aggregate_id,
+        })) => {
+            assert_eq!(segments.len(), 7, "{path:?}");
+            assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
+            assert_eq!(Uuid::parse_str(segments[5]).ok(), Some(aggregate_id));
+            assert_eq!(
+                rfc3986_decode(segments[4]).as_deref(),
+                Some(aggregate_type.as_str()),
+                "{path:?}"
+            );
+            assert!(!aggregate_type.is_empty() && aggregate_type.len() <= max_field_bytes);
+            assert!(!aggregate_type.contains('\0'));
+        }
+    }
+    for start_name in ["from_version", "after_position"] {
+        match read_params(query, start_name) {
+            Err(e) => {
+                let status = e.into_response().status().as_u16();
+                assert_eq!(status, 400, "query {query:?} answered {status}");
+            }
+            Ok((start, limit)) => {
+                assert!(start >= 0, "{query:?}");
+                assert!((1..=MAX_READ_LIMIT).contains(&limit), "{query:?}");
+            }
+        }
+    }
+}
+
+/// The oracle's percent-decoding, written from RFC 3986 rather than shared with the parser.
+fn rfc3986_decode(segment: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut bytes = segment.bytes();
+    while let Some(byte) = bytes.next() {
+        if byte == b'%' {
+            let high = char::from(bytes.next()?).to_digit(16)?;
+            let low = char::from(bytes.next()?).to_digit(16)?;
+            out.push(u8::try_from(high * 16 + low).ok()?);
+        } else {
+            out.push(byte);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn depth(value: &serde_json::Value) -> usize {
     match value {
         serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
@@ -447,10 +523,7 @@ async fn route(
             let from = i32::try_from(from.max(1)).map_err(|_| {
                 ApiError::bad_request("invalid_query", "from_version is out of range")
             })?;
-            routes_loaded(state).await?;
-            let route = *state.routes.load().get(&tenant);
-            let _slot = state.fairness.request_slot(&route)?;
-            let store = state.store(route.store)?;
+            let (store, _slot) = read_store(state, tenant).await?;
             let stream = StreamRef {
                 tenant_id: tenant,
                 aggregate_type: &aggregate_type,
@@ -467,10 +540,7 @@ async fn route(
         }
         (Endpoint::Feed { tenant }, Method::GET) => {
             let (after, limit) = read_params(&query, "after_position")?;
-            routes_loaded(state).await?;
-            let route = *state.routes.load().get(&tenant);
-            let _slot = state.fairness.request_slot(&route)?;
-            let store = state.store(route.store)?;
+            let (store, _slot) = read_store(state, tenant).await?;
             let events = store
                 .read_tenant(tenant, after, limit)
                 .await
@@ -522,6 +592,26 @@ async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// The store a read of `tenant` goes to: its route's, unless an append through this proxy met
+/// the tenant's fence moved off that store before routing said so (the control database out
+/// of reach, a reload still to come): then the store the fence named, which holds everything
+/// the source held when the fence moved and every append since, or 503 `route_stale` when
+/// this proxy has not configured it. Never the source it left, which is stale.
+async fn read_store(
+    state: &AppState,
+    tenant: Uuid,
+) -> Result<(&EventStore, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    routes_loaded(state).await?;
+    let route = *state.routes.load().get(&tenant);
+    let slot = state.fairness.request_slot(&route)?;
+    let store = match state.routes.moved_to(&tenant, &route) {
+        None => state.store(route.store),
+        Some(UNKNOWN_STORE) => Err(ApiError::RouteStale),
+        Some(to) => state.store(to),
+    }?;
+    Ok((store, slot))
+}
+
 /// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
 /// route that replaced the stale one, so the client sees only latency. While the route is
 /// migrating the append holds a request slot of the migrating tenants' share (also at the
@@ -552,6 +642,8 @@ async fn append(
         drop(connection);
         match appended {
             Ok(appended) => {
+                // This store's fence is open: a move noted earlier was undone.
+                state.routes.forget_moved(&stream.tenant_id, route.store);
                 let reply = json_response(
                     StatusCode::CREATED,
                     &AppendReply {
@@ -574,6 +666,15 @@ async fn append(
                 state.metrics.fence_rejections.inc();
                 tracing::info!(tenant.id = %stream.tenant_id, store.id = store.id(), %moved_to,
                     "fence moved; reloading routing and re-routing the append");
+                // Reads follow the fence from now on, whether or not routing can be reloaded.
+                state.routes.note_moved(
+                    stream.tenant_id,
+                    Moved {
+                        from: route.store,
+                        to: state.store_index(&moved_to).unwrap_or(UNKNOWN_STORE),
+                        epoch: route.epoch,
+                    },
+                );
                 reroutes += 1;
                 if reroutes > MAX_REROUTES {
                     return Err(ApiError::WritesPaused { retry_after_s: 1 });
@@ -727,6 +828,15 @@ mod tests {
             Some(Endpoint::Feed { tenant: t })
         );
         assert!(matches!(Endpoint::parse("/v2/x", 64), Ok(None)));
+        for escape in ["%+41", "%-1", "%4", "%4g"] {
+            assert!(
+                matches!(
+                    Endpoint::parse(&format!("/v1/tenants/{t}/streams/A{escape}/{a}/events"), 64),
+                    Err(ApiError::BadRequest { .. })
+                ),
+                "{escape}"
+            );
+        }
         assert!(matches!(
             Endpoint::parse("/v1/tenants/nope/events", 64),
             Err(ApiError::BadRequest { .. })

@@ -58,6 +58,10 @@ pub enum ApiError {
     /// has not answered): it cannot tell which store is the tenant's.
     #[error("the proxy has not loaded its routing table yet; retry shortly")]
     RoutingNotLoaded,
+    /// The tenant's fence said it moved to a store this proxy has not configured, and routing
+    /// has not caught up: the route's store is stale, the other one out of reach.
+    #[error("this tenant moved to a store this proxy cannot reach and its routing is stale; retry shortly")]
+    RouteStale,
     #[error("too many requests from this client; retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
     #[error("the request body did not arrive within {0} ms")]
@@ -143,6 +147,7 @@ impl ApiError {
             | Self::Overloaded
             | Self::TenantOverloaded { .. }
             | Self::RoutingNotLoaded
+            | Self::RouteStale
             | Self::RateLimited { .. }
             | Self::Timeout(_) => Kind::Unavailable,
             Self::Internal(_) => Kind::Internal,
@@ -190,7 +195,8 @@ impl ApiError {
             | Self::StoreUnavailable { .. }
             | Self::Overloaded
             | Self::TenantOverloaded { .. }
-            | Self::RoutingNotLoaded => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::RoutingNotLoaded
+            | Self::RouteStale => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -217,6 +223,7 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::TenantOverloaded { .. } => "tenant_overloaded",
             Self::RoutingNotLoaded => "routing_not_loaded",
+            Self::RouteStale => "route_stale",
             Self::Timeout(_) => "timeout",
             Self::RateLimited { .. } => "rate_limited",
             Self::BodyTimeout(_) => "body_timeout",
@@ -262,7 +269,8 @@ impl ApiError {
             Self::Overloaded
             | Self::TenantOverloaded { .. }
             | Self::StoreUnavailable { .. }
-            | Self::RoutingNotLoaded => {
+            | Self::RoutingNotLoaded
+            | Self::RouteStale => {
                 retry_after = Some(1);
             }
             Self::PayloadTooLarge { limit } => {

@@ -34,6 +34,9 @@ pub struct ProxyMetrics {
     pub routing_tenants: IntGauge,
     pub routing_reloads: IntCounterVec,
     pub routing_unknown_stores: IntGauge,
+    /// Tenants whose reads follow a moved fence ahead of routing (see `Routes::note_moved`);
+    /// set when scraped.
+    pub routing_moved_tenants: IntGauge,
     /// 1 when a store answered its last ping, 0 when not; `store` is a configured store id
     /// (bounded by the configuration).
     pub store_up: prometheus::IntGaugeVec,
@@ -161,6 +164,12 @@ impl ProxyMetrics {
             "Routes naming a store this proxy has not configured (their requests get 503).",
         )
         .expect("valid metric");
+        let routing_moved_tenants = IntGauge::new(
+            "switchyard_proxy_routing_moved_tenants",
+            "Tenants whose source fence refused an append through this proxy as moved while \
+             routing still names that source; their reads follow the fence.",
+        )
+        .expect("valid metric");
         let store_up = prometheus::IntGaugeVec::new(
             Opts::new(
                 "switchyard_proxy_store_up",
@@ -222,6 +231,7 @@ impl ProxyMetrics {
             Box::new(routing_tenants.clone()),
             Box::new(routing_reloads.clone()),
             Box::new(routing_unknown_stores.clone()),
+            Box::new(routing_moved_tenants.clone()),
             Box::new(store_up.clone()),
             Box::new(data_tokens.clone()),
             Box::new(data_token_reloads.clone()),
@@ -248,6 +258,7 @@ impl ProxyMetrics {
             routing_tenants,
             routing_reloads,
             routing_unknown_stores,
+            routing_moved_tenants,
             store_up,
             data_tokens,
             data_token_reloads,

@@ -5,6 +5,9 @@
 //! shards, each an `Arc<HashMap>`, so applying a change clones only the shards it touches
 //! (about 4,000 entries each at a million tenants) instead of the whole map, and the new table
 //! shares every other shard with the old one. A change is applied whole or not at all.
+//!
+//! Beside the table, [`Routes`] keeps the tenants this proxy saw moved by a source's fence
+//! before routing said so ([`Moved`]): their reads follow the fence, not the stale route.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -190,12 +193,45 @@ impl RoutingTable {
     }
 }
 
+/// A tenant whose append met a moved fence in the store its route names: this proxy knows the
+/// tenant left that store before routing tells it (its control database may be out of reach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// The store the route named when the fence refused the append.
+    pub from: StoreIdx,
+    /// The fence's `moved_to` as this proxy's index; [`UNKNOWN_STORE`] when not configured.
+    pub to: StoreIdx,
+    /// The route's epoch when the fence refused the append.
+    pub epoch: i64,
+}
+
+impl Moved {
+    /// Whether `route` is still the stale one the fence contradicted: it names `from`, and
+    /// routing has not changed since, or only to the same move's `cutover_paused` (the fence
+    /// moves between that and `normal` on the target). Any other newer route is routing's
+    /// word, which wins (an emergency stop that reopened the fence leaves the tenant on
+    /// `from` at a newer epoch).
+    fn contradicts(&self, route: &Route) -> bool {
+        route.store == self.from
+            && (route.epoch <= self.epoch
+                || (route.state == RoutingState::CutoverPaused && route.target == Some(self.to)))
+    }
+}
+
+type MovedMap = HashMap<Uuid, Moved, BuildUuidHasher>;
+
 /// The live table plus a signal for whoever waits on a change (writers at a gate).
 #[derive(Debug)]
 pub struct Routes {
     table: ArcSwap<RoutingTable>,
     changed: watch::Sender<i64>,
     loaded: std::sync::atomic::AtomicBool,
+    /// Tenants seen moved off their route's store (few, and usually none): read lock-free by
+    /// every read, written only when a fence refuses an append or a table is published.
+    moved: ArcSwap<MovedMap>,
+    /// Serialises writers of `moved`, so a table published while a move is noted still
+    /// clears it.
+    moved_writer: std::sync::Mutex<()>,
 }
 
 impl Routes {
@@ -205,6 +241,8 @@ impl Routes {
             table: ArcSwap::from_pointee(table),
             changed,
             loaded: std::sync::atomic::AtomicBool::new(false),
+            moved: ArcSwap::default(),
+            moved_writer: std::sync::Mutex::new(()),
         }
     }
 
@@ -219,13 +257,71 @@ impl Routes {
         self.table.load_full()
     }
 
-    /// Publishes a new table and wakes everyone waiting for a change.
+    /// Publishes a new table and wakes everyone waiting for a change; forgets the moves it
+    /// supersedes.
     pub fn store(&self, table: RoutingTable) {
         let epoch = table.epoch();
         self.table.store(Arc::new(table));
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
+        if !self.moved.load().is_empty() {
+            // After the table is published: a move noted meanwhile is checked against it.
+            let _writer = self.moved_writer.lock().expect("not poisoned");
+            let table = self.table.load();
+            let mut moved = MovedMap::clone(&self.moved.load());
+            moved.retain(|tenant, m| m.contradicts(table.get(tenant)));
+            self.moved.store(Arc::new(moved));
+        }
         self.changed.send_replace(epoch);
+    }
+
+    /// Notes that `tenant`'s fence refused an append because it moved, unless the table in
+    /// use already left the store that refused it.
+    pub fn note_moved(&self, tenant: Uuid, moved: Moved) {
+        let _writer = self.moved_writer.lock().expect("not poisoned");
+        if moved.contradicts(self.table.load().get(&tenant)) {
+            let mut map = MovedMap::clone(&self.moved.load());
+            map.insert(tenant, moved);
+            self.moved.store(Arc::new(map));
+        }
+    }
+
+    /// Forgets a move of `tenant` off `store`: an append there succeeded, so its fence is open
+    /// (an emergency stop reopened it).
+    pub fn forget_moved(&self, tenant: &Uuid, store: StoreIdx) {
+        if self
+            .moved
+            .load()
+            .get(tenant)
+            .is_none_or(|m| m.from != store)
+        {
+            return;
+        }
+        let _writer = self.moved_writer.lock().expect("not poisoned");
+        let mut map = MovedMap::clone(&self.moved.load());
+        if map.get(tenant).is_some_and(|m| m.from == store) {
+            map.remove(tenant);
+            self.moved.store(Arc::new(map));
+        }
+    }
+
+    /// Where `tenant`'s fence said it went, when `route` (this proxy's) still names the store
+    /// it left; lock-free, one atomic load when no move is known.
+    #[inline]
+    pub fn moved_to(&self, tenant: &Uuid, route: &Route) -> Option<StoreIdx> {
+        let moved = self.moved.load();
+        if moved.is_empty() {
+            return None;
+        }
+        moved
+            .get(tenant)
+            .filter(|m| m.contradicts(route))
+            .map(|m| m.to)
+    }
+
+    /// How many tenants are known moved ahead of routing (the metric).
+    pub fn moved_len(&self) -> usize {
+        self.moved.load().len()
     }
 
     /// Whether a table has been loaded from the control database at least once.
@@ -296,6 +392,76 @@ mod tests {
         assert_eq!(new.get(&t).store, 2);
         assert_eq!((old.epoch(), new.epoch()), (1, 2));
         assert_eq!(new.len(), 1);
+    }
+
+    /// A noted move sends reads to the fence's store until routing speaks: a newer route
+    /// off the source, or a newer route that keeps the tenant there (an emergency stop
+    /// reopened the fence), clears it; the same move's `cutover_paused` keeps it; so does an
+    /// append that succeeded elsewhere, but not one on the source.
+    #[test]
+    fn a_noted_move_lasts_until_routing_or_the_source_says_otherwise() {
+        let t = Uuid::new_v4();
+        let dual = Route {
+            state: RoutingState::DualWrite,
+            target: Some(2),
+            ..route(1, 5)
+        };
+        let moved = Moved {
+            from: 1,
+            to: 2,
+            epoch: 5,
+        };
+        let routes = Routes::new(RoutingTable::empty(0).with_changes([(t, dual)], 5));
+        routes.note_moved(t, moved);
+        assert_eq!(routes.moved_to(&t, &dual), Some(2));
+        assert_eq!(routes.moved_to(&Uuid::new_v4(), &dual), None);
+
+        let paused = Route {
+            state: RoutingState::CutoverPaused,
+            ..route(1, 6)
+        };
+        let paused = Route {
+            target: Some(2),
+            ..paused
+        };
+        routes.store(routes.load().with_changes([(t, paused)], 6));
+        assert_eq!(
+            routes.moved_to(&t, &paused),
+            Some(2),
+            "the same move's pause"
+        );
+        routes.forget_moved(&t, 2);
+        assert_eq!(
+            routes.moved_len(),
+            1,
+            "an append elsewhere says nothing of the source"
+        );
+
+        routes.store(routes.load().with_changes([(t, route(2, 7))], 7));
+        assert_eq!(routes.moved_len(), 0, "routing names the target");
+        routes.note_moved(t, moved);
+        assert_eq!(
+            routes.moved_len(),
+            0,
+            "routing already left the refused route"
+        );
+
+        let routes = Routes::new(RoutingTable::empty(0).with_changes([(t, dual)], 5));
+        routes.note_moved(t, moved);
+        routes.store(routes.load().with_changes([(t, route(1, 7))], 7));
+        assert_eq!(
+            routes.moved_len(),
+            0,
+            "a newer route on the source clears it"
+        );
+        let routes = Routes::new(RoutingTable::empty(0).with_changes([(t, dual)], 5));
+        routes.note_moved(t, moved);
+        routes.forget_moved(&t, 1);
+        assert_eq!(
+            routes.moved_to(&t, &dual),
+            None,
+            "the source took an append"
+        );
     }
 
     proptest! {

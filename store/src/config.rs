@@ -474,21 +474,11 @@ impl Config {
             return invalid("no [[stores]] configured".to_owned());
         }
         let mut seen = BTreeSet::new();
-        for store in &self.stores {
-            if store.id.is_empty() || store.id.len() > 64 {
+        for (n, store) in (1..).zip(&self.stores) {
+            // Not quoted back: what is not an id may be a value pasted in the wrong place.
+            if !is_store_id(&store.id) {
                 return invalid(format!(
-                    "store id {:?} must be 1 to 64 characters",
-                    store.id
-                ));
-            }
-            if !store
-                .id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return invalid(format!(
-                    "store id {:?} may hold only letters, digits, '-' and '_'",
-                    store.id
+                    "the id of [[stores]] number {n} must be 1 to 64 letters, digits, '-' and '_'"
                 ));
             }
             if !seen.insert(store.id.as_str()) {
@@ -501,9 +491,13 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("store {:?}: {e}", store.id)))?;
         }
         if !seen.contains(self.default_store.as_str()) {
+            let named = if is_store_id(&self.default_store) {
+                format!("default_store {:?}", self.default_store)
+            } else {
+                "default_store (not a store id)".to_owned()
+            };
             return invalid(format!(
-                "default_store {:?} is not one of the configured stores ({})",
-                self.default_store,
+                "{named} is not one of the configured stores ({})",
                 seen.into_iter().collect::<Vec<_>>().join(", ")
             ));
         }
@@ -515,7 +509,7 @@ impl Config {
             ("control.admin_listen", &self.control.admin_listen),
         ] {
             addr.parse::<SocketAddr>().map_err(|e| {
-                ConfigError::Invalid(format!("{name} = {addr:?} is not an address:port ({e})"))
+                ConfigError::Invalid(format!("{name} is not an address:port ({e})"))
             })?;
         }
         let p = &self.proxy;
@@ -653,7 +647,45 @@ fn resolve_tls_of(
 /// The smallest head buffer the HTTP/1 server accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// The secret the config oracle plants: `#` and `@` keep it from being a bare TOML key or a
+/// store id, so it can only be a value (or a quoted key).
+#[doc(hidden)]
+pub const ORACLE_SECRET: &str = "Mk#s3cr3t@pw";
+
+/// [`Config::from_parts`] on arbitrary file bytes, for the fuzz target `load_config` and the
+/// property tests: panics unless it returns, and an error's text holds [`ORACLE_SECRET`] (as
+/// written or percent-encoded) nowhere, whether the file holds it or `${PW}` expands to it.
+/// The environment also sets `proxy.admin_token` to it.
+#[doc(hidden)]
+pub fn check_load_config(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let vars = [
+        ("PW".to_owned(), ORACLE_SECRET.to_owned()),
+        (
+            "SWITCHYARD_PROXY_ADMIN_TOKEN".to_owned(),
+            ORACLE_SECRET.to_owned(),
+        ),
+    ];
+    if let Err(e) = Config::from_parts(Some(&text), Some(Path::new("fuzz.toml")), &vars) {
+        let message = e.to_string();
+        for secret in [ORACLE_SECRET.to_owned(), percent_encode(ORACLE_SECRET)] {
+            assert!(
+                !message.contains(&secret),
+                "the error echoes the secret: {message}"
+            );
+        }
+    }
+}
+
 /// Whether a listen address (already validated) is on the loopback interface only.
+/// 1 to 64 letters, digits, `-` and `_`.
+fn is_store_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn is_loopback(addr: &str) -> bool {
     addr.parse::<SocketAddr>()
         .is_ok_and(|a| a.ip().is_loopback())
@@ -751,6 +783,12 @@ fn expand(
             .map(|e| start + 2 + e)
             .ok_or_else(|| ConfigError::Invalid(format!("{field}: a ${{ is not closed by }}")))?;
         let name = &value[start + 2..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            // Not quoted back: it is no variable name, and may be the secret itself.
+            return Err(ConfigError::Invalid(format!(
+                "{field}: a ${{…}} holds no variable name (letters, digits and '_')"
+            )));
+        }
         let found = vars
             .iter()
             .find(|(k, _)| k == name)
@@ -840,8 +878,25 @@ fn parse_message(e: &toml::de::Error, text: &str) -> String {
 }
 
 /// A parser's message with every quoted part (`"…"`, `'…'`: serde quotes the values it
-/// refuses) replaced by `"…"`; key names, which serde puts in backticks, stay.
+/// refuses) replaced by `"…"`; key names, which serde puts in backticks, stay when they are
+/// bare keys (a quoted key such as `"postgres://u:pw@h/db" = 1`, unknown or duplicate, is
+/// likelier a misplaced value than a name).
 fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for (i, part) in without_quoted(message).split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        let named = i % 2 == 1;
+        let bare = part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        out.push_str(if named && !bare { "…" } else { part });
+    }
+    out
+}
+
+fn without_quoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(open) = rest.find(['"', '\'']) {
@@ -1048,6 +1103,27 @@ url = "postgres://postgres@127.0.0.1/b"
 
     /// A secret in a file that does not parse, in a value of the wrong type, in an environment
     /// override of the wrong type or in an unclosed `${` never reaches the error.
+    #[test]
+    fn quoted_keys_are_not_echoed() {
+        for text in [
+            format!("\"{SECRET_KEY}\" = 1\n"),
+            format!("\"{SECRET_KEY}\" = 1\n\"{SECRET_KEY}\" = 2\n"),
+        ] {
+            let err = Config::from_parts(Some(&text), None, &[])
+                .expect_err(&text)
+                .to_string();
+            assert!(!err.contains(SECRET_KEY), "{err}");
+            assert!(err.contains("`…`"), "{err}");
+        }
+        let err = Config::from_parts(Some("colour = 1\n"), None, &[]).expect_err("unknown");
+        assert!(
+            err.to_string().contains("`colour`"),
+            "bare names stay: {err}"
+        );
+    }
+
+    const SECRET_KEY: &str = "postgres://u:pw@h/db";
+
     #[test]
     fn errors_never_echo_values() {
         const SECRET: &str = "hunter2-Sup3rSecret";

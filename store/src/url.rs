@@ -18,10 +18,13 @@ pub enum StoreUrl {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://PATH")]
+    /// The scheme only: the rest of a URL that is not one of ours may hold a password in a
+    /// place no redaction knows (`postgres:/u:pw@h/db` parses with the password in its path).
+    #[error("unsupported database URL scheme {0}: expected postgres://… or sqlite://PATH")]
     Scheme(String),
-    #[error("sqlite URL {0:?} names no file")]
-    EmptyPath(String),
+    /// Not shown: its query may hold a password.
+    #[error("sqlite URL names no file")]
+    EmptyPath,
     /// The parser's reason only: an unparseable URL cannot be shown without its password.
     #[error("postgres URL does not parse: {0}")]
     Unparseable(url::ParseError),
@@ -36,13 +39,28 @@ impl StoreUrl {
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| UrlError::Scheme(redact(url)))?;
+            .ok_or_else(|| UrlError::Scheme(scheme_of(url)))?;
         // Options after '?' are ours to set; keep only the path.
         let path = path.split('?').next().unwrap_or_default();
         if path.is_empty() {
-            return Err(UrlError::EmptyPath(url.to_owned()));
+            return Err(UrlError::EmptyPath);
         }
         Ok(Self::Sqlite(path.to_owned()))
+    }
+}
+
+/// A URL's scheme for an error message (`"mysql:"`), or a note that it has none.
+fn scheme_of(url: &str) -> String {
+    match url.split_once(':') {
+        Some((scheme, _))
+            if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            format!("{scheme:?}")
+        }
+        _ => "(none)".to_owned(),
     }
 }
 

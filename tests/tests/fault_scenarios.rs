@@ -266,6 +266,20 @@ fn verify_hash(env: &Env, id: &str) -> Result<Value> {
     Ok(report)
 }
 
+/// `verify --level hash` consistent, then a `cutover` through the CLI that succeeds.
+async fn cut_over(env: &Env, id: &str) -> Result<()> {
+    verify_hash(env, id)?;
+    let cut = control_off_thread(env, &["--json", "cutover", id], &[]).await?;
+    assert_eq!(
+        first_json(&cut.stdout)?["success"],
+        true,
+        "{}{}",
+        cut.stdout,
+        cut.stderr
+    );
+    Ok(())
+}
+
 /// The first JSON value a `--json` command printed (a failed command prints its error after).
 fn first_json(stdout: &str) -> Result<Value> {
     serde_json::Deserializer::from_str(stdout)
@@ -648,15 +662,7 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
 
     // Back: the proxy follows routing again, so a cutover reaches it.
     caught_up(&env, &id, Duration::from_secs(60)).await?;
-    verify_hash(&env, &id)?;
-    let cut = control_off_thread(&env, &["--json", "cutover", &id], &[]).await?;
-    assert_eq!(
-        first_json(&cut.stdout)?["success"],
-        true,
-        "{}{}",
-        cut.stdout,
-        cut.stderr
-    );
+    cut_over(&env, &id).await?;
     route_is(
         &http,
         &proxy,
@@ -686,6 +692,133 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
         record.slowest()
     );
     Ok(())
+}
+
+/// Issue 15 item 7: proxy B, cut off from the control database, does not hear a cutover; an
+/// append through it meets the source's moved fence (503, routing cannot be reloaded), and
+/// from then on B's reads of the tenant come from the target the fence named, with the events
+/// appended there after the cutover, never from the stale source. When B reaches the control
+/// database again, its routing takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 500\n").await?;
+    let tenant = Uuid::new_v4();
+    let aggregate = Uuid::new_v4();
+    let http = Http::new();
+    let a = env.proxy(&[])?;
+    let gated = gate.url(&env.control_url);
+    let b = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gated)])?;
+    a.wait_ready(&http).await?;
+    b.wait_ready(&http).await?;
+    let first = http
+        .post(
+            &stream_url(&a.data, tenant, "Order", aggregate),
+            &events_body(Some(0), 2, "Before"),
+        )
+        .await?;
+    ensure!(first.status == StatusCode::CREATED, "{:?}", first.json);
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    route_is(
+        &http,
+        &b,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+
+    gate.set(GateMode::Blackhole);
+    cut_over(&env, &id).await?;
+    route_is(
+        &http,
+        &a,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(10),
+    )
+    .await?;
+    let after = events_body(Some(2), 1, "After");
+    let on_target = http
+        .post(&stream_url(&a.data, tenant, "Order", aggregate), &after)
+        .await?;
+    ensure!(
+        on_target.json["store_id"] == "dedicated",
+        "{:?}",
+        on_target.json
+    );
+    ensure!(
+        route_state(&http, &b, tenant).await?["store_id"] == "shared",
+        "B heard the cutover"
+    );
+
+    // B's append meets the moved fence and cannot reload routing: refused, nothing written.
+    let refused = http
+        .post(
+            &stream_url(&b.data, tenant, "Order", aggregate),
+            &events_body(Some(3), 1, "Refused"),
+        )
+        .await?;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        refused.json
+    );
+    assert_eq!(refused.json["error"], "writes_paused");
+
+    let stream = http
+        .get(&stream_url(&b.data, tenant, "Order", aggregate))
+        .await?;
+    let feed = http.get(&feed_url(&b.data, tenant)).await?;
+    let after_id = body_ids(&after)[0];
+    for (what, read) in [("stream", &stream), ("feed", &feed)] {
+        assert_eq!(read.status, StatusCode::OK, "{what}: {:?}", read.json);
+        assert_eq!(
+            read.json["store_id"], "dedicated",
+            "{what} read from the stale source: {:?}",
+            read.json
+        );
+        let ids = read_ids(&read.json);
+        assert_eq!(ids.len(), 3, "{what}: {ids:?}");
+        assert!(
+            ids.contains(&after_id),
+            "{what} lacks the append after the cutover"
+        );
+    }
+    let route = route_state(&http, &b, tenant).await?;
+    assert_eq!(route["reads_follow_fence_to"], "dedicated", "{route}");
+
+    // Back in touch: routing names the target, and the noted move is gone.
+    gate.open();
+    route_is(
+        &http,
+        &b,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(20),
+    )
+    .await?;
+    let route = route_state(&http, &b, tenant).await?;
+    assert_eq!(route["reads_follow_fence_to"], Value::Null, "{route}");
+    Ok(())
+}
+
+/// The event ids of a read reply, in order.
+fn read_ids(reply: &Value) -> Vec<Uuid> {
+    reply["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The proxy's failed routing reloads and polls so far (`switchyard_proxy_routing_reloads_total`
