@@ -129,7 +129,10 @@ fn admin_service(
     tower::service_fn(move |request: Request<hyper::body::Incoming>| {
         let engine = Arc::clone(&engine);
         async move {
+            let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
             let (status, content_type, body) = match (request.method().as_str(), request.uri().path()) {
+                // Every call but the probes' needs the token when one is set (the proxy's rule).
+                _ if !probe && !authorized(&engine, &request) => unauthorized(),
                 ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
                 ("GET", "/readyz") => match tokio::time::timeout(Duration::from_secs(1), engine.control.ping()).await {
                     Ok(Ok(())) => (StatusCode::OK, "application/json", r#"{"ready":true,"problems":[]}"#.to_owned()),
@@ -150,7 +153,7 @@ fn admin_service(
                     "application/json",
                     serde_json::json!({ "filter": switchyard_proxy::telemetry::current_filter() }).to_string(),
                 ),
-                ("PUT" | "POST", "/admin/log-level") => set_log_level(&engine, request).await,
+                ("PUT" | "POST", "/admin/log-level") => set_log_level(request).await,
                 (_, "/healthz" | "/readyz" | "/metrics" | "/admin/log-level") => {
                     (StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method_not_allowed"}"#.to_owned())
                 }
@@ -167,13 +170,9 @@ fn admin_service(
     })
 }
 
-/// `PUT /admin/log-level` with `{"level": "debug"}` or `{"filter": "…"}`; needs
-/// `control.admin_token` as a bearer token when one is configured.
-async fn set_log_level(
-    engine: &Engine,
-    request: Request<hyper::body::Incoming>,
-) -> (StatusCode, &'static str, String) {
-    use http_body_util::BodyExt;
+/// Whether the request carries `control.admin_token` as its bearer token, compared in
+/// constant time (always, when no token is configured).
+fn authorized<B>(engine: &Engine, request: &Request<B>) -> bool {
     let expected = engine.settings.admin_token.as_bytes();
     let given = request
         .headers()
@@ -182,13 +181,23 @@ async fn set_log_level(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .as_bytes();
-    if !expected.is_empty() && !switchyard_proxy::admin::constant_time_eq(given, expected) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "application/json",
-            r#"{"error":"unauthorized"}"#.to_owned(),
-        );
-    }
+    expected.is_empty() || switchyard_proxy::admin::constant_time_eq(given, expected)
+}
+
+fn unauthorized() -> (StatusCode, &'static str, String) {
+    (
+        StatusCode::UNAUTHORIZED,
+        "application/json",
+        r#"{"error":"unauthorized"}"#.to_owned(),
+    )
+}
+
+/// `PUT /admin/log-level` with `{"level": "debug"}` or `{"filter": "…"}` (the caller checked
+/// the admin token).
+async fn set_log_level(
+    request: Request<hyper::body::Incoming>,
+) -> (StatusCode, &'static str, String) {
+    use http_body_util::BodyExt;
     let body = match http_body_util::Limited::new(request.into_body(), 4096)
         .collect()
         .await

@@ -506,6 +506,11 @@ async fn logs_are_structured_and_their_level_changes_at_run_time() -> Result<()>
         let url = format!("{admin}/admin/log-level");
         let now = level(url.clone()).await?;
         assert_eq!(now.json["filter"], "info", "{admin}");
+        for path in ["/admin/log-level", "/admin/nothing"] {
+            let unread = http.get(&format!("{admin}{path}")).await?;
+            assert_eq!(unread.status, 401, "GET {admin}{path} without the token");
+            assert_eq!(unread.json["error"], "unauthorized", "{admin}{path}");
+        }
         let body = br#"{"level":"debug"}"#.to_vec();
         let denied = http
             .request(http::Method::PUT, &url, body.clone(), &[])
