@@ -390,6 +390,18 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
             "1" => shell.export("ID", &dual_writing(&env, tenant, "dedicated").await?)?,
             "5" => {
                 let id = dual_writing(&env, tenant, "dedicated").await?;
+                // The cutover is refused while the tail lags, as the section says: wait for it
+                // as an operator would (dual_write is entered before the tail's first pass).
+                wait_for_every(
+                    Duration::from_secs(30),
+                    Duration::from_millis(200),
+                    || async {
+                        let status = env.control_json(&["status", &id])?;
+                        Ok(status["state"] == "dual_write" && status["lag"] == 0)
+                    },
+                )
+                .await
+                .with_context(|| format!("migration {id} never caught up"))?;
                 shell.export("ID", &id)?;
                 migrated = Some(id);
             }
