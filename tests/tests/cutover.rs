@@ -448,15 +448,21 @@ async fn budget_missed(backend: Backend) -> Result<()> {
     Ok(())
 }
 
-/// The control process dies (abort, like kill -9) right after the fence committed and before
-/// routing moved: writers wait at their gates, the next command finishes the cutover, nothing
-/// is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
-    for_each_backend(crash_after_fence).await
-}
+/// A tenant in dual-write with 4 writers through one proxy (which waits at its gate up to
+/// 20 s), whose cutover's control process died (abort, like kill -9) right after the fence
+/// move committed (`after_fence`): routing still `cutover_paused`, the source fence moved to
+/// `dedicated`, and no `serve` running to finish it.
+/// `(env, http, proxy, tenant, migration id, writers)`.
+type CrashedAfterFence = (
+    Env,
+    Http,
+    switchyard_tests::ProxyProcess,
+    Uuid,
+    String,
+    Writers,
+);
 
-async fn crash_after_fence(backend: Backend) -> Result<()> {
+async fn crashed_after_fence(backend: Backend) -> Result<CrashedAfterFence> {
     let env = Env::new(
         backend,
         &["shared", "dedicated"],
@@ -490,21 +496,53 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
         Duration::from_millis(10),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = run_control(
-        &env.config_path,
-        &["cutover", &id],
-        &[("SWITCHYARD_CRASH_AT", "after_fence")],
-    )?;
-    assert_ne!(out.code, 0, "the control process died: {}", out.stderr);
+    // A loaded machine may refuse an attempt before the pause (lag, say: no tail runs) or roll
+    // it back within the budget: then it is tried again, until one reaches the crash point.
+    let crash = || {
+        run_control(
+            &env.config_path,
+            &["cutover", &id],
+            &[("SWITCHYARD_CRASH_AT", "after_fence")],
+        )
+    };
+    let mut out = crash()?;
+    for _ in 0..4 {
+        if out.stderr.contains("crashing at after_fence") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        out = crash()?;
+    }
+    assert!(
+        out.stderr.contains("crashing at after_fence"),
+        "the control process died after the fence moved: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let source = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
+    assert_eq!(
+        source.fence(tenant).await?,
+        Some(("moved".to_owned(), Some("dedicated".to_owned()))),
+        "the cutover crashed after its fence move: {}",
+        out.stderr
+    );
+    Ok((env, http, proxy, tenant, id, writers))
+}
+
+/// The control process dies (abort, like kill -9) right after the fence committed and before
+/// routing moved: writers wait at their gates, the next command finishes the cutover, nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
+    for_each_backend(crash_after_fence).await
+}
+
+async fn crash_after_fence(backend: Backend) -> Result<()> {
+    let (env, http, proxy, tenant, id, writers) = crashed_after_fence(backend).await?;
     let status = env.control_json(&["list", "--active"])?;
     assert_eq!(
         status[0]["state"], "cutover",
         "routing was not finished: {status}"
-    );
-    let store = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
-    assert_eq!(
-        store.fence(tenant).await?.map(|f| f.0),
-        Some("moved".to_owned())
     );
 
     // The next command finishes it once the cutover is clearly abandoned.
@@ -514,8 +552,21 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
         || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
     )
     .await?;
+    writers_end_on_target(&env, &http, &proxy, tenant, writers).await
+}
+
+/// Once the proxy routes `tenant` to `dedicated` (and its writers wrote there a little):
+/// stops the writers; some append was acknowledged by `dedicated`, every acknowledged append
+/// is there at its version, and so is every event of the source.
+async fn writers_end_on_target(
+    env: &Env,
+    http: &Http,
+    proxy: &switchyard_tests::ProxyProcess,
+    tenant: Uuid,
+    writers: Writers,
+) -> Result<()> {
     wait_for(Duration::from_secs(3), || async {
-        Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["store_id"] == "dedicated")
+        Ok(switchyard_tests::route_state(http, proxy, tenant).await?["store_id"] == "dedicated")
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -532,8 +583,73 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// An emergency stop that meets a cutover whose fence move committed (its control process died
+/// right after, at `after_fence`, routing still `cutover_paused`) finishes the cutover forward
+/// under the fence instead of failing it: the tenant stays on the target, where appends may
+/// already have been acknowledged (a proxy follows a moved fence there), and the stop says so.
+/// Failing it would route the tenant back to its source and reopen the fence there: every
+/// append acknowledged on the target would vanish from the tenant's view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emergency_stop_after_the_fence_moved_finishes_the_cutover_forward() -> Result<()> {
+    for_each_backend(stop_after_fence).await
+}
+
+async fn stop_after_fence(backend: Backend) -> Result<()> {
+    let (env, http, proxy, tenant, id, writers) = crashed_after_fence(backend).await?;
+    let source = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
+
+    let stopped = env.control(&[
+        "--json",
+        "emergency-stop",
+        "--tenant",
+        &tenant.to_string(),
+        "--reason",
+        "incident 43",
+    ])?;
+    assert_eq!(stopped.code, 0, "{}{}", stopped.stdout, stopped.stderr);
+    let report: Value = serde_json::from_str(&stopped.stdout)?;
+    let row = &report[0];
+    assert_eq!(
+        (
+            row["store_id"].as_str(),
+            row["finished_migration"].as_str(),
+            &row["failed_migration"],
+            &row["reopened_fence"]
+        ),
+        (
+            Some("dedicated"),
+            Some(id.as_str()),
+            &Value::Null,
+            &Value::Bool(false)
+        ),
+        "{report}"
+    );
+    assert!(
+        row["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("stays on dedicated") && n.contains("new migration")),
+        "{report}"
+    );
+    assert_eq!(env.control_json(&["status", &id])?["state"], "migrated");
+    let r = env.control_json(&["routing", "get", &tenant.to_string()])?;
+    assert_eq!(
+        (r["store_id"].as_str(), r["migration_state"].as_str()),
+        (Some("dedicated"), Some("normal"))
+    );
+    assert_eq!(
+        source.fence(tenant).await?.map(|f| f.0),
+        Some("moved".to_owned()),
+        "the source fence stays moved"
+    );
+    writers_end_on_target(&env, &http, &proxy, tenant, writers).await?;
+    append_lands_on(&http, &proxy, tenant, "dedicated").await?;
+    Ok(())
+}
+
 /// Emergency stop from bulk copy, from dual-write, and during a cutover: routing normal on the
-/// source, gates open, mirror off, migrations failed with the reason, writes succeed.
+/// source, gates open, mirror off, migrations failed with the reason, writes succeed — except
+/// that a cutover which wins the fence and moves it first is finished on its target (the stop
+/// decides it under the fence), with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emergency_stop_from_every_phase() -> Result<()> {
     for_each_backend(emergency_stop).await
@@ -599,7 +715,11 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
     .await?;
 
     // The stop runs while the fence is still held; on SQLite, where the holder has the store's
-    // write lock (as an append in flight would, briefly), reopening the fence waits for it.
+    // write lock (as an append in flight would, briefly), it waits for it. The stop decides a
+    // migration in cutover under its fence, queued behind the cutover's: the other tenants are
+    // stopped meanwhile, and once the holder lets go, either the stop wins (the migration
+    // failed, the tenant on its source) or the cutover does and moves the fence (the stop, or
+    // the cutover itself, finishes it: the tenant on its target). Either way nothing is lost.
     let config = env.config_path.clone();
     let tenants = [copying, dual, cutting].map(|t| t.to_string());
     let stop = tokio::task::spawn_blocking(move || {
@@ -620,8 +740,9 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
             &[],
         )
     });
+    let dual_check = dual_id.clone();
     wait_for(Duration::from_secs(10), || async {
-        Ok(env.control_json(&["status", &cut_id])?["state"] == "failed")
+        Ok(env.control_json(&["status", &dual_check])?["state"] == "failed")
     })
     .await?;
     holder.release().await?;
@@ -630,49 +751,102 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
     let out: Value = serde_json::from_str(&stopped.stdout)?;
     assert_eq!(out.as_array().map(Vec::len), Some(3), "{out}");
     let cut_result = cutover.await??;
-    assert_eq!(
-        cut_result.code, 1,
-        "the cutover gave up: {}",
-        cut_result.stdout
-    );
+    let cut_state = env.control_json(&["status", &cut_id])?["state"].clone();
+    let cut_store = if cut_state == "migrated" {
+        assert_eq!(
+            cut_result.code, 0,
+            "the cutover finished: {}",
+            cut_result.stdout
+        );
+        "dedicated"
+    } else {
+        assert_eq!(
+            cut_result.code, 1,
+            "the cutover gave up: {}",
+            cut_result.stdout
+        );
+        "shared"
+    };
+    let row = out
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["tenant_id"] == cutting.to_string()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["store_id"], cut_store, "{out}");
+    assert_eq!(row["error"], Value::Null, "{out}");
 
-    for (tenant, id) in [
-        (copying, slow["id"].as_str().unwrap_or_default().to_owned()),
-        (dual, dual_id),
-        (cutting, cut_id),
+    for (tenant, id, store) in [
+        (
+            copying,
+            slow["id"].as_str().unwrap_or_default().to_owned(),
+            "shared",
+        ),
+        (dual, dual_id, "shared"),
+        (cutting, cut_id, cut_store),
     ] {
         let s = env.control_json(&["status", &id])?;
-        assert_eq!(s["state"], "failed", "{s}");
+        let wanted = if store == "shared" {
+            "failed"
+        } else {
+            "migrated"
+        };
+        assert_eq!(s["state"], wanted, "{s}");
         let r = env.control_json(&["routing", "get", &tenant.to_string()])?;
         assert_eq!(
             (r["store_id"].as_str(), r["migration_state"].as_str()),
-            (Some("shared"), Some("normal"))
+            (Some(store), Some("normal"))
         );
         wait_for(Duration::from_secs(3), || async {
             let route = switchyard_tests::route_state(&http, &proxy, tenant).await?;
-            Ok(route["state"] == "normal" && route["mirroring"] == false)
+            Ok(route["state"] == "normal"
+                && route["store_id"] == store
+                && route["mirroring"] == false)
         })
         .await?;
-        let reply = http
-            .post(
-                &stream_url(&proxy.data, tenant, "After", Uuid::new_v4()),
-                &events_body(Some(0), 1, "E"),
-            )
-            .await?;
-        assert_eq!(
-            (reply.status.as_u16(), reply.json["store_id"].as_str()),
-            (201, Some("shared")),
-            "{:?}",
-            reply.json
-        );
-        let audit = env.control_json(&["audit", &id])?;
-        let last = audit
-            .as_array()
-            .and_then(|a| a.last())
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(last["reason"], "incident 42");
+        append_lands_on(&http, &proxy, tenant, store).await?;
+        if store == "dedicated" {
+            // Nothing the source held is missing from the target it moved to.
+            let target: HashSet<Uuid> = tenant_events(env.store_url("dedicated"), tenant)
+                .await?
+                .into_iter()
+                .map(|e| e.2)
+                .collect();
+            let source = tenant_events(env.store_url("shared"), tenant).await?;
+            assert_eq!(source.len(), 100);
+            assert!(source.iter().all(|e| target.contains(&e.2)));
+        }
+        if store == "shared" || row["finished_migration"] == id.as_str() {
+            let audit = env.control_json(&["audit", &id])?;
+            let last = audit
+                .as_array()
+                .and_then(|a| a.last())
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(last["reason"], "incident 42");
+        }
     }
+    Ok(())
+}
+
+/// A new stream's first append through `proxy` is acknowledged by `store`.
+async fn append_lands_on(
+    http: &Http,
+    proxy: &switchyard_tests::ProxyProcess,
+    tenant: Uuid,
+    store: &str,
+) -> Result<()> {
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, tenant, "After", Uuid::new_v4()),
+            &events_body(Some(0), 1, "E"),
+        )
+        .await?;
+    assert_eq!(
+        (reply.status.as_u16(), reply.json["store_id"].as_str()),
+        (201, Some(store)),
+        "{:?}",
+        reply.json
+    );
     Ok(())
 }
 
@@ -849,18 +1023,7 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
         Ok(switchyard_tests::route_state(&http, &proxy, tenant).await?["state"] == "normal")
     })
     .await?;
-    let reply = http
-        .post(
-            &stream_url(&proxy.data, tenant, "After", Uuid::new_v4()),
-            &events_body(Some(0), 1, "E"),
-        )
-        .await?;
-    assert_eq!(
-        (reply.status.as_u16(), reply.json["store_id"].as_str()),
-        (201, Some("shared")),
-        "{:?}",
-        reply.json
-    );
+    append_lands_on(&http, &proxy, tenant, "shared").await?;
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! `emergency-stop [--tenant T…] [--all] --reason R` (runbook procedure 8): every listed tenant
-//! back to normal on its source, gates open, mirrors off, active migrations failed.
+//! back to normal on its source, gates open, mirrors off, active migrations failed — except a
+//! tenant whose cutover had already moved its fence: that migration is finished and the
+//! tenant stays on its target, said so in its line.
 
 use uuid::Uuid;
 
@@ -42,23 +44,32 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
                 continue;
             }
             out.push_str(&format!(
-                "  Tenant {}: writes enabled on {}, dual-write cleared{}{}\n",
+                "  Tenant {}: writes enabled on {}, dual-write cleared{}{}{}\n",
                 s.tenant_id,
                 s.store_id,
                 s.failed_migration
                     .map_or_else(String::new, |m| format!(", migration {m} failed")),
+                s.finished_migration.map_or_else(String::new, |m| format!(
+                    ", migration {m} finished (its fence had moved)"
+                )),
                 if s.reopened_fence {
                     ", source fence reopened"
                 } else {
                     ""
                 }
             ));
+            if let Some(note) = &s.note {
+                out.push_str(&format!("    NOTE: {note}\n"));
+            }
             if let Some(error) = &s.error {
                 out.push_str(&format!("    WARNING: {error}\n"));
             }
         }
         if stopped.iter().all(|s| s.error.is_none()) {
             out.push_str("\nAll listed tenants back to normal operation (proxies follow within their routing poll).");
+            if stopped.iter().any(|s| s.finished_migration.is_some()) {
+                out.push_str("\nA tenant with a NOTE stays on its migration's target (see above).");
+            }
         }
         out
     });

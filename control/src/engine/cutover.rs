@@ -838,7 +838,7 @@ impl Engine {
         // A frozen driver's fence transaction ends at most the budget plus the margin after it
         // went idle: wait that long for it.
         let wait = budget + FENCE_MARGIN * 2;
-        let mut lock = match source.lock_fence(record.tenant_id, wait).await {
+        let lock = match source.lock_fence(record.tenant_id, wait).await {
             Ok(lock) => lock,
             // Someone holds it still (a live cutover): not abandoned after all.
             Err(e) => {
@@ -846,43 +846,26 @@ impl Engine {
                 return Ok(None);
             }
         };
-        let (state, moved_to) = match lock.state().await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(EngineError::store(source.id())(e));
-            }
-        };
         let note = AuditNote::new(format!("worker:{}", self.worker))
             .with_reason("recovering a cutover whose driver stopped");
-        let (action, to) =
-            if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str()) {
-                (Action::CutoverDone, MigrationState::Migrated)
-            } else {
-                (Action::CutoverRollback, MigrationState::DualWrite)
-            };
-        let route = record.implied_route(to);
         let applied = self
-            .control
-            .transition(
-                record.id,
-                MigrationState::Cutover,
-                action,
+            .settle_under_fence(
+                record,
+                lock,
+                (Action::CutoverRollback, MigrationState::DualWrite),
                 &note,
-                Some(&route),
             )
-            .await;
-        let _ = lock.release().await;
+            .await?;
         match applied {
             Ok(done) => {
-                let outcome = if done.record.state == MigrationState::Migrated {
+                let outcome = if done.state == MigrationState::Migrated {
                     "migrated"
                 } else {
                     "rolled_back"
                 };
                 self.metrics.cutovers.with_label_values(&[outcome]).inc();
-                tracing::warn!(migration.id = %record.id, state = %done.record.state, "recovered an abandoned cutover");
-                Ok(Some(done.record.state))
+                tracing::warn!(migration.id = %record.id, state = %done.state, "recovered an abandoned cutover");
+                Ok(Some(done.state))
             }
             Err(MigrationError::StateChanged { actual, .. }) => Ok(Some(actual)),
             Err(e) => Err(e.into()),
@@ -891,6 +874,46 @@ impl Engine {
 }
 
 impl Engine {
+    /// Settles `record`, in `cutover`, by what its source fence says while `lock` holds it:
+    /// moved to the target → the cutover committed its move, so migrated (routing normal on
+    /// the target); otherwise `otherwise` (the recoverer's rollback, the emergency stop's
+    /// fail). The transition is a compare-and-set from `cutover`, written before the fence is
+    /// let go, so no cutover can move the fence under a decision that it is open.
+    pub(super) async fn settle_under_fence(
+        &self,
+        record: &MigrationRecord,
+        mut lock: FenceLock,
+        otherwise: (Action, MigrationState),
+        note: &AuditNote,
+    ) -> Result<Result<MigrationRecord, MigrationError>, EngineError> {
+        let (state, moved_to) = match lock.state().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = lock.release().await;
+                return Err(EngineError::store(&record.source_store_id)(e));
+            }
+        };
+        let (action, to) =
+            if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str()) {
+                (Action::CutoverDone, MigrationState::Migrated)
+            } else {
+                otherwise
+            };
+        let route = record.implied_route(to);
+        let applied = self
+            .control
+            .transition(
+                record.id,
+                MigrationState::Cutover,
+                action,
+                note,
+                Some(&route),
+            )
+            .await;
+        let _ = lock.release().await;
+        Ok(applied.map(|done| done.record))
+    }
+
     /// The budget the current cutover attempt of `record` was given (its `cutover` audit
     /// entry's `budget_ms`), or the configured one.
     async fn attempt_budget(&self, record: &MigrationRecord) -> Duration {

@@ -31,6 +31,12 @@ pub struct Stopped {
     /// The store the tenant is routed to now (normal).
     pub store_id: String,
     pub failed_migration: Option<Uuid>,
+    /// The migration this stop finished forward instead of failing it: its cutover had
+    /// already moved the source fence to the target, so the target holds every acknowledged
+    /// append (and appends may have been acknowledged there since).
+    pub finished_migration: Option<Uuid>,
+    /// What an operator should know about this tenant beyond the fields above.
+    pub note: Option<String>,
     /// Whether a moved fence in that store was opened again.
     pub reopened_fence: bool,
     /// What could not be done for this tenant (the other tenants are stopped regardless).
@@ -235,26 +241,29 @@ impl Engine {
         }
         wanted.sort_unstable();
         wanted.dedup();
-        // Routing and migrations first, for every tenant (the control database only, quick),
-        // then the source fences, which may wait for a store's appends (on SQLite, for its
-        // write lock). One tenant that cannot be stopped (its store down, say) must not keep
-        // the others running: each gets its own result.
-        let mut out = Vec::new();
-        for tenant in wanted {
-            out.push(match self.stop_tenant(tenant, note).await {
+        // Every tenant at once: a tenant in `cutover` waits for its source fence (a cutover or
+        // an append holding it; on SQLite, the store's write lock), and one tenant's busy or
+        // unreachable store must not hold the others back or keep them running. Each gets its
+        // own result.
+        let out = futures_util::future::join_all(wanted.into_iter().map(|tenant| async move {
+            let mut stopped = match self.stop_tenant(tenant, note).await {
                 Ok(stopped) => stopped,
                 Err(e) => Stopped {
                     tenant_id: tenant,
                     store_id: String::new(),
                     failed_migration: None,
+                    finished_migration: None,
+                    note: None,
                     reopened_fence: false,
                     error: Some(e.to_string()),
                 },
-            });
-        }
-        for stopped in out.iter_mut().filter(|s| s.error.is_none()) {
-            self.reopen_after_stop(stopped).await;
-        }
+            };
+            if stopped.error.is_none() {
+                self.reopen_after_stop(&mut stopped).await;
+            }
+            stopped
+        }))
+        .await;
         Ok(out)
     }
 
@@ -298,26 +307,37 @@ impl Engine {
     /// already names. A migration that left its state meanwhile (a cutover that finished) is
     /// read again, never acted on from an old read: a migrated tenant stays on its target.
     ///
-    /// Once this stop has failed a migration, that migration can never finish (its cutover's
-    /// last step is a compare-and-set from `cutover`), so routing never names its target and
-    /// nothing was acknowledged there: a fence the cutover moves after all is opened again by
-    /// [`Self::reopen_after_stop`], which waits for the cutover's hold.
+    /// A migration in `cutover` is decided under its source fence ([`Self::stop_cutover`]):
+    /// once the cutover's fence move committed, appends may be acknowledged on the target
+    /// (a proxy follows the moved fence there before routing says so), so such a migration is
+    /// finished forward, never failed back onto its source. A migration this stop failed can
+    /// never move its fence afterwards (the cutover re-checks the state under the fence) nor
+    /// finish (its last step is a compare-and-set from `cutover`).
     async fn stop_tenant(&self, tenant: Uuid, note: &AuditNote) -> Result<Stopped, EngineError> {
         let mut failed: Option<MigrationRecord> = None;
+        let mut finished: Option<MigrationRecord> = None;
+        let note = note
+            .clone()
+            .with_details(serde_json::json!({ "emergency_stop": true }));
         // The state may change under us (a worker, a cutover finishing): read again and retry.
         for _ in 0..10 {
             let Some(record) = self.control.active_migration(tenant).await? else {
                 break;
             };
-            let route = record.implied_route(MigrationState::Failed);
-            let note = note
-                .clone()
-                .with_details(serde_json::json!({ "emergency_stop": true }));
-            match self
-                .control
-                .transition(record.id, record.state, Action::Fail, &note, Some(&route))
-                .await
-            {
+            let applied = if record.state == MigrationState::Cutover {
+                self.stop_cutover(&record, &note).await?
+            } else {
+                let route = record.implied_route(MigrationState::Failed);
+                self.control
+                    .transition(record.id, record.state, Action::Fail, &note, Some(&route))
+                    .await
+                    .map(|done| done.record.state)
+            };
+            match applied {
+                Ok(MigrationState::Migrated) => {
+                    finished = Some(record);
+                    break;
+                }
                 Ok(_) => {
                     failed = Some(record);
                     break;
@@ -333,10 +353,11 @@ impl Engine {
             .route(tenant)
             .await
             .map_err(EngineError::store("control"))?;
-        let store = match (&failed, &route) {
-            (Some(record), _) => record.source_store_id.clone(),
-            (None, Some(r)) => r.store_id.clone(),
-            (None, None) => self.recorded_default_store().await?,
+        let store = match (&failed, &finished, &route) {
+            (Some(record), ..) => record.source_store_id.clone(),
+            (None, Some(record), _) => record.target_store_id.clone(),
+            (None, None, Some(r)) => r.store_id.clone(),
+            (None, None, None) => self.recorded_default_store().await?,
         };
         if route
             .as_ref()
@@ -351,9 +372,48 @@ impl Engine {
             tenant_id: tenant,
             store_id: store,
             failed_migration: failed.map(|r| r.id),
+            note: finished.as_ref().map(|r| {
+                format!(
+                    "migration {} was finished, not failed: its cutover had already moved the fence in {} \
+                     to {}, so appends may have been acknowledged there; the tenant stays on {}. \
+                     To go back, start a new migration to {}",
+                    r.id, r.source_store_id, r.target_store_id, r.target_store_id, r.source_store_id
+                )
+            }),
+            finished_migration: finished.map(|r| r.id),
             reopened_fence: false,
             error: None,
         })
+    }
+
+    /// Stops a migration in `cutover` holding its source fence (`lock_fence`, as the cutover
+    /// and the recoverer do: this waits for a cutover holding it, or wins against one still
+    /// to take it). Moved to the target → the cutover committed its move: finished forward
+    /// (migrated, routing normal on the target), as [`Self::recover_cutover`] would. Otherwise
+    /// the migration is failed (routing normal on the source) while the fence is held, so no
+    /// cutover can move it after. Answers the state written, or the compare-and-set's refusal
+    /// when the migration left `cutover` meanwhile (the caller reads it again).
+    async fn stop_cutover(
+        &self,
+        record: &MigrationRecord,
+        note: &AuditNote,
+    ) -> Result<Result<MigrationState, MigrationError>, EngineError> {
+        let source = self.store(&record.source_store_id)?;
+        let lock = source
+            .lock_fence(record.tenant_id, self.fence_wait())
+            .await
+            .map_err(EngineError::store(source.id()))?;
+        let applied = self
+            .settle_under_fence(record, lock, (Action::Fail, MigrationState::Failed), note)
+            .await?;
+        if applied
+            .as_ref()
+            .is_ok_and(|done| done.state == MigrationState::Migrated)
+        {
+            self.metrics.cutovers.with_label_values(&["migrated"]).inc();
+            tracing::warn!(migration.id = %record.id, "emergency stop: the cutover had moved the fence; finished it forward");
+        }
+        Ok(applied.map(|done| done.state))
     }
 
     /// How long the emergency stop waits for a tenant's fence: a cutover holds it for its
