@@ -94,9 +94,20 @@ verify "termination: no execution runs forever (2 writers, stop or abort)" ok \
   "-DWRITERS=2" "-DNP" "-l -m200000 -w22"
 for mutant in OLD_EMERGENCY_STOP OLD_STOP_STALE_SOURCE OLD_STOP_SKIPPED_REOPEN \
   AMBIGUOUS_COMMIT_AS_ROLLBACK REREAD_WITHOUT_LOCK RECOVER_WITHOUT_LOCK APPEND_WITHOUT_FENCE_LOCK \
-  GATE_WITHOUT_RECHECK; do
+  FOLLOW_HELD_FENCE; do
   verify "mutant $mutant" violation "-D$mutant" "-DSAFETY" "-m200000 -w24"
 done
+# The gate's recheck frees a writer whose proxy reloaded onto cutover_paused after a moved fence
+# it could not follow (the target not configured on that proxy): the model's deaf proxy follows
+# every fence it meets, so this mutant runs without the follow step.
+verify "mutant GATE_WITHOUT_RECHECK (a proxy that cannot follow)" violation \
+  "-DGATE_WITHOUT_RECHECK -DNO_FOLLOW" "-DSAFETY" "-m200000 -w24"
+# The emergency stop before issue 17 (it fails a migration in cutover without the fence, then
+# reopens a fence the cutover moved meanwhile): routing names the moved source until the reopen
+# (INV1, off here). With the writers' follow step, appends acknowledged on the target are lost
+# (INV2).
+verify "mutant STOP_REOPENS without INV1 (appends acknowledged on the target are lost)" violation \
+  "-DSTOP_REOPENS -DNO_INV1" "-DSAFETY" "-m200000 -w24"
 # The stale source's own race (a migrated tenant routed back to its old source, whose fence is
 # reopened), past the violation of INV1 spin meets first.
 verify "mutant OLD_STOP_STALE_SOURCE without INV1 (the first race)" violation \

@@ -33,6 +33,17 @@
  *   RECOVER_WITHOUT_LOCK          the recoverer decides without holding the fence
  *   APPEND_WITHOUT_FENCE_LOCK     an append reads the fence without FOR SHARE
  *   GATE_WITHOUT_RECHECK          writers wait at a gate without the proxy re-reading routing
+ *   STOP_REOPENS                  the emergency stop before issue 17: it fails a migration in
+ *                                 cutover by a compare-and-set without the fence, then reopens a
+ *                                 fence the cutover moved meanwhile (safe only while no append
+ *                                 is acknowledged on the target before routing names it: the
+ *                                 follow step below breaks that; run with NO_INV1)
+ *   FOLLOW_HELD_FENCE             a writer follows a fence whose move has not committed (the
+ *                                 cutover holds it), e.g. a proxy that takes a fence wait for a
+ *                                 move
+ *
+ * NO_FOLLOW leaves out the writers' follow step (issue 17: an append that meets the source's
+ * fence moved to its route's target goes there at once), to show what it changes.
  */
 
 #ifndef WRITERS
@@ -68,10 +79,14 @@ bit   rstore = S;
 byte  repoch = 1;
 mtype mstate = M_DUAL_WRITE;
 
-/* Each proxy's routing table entry for the tenant (its ArcSwap snapshot). */
+/* Each proxy's routing table entry for the tenant (its ArcSwap snapshot), and the move it
+ * noted beside the table when an append met the source's moved fence (Routes::note_moved: the
+ * route's epoch then; 0 = none), which the tenant's appends and reads follow while the table's
+ * route is still the stale one (Moved::contradicts). */
 mtype pstate[2];
 bit   pstore[2];
 byte  pepoch[2];
+byte  pmoved[2];
 
 /* Writers whose append was acknowledged (bit w). */
 byte acked;
@@ -95,9 +110,21 @@ inline set_route(st, sto) {
     printf("MSC: %d: migration %e, routing %e on store %d (epoch %d)\n", _pid, mstate, rstate, rstore, repoch)
 }
 
-/* watcher::reload: the proxy's table becomes what the control database says now. */
+/* Moved::contradicts: the proxy's route is still the stale one a noted move of S → T
+ * contradicts (it names S, and routing has not changed since, or only to the same move's
+ * cutover_paused). */
+#define STALE(p, st, sto, ep) (pmoved[p] != 0 && sto == S && (ep <= pmoved[p] || st == CUTOVER_PAUSED))
+
+/* watcher::reload: the proxy's table becomes what the control database says now; a noted move
+ * the new route no longer contradicts is forgotten (Routes::store). */
 inline reload(p) {
-    atomic { pstate[p] = rstate; pstore[p] = rstore; pepoch[p] = repoch }
+    atomic {
+        pstate[p] = rstate; pstore[p] = rstore; pepoch[p] = repoch;
+        if
+        :: !STALE(p, pstate[p], pstore[p], pepoch[p]) -> pmoved[p] = 0
+        :: else -> skip
+        fi
+    }
 }
 
 /* lock_fence: SELECT ... FOR UPDATE on the fence row waits for the holder to finish (appends'
@@ -243,8 +270,9 @@ end:
 #endif
 
 proctype Stop() {
-#if defined(OLD_STOP_STALE_SOURCE) || defined(OLD_STOP_SKIPPED_REOPEN)
-    /* ops.rs stop_tenant / reopen_after_stop at 0645b7a (with one of its two defects, or both).
+#if defined(OLD_STOP_STALE_SOURCE) || defined(OLD_STOP_SKIPPED_REOPEN) || defined(STOP_REOPENS)
+    /* ops.rs stop_tenant / reopen_after_stop at 0645b7a (with one of its two defects, or both),
+     * or as it was until issue 17 (STOP_REOPENS: neither defect, the reopen waits for the lock).
      * The migration is failed by a compare-and-set on the state it read, without the fence. */
     bit have_source = 0;
     mtype seen;
@@ -296,18 +324,39 @@ proctype Stop() {
     }
 #endif
 #else
-    /* Under the source fence: wait for (or win against) a cutover holding it. Fail only a
-     * migration whose fence is still open; a moved fence means the cutover committed, and the
-     * stop finishes it forward rather than routing anyone onto a moved fence. */
-    take_fence(S, STOPPER);
+    /* ops.rs stop_tenant: a migration in dual_write is failed by a compare-and-set (a cutover
+     * closing the gates first makes it fail: read again); one in cutover is decided under the
+     * source fence (stop_cutover), which waits for (or wins against) a cutover holding it: a
+     * fence moved to T means the cutover committed, so the stop finishes it forward (migrated,
+     * routing normal on T); an open fence, and the migration is failed while the fence is held,
+     * so no cutover can move it after (it re-checks the state under the fence). */
+    byte tries = 0;
+    bit store;
+    do
+    :: tries >= 3 -> break
+    :: atomic { tries < 3 && mstate == M_DUAL_WRITE -> mstate = M_FAILED; set_route(NORMAL, S) }; break
+    :: atomic { tries < 3 && mstate != M_DUAL_WRITE && mstate != M_CUTOVER }; break   /* nothing active */
+    :: tries < 3 && mstate == M_CUTOVER ->
+        take_fence(S, STOPPER);
+        atomic {
+            if
+            :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+            :: mstate == M_CUTOVER && !moved[S] -> mstate = M_FAILED; set_route(NORMAL, S)
+            :: else -> skip     /* StateChanged: read again */
+            fi;
+            release_fence(S, STOPPER);
+            tries++
+        }
+    od;
+    /* reopen_after_stop: a moved fence in the store routing names is opened again, under its
+     * lock (here never moved: the stop fails a migration only with the fence open and held). */
+    atomic { store = rstore };
     atomic {
-        if
-        :: mstate == M_DUAL_WRITE || (mstate == M_CUTOVER && !moved[S]) ->
-            mstate = M_FAILED; set_route(NORMAL, S)
-        :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
-        :: else -> skip     /* nothing active: routing is left as it is */
-        fi;
-        release_fence(S, STOPPER)
+        locker[store] == NOBODY ->
+            if
+            :: rstore == store && moved[store] -> moved[store] = 0; printf("MSC: stop reopened the fence of store %d\n", store)
+            :: else -> skip
+            fi
     }
 #endif
 }
@@ -358,22 +407,30 @@ end:
 
 /* One append of writer w's event through proxy p (api.rs append), retried by its client until
  * acknowledged: takes one snapshot of the route, waits at a closed gate, appends in one
- * transaction that takes FOR SHARE on the fence row and refuses when it moved; on a moved
+ * transaction that takes FOR SHARE on the fence row and refuses when it moved. A source fence
+ * moved to the route's migration target (T: the route is dual_write or cutover_paused) sends
+ * the append there at once (the follow step), and the proxy notes the move, which its later
+ * appends follow straight away, past the gate of a stale cutover_paused route; any other moved
  * fence reloads routing and waits for a newer open route. */
 proctype Writer(byte w; byte p) {
     mtype st;
     bit sto;
     byte ep;
     byte reroutes = 0;
-    atomic { st = pstate[p]; sto = pstore[p]; ep = pepoch[p] }
+    bit fol;    /* following a move: to T, never mirrored */
+    atomic { st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep) }
 again:
     if
-    :: st == CUTOVER_PAUSED ->
+    :: !fol && st == CUTOVER_PAUSED ->
         /* gate::wait(Until::Open); the gate's recheck reloads while writers wait. */
         do
-        :: atomic { pstate[p] != CUTOVER_PAUSED -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
+        :: atomic { pstate[p] != CUTOVER_PAUSED -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep); break }
         :: GATE_RECHECK(p)
         od
+    :: else -> skip
+    fi;
+    if
+    :: fol -> goto follow
     :: else -> skip
     fi;
 #ifdef APPEND_WITHOUT_FENCE_LOCK
@@ -395,20 +452,49 @@ again:
         locker[sto] == NOBODY && !moved[sto] ->
             assert(sto == AUTH);                    /* invariant 1 */
             has[sto] = has[sto] | (1 << w); acked = acked | (1 << w);
+            if
+            :: sto == S && pstore[p] == S -> pmoved[p] = 0   /* forget_moved: S's fence is open */
+            :: else -> skip
+            fi;
             printf("MSC: writer %d acknowledged by store %d\n", w, sto)
         }; goto done
+#ifdef FOLLOW_HELD_FENCE
+    :: atomic { locker[sto] != NOBODY && sto == S && st != NORMAL -> printf("MSC: writer %d takes the held fence of store %d for a move\n", w, sto) }; goto follow
+#endif
     fi;
 #endif
 fenced:
     reroutes++;
     assert(reroutes <= MAX_REROUTES);               /* else 503 writes_paused */
+#ifndef NO_FOLLOW
+    /* The fence names T (moved_to): the route's own target, a store this proxy has. */
+    if
+    :: sto == S && st != NORMAL ->
+        atomic {
+            if
+            :: pstore[p] == S && (pepoch[p] <= ep || pstate[p] == CUTOVER_PAUSED) -> pmoved[p] = ep   /* note_moved */
+            :: else -> skip
+            fi
+        };
+        goto follow
+    :: else -> skip
+    fi;
+#endif
     reload(p);
     /* gate::wait(Until::OpenAfter { epoch }): a route newer than the one the fence refused. */
     do
-    :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; break }
+    :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep); break }
     :: GATE_RECHECK(p)
     od;
     goto again;
+follow:
+    /* The append on T, in T's own fence transaction (T's fence stays open in this model). */
+    atomic {
+        locker[T] == NOBODY && !moved[T] ->
+            assert(T == AUTH);                      /* invariant 1 */
+            has[T] = has[T] | (1 << w); acked = acked | (1 << w);
+            printf("MSC: writer %d acknowledged by store %d, following the moved fence\n", w, T)
+    };
 done:
     skip
 }
@@ -425,6 +511,7 @@ init {
     atomic {
         pstate[0] = DUAL_WRITE; pstore[0] = S; pepoch[0] = 1;
         pstate[1] = DUAL_WRITE; pstore[1] = S; pepoch[1] = 1;
+        pmoved[0] = 0; pmoved[1] = 0;
 #ifndef NO_MONITOR
         run Invariants();
 #endif

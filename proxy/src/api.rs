@@ -18,13 +18,14 @@ use uuid::Uuid;
 use crate::error::{json_response, ApiError, Body};
 use crate::gate::{self, Until};
 use crate::mirror::MirrorJob;
-use crate::routing::{Moved, Route, UNKNOWN_STORE};
+use crate::routing::{Moved, Route, StoreIdx, UNKNOWN_STORE};
 use crate::AppState;
 
 /// Largest `limit` a read may ask for.
 pub const MAX_READ_LIMIT: u32 = 10_000;
 const DEFAULT_READ_LIMIT: u32 = 1000;
-/// How often one append follows a moved fence to a newer route before giving up.
+/// How many moved fences one append meets (each a hop to the store it names, or a re-route
+/// after a routing reload) before it gives up with 503 `writes_paused`.
 const MAX_REROUTES: usize = 3;
 
 /// A parsed data-plane path.
@@ -612,38 +613,59 @@ async fn read_store(
     Ok((store, slot))
 }
 
-/// Appends along the tenant's route: waits at a closed gate, and follows a moved fence to the
-/// route that replaced the stale one, so the client sees only latency. While the route is
-/// migrating the append holds a request slot of the migrating tenants' share (also at the
-/// gate) and, around the store call, one of their share of the store's connections
-/// (`crate::fairness`).
+/// Appends along the tenant's route: waits at a closed gate, and follows a moved fence, so the
+/// client sees only latency. While the route is migrating the append holds a request slot of
+/// the migrating tenants' share (also at the gate) and, around the store call, one of their
+/// share of the store's connections (`crate::fairness`).
+///
+/// A source fence that answers "moved to the route's migration target" (a store this proxy
+/// has) sends the append there at once, and on along that store's own moved fence to any
+/// store this proxy has, at most [`MAX_REROUTES`] hops: a fence moves only once its target
+/// holds every event of the tenant, and a committed move only goes forward (the recoverer and
+/// the emergency stop finish such a cutover on the target), so the store the fence names is
+/// authoritative whether or not routing says so yet — a proxy that cannot reach the control
+/// database keeps the tenant writable. The move is noted beside the table
+/// ([`crate::routing::Routes::note_moved`]): the tenant's next appends and reads go there
+/// directly (one atomic load while no move is known), past a `cutover_paused` gate of the same
+/// move. An append that followed a fence is never mirrored: it is on the authoritative store.
+/// Any other moved fence (to a store this proxy lacks, or not the route's target) reloads
+/// routing and waits for a newer open route.
 async fn append(
     state: &AppState,
     stream: StreamRef<'_>,
     mut command: AppendCommand,
 ) -> Result<Response<Body>, ApiError> {
     routes_loaded(state).await?;
-    let mut route: Route = *state.routes.load().get(&stream.tenant_id);
+    let tenant = stream.tenant_id;
+    let mut route: Route = *state.routes.load().get(&tenant);
     let mut reroutes = 0;
     // Taken on the first migrating route this append sees, kept to the end.
     let mut slot = None;
+    // The store a moved fence named, when the append follows it rather than its route.
+    let mut follow = followed_store(state, tenant, &route);
     loop {
         if slot.is_none() {
             slot = state.fairness.request_slot(&route)?;
         }
-        if route.state == RoutingState::CutoverPaused {
-            route = gate::wait(state, stream.tenant_id, Until::Open).await?;
+        if follow.is_none() && route.state == RoutingState::CutoverPaused {
+            route = gate::wait(state, tenant, Until::Open).await?;
+            follow = followed_store(state, tenant, &route);
         }
-        let store = state.store(route.store)?;
-        let connection = state.fairness.connection(&route, route.store).await?;
+        let to = follow.unwrap_or(route.store);
+        let store = state.store(to)?;
+        let connection = state.fairness.connection(&route, to).await?;
         let appended = store
             .append(stream, command.expected_version, &command.events)
             .await;
         drop(connection);
         match appended {
             Ok(appended) => {
-                // This store's fence is open: a move noted earlier was undone.
-                state.routes.forget_moved(&stream.tenant_id, route.store);
+                if follow.is_some() {
+                    state.metrics.appends_followed.inc();
+                } else {
+                    // This store's fence is open: a move noted earlier was undone.
+                    state.routes.forget_moved(&tenant, route.store);
+                }
                 let reply = json_response(
                     StatusCode::CREATED,
                     &AppendReply {
@@ -654,7 +676,9 @@ async fn append(
                     },
                 );
                 // The reply is settled before the mirror sees the events; queueing never waits.
-                if let (RoutingState::DualWrite, Some(target)) = (route.state, route.target) {
+                if let (None, RoutingState::DualWrite, Some(target)) =
+                    (follow, route.state, route.target)
+                {
                     let events = std::mem::take(&mut command.events);
                     state
                         .mirror
@@ -664,14 +688,16 @@ async fn append(
             }
             Err(AppendError::Fenced { moved_to }) => {
                 state.metrics.fence_rejections.inc();
-                tracing::info!(tenant.id = %stream.tenant_id, store.id = store.id(), %moved_to,
-                    "fence moved; reloading routing and re-routing the append");
+                let next = state.store_index(&moved_to);
+                // The first hop only to the route's own migration target; later hops along the
+                // fences of stores this proxy has.
+                let expected = next.is_some() && (follow.is_some() || next == route.target);
                 // Reads follow the fence from now on, whether or not routing can be reloaded.
                 state.routes.note_moved(
-                    stream.tenant_id,
+                    tenant,
                     Moved {
                         from: route.store,
-                        to: state.store_index(&moved_to).unwrap_or(UNKNOWN_STORE),
+                        to: next.unwrap_or(UNKNOWN_STORE),
                         epoch: route.epoch,
                     },
                 );
@@ -679,13 +705,17 @@ async fn append(
                 if reroutes > MAX_REROUTES {
                     return Err(ApiError::WritesPaused { retry_after_s: 1 });
                 }
+                if expected {
+                    tracing::info!(tenant.id = %tenant, store.id = store.id(), %moved_to,
+                        "fence moved; following it with the append");
+                    follow = next;
+                    continue;
+                }
+                tracing::info!(tenant.id = %tenant, store.id = store.id(), %moved_to,
+                    "fence moved; reloading routing and re-routing the append");
                 let _ = crate::watcher::reload(state, "fence").await;
-                route = gate::wait(
-                    state,
-                    stream.tenant_id,
-                    Until::OpenAfter { epoch: route.epoch },
-                )
-                .await?;
+                route = gate::wait(state, tenant, Until::OpenAfter { epoch: route.epoch }).await?;
+                follow = followed_store(state, tenant, &route);
             }
             Err(AppendError::Store(e)) if e.is_unstorable_value() => {
                 return Err(ApiError::unstorable_in_store(store.id(), &e))
@@ -694,6 +724,15 @@ async fn append(
             Err(other) => return Err(other.into()),
         }
     }
+}
+
+/// Where a moved fence this proxy met sends `tenant`'s appends instead of `route`'s store (the
+/// same note its reads follow), when this proxy has that store.
+fn followed_store(state: &AppState, tenant: Uuid, route: &Route) -> Option<StoreIdx> {
+    state
+        .routes
+        .moved_to(&tenant, route)
+        .filter(|&to| to != UNKNOWN_STORE)
 }
 
 fn store_error(store_id: &str, e: StoreError) -> ApiError {

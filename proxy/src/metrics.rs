@@ -30,6 +30,9 @@ pub struct ProxyMetrics {
     /// store id).
     pub mirror_queue_bytes: prometheus::IntGaugeVec,
     pub fence_rejections: IntCounter,
+    /// Appends acknowledged by the store a moved fence named, reached by following it rather
+    /// than the route (`api::append`).
+    pub appends_followed: IntCounter,
     pub routing_epoch: IntGauge,
     pub routing_tenants: IntGauge,
     pub routing_reloads: IntCounterVec,
@@ -141,6 +144,12 @@ impl ProxyMetrics {
             "Appends a store refused because the tenant's fence had moved.",
         )
         .expect("valid metric");
+        let appends_followed = IntCounter::new(
+            "switchyard_proxy_appends_followed_total",
+            "Appends acknowledged by the store a moved fence named, sent there by following the \
+             fence rather than the route (never mirrored).",
+        )
+        .expect("valid metric");
         let routing_epoch = IntGauge::new(
             "switchyard_proxy_routing_epoch",
             "Routing epoch of the table in use.",
@@ -227,6 +236,7 @@ impl ProxyMetrics {
             Box::new(mirror_dropped.clone()),
             Box::new(mirror_queue_bytes.clone()),
             Box::new(fence_rejections.clone()),
+            Box::new(appends_followed.clone()),
             Box::new(routing_epoch.clone()),
             Box::new(routing_tenants.clone()),
             Box::new(routing_reloads.clone()),
@@ -254,6 +264,7 @@ impl ProxyMetrics {
             mirror_dropped,
             mirror_queue_bytes,
             fence_rejections,
+            appends_followed,
             routing_epoch,
             routing_tenants,
             routing_reloads,

@@ -19,7 +19,7 @@ use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
     assert_all_acked, count_events, events_body, feed_url, route_state, run_control, seed,
     seed_sql, stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode,
-    Http, ProxyProcess, Result, ServeProcess, TcpGate,
+    Http, ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -695,9 +695,9 @@ async fn an_unreachable_control_database_leaves_the_data_plane_serving() -> Resu
 }
 
 /// Issue 15 item 7: proxy B, cut off from the control database, does not hear a cutover; an
-/// append through it meets the source's moved fence (503, routing cannot be reloaded), and
-/// from then on B's reads of the tenant come from the target the fence named, with the events
-/// appended there after the cutover, never from the stale source. When B reaches the control
+/// append through it meets the source's moved fence (and follows it to the target, issue 17),
+/// and from then on B's reads of the tenant come from the target the fence named, with the
+/// events appended there after the cutover, never from the stale source. When B reaches the control
 /// database again, its routing takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Result<()> {
@@ -711,26 +711,9 @@ async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Re
     let b = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gated)])?;
     a.wait_ready(&http).await?;
     b.wait_ready(&http).await?;
-    let first = http
-        .post(
-            &stream_url(&a.data, tenant, "Order", aggregate),
-            &events_body(Some(0), 2, "Before"),
-        )
-        .await?;
-    ensure!(first.status == StatusCode::CREATED, "{:?}", first.json);
-    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
-    route_is(
-        &http,
-        &b,
-        tenant,
-        "state",
-        "dual_write",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let (id, _serve) =
+        dual_write_then_cut_off(&env, &http, &gate, (&a, &b), (tenant, aggregate)).await?;
 
-    gate.set(GateMode::Blackhole);
     cut_over(&env, &id).await?;
     route_is(
         &http,
@@ -755,20 +738,21 @@ async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Re
         "B heard the cutover"
     );
 
-    // B's append meets the moved fence and cannot reload routing: refused, nothing written.
-    let refused = http
-        .post(
-            &stream_url(&b.data, tenant, "Order", aggregate),
-            &events_body(Some(3), 1, "Refused"),
-        )
+    // B's append meets the moved fence, which names its route's target: it follows it there
+    // (issue 17) although routing cannot be reloaded.
+    let followed = events_body(Some(3), 1, "Followed");
+    let followed_reply = http
+        .post(&stream_url(&b.data, tenant, "Order", aggregate), &followed)
         .await?;
     assert_eq!(
-        refused.status,
-        StatusCode::SERVICE_UNAVAILABLE,
+        (
+            followed_reply.status,
+            followed_reply.json["store_id"].as_str()
+        ),
+        (StatusCode::CREATED, Some("dedicated")),
         "{:?}",
-        refused.json
+        followed_reply.json
     );
-    assert_eq!(refused.json["error"], "writes_paused");
 
     let stream = http
         .get(&stream_url(&b.data, tenant, "Order", aggregate))
@@ -783,10 +767,10 @@ async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Re
             read.json
         );
         let ids = read_ids(&read.json);
-        assert_eq!(ids.len(), 3, "{what}: {ids:?}");
+        assert_eq!(ids.len(), 4, "{what}: {ids:?}");
         assert!(
-            ids.contains(&after_id),
-            "{what} lacks the append after the cutover"
+            ids.contains(&after_id) && ids.contains(&body_ids(&followed)[0]),
+            "{what} lacks an append after the cutover"
         );
     }
     let route = route_state(&http, &b, tenant).await?;
@@ -806,6 +790,221 @@ async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Re
     let route = route_state(&http, &b, tenant).await?;
     assert_eq!(route["reads_follow_fence_to"], Value::Null, "{route}");
     Ok(())
+}
+
+/// Issue 17: proxy B is cut off from the control database (its connection blackholed) before
+/// a cutover it never hears of: its route still says dual_write on `shared`. Writers through
+/// B and through A (which hears everything) keep appending across the cutover. B's appends
+/// meet the source's fence moved to their route's target and go there at once (later ones
+/// straight there), so B keeps acknowledging the tenant's appends, never mirrored. Nothing
+/// lost, checked by event id against both stores: every acknowledged append is in the target
+/// once at its version, every source event is in the target, and no append the target
+/// acknowledged is in the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 500\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 5, 20).await?;
+    let http = Http::new();
+    let a = env.proxy(&[])?;
+    let gated = gate.url(&env.control_url);
+    let b = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gated)])?;
+    a.wait_ready(&http).await?;
+    b.wait_ready(&http).await?;
+    let (id, _serve) =
+        dual_write_then_cut_off(&env, &http, &gate, (&a, &b), (tenant, Uuid::new_v4())).await?;
+    // Writers 0 and 2 through A, 1 and 3 through B.
+    let writers = Writers::start(
+        &http,
+        &[a.data.clone(), b.data.clone()],
+        tenant,
+        4,
+        2,
+        Duration::from_millis(10),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cut_over(&env, &id).await?;
+    route_is(
+        &http,
+        &a,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(10),
+    )
+    .await?;
+    // B keeps acknowledging: its writers' appends follow the fence to the target.
+    wait_for(Duration::from_secs(60), || async {
+        Ok(proxy_counter(&http, &b, "switchyard_proxy_appends_followed_total").await? >= 20.0)
+    })
+    .await?;
+    // Bounded only so a writer that can no longer append ends the test instead of hanging it.
+    let acked = tokio::time::timeout(Duration::from_secs(120), writers.stop())
+        .await
+        .context("a writer never got its append acknowledged")??;
+    let route = route_state(&http, &b, tenant).await?;
+    assert_eq!(
+        (route["store_id"].as_str(), route["state"].as_str()),
+        (Some("shared"), Some("dual_write")),
+        "B heard the cutover: {route}"
+    );
+    assert_eq!(route["reads_follow_fence_to"], "dedicated", "{route}");
+
+    let target = tenant_events(env.store_url("dedicated"), tenant).await?;
+    let source = tenant_events(env.store_url("shared"), tenant).await?;
+    assert_all_acked(&acked, &target);
+    let target_ids: HashSet<Uuid> = target.iter().map(|e| e.2).collect();
+    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.2).collect();
+    assert!(
+        source_ids.is_subset(&target_ids),
+        "a source event is missing from the target"
+    );
+    let on_target: Vec<Uuid> = acked
+        .iter()
+        .filter(|a| a.store_id == "dedicated")
+        .flat_map(|a| a.event_ids.iter().copied())
+        .collect();
+    assert!(!on_target.is_empty());
+    assert!(
+        on_target.iter().all(|id| !source_ids.contains(id)),
+        "an append acknowledged by the target reached the source"
+    );
+    assert!(acked
+        .iter()
+        .all(|a| a.store_id == "dedicated" || a.store_id == "shared"));
+    gate.open();
+    Ok(())
+}
+
+/// Issue 17, hop by hop: the tenant moves S → T (`shared` → `dedicated`), then T → U
+/// (`dedicated` → `third`), while proxy B hears neither (its route still says dual_write from
+/// S to T). B's append meets S's fence moved to T (its route's target), follows it, meets T's
+/// fence moved to U (a store B has), follows that too: acknowledged by U after two fences,
+/// within `MAX_REROUTES`, and in U only. B notes the move: its next append goes straight to U
+/// (no fence met), and its reads follow to U.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_follows_a_fence_moved_onward_hop_by_hop() -> Result<()> {
+    let gate = TcpGate::start(PG).await?;
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated", "third"],
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 500\n",
+    )
+    .await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    let aggregate = Uuid::new_v4();
+    let http = Http::new();
+    let gated = gate.url(&env.control_url);
+    let b = env.proxy(&[("SWITCHYARD_CONTROL_URL", &gated)])?;
+    b.wait_ready(&http).await?;
+    let (to_t, _serve) =
+        dual_write_then_cut_off(&env, &http, &gate, (&b, &b), (tenant, aggregate)).await?;
+    cut_over(&env, &to_t).await?;
+    let to_u = migrate_to_dual_write(&env, tenant, "third", &[]).await?;
+    cut_over(&env, &to_u).await?;
+
+    let rejections_before =
+        proxy_counter(&http, &b, "switchyard_proxy_fence_rejections_total").await?;
+    let hop = events_body(Some(2), 1, "Hopped");
+    let reply = http
+        .post(&stream_url(&b.data, tenant, "Order", aggregate), &hop)
+        .await?;
+    assert_eq!(
+        (reply.status, reply.json["store_id"].as_str()),
+        (StatusCode::CREATED, Some("third")),
+        "{:?}",
+        reply.json
+    );
+    assert_eq!(reply.json["first_version"], 3, "{:?}", reply.json);
+    let rejections = proxy_counter(&http, &b, "switchyard_proxy_fence_rejections_total").await?;
+    assert_eq!(rejections - rejections_before, 2.0, "one fence per hop");
+
+    let next = events_body(Some(3), 1, "Straight");
+    let reply = http
+        .post(&stream_url(&b.data, tenant, "Order", aggregate), &next)
+        .await?;
+    assert_eq!(
+        (reply.status, reply.json["store_id"].as_str()),
+        (StatusCode::CREATED, Some("third")),
+        "{:?}",
+        reply.json
+    );
+    assert_eq!(
+        proxy_counter(&http, &b, "switchyard_proxy_fence_rejections_total").await?,
+        rejections,
+        "the noted move sends it straight to U"
+    );
+    assert_eq!(
+        proxy_counter(&http, &b, "switchyard_proxy_appends_followed_total").await?,
+        2.0
+    );
+    let route = route_state(&http, &b, tenant).await?;
+    assert_eq!(route["store_id"], "shared", "B heard a cutover: {route}");
+    assert_eq!(route["reads_follow_fence_to"], "third", "{route}");
+    let read = http
+        .get(&stream_url(&b.data, tenant, "Order", aggregate))
+        .await?;
+    assert_eq!(read.json["store_id"], "third", "{:?}", read.json);
+    assert_eq!(read_ids(&read.json).len(), 4, "{:?}", read.json);
+
+    // The followed appends are in U only, each once.
+    let new_ids: Vec<Uuid> = body_ids(&hop).into_iter().chain(body_ids(&next)).collect();
+    for (store, wanted) in [("shared", 0), ("dedicated", 0), ("third", 1)] {
+        let events = tenant_events(env.store_url(store), tenant).await?;
+        for id in &new_ids {
+            assert_eq!(
+                events.iter().filter(|e| e.2 == *id).count(),
+                wanted,
+                "event {id} in {store}"
+            );
+        }
+    }
+    gate.open();
+    Ok(())
+}
+
+/// Two events of `tenant`'s stream `aggregate` through `via`, then a migration of the tenant
+/// to `dedicated` driven by the returned `serve` up to dual-write at lag 0; once proxy `b`
+/// (whose control database connection goes through `gate`) routes the tenant dual_write, the
+/// gate blackholes: `b` hears nothing more. Returns the migration's id.
+async fn dual_write_then_cut_off(
+    env: &Env,
+    http: &Http,
+    gate: &TcpGate,
+    (via, b): (&ProxyProcess, &ProxyProcess),
+    (tenant, aggregate): (Uuid, Uuid),
+) -> Result<(String, ServeProcess)> {
+    let first = http
+        .post(
+            &stream_url(&via.data, tenant, "Order", aggregate),
+            &events_body(Some(0), 2, "Before"),
+        )
+        .await?;
+    ensure!(first.status == StatusCode::CREATED, "{:?}", first.json);
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(env, tenant, "dedicated", &[]).await?;
+    route_is(
+        http,
+        b,
+        tenant,
+        "state",
+        "dual_write",
+        Duration::from_secs(5),
+    )
+    .await?;
+    gate.set(GateMode::Blackhole);
+    Ok((id, serve))
+}
+
+/// A counter (or gauge) without labels from the proxy's `/metrics`; 0 when absent.
+async fn proxy_counter(http: &Http, proxy: &ProxyProcess, name: &str) -> Result<f64> {
+    let metrics = http.get(&format!("{}/metrics", proxy.admin)).await?;
+    Ok(String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// The event ids of a read reply, in order.
