@@ -714,16 +714,7 @@ async fn reads_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> Re
     let (id, _serve) =
         dual_write_then_cut_off(&env, &http, &gate, (&a, &b), (tenant, aggregate)).await?;
 
-    cut_over(&env, &id).await?;
-    route_is(
-        &http,
-        &a,
-        tenant,
-        "store_id",
-        "dedicated",
-        Duration::from_secs(10),
-    )
-    .await?;
+    cut_over_onto_dedicated(&env, &id, &http, &a, tenant).await?;
     let after = events_body(Some(2), 1, "After");
     let on_target = http
         .post(&stream_url(&a.data, tenant, "Order", aggregate), &after)
@@ -824,16 +815,7 @@ async fn appends_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> 
         Duration::from_millis(10),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    cut_over(&env, &id).await?;
-    route_is(
-        &http,
-        &a,
-        tenant,
-        "store_id",
-        "dedicated",
-        Duration::from_secs(10),
-    )
-    .await?;
+    cut_over_onto_dedicated(&env, &id, &http, &a, tenant).await?;
     // B keeps acknowledging: its writers' appends follow the fence to the target.
     wait_for(Duration::from_secs(60), || async {
         Ok(proxy_counter(&http, &b, "switchyard_proxy_appends_followed_total").await? >= 20.0)
@@ -996,6 +978,27 @@ async fn dual_write_then_cut_off(
     .await?;
     gate.set(GateMode::Blackhole);
     Ok((id, serve))
+}
+
+/// Cuts migration `id` over and waits until `proxy` (which hears routing) routes `tenant` to
+/// `dedicated`.
+async fn cut_over_onto_dedicated(
+    env: &Env,
+    id: &str,
+    http: &Http,
+    proxy: &ProxyProcess,
+    tenant: Uuid,
+) -> Result<()> {
+    cut_over(env, id).await?;
+    route_is(
+        http,
+        proxy,
+        tenant,
+        "store_id",
+        "dedicated",
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 /// A counter (or gauge) without labels from the proxy's `/metrics`; 0 when absent.
