@@ -799,3 +799,35 @@ async fn reads_for_client_libraries_version_lookup_ranges_category_type_feed_and
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stream_exists_appends_all_land_at_distinct_versions() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let created = http.post(&url, &expecting(&json!("no_stream"))).await?;
+        assert_eq!(created.status, StatusCode::CREATED);
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (http, url) = (http.clone(), url.clone());
+                tokio::spawn(
+                    async move { http.post(&url, &expecting(&json!("stream_exists"))).await },
+                )
+            })
+            .collect();
+        let mut versions = BTreeSet::new();
+        for writer in writers {
+            let reply = writer.await??;
+            assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+            versions.insert(reply.json["last_version"].as_i64().unwrap_or_default());
+        }
+        assert_eq!(versions, (2..=9).collect::<BTreeSet<i64>>());
+        assert_eq!(
+            count_events(env.store_url("shared"), Some(tenant)).await?,
+            9
+        );
+        Ok(())
+    })
+    .await
+}
