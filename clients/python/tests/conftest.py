@@ -1,7 +1,7 @@
 """Fixtures: a `SwitchyardEventStore` on the proxy the Rust test harness started
 (`SWITCHYARD_URL`), with a fresh default tenant per test so every test sees an empty store.
 
-Run through `cargo nextest run -p switchyard-tests --test python_client`, which starts the
+Run through `cargo nextest run -p switchyard-tests -E 'test(/^python_client::/)'`, which starts the
 real proxy on PostgreSQL and on SQLite and sets the variables; without them the tests fail.
 """
 
