@@ -156,7 +156,9 @@ pub async fn stream(
         .then(|| events.last().map(|e| i64::from(e.version)))
         .flatten()
         .map(|v| if backward { v - 1 } else { v + 1 })
-        .filter(|v| *v >= i64::from(from_version));
+        .filter(|v| {
+            *v >= i64::from(from_version) && to_version.is_none_or(|to| *v <= i64::from(to))
+        });
     Ok(read_reply(store.id(), &events, next))
 }
 

@@ -698,6 +698,14 @@ async fn reads_for_client_libraries_version_lookup_ranges_category_type_feed_and
         };
         let to = http.get(&format!("{order_url}?to_version=2")).await?;
         assert_eq!(versions(&to), [1, 2]);
+        // A full page ending at to_version is the last one.
+        let to = http
+            .get(&format!("{order_url}?to_version=2&limit=2"))
+            .await?;
+        assert_eq!(
+            (versions(&to), to.json["next"].clone()),
+            (vec![1, 2], Value::Null)
+        );
         let back = http.get(&format!("{order_url}?direction=backward")).await?;
         assert_eq!(versions(&back), [6, 5, 4, 3, 2, 1]);
         let page = http
