@@ -1,7 +1,8 @@
 //! The Python adapter (clients/python, `switchyard-eventsource`) against the real proxy on
 //! PostgreSQL and on SQLite: eventsource-py 0.15.1's five store conformance suites, retries
 //! with the same event ids, and (PostgreSQL) interop both ways with eventsource-py's own
-//! `PostgreSQLEventStore` on the store behind the proxy.
+//! `PostgreSQLEventStore` on the store behind the proxy; and an application on the adapter that
+//! keeps appending and reading while its tenant is migrated and cut over.
 //!
 //! Creates a virtualenv under `target/python-venv` on first run (pip from PyPI) and reuses it
 //! while `clients/python/pyproject.toml` is unchanged. Needs Python 3.13 (`SWITCHYARD_PYTHON`,
@@ -120,5 +121,98 @@ async fn eventsource_py_conformance_and_interop_pass_through_the_proxy() -> Resu
             "pytest skipped tests on {backend:?}"
         );
     }
+    Ok(())
+}
+
+/// An application on the adapter keeps appending and reading while its tenant is migrated to
+/// another store and cut over (`clients/python/tests/test_migration_app.py`): no error reaches
+/// it and every acknowledged append is there afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_on_the_adapter_runs_through_its_tenants_migration() -> Result<()> {
+    use std::time::Duration;
+    use switchyard_tests::{tenant_events, wait_for_every, ServeProcess};
+
+    let python = venv()?;
+    let (env, proxy, _http) = started(Backend::Postgres, &["shared", "dedicated"], "", &[]).await?;
+    let tenant = uuid::Uuid::new_v4();
+    let (ready, stop) = (env.dir.path.join("ready"), env.dir.path.join("stop"));
+    let app = Command::new(&python)
+        .current_dir(repo().join("clients/python"))
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_migration_app.py",
+        ])
+        .env("SWITCHYARD_URL", &proxy.data)
+        .env("SWITCHYARD_TENANT", tenant.to_string())
+        .env("SWITCHYARD_READY_FILE", &ready)
+        .env("SWITCHYARD_STOP_FILE", &stop)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let appending = wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async { Ok(ready.exists()) },
+    )
+    .await;
+    let result = async {
+        appending?;
+        let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+        let started = env.control_json(&[
+            "migrate",
+            "start",
+            "--tenant",
+            &tenant.to_string(),
+            "--to",
+            "dedicated",
+            "--cutover",
+            "auto",
+            "--detach",
+        ])?;
+        let id = started["id"].as_str().unwrap_or_default().to_owned();
+        wait_for_every(
+            Duration::from_secs(120),
+            Duration::from_millis(250),
+            || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+        )
+        .await
+        .with_context(|| format!("status {:?}", env.control_json(&["status", &id])))?;
+        // More appends after the cutover, into the target.
+        let at_cutover = tenant_events(env.store_url("dedicated"), tenant)
+            .await?
+            .len();
+        wait_for_every(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async {
+                Ok(tenant_events(env.store_url("dedicated"), tenant)
+                    .await?
+                    .len()
+                    >= at_cutover + 20)
+            },
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    std::fs::write(&stop, "stop")?;
+    let out = app.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    result.with_context(|| text.clone())?;
+    assert!(
+        out.status.success(),
+        "the application failed:\n{text}\nproxy log:\n{}",
+        proxy.log()
+    );
     Ok(())
 }
