@@ -56,6 +56,14 @@ async def test_appends_and_reads_continue_through_a_migration_and_cutover() -> N
             assert [e.event.event_id for e in read] == acked[stream]
         feed = await collect(store.read_all(options=FeedReadOptions(tenant_id=tenant)))
         assert sorted(e.event.event_id for e in feed) == sorted(i for ids in acked.values() for i in ids)
+        # Every read now comes from the target: the feed, the category, the position, lookups.
+        assert {e.position.store_id for e in feed if e.position} == {"switchyard:dedicated"}
+        category = await collect(store.read_category("Order"))
+        assert len(category) == len(feed)
+        assert {e.position.store_id for e in category if e.position} == {"switchyard:dedicated"}
+        position = await store.current_position()
+        assert position is not None and position.store_id == "switchyard:dedicated"
+        assert await store.event_exists(feed[0].event.event_id)
     await store.close()
     # The appends were answered by both stores: the migration happened under this loop.
     assert stores_seen == {"switchyard:shared", "switchyard:dedicated"}, stores_seen
