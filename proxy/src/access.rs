@@ -135,7 +135,7 @@ impl TokenSet {
     fn find(&self, digest: &[u8; 32]) -> Option<usize> {
         let mut found = None;
         for (i, entry) in self.entries.iter().enumerate() {
-            if crate::admin::constant_time_eq(digest, &entry.digest) {
+            if switchyard_runtime::admin::constant_time_eq(digest, &entry.digest) {
                 found = Some(i);
             }
         }

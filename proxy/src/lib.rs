@@ -18,8 +18,6 @@ pub mod mirror;
 pub mod payload;
 pub mod routing;
 pub mod server;
-pub mod telemetry;
-pub mod tls;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -30,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_config::Config;
+use switchyard_runtime::tls;
 use switchyard_store::{ControlDb, EventStore, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex, Notify};
@@ -325,19 +324,22 @@ impl App {
             })
         });
         let mirror_workers = state.mirror.start(&state.stores);
-        let admin_server = tokio::spawn(server::serve_with(
+        let admin_server = tokio::spawn(switchyard_runtime::server::serve_with(
             admin,
             admin::service(Arc::clone(&state)),
             admin_stop_rx,
             Duration::from_secs(1),
-            server::ServeOptions::admin(&state.config.proxy, state.tls.clone()),
+            switchyard_runtime::server::ServeOptions::admin(&state.config.proxy, state.tls.clone()),
         ));
-        let data_server = server::serve_with(
+        let data_server = switchyard_runtime::server::serve_with(
             data,
             server::data_service(Arc::clone(&state)),
             stop_rx,
             grace,
-            server::ServeOptions::data(&state.config.proxy, state.data_tls.clone()),
+            switchyard_runtime::server::ServeOptions::data(
+                &state.config.proxy,
+                state.data_tls.clone(),
+            ),
         );
         tokio::pin!(data_server);
         tokio::select! {
@@ -384,25 +386,4 @@ pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)
         TcpListener::bind(data).await?,
         TcpListener::bind(admin).await?,
     ))
-}
-
-/// Completes on SIGTERM or SIGINT: the shutdown signal of both programs.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
