@@ -155,26 +155,24 @@ impl App {
             .get(&config.default_store)
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
-        let (tls, data_tls) = if config.proxy.tls_cert_path.is_empty() {
-            (None, None)
-        } else {
-            let p = &config.proxy;
-            let admin = tls::Tls::load(&p.tls_cert_path, &p.tls_key_path, None)?;
-            let data = if p.tls_client_ca_path.is_empty() {
-                admin.clone()
-            } else {
-                tls::Tls::load(
-                    &p.tls_cert_path,
-                    &p.tls_key_path,
-                    Some(&p.tls_client_ca_path),
-                )?
-            };
-            (Some(admin), Some(data))
+        let p = &config.proxy;
+        // The paths came from UTF-8 text (the file or the environment): lossless.
+        let (tls, data_tls) = match (&p.tls_cert_path, &p.tls_key_path) {
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+                let admin = tls::Tls::load(&cert, &key, None)?;
+                let data = match &p.tls_client_ca_path {
+                    None => admin.clone(),
+                    Some(ca) => tls::Tls::load(&cert, &key, Some(&ca.to_string_lossy()))?,
+                };
+                (Some(admin), Some(data))
+            }
+            // Validation sets both or neither.
+            _ => (None, None),
         };
-        let data_tokens = if config.proxy.data_tokens_file.is_empty() {
-            None
-        } else {
-            Some(access::DataTokens::load(&config.proxy.data_tokens_file)?)
+        let data_tokens = match &p.data_tokens_file {
+            None => None,
+            Some(path) => Some(access::DataTokens::load(&path.to_string_lossy())?),
         };
         let metrics = ProxyMetrics::new();
         if let Some(tokens) = &data_tokens {
@@ -186,7 +184,7 @@ impl App {
             config.proxy.migrating_tenant_share,
             config.proxy.max_concurrent_requests,
             stores.iter().map(EventStore::max_connections),
-            Duration::from_millis(config.proxy.gate_wait_ms),
+            config.proxy.gate_wait,
             metrics.clone(),
         );
         let state = AppState {
@@ -293,7 +291,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let state = self.state;
-        let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
+        let grace = state.config.proxy.shutdown_grace;
         let scheme = if state.tls.is_some() { "https" } else { "http" };
         if let Ok(addr) = admin.local_addr() {
             let _ = state.admin_url.set(format!("{scheme}://{addr}"));
@@ -318,7 +316,7 @@ impl App {
             let (state, stop) = (Arc::clone(&state), stop_rx.clone());
             tokio::spawn(async move {
                 if let Some(tokens) = &state.data_tokens {
-                    let every = Duration::from_millis(state.config.proxy.data_tokens_poll_ms);
+                    let every = state.config.proxy.data_tokens_poll;
                     access::watch(tokens, &state.metrics, every, stop).await;
                 }
             })

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -41,7 +41,7 @@ pub fn data_service(
        + Clone
        + Send
        + 'static {
-    let timeout = Duration::from_millis(state.config.proxy.request_timeout_ms);
+    let timeout = state.config.proxy.request_timeout;
     let limit = state.config.proxy.max_concurrent_requests;
     let metrics = state.metrics.clone();
     let limiter = RateLimiter::new(

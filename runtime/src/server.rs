@@ -53,8 +53,8 @@ impl ServeOptions {
     /// The data port's options, from the proxy config.
     pub fn data(config: &ProxyConfig, tls: Option<Tls>) -> Self {
         Self {
-            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
-            keep_alive_idle: Duration::from_millis(config.keep_alive_idle_ms),
+            header_read_timeout: config.header_read_timeout,
+            keep_alive_idle: config.keep_alive_idle,
             max_header_bytes: config.max_header_bytes.max(MIN_HEADER_BYTES),
             max_connections: config.max_connections,
             tls,
