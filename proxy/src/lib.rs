@@ -156,14 +156,12 @@ impl App {
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
         let p = &config.proxy;
-        // The paths came from UTF-8 text (the file or the environment): lossless.
         let (tls, data_tls) = match (&p.tls_cert_path, &p.tls_key_path) {
             (Some(cert), Some(key)) => {
-                let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
-                let admin = tls::Tls::load(&cert, &key, None)?;
+                let admin = tls::Tls::load(cert, key, None)?;
                 let data = match &p.tls_client_ca_path {
                     None => admin.clone(),
-                    Some(ca) => tls::Tls::load(&cert, &key, Some(&ca.to_string_lossy()))?,
+                    Some(ca) => tls::Tls::load(cert, key, Some(ca))?,
                 };
                 (Some(admin), Some(data))
             }
@@ -172,7 +170,7 @@ impl App {
         };
         let data_tokens = match &p.data_tokens_file {
             None => None,
-            Some(path) => Some(access::DataTokens::load(&path.to_string_lossy())?),
+            Some(path) => Some(access::DataTokens::load(path)?),
         };
         let metrics = ProxyMetrics::new();
         if let Some(tokens) = &data_tokens {
