@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use switchyard_store::Config;
+use switchyard_config::Config;
 
 use crate::{App, AppState};
 

@@ -149,7 +149,7 @@ async fn recorded_default(state: &AppState, in_use: StoreIdx) -> Result<StoreIdx
     };
     if name != state.config.default_store {
         tracing::warn!(recorded = %name, configured = %state.config.default_store,
-            "{}", switchyard_store::config::default_store_mismatch(&state.config.default_store, &name));
+            "{}", switchyard_config::default_store_mismatch(&state.config.default_store, &name));
     }
     Ok(state.store_index(&name).unwrap_or_else(|| {
         tracing::error!(recorded = %name, "the recorded default store is not configured on this proxy; keeping the one in use");
