@@ -92,3 +92,14 @@ pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
         }
     }
 }
+
+/// The tenant's fence state in a PostgreSQL store (`open`, `moved`), if it has a fence row.
+pub async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let state = sqlx::query_scalar("SELECT state FROM switchyard_fences WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_optional(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(state)
+}

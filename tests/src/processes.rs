@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use http::StatusCode;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::*;
@@ -300,4 +301,14 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_path);
     }
+}
+
+/// The first JSON value a `--json` command printed (a failed command, e.g. a failed cutover,
+/// prints its outcome and then an error document).
+pub fn first_json(stdout: &str) -> Result<Value> {
+    serde_json::Deserializer::from_str(stdout)
+        .into_iter::<Value>()
+        .next()
+        .context("no JSON output")?
+        .with_context(|| format!("parsing {stdout}"))
 }
