@@ -19,6 +19,8 @@ pub mod payload;
 pub mod reads;
 pub mod routing;
 pub mod server;
+#[cfg(test)]
+mod testing;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -383,4 +385,102 @@ pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)
         TcpListener::bind(data).await?,
         TcpListener::bind(admin).await?,
     ))
+}
+#[cfg(test)]
+mod tests {
+    //! The whole proxy in-process on `127.0.0.1:0` (SQLite files, no PostgreSQL, no child
+    //! process): what the end-to-end tests check on the binary, in a second.
+
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpStream;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::testing::TestApp;
+
+    /// One request on a fresh connection; the status and the body as JSON (null when empty).
+    async fn call(
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(body))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes)?
+        };
+        Ok((status, json))
+    }
+
+    #[tokio::test]
+    async fn the_app_in_process_serves_appends_and_reads_and_stops_on_shutdown(
+    ) -> anyhow::Result<()> {
+        let test = TestApp::start(|_| {}).await?;
+        let data = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(test.app.clone().run(data, admin, async {
+            let _ = stopped.await;
+        }));
+
+        // Ready once the first routing table is loaded (poll with a deadline, no sleeps).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, _) = call(admin_addr, Method::GET, "/readyz", None).await?;
+            if status == StatusCode::OK {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stayed {status}"
+            );
+            tokio::task::yield_now().await;
+        }
+
+        let tenant = Uuid::new_v4();
+        let stream = format!(
+            "/v1/tenants/{tenant}/streams/Order/{}/events",
+            Uuid::new_v4()
+        );
+        let event_id = Uuid::new_v4();
+        let body = serde_json::json!({
+            "expected_version": 0,
+            "events": [{ "event_id": event_id, "event_type": "Placed", "payload": { "n": 1 } }],
+        });
+        let (status, reply) = call(data_addr, Method::POST, &stream, Some(body)).await?;
+        assert_eq!(status, StatusCode::CREATED, "{reply}");
+        let (status, read) = call(data_addr, Method::GET, &stream, None).await?;
+        assert_eq!(status, StatusCode::OK, "{read}");
+        let events = read["events"].as_array().expect("events");
+        assert_eq!(events.len(), 1, "{read}");
+        assert_eq!(events[0]["event_id"], event_id.to_string());
+        assert_eq!(events[0]["payload"]["n"], 1);
+
+        let _ = stop.send(());
+        running.await?;
+        assert!(
+            TcpStream::connect(data_addr).await.is_err(),
+            "the data port is closed after shutdown"
+        );
+        Ok(())
+    }
 }

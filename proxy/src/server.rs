@@ -10,7 +10,11 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use switchyard_config::ProxyConfig;
 use switchyard_runtime::server::ClientAddr;
+use tower::limit::ConcurrencyLimit;
+use tower::load_shed::LoadShed;
+use tower::timeout::Timeout;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::Instrument;
 
@@ -41,22 +45,27 @@ pub fn data_service(
        + Clone
        + Send
        + 'static {
-    let timeout = state.config.proxy.request_timeout;
-    let limit = state.config.proxy.max_concurrent_requests;
+    let config = state.config.proxy.clone();
     let metrics = state.metrics.clone();
-    let limiter = RateLimiter::new(
-        state.config.proxy.rate_limit_per_second,
-        state.config.proxy.rate_limit_burst,
-    )
-    .map(Arc::new);
     let handler = tower::service_fn(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         async move { Ok::<_, BoxError>(api::handle(state, request).await) }
     });
+    stack(handler, &config, metrics)
+}
+
+/// The layers of [`data_service`] (1 to 4) around `handler`, for any request body: the unit
+/// tests drive them with `oneshot` and a handler of their own.
+type Stack<H> = Observe<Timeout<LoadShed<ConcurrencyLimit<H>>>>;
+
+fn stack<H>(handler: H, config: &ProxyConfig, metrics: ProxyMetrics) -> Stack<H> {
+    let timeout = config.request_timeout;
+    let limiter =
+        RateLimiter::new(config.rate_limit_per_second, config.rate_limit_burst).map(Arc::new);
     let inner = ServiceBuilder::new()
         .timeout(timeout)
         .load_shed()
-        .concurrency_limit(limit)
+        .concurrency_limit(config.max_concurrent_requests)
         .service(handler);
     Observe {
         inner,
@@ -76,13 +85,11 @@ pub struct Observe<S> {
     timeout_ms: u64,
 }
 
-impl<S> Service<Request<Incoming>> for Observe<S>
+impl<S, B> Service<Request<B>> for Observe<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<B>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
+    B: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -93,7 +100,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let operation = Endpoint::operation(request.method(), request.uri().path());
         // The append handler marks whether it generated event ids; read after a timeout.
         let unconfirmed = crate::api::UnconfirmedOnTimeout::default();
@@ -173,5 +180,206 @@ pub fn outcome_of(status: http::StatusCode) -> &'static str {
         400..=499 => "client_error",
         503 | 504 => "unavailable",
         _ => "internal",
+    }
+}
+#[cfg(test)]
+mod tests {
+    //! The data-plane stack (layers 1 to 4 of [`data_service`]) driven with `oneshot` around a
+    //! handler of the test's own: no sockets, no store, paused time for the timeout.
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tokio::sync::Notify;
+    use tower::util::BoxCloneService;
+
+    use super::*;
+
+    /// What the test handler does, by path: `/slow` sleeps an hour, `/hold` waits for
+    /// `release` (saying `entered` first), anything else answers 200 at once.
+    #[derive(Default)]
+    struct Handler {
+        calls: AtomicUsize,
+        entered: Notify,
+        release: Notify,
+    }
+
+    type TestService = Stack<BoxCloneService<Request<String>, Response<Body>, BoxError>>;
+
+    fn service(handler: &Arc<Handler>, config: &ProxyConfig) -> (TestService, ProxyMetrics) {
+        let handler = Arc::clone(handler);
+        let metrics = ProxyMetrics::new();
+        let inner = tower::service_fn(move |request: Request<String>| {
+            let handler = Arc::clone(&handler);
+            async move {
+                handler.calls.fetch_add(1, Ordering::SeqCst);
+                match request.uri().path() {
+                    "/slow" => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    "/hold" => {
+                        handler.entered.notify_one();
+                        handler.release.notified().await;
+                    }
+                    _ => {}
+                }
+                Ok::<_, BoxError>(Response::new(Body::from("done")))
+            }
+        });
+        (
+            stack(BoxCloneService::new(inner), config, metrics.clone()),
+            metrics,
+        )
+    }
+
+    fn get(path: &str) -> Request<String> {
+        Request::get(path)
+            .body(String::new())
+            .expect("a valid request")
+    }
+
+    async fn error_code(response: Response<Body>) -> String {
+        let body = response.into_body().collect().await.expect("a full body");
+        let json: serde_json::Value = serde_json::from_slice(&body.to_bytes()).expect("JSON");
+        json["error"].as_str().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_slower_than_the_timeout_is_answered_504_timeout() {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let handler = Arc::new(Handler::default());
+        let (service, metrics) = service(&handler, &config);
+        let response = service
+            .clone()
+            .oneshot(get("/slow"))
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(error_code(response).await, "timeout");
+        let fast = service.oneshot(get("/fast")).await.expect("infallible");
+        assert_eq!(fast.status(), StatusCode::OK, "the timeout is per request");
+        let timed_out = metrics
+            .requests
+            .with_label_values(&[
+                Endpoint::operation(&http::Method::GET, "/slow"),
+                "unavailable",
+            ])
+            .get();
+        assert_eq!(
+            timed_out, 1,
+            "a timed-out request is counted like any other"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_concurrency_limit_is_shed_at_once_not_queued() {
+        let config = ProxyConfig {
+            max_concurrent_requests: 1,
+            ..ProxyConfig::default()
+        };
+        let handler = Arc::new(Handler::default());
+        let (service, metrics) = service(&handler, &config);
+        let held = tokio::spawn(service.clone().oneshot(get("/hold")));
+        handler.entered.notified().await;
+
+        let refused = service
+            .clone()
+            .oneshot(get("/other"))
+            .await
+            .expect("infallible");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(refused).await, "overloaded");
+        assert_eq!(metrics.shed_count(Shed::ConcurrencyLimit), 1);
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            1,
+            "the refused one never ran"
+        );
+
+        handler.release.notify_one();
+        let first = held.await.expect("joined").expect("infallible");
+        assert_eq!(first.status(), StatusCode::OK);
+        let after = service.oneshot(get("/other")).await.expect("infallible");
+        assert_eq!(after.status(), StatusCode::OK, "the slot came back");
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_rate_limit_gets_429_and_other_clients_do_not() {
+        let config = ProxyConfig {
+            rate_limit_per_second: 1,
+            rate_limit_burst: 1,
+            ..ProxyConfig::default()
+        };
+        let handler = Arc::new(Handler::default());
+        let (service, metrics) = service(&handler, &config);
+        let from = |ip: [u8; 4]| {
+            let mut request = get("/");
+            request
+                .extensions_mut()
+                .insert(ClientAddr(SocketAddr::from((ip, 40000))));
+            request
+        };
+        let first = service
+            .clone()
+            .oneshot(from([10, 0, 0, 1]))
+            .await
+            .expect("infallible");
+        assert_eq!(first.status(), StatusCode::OK);
+        let second = service
+            .clone()
+            .oneshot(from([10, 0, 0, 1]))
+            .await
+            .expect("infallible");
+        assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(second.headers().contains_key(http::header::RETRY_AFTER));
+        assert_eq!(error_code(second).await, "rate_limited");
+        assert_eq!(metrics.shed_count(Shed::RateLimit), 1);
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            1,
+            "refused before the handler"
+        );
+        let other = service
+            .oneshot(from([10, 0, 0, 2]))
+            .await
+            .expect("infallible");
+        assert_eq!(other.status(), StatusCode::OK, "the bucket is per client");
+    }
+
+    #[tokio::test]
+    async fn every_reply_carries_the_request_id_given_or_a_new_one() {
+        let handler = Arc::new(Handler::default());
+        let (service, _) = service(&handler, &ProxyConfig::default());
+        let id_of = |response: &Response<Body>| {
+            response
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let mut given = get("/");
+        given
+            .headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("req-42"));
+        let response = service.clone().oneshot(given).await.expect("infallible");
+        assert_eq!(id_of(&response).as_deref(), Some("req-42"));
+
+        let response = service.clone().oneshot(get("/")).await.expect("infallible");
+        let made = id_of(&response).expect("an id is made when none is given");
+        assert!(uuid::Uuid::parse_str(&made).is_ok(), "{made}");
+
+        // An id longer than 128 bytes is not echoed (it would end up in every log line).
+        let mut long = get("/");
+        long.headers_mut().insert(
+            "x-request-id",
+            HeaderValue::from_str(&"x".repeat(129)).expect("ASCII"),
+        );
+        let response = service.oneshot(long).await.expect("infallible");
+        let replaced = id_of(&response).expect("an id");
+        assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "{replaced}");
     }
 }

@@ -277,19 +277,7 @@ mod tests {
     /// times in a row under the lock (each up to 5 s when the control database is slow).
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_reloads_join_the_one_in_flight() -> anyhow::Result<()> {
-        let dir = std::env::temp_dir().join(format!("switchyard-flight-{}", uuid::Uuid::new_v4()));
-        let mut config = switchyard_config::Config {
-            control_url: format!("sqlite://{}", dir.join("control.db").display()),
-            ..switchyard_config::Config::default()
-        };
-        for store in &mut config.stores {
-            store.url = format!(
-                "sqlite://{}",
-                dir.join(format!("{}.db", store.id)).display()
-            );
-        }
-        let app = crate::App::build(config)?;
-        app.prepare_embedded().await?;
+        let app = crate::testing::TestApp::start(|_| {}).await?;
         let state = Arc::clone(app.state());
         reload(&state, "start").await?;
         let count = |outcome: &str| {
@@ -323,7 +311,6 @@ mod tests {
         // the finished one did not.
         reload(&state, "fence").await?;
         assert_eq!(count("ok"), 2);
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 }

@@ -825,13 +825,13 @@ impl Engine {
         let age = (chrono::Utc::now() - record.updated_at)
             .to_std()
             .unwrap_or_default();
-        if age < ABANDONED_AFTER + self.settings.cutover_timeout {
+        if !abandoned(age, self.settings.cutover_timeout) {
             return Ok(None);
         }
         // The attempt may have been given another budget (`cutover --timeout-ms`): a live
         // cutover is left its own.
         let budget = self.attempt_budget(record).await;
-        if age < ABANDONED_AFTER + budget {
+        if !abandoned(age, budget) {
             return Ok(None);
         }
         let source = self.store(&record.source_store_id)?;
@@ -893,12 +893,12 @@ impl Engine {
                 return Err(EngineError::store(&record.source_store_id)(e));
             }
         };
-        let (action, to) =
-            if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str()) {
-                (Action::CutoverDone, MigrationState::Migrated)
-            } else {
-                otherwise
-            };
+        let (action, to) = settled(
+            &state,
+            moved_to.as_deref(),
+            &record.target_store_id,
+            otherwise,
+        );
         let route = record.implied_route(to);
         let applied = self
             .control
@@ -944,6 +944,30 @@ fn crash_point(point: &str) {
     }
 }
 
+/// Whether a cutover last changed `age` ago was abandoned by its driver, given the attempt's
+/// `budget`: a live driver finishes or rolls back within the budget, and its fence
+/// transaction within the margin after that.
+fn abandoned(age: Duration, budget: Duration) -> bool {
+    age >= ABANDONED_AFTER + budget
+}
+
+/// What a cutover left behind becomes, from the source fence (read under its lock): forward
+/// only when the fence was moved to this migration's target; anything else (open, or moved
+/// elsewhere) takes `otherwise` (the recoverer's rollback to dual_write, the emergency stop's
+/// failure).
+fn settled(
+    fence_state: &str,
+    moved_to: Option<&str>,
+    target: &str,
+    otherwise: (Action, MigrationState),
+) -> (Action, MigrationState) {
+    if fence_state == "moved" && moved_to == Some(target) {
+        (Action::CutoverDone, MigrationState::Migrated)
+    } else {
+        otherwise
+    }
+}
+
 /// Why sessions older than the fence row stop a cutover, naming them.
 fn older_writers_message(store: &str, older: &[switchyard_store::OlderWriter]) -> String {
     let named: Vec<String> = older.iter().take(5).map(ToString::to_string).collect();
@@ -957,4 +981,49 @@ fn older_writers_message(store: &str, older: &[switchyard_store::OlderWriter]) -
 
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The recoverer's and the emergency stop's decisions, without a database.
+
+    use super::*;
+
+    #[test]
+    fn a_cutover_goes_forward_only_when_the_fence_moved_to_this_target() {
+        let forward = (Action::CutoverDone, MigrationState::Migrated);
+        let back = (Action::CutoverRollback, MigrationState::DualWrite);
+        let recovery = |state: &str, moved_to: Option<&str>, target: &str| {
+            settled(state, moved_to, target, back)
+        };
+        assert_eq!(recovery("moved", Some("target"), "target"), forward);
+        assert_eq!(
+            recovery("open", None, "target"),
+            back,
+            "the fence never moved"
+        );
+        assert_eq!(
+            recovery("moved", Some("elsewhere"), "target"),
+            back,
+            "a fence moved by another migration is not this one's forward"
+        );
+        assert_eq!(recovery("moved", None, "target"), back);
+    }
+
+    #[test]
+    fn a_cutover_is_abandoned_only_past_its_budget_and_the_fence_margin() {
+        let budget = Duration::from_millis(3_000);
+        assert!(!abandoned(Duration::ZERO, budget));
+        assert!(
+            !abandoned(budget, budget),
+            "a live driver still has the margin"
+        );
+        assert!(!abandoned(
+            budget + ABANDONED_AFTER - Duration::from_millis(1),
+            budget
+        ));
+        assert!(abandoned(budget + ABANDONED_AFTER, budget));
+        // A larger budget (`cutover --timeout-ms`) is left its own.
+        assert!(!abandoned(budget + ABANDONED_AFTER, budget * 2));
+    }
 }

@@ -573,3 +573,49 @@ pub fn default_worker_id() -> String {
         .unwrap_or_else(|_| "localhost".to_owned());
     format!("{host}:{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine's refusal rule: what the CLI reports as "refused" (exit 1, nothing done, the
+    //! operator's request did not fit) against what failed.
+
+    use super::*;
+
+    #[test]
+    fn operator_refusals_are_told_apart_from_failures() {
+        let id = Uuid::new_v4();
+        let refusals = [
+            EngineError::Refused("no".to_owned()),
+            EngineError::Migration(MigrationError::NotFound(id)),
+            EngineError::Migration(MigrationError::SameStore("shared".to_owned())),
+            EngineError::Migration(MigrationError::AlreadyActive {
+                tenant_id: id,
+                existing_id: id,
+                state: MigrationState::DualWrite,
+            }),
+            EngineError::Migration(MigrationError::StateChanged {
+                id,
+                expected: MigrationState::DualWrite,
+                actual: MigrationState::Paused,
+            }),
+        ];
+        for refusal in &refusals {
+            assert!(refusal.is_refusal(), "{refusal}");
+        }
+        let failures = [
+            EngineError::Divergence {
+                id,
+                message: "cannot land".to_owned(),
+            },
+            EngineError::store("shared")(StoreError::unavailable("connection reset")),
+            EngineError::Migration(MigrationError::ClaimLost {
+                id,
+                worker: "w".to_owned(),
+                holder: None,
+            }),
+        ];
+        for failure in &failures {
+            assert!(!failure.is_refusal(), "{failure}");
+        }
+    }
+}

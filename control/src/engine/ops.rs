@@ -419,7 +419,7 @@ impl Engine {
     /// How long the emergency stop waits for a tenant's fence: a cutover holds it for its
     /// budget (which `cutover --timeout-ms` may raise) plus the fence's margin at most.
     fn fence_wait(&self) -> Duration {
-        (self.settings.cutover_timeout + FENCE_MARGIN * 2).max(STOP_WAITS_FOR_FENCE)
+        fence_wait(self.settings.cutover_timeout)
     }
 
     /// Writes must be able to land on the store the tenant is routed to: a moved fence there
@@ -487,5 +487,27 @@ impl Engine {
             ))),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// [`Engine::fence_wait`] for a cutover budget: the budget and twice the fence's margin, and
+/// never less than [`STOP_WAITS_FOR_FENCE`].
+fn fence_wait(cutover_budget: Duration) -> Duration {
+    (cutover_budget + FENCE_MARGIN * 2).max(STOP_WAITS_FOR_FENCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emergency_stop_waits_out_any_cutover_budget_and_never_less_than_its_floor() {
+        assert_eq!(fence_wait(Duration::ZERO), STOP_WAITS_FOR_FENCE);
+        let long = Duration::from_secs(60);
+        assert_eq!(fence_wait(long), long + FENCE_MARGIN * 2);
+        assert!(
+            fence_wait(long) > long,
+            "a cutover holding the fence for its budget ends first"
+        );
     }
 }

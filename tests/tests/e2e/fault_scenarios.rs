@@ -17,9 +17,9 @@ use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
-    assert_all_acked, count_events, events_body, feed_url, route_state, run_control, seed,
-    seed_sql, stream_url, tenant_events, wait_for, wait_for_every, Acked, Backend, Env, GateMode,
-    Http, ProxyProcess, Result, ServeProcess, TcpGate, Writers,
+    assert_all_acked, count_events, events_body, feed_url, fence, first_json, route_state,
+    run_control, seed, seed_sql, stream_url, tenant_events, wait_for, wait_for_every, Acked,
+    Backend, Env, GateMode, Http, ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -280,15 +280,6 @@ async fn cut_over(env: &Env, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The first JSON value a `--json` command printed (a failed command prints its error after).
-fn first_json(stdout: &str) -> Result<Value> {
-    serde_json::Deserializer::from_str(stdout)
-        .into_iter::<Value>()
-        .next()
-        .context("no JSON output")?
-        .with_context(|| format!("parsing {stdout}"))
-}
-
 /// The actions of migration `id`'s audit log, oldest first, and its last entry.
 fn audit(env: &Env, id: &str) -> Result<(Vec<String>, Value)> {
     let log = env.control_json(&["audit", id])?;
@@ -310,14 +301,6 @@ async fn hold_fence(url: &str, tenant: Uuid) -> Result<sqlx::PgConnection> {
         .execute(&mut c)
         .await?;
     Ok(c)
-}
-
-/// The tenant's fence in a store: `(state, moved_to)`.
-async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
-    let store = switchyard_store::EventStore::connect("fence", url, 1)?;
-    let state = store.fence(tenant).await?.map(|f| f.0);
-    store.close().await;
-    Ok(state)
 }
 
 /// Runs a control command off the runtime's threads (it may take seconds).

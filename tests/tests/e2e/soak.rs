@@ -35,9 +35,9 @@ use anyhow::{anyhow, bail, ensure, Context as _};
 use http::StatusCode;
 use serde_json::Value;
 use switchyard_tests::{
-    assert_all_acked, bin, count_events, events_body, feed_url, route_state, run_control, seed,
-    stream_url, tenant_events, wait_for, Acked, Backend, Env, GateMode, Http, ProxyProcess, Result,
-    ServeProcess, TcpGate, Writers,
+    assert_all_acked, bin, count_events, events_body, feed_url, fence, route_state, run_control,
+    seed, stream_url, tenant_events, wait_for, Acked, Backend, Env, GateMode, Http, ProxyProcess,
+    Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -1675,18 +1675,6 @@ fn ensure_gapless(events: &[(Uuid, i32, Uuid, String)]) -> Result<()> {
         last = Some((*stream, *version));
     }
     Ok(())
-}
-
-/// The tenant's fence state in a store, if it has a fence row.
-async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    let state = sqlx::query_scalar("SELECT state FROM switchyard_fences WHERE tenant_id = $1")
-        .bind(tenant)
-        .fetch_optional(&mut conn)
-        .await?;
-    conn.close().await?;
-    Ok(state)
 }
 
 /// The audit entries that change state chain from `create` (→ pending) to the migration's

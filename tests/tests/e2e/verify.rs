@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::{
-    for_each_backend, seed, stream_url, wait_for, Backend, Env, Http, Result, Writers,
+    first_json, for_each_backend, seed, stream_url, wait_for, Backend, Env, Http, Result, Writers,
 };
 use uuid::Uuid;
 
@@ -313,15 +313,6 @@ async fn a_cutover_whose_delta_differs_rolls_back_naming_the_stream() -> Result<
         Ok(())
     })
     .await
-}
-
-/// The first JSON document of a command's output (a failed cutover prints its outcome and then
-/// an error document).
-fn first_json(text: &str) -> Result<Value> {
-    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-    Ok(stream
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no JSON in {text:?}"))??)
 }
 
 /// `verify-post`: fails while a proxy still mirrors the tenant, passes after the cutover, and

@@ -1,0 +1,105 @@
+//! Verdicts about what the stores hold, read with the harness's own SQL (never through
+//! `switchyard_store`'s functions, so a bug there cannot hide itself): event counts, a tenant's
+//! events with a digest of every field a migration must keep, and every acknowledged append
+//! present exactly once.
+
+use serde_json::Value;
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::*;
+
+/// Counts the rows of `events` in a store (any backend), optionally for one tenant.
+pub async fn count_events(url: &str, tenant: Option<Uuid>) -> Result<i64> {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await?;
+        let n = match tenant {
+            Some(t) => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = ?1")
+                    .bind(t.to_string())
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+        };
+        Ok(n)
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let n = match tenant {
+            Some(t) => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = $1")
+                    .bind(t)
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+        };
+        Ok(n)
+    }
+}
+
+/// A tenant's events in a store as `(aggregate_id, version, event_id)`, plus a digest of
+/// everything a migration must keep, sorted by stream and version.
+pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
+    let store = switchyard_store::EventStore::connect("check", url, 2)?;
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_tenant(tenant, after, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        for e in &page {
+            let payload: Value = serde_json::from_str(e.payload.get())?;
+            let digest = format!(
+                "{}|{}|{:?}|{}|{}",
+                e.aggregate_type,
+                e.event_type,
+                e.actor_id,
+                e.timestamp.to_rfc3339(),
+                payload
+            );
+            out.push((e.aggregate_id, e.version, e.event_id, digest));
+        }
+    }
+    store.close().await;
+    out.sort();
+    Ok(out)
+}
+
+/// Every acknowledged append is in `events` (as [`tenant_events`] lists them) exactly once, at
+/// its acknowledged stream and versions.
+pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
+    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> =
+        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
+    assert_eq!(by_id.len(), events.len(), "an event id appears twice");
+    for append in acked {
+        for (i, id) in append.event_ids.iter().enumerate() {
+            let version =
+                i32::try_from(append.first_version).unwrap_or(-1) + i32::try_from(i).unwrap_or(0);
+            assert_eq!(
+                by_id.get(id),
+                Some(&(append.aggregate_id, version)),
+                "acknowledged event {id} lost or moved"
+            );
+        }
+    }
+}
+
+/// The tenant's fence state in a PostgreSQL store (`open`, `moved`), if it has a fence row.
+pub async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let state = sqlx::query_scalar("SELECT state FROM switchyard_fences WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_optional(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(state)
+}
