@@ -84,11 +84,6 @@ impl EventStore {
         &self.id
     }
 
-    /// A shared handle on the id, for replies that outlive the borrow.
-    pub fn id_arc(&self) -> Arc<str> {
-        Arc::clone(&self.id)
-    }
-
     /// Connections the pool opens at most (a SQLite pool's size is capped below the config's).
     pub fn max_connections(&self) -> u32 {
         match &self.backend {
