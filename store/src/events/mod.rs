@@ -8,7 +8,7 @@ mod postgres;
 mod sqlite;
 mod verify;
 
-pub use copy::{Divergence, Landing, PassWindow};
+pub use copy::{pg_insert_copied_from, Divergence, Landing, PassWindow};
 pub use fence::{FenceLock, OlderWriter, FENCE_MARGIN};
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
 
