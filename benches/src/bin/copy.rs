@@ -50,6 +50,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::report::{block_on, load_averages, round1, round3};
 use switchyard_benches::{seed, toml_string, Databases};
 use switchyard_store::control::Progress;
 use switchyard_store::events::pg_insert_copied_from;
@@ -154,14 +155,6 @@ impl Variant {
             Self::Staged => "staged",
         }
     }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,16 +450,6 @@ impl Measured {
             "load_average_after": self.load_after,
         })
     }
-}
-
-/// The 1, 5 and 15-minute load averages (Linux).
-fn load_averages() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut out = [f64::NAN; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse().unwrap_or(f64::NAN);
-    }
-    out
 }
 
 /// Everything a measurement needs to know about the source.
@@ -1198,9 +1181,5 @@ fn main() -> Result<()> {
     if args.events == 0 || args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
         bail!("--events and every --batch-sizes value must be > 0");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    block_on(None, run(args))
 }
