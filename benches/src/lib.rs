@@ -70,6 +70,7 @@ pub fn toml_string(s: &str) -> String {
 }
 
 /// The benchmark's databases: created through the admin connection, all dropped at the end.
+#[derive(Debug)]
 pub struct Databases {
     pub admin: PgConnection,
     admin_url: String,
@@ -206,6 +207,7 @@ pub async fn seed(
 // The machine and the proxy
 
 /// The real proxy, in-process on `127.0.0.1:0`, until [`InProcessProxy::stop`].
+#[derive(Debug)]
 pub struct InProcessProxy {
     /// `http://addr` of the data plane.
     pub data: String,

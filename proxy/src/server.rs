@@ -75,7 +75,7 @@ pub fn data_service(
 }
 
 /// Traces, measures, and answers errors of the layers below (see [`data_service`]).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
     metrics: ProxyMetrics,
