@@ -40,7 +40,8 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_benches::report::{block_on, latencies, load_averages, record_latency};
 use switchyard_benches::{toml_string, Databases, InProcessProxy};
-use switchyard_store::{Config, ControlDb, EventStore, RouteUpdate, RoutingState};
+use switchyard_config::Config;
+use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
 use tokio::sync::{watch, Mutex};
 use uuid::Uuid;
 

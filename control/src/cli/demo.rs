@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_store::Config;
+use switchyard_config::Config;
 
 use super::migrate::Progress;
 use super::{emit, CliError};
@@ -55,7 +55,7 @@ pub(super) async fn run(
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(CliError::Usage(format!(
                     "--store-url must be a postgres:// URL (the embedded default needs none): {}",
-                    switchyard_store::url::redact(url)
+                    switchyard_config::url::redact(url)
                 )));
             }
             Stores::Postgres {

@@ -25,7 +25,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use switchyard_store::{Config, EventStore};
+use switchyard_config::Config;
+use switchyard_store::EventStore;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -272,5 +273,5 @@ async fn run_on(
 
 /// The folder the embedded demo makes its own folder in.
 pub fn embedded_parent() -> &'static Path {
-    Path::new(switchyard_store::config::EMBEDDED_DIR)
+    Path::new(switchyard_config::EMBEDDED_DIR)
 }

@@ -11,8 +11,8 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::value::RawValue;
-use switchyard_store::config::{ControlConfig, ProxyConfig, StoreConfig};
-use switchyard_store::{Config, EventStore, NewEvent, StreamRef};
+use switchyard_config::{Config, ControlConfig, ProxyConfig, StoreConfig};
+use switchyard_store::{EventStore, NewEvent, StreamRef};
 use uuid::Uuid;
 
 use super::load::request;
