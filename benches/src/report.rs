@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
-use switchyard_proxy::telemetry::{self, LogFormat};
+use switchyard_runtime::telemetry::{self, LogFormat};
 
 /// The slowest latency a histogram holds (60 s); slower ones are recorded as this.
 pub const MAX_LATENCY_US: u64 = 60_000_000;

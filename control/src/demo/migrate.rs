@@ -112,7 +112,7 @@ pub(super) async fn migrate(
         });
 
     // The cutover, while the writers write; retried (as the runbook says) if it rolls back.
-    let budget = Duration::from_millis(engine.settings.cutover_timeout_ms);
+    let budget = engine.settings.cutover_timeout;
     let mut attempts = 0;
     let (outcome, window) = loop {
         attempts += 1;

@@ -153,7 +153,7 @@ async fn run_on(
     config.proxy.listen = "127.0.0.1:0".to_owned();
     config.proxy.admin_listen = "127.0.0.1:0".to_owned();
     // SQLite has no notifications: proxies learn routing changes by polling the epoch.
-    config.proxy.routing_poll_ms = config.proxy.routing_poll_ms.min(50);
+    config.proxy.routing_poll = config.proxy.routing_poll.min(Duration::from_millis(50));
     let source_id = config.default_store.clone();
     let target_id = config
         .stores
