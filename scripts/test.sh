@@ -12,9 +12,13 @@ python3 scripts/check-deploy.py
 # The cutover protocol's Promela model, checked exhaustively by spin with its mutants
 # (docs/model/README.md).
 scripts/check-model.sh
-cargo build --workspace --bins --locked
+# The crash-safety tests need the control binary's crash points (SWITCHYARD_CRASH_AT): the
+# `fault-injection` feature, off in release builds. The test run names it too, so cargo
+# builds the workspace once with one feature set.
+FEATURES=(--features switchyard-control/fault-injection)
+cargo build --workspace --bins --locked "${FEATURES[@]}"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast "${FEATURES[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${FEATURES[@]}"
 fi

@@ -1,7 +1,10 @@
 //! Switchyard's benchmarks: criterion micro-benches of hot paths in `benches/` (route lookup
 //! and route changes, `benches/routing.rs`) and end-to-end load harnesses in `src/bin/`
 //! (`append_overhead`: what the proxy adds to an append over direct sqlx). Each file starts
-//! with its run command; results go to `BENCHMARKS.md` at the workspace root.
+//! with its run command; results go to `BENCHMARKS.md` at the workspace root. What they report
+//! alike (latencies, percentiles, load, `main`) is in [`report`].
+
+pub mod report;
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -67,6 +70,7 @@ pub fn toml_string(s: &str) -> String {
 }
 
 /// The benchmark's databases: created through the admin connection, all dropped at the end.
+#[derive(Debug)]
 pub struct Databases {
     pub admin: PgConnection,
     admin_url: String,
@@ -202,17 +206,8 @@ pub async fn seed(
 // ---------------------------------------------------------------------------------------------
 // The machine and the proxy
 
-/// The 1, 5 and 15-minute load averages (Linux), printed beside the figures.
-pub fn load_averages() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut out = [f64::NAN; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse().unwrap_or(f64::NAN);
-    }
-    out
-}
-
 /// The real proxy, in-process on `127.0.0.1:0`, until [`InProcessProxy::stop`].
+#[derive(Debug)]
 pub struct InProcessProxy {
     /// `http://addr` of the data plane.
     pub data: String,

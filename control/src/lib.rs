@@ -5,5 +5,6 @@ pub mod cli;
 pub mod context;
 pub mod demo;
 pub mod engine;
+pub mod fault;
 pub mod serve;
 pub mod verify;

@@ -11,5 +11,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands print their results on stdout; logs stay quiet unless asked for.
     telemetry::init(cli.log_format, "warn");
+    if let Some(notice) = switchyard_control::fault::startup_notice() {
+        eprintln!("{notice}");
+    }
     cli::run(cli).await
 }

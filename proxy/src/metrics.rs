@@ -50,12 +50,7 @@ pub struct ProxyMetrics {
     /// 1 when the data plane listens beyond loopback with no authentication, by
     /// `proxy.allow_unauthenticated`.
     pub data_plane_unauthenticated: IntGauge,
-    pub build_info: IntGaugeVecHolder,
 }
-
-/// Wraps the build-info gauge so it is registered once with constant labels.
-#[derive(Clone, Debug)]
-pub struct IntGaugeVecHolder(pub prometheus::IntGaugeVec);
 
 impl ProxyMetrics {
     pub fn new() -> Self {
@@ -246,7 +241,7 @@ impl ProxyMetrics {
             Box::new(data_tokens.clone()),
             Box::new(data_token_reloads.clone()),
             Box::new(data_plane_unauthenticated.clone()),
-            Box::new(build_info.clone()),
+            Box::new(build_info),
         ] {
             registry
                 .register(collector)
@@ -274,7 +269,6 @@ impl ProxyMetrics {
             data_tokens,
             data_token_reloads,
             data_plane_unauthenticated,
-            build_info: IntGaugeVecHolder(build_info),
         }
     }
 

@@ -76,7 +76,7 @@ fn stack<H>(handler: H, config: &ProxyConfig, metrics: ProxyMetrics) -> Stack<H>
 }
 
 /// Traces, measures, and answers errors of the layers below (see [`data_service`]).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
     metrics: ProxyMetrics,

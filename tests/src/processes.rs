@@ -33,13 +33,21 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the binaries first \
+         (cargo build --workspace --bins --features switchyard-control/fault-injection)",
         path.display()
     );
     path
 }
 
+/// Runs `switchyard-control` with `args` and the extra variables `env`, to its end.
 pub fn run_control(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<CommandOutput> {
+    if env
+        .iter()
+        .any(|(k, _)| *k == switchyard_control::fault::CRASH_AT_VAR)
+    {
+        require_fault_injection()?;
+    }
     let mut command = Command::new(bin("switchyard-control"));
     command.arg("--config").arg(config).args(args);
     for (k, v) in env {
@@ -51,6 +59,26 @@ pub fn run_control(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Result
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+/// Fails unless `switchyard-control` was built with the `fault-injection` feature (its
+/// `--version` says so): without it `SWITCHYARD_CRASH_AT` is ignored, and a test would wait for
+/// a crash that never comes.
+fn require_fault_injection() -> Result<()> {
+    let out = Command::new(bin("switchyard-control"))
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !version.contains("(fault-injection)") {
+        bail!(
+            "target/*/switchyard-control ({}) has no crash points: build it with \
+             `cargo build --workspace --bins --features switchyard-control/fault-injection` \
+             (scripts/test.sh does)",
+            version.trim()
+        );
+    }
+    Ok(())
 }
 
 /// A running `switchyard-proxy`, killed when dropped.

@@ -16,6 +16,7 @@
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+use switchyard_benches::report::{block_on, latencies, load_averages, round1, Window};
 use switchyard_benches::{redact, toml_string, with_database};
 
 use anyhow::{bail, Context, Result};
@@ -32,14 +33,11 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_config::Config;
 use switchyard_proxy::App;
-use switchyard_runtime::telemetry::{self, LogFormat};
 use switchyard_store::{ControlDb, EventStore, NewEvent, StreamRef};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-/// Latencies above this (a minute) are recorded as this.
-const MAX_LATENCY_US: u64 = 60_000_000;
 /// Targets from the performance issue, printed beside the figures (a benchmark never fails a
 /// build on a time).
 const TARGET_P50_DIFF_US: i64 = 150;
@@ -152,8 +150,7 @@ struct Outcome {
 impl Outcome {
     fn new() -> Result<Self> {
         Ok(Self {
-            latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-                .context("histogram bounds")?,
+            latencies_us: latencies()?,
             count: 0,
             window: Duration::ZERO,
         })
@@ -180,37 +177,10 @@ impl Outcome {
     }
 }
 
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
 /// What a writer did in one run of one mode.
 struct WriterResult {
     latencies_us: Histogram<u64>,
     count: u64,
-}
-
-/// The window every writer of one run shares.
-#[derive(Clone, Copy)]
-struct Window {
-    /// Appends that complete before this are warm-up.
-    measure_from: Instant,
-    /// No append starts at or after this; appends that complete after it are not counted.
-    end: Instant,
-}
-
-impl Window {
-    /// Records an append that ran from `started` to `finished`, if it completed in the window.
-    fn record(self, started: Instant, finished: Instant, result: &mut WriterResult) {
-        if finished >= self.measure_from && finished <= self.end {
-            let us = u64::try_from(finished.duration_since(started).as_micros())
-                .unwrap_or(MAX_LATENCY_US);
-            result
-                .latencies_us
-                .saturating_record(us.clamp(1, MAX_LATENCY_US));
-            result.count += 1;
-        }
-    }
 }
 
 /// A JSON object of about 230 bytes, different per event.
@@ -234,7 +204,7 @@ fn new_stream() -> (Uuid, Uuid) {
 
 async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Result<WriterResult> {
     let mut result = WriterResult {
-        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        latencies_us: latencies()?,
         count: 0,
     };
     let (tenant_id, aggregate_id) = new_stream();
@@ -270,7 +240,9 @@ async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Resu
             );
         }
         version += 1;
-        window.record(started, finished, &mut result);
+        if window.record(started, finished, &mut result.latencies_us) {
+            result.count += 1;
+        }
     }
 }
 
@@ -281,7 +253,7 @@ async fn proxy_writer(
     window: Window,
 ) -> Result<WriterResult> {
     let mut result = WriterResult {
-        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        latencies_us: latencies()?,
         count: 0,
     };
     let (tenant_id, aggregate_id) = new_stream();
@@ -323,7 +295,9 @@ async fn proxy_writer(
             );
         }
         version += 1;
-        window.record(started, finished, &mut result);
+        if window.record(started, finished, &mut result.latencies_us) {
+            result.count += 1;
+        }
     }
 }
 
@@ -543,14 +517,9 @@ async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
     result.map(|()| (direct_outcome, proxy_outcome))
 }
 
-/// The 1-minute load average (Linux), to print beside figures measured on a shared machine.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// The 1-minute load average, `None` where unreadable.
+fn load_average_1m() -> Option<f64> {
+    Some(load_averages()[0]).filter(|l| l.is_finite())
 }
 
 /// What the machine was doing around the measurement.
@@ -638,13 +607,13 @@ async fn run(args: Args) -> Result<()> {
     eprintln!("created database {name}");
     let db_url = with_database(&args.pg_url, &name)?;
 
-    let load_before = load_average();
+    let load_before = load_average_1m();
     let measured = tokio::select! {
         measured = measure(args.clone(), &db_url) => measured,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
 
-    let load_after = load_average();
+    let load_after = load_average_1m();
     let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut admin)
         .await
@@ -682,10 +651,6 @@ fn main() -> Result<()> {
     if args.writers == 0 || args.seconds <= 0.0 || args.warmup_seconds < 0.0 {
         bail!("--writers and --seconds must be > 0 and --warmup-seconds >= 0");
     }
-    telemetry::init(LogFormat::Text, &args.log);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    let log = args.log.clone();
+    block_on(Some(&log), run(args))
 }

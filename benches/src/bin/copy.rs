@@ -18,8 +18,8 @@
 //!   (`EventStore::read_window`, `EventStore::insert_copied`, `ControlDb::insert_position_map`,
 //!   `ControlDb::update_progress`), timing each call, so the table shows where a batch's time
 //!   goes; `loop-nomap` is the same without the position map.
-//! - a prototype of a faster copy, with its own SQL here (the store is unchanged): `staged`
-//!   (COPY into a temporary table, then the store's target-order insert from it). The earlier
+//! - a prototype of a faster copy (the store is unchanged): `staged` (COPY into a temporary
+//!   table, then the store's target-order insert from it, `pg_insert_copied_from`). The earlier
 //!   `lean` (the store's insert without its join back to its own output) and `pipelined`
 //!   (reads overlapping inserts) prototypes became the store's insert and the engine's loop.
 //!
@@ -43,15 +43,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::report::{block_on, load_averages, round1, round3};
 use switchyard_benches::{seed, toml_string, Databases};
 use switchyard_store::control::Progress;
+use switchyard_store::events::pg_insert_copied_from;
 use switchyard_store::{AuditNote, ControlDb, EventStore, NewMigration, PassWindow, StoredEvent};
 use uuid::Uuid;
 
@@ -68,29 +70,10 @@ const STAGE_DDL: &str = "CREATE TEMP TABLE copy_stage (
     actor_id text, version int4, ts timestamptz, payload text, created_at timestamptz, ord int8
 ) ON COMMIT DELETE ROWS";
 
-/// The store's target-order insert (`PG_INSERT_COPIED`) reading the batch from the staging table.
-const STAGED_INSERT: &str = "
-WITH batch AS MATERIALIZED (SELECT * FROM copy_stage),
-heads AS MATERIALIZED (
-    SELECT s.aggregate_id, s.aggregate_type,
-           coalesce((SELECT max(e.version) FROM events e
-                      WHERE e.aggregate_id = s.aggregate_id
-                        AND e.aggregate_type = s.aggregate_type), 0) AS head
-      FROM (SELECT DISTINCT aggregate_id, aggregate_type FROM batch) s
-), landing AS (
-    SELECT b.*, h.head,
-           row_number() OVER (PARTITION BY b.aggregate_id, b.aggregate_type ORDER BY b.version) AS rn
-      FROM batch b JOIN heads h USING (aggregate_id, aggregate_type)
-     WHERE b.version > h.head
-)
-INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
-                    version, timestamp, payload, created_at)
-SELECT event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
-       version, ts, payload::jsonb, created_at
-  FROM landing WHERE version = head + rn
- ORDER BY ord
-ON CONFLICT DO NOTHING
-RETURNING event_id, global_position";
+/// The store's target-order insert (`PG_INSERT_COPIED`) reading the batch from the staging
+/// table: the store's own statement, so the prototype never drifts from it.
+static STAGED_INSERT: LazyLock<String> =
+    LazyLock::new(|| pg_insert_copied_from("SELECT * FROM copy_stage"));
 
 /// Measures bulk copy events/s and its CPU cost against a COPY floor.
 #[derive(Debug, Clone, Parser)]
@@ -172,14 +155,6 @@ impl Variant {
             Self::Staged => "staged",
         }
     }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,16 +452,6 @@ impl Measured {
     }
 }
 
-/// The 1, 5 and 15-minute load averages (Linux).
-fn load_averages() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut out = [f64::NAN; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse().unwrap_or(f64::NAN);
-    }
-    out
-}
-
 /// Everything a measurement needs to know about the source.
 struct Source {
     name: String,
@@ -740,8 +705,9 @@ impl Inserter {
                 let mut copy = tx.copy_in_raw("COPY copy_stage FROM STDIN").await?;
                 copy.send(copy_rows(events).into_bytes()).await?;
                 copy.finish().await?;
-                let inserted: Vec<(Uuid, i64)> =
-                    sqlx::query_as(STAGED_INSERT).fetch_all(&mut *tx).await?;
+                let inserted: Vec<(Uuid, i64)> = sqlx::query_as(STAGED_INSERT.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
                 let positions = match_positions(&mut tx, events, inserted).await?;
                 tx.commit().await?;
                 Ok(positions)
@@ -1215,9 +1181,5 @@ fn main() -> Result<()> {
     if args.events == 0 || args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
         bail!("--events and every --batch-sizes value must be > 0");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    block_on(None, run(args))
 }

@@ -29,6 +29,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_benches::report::{block_on, load_averages, quantile};
 use switchyard_benches::{toml_string, with_database};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,7 +44,6 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_config::Config;
 use switchyard_proxy::App;
-use switchyard_runtime::telemetry::{self, LogFormat};
 use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -635,14 +635,6 @@ impl Setup {
 // ---------------------------------------------------------------------------------------------
 // Figures
 
-fn quantile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 struct Figures {
     before_rate: f64,
     during_rate: f64,
@@ -871,15 +863,6 @@ fn report(
     out
 }
 
-fn load_averages() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut out = [f64::NAN; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse().unwrap_or(f64::NAN);
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Orchestration
 
@@ -1070,10 +1053,6 @@ fn main() -> Result<()> {
     if args.writers == 0 || args.proxies == 0 || args.events < 0 {
         bail!("--writers and --proxies must be > 0, --events >= 0");
     }
-    telemetry::init(LogFormat::Text, &args.log);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    let log = args.log.clone();
+    block_on(Some(&log), run(args))
 }

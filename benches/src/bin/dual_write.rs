@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+use switchyard_benches::report::{block_on, latencies, load_averages, round1, round3, Window};
 use switchyard_benches::{redact, toml_string, with_database};
 
 use anyhow::{bail, Context, Result};
@@ -46,14 +47,11 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use switchyard_config::Config;
 use switchyard_proxy::App;
-use switchyard_runtime::telemetry::{self, LogFormat};
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-/// Latencies above this (a minute) are recorded as this.
-const MAX_LATENCY_US: u64 = 60_000_000;
 /// Target from the performance issues: dual-write p99 within 10% of normal.
 const TARGET_P99_RATIO: f64 = 1.10;
 const AGGREGATE_TYPE: &str = "BenchOrder";
@@ -154,8 +152,7 @@ struct Outcome {
 impl Outcome {
     fn new() -> Result<Self> {
         Ok(Self {
-            latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-                .context("histogram bounds")?,
+            latencies_us: latencies()?,
             count: 0,
             sent: 0,
             window: Duration::ZERO,
@@ -185,41 +182,11 @@ impl Outcome {
     }
 }
 
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 /// What a writer did in one phase.
 struct WriterResult {
     latencies_us: Histogram<u64>,
     count: u64,
     sent: u64,
-}
-
-/// The window every writer of one phase shares.
-#[derive(Clone, Copy)]
-struct Window {
-    /// Appends that complete before this are warm-up.
-    measure_from: Instant,
-    /// No append starts at or after this; appends that complete after it are not counted.
-    end: Instant,
-}
-
-impl Window {
-    fn record(self, started: Instant, finished: Instant, result: &mut WriterResult) {
-        if finished >= self.measure_from && finished <= self.end {
-            let us = u64::try_from(finished.duration_since(started).as_micros())
-                .unwrap_or(MAX_LATENCY_US);
-            result
-                .latencies_us
-                .saturating_record(us.clamp(1, MAX_LATENCY_US));
-            result.count += 1;
-        }
-    }
 }
 
 /// A JSON object of about 200 bytes, different per event.
@@ -246,7 +213,7 @@ async fn writer(
     pace: Option<(Duration, Duration)>,
 ) -> Result<WriterResult> {
     let mut result = WriterResult {
-        latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        latencies_us: latencies()?,
         count: 0,
         sent: 0,
     };
@@ -298,7 +265,9 @@ async fn writer(
         }
         version += 1;
         result.sent += 1;
-        window.record(started, finished, &mut result);
+        if window.record(started, finished, &mut result.latencies_us) {
+            result.count += 1;
+        }
     }
 }
 
@@ -703,16 +672,6 @@ async fn phases(harness: &Harness, rounds: usize) -> Result<Measured> {
     Ok(measured)
 }
 
-/// The 1, 5 and 15-minute load averages (Linux).
-fn load_averages() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut out = [f64::NAN; 3];
-    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
-        *slot = field.parse().unwrap_or(f64::NAN);
-    }
-    out
-}
-
 fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) -> String {
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let (normal, dual) = (&m.normal, &m.dual);
@@ -877,10 +836,6 @@ fn main() -> Result<()> {
     if args.writers == 0 || args.seconds <= 0.0 || args.warmup_seconds < 0.0 {
         bail!("--writers and --seconds must be > 0 and --warmup-seconds >= 0");
     }
-    telemetry::init(LogFormat::Text, &args.log);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    let log = args.log.clone();
+    block_on(Some(&log), run(args))
 }

@@ -38,15 +38,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
-use switchyard_benches::{load_averages, toml_string, Databases, InProcessProxy};
+use switchyard_benches::report::{block_on, latencies, load_averages, record_latency};
+use switchyard_benches::{toml_string, Databases, InProcessProxy};
 use switchyard_config::Config;
-use switchyard_runtime::telemetry::{self, LogFormat};
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
 use tokio::sync::{watch, Mutex};
 use uuid::Uuid;
 
-/// Latencies above this (a minute) are recorded as this.
-const MAX_LATENCY_US: u64 = 60_000_000;
 /// The target: the other tenant's p99 within 20 % of its baseline.
 const TARGET_P99_RATIO: f64 = 1.20;
 
@@ -133,7 +131,7 @@ struct Outcome {
 impl Outcome {
     fn new() -> Result<Self> {
         Ok(Self {
-            latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+            latencies_us: latencies()?,
             failures: BTreeMap::new(),
             window: Duration::ZERO,
         })
@@ -189,7 +187,7 @@ async fn other_writer(
     measure_from: Instant,
     end: Instant,
 ) -> Result<(Histogram<u64>, BTreeMap<String, u64>)> {
-    let mut latencies = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?;
+    let mut latencies = latencies()?;
     let mut failures = BTreeMap::new();
     let mut version = 0u64;
     // When the current version was first tried: a latency runs from there to its 201, across
@@ -210,9 +208,7 @@ async fn other_writer(
             version += 1;
             first_try = None;
             if measured {
-                let us = u64::try_from(finished.duration_since(started).as_micros())
-                    .unwrap_or(MAX_LATENCY_US);
-                latencies.saturating_record(us.clamp(1, MAX_LATENCY_US));
+                record_latency(&mut latencies, finished.duration_since(started));
             }
         } else {
             if measured {
@@ -550,10 +546,6 @@ fn main() -> Result<()> {
     if args.writers == 0 || args.seconds <= 0.0 {
         bail!("--writers and --seconds must be > 0");
     }
-    telemetry::init(LogFormat::Text, &args.log);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(run(args))
+    let log = args.log.clone();
+    block_on(Some(&log), run(args))
 }

@@ -23,6 +23,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::report::median;
 use switchyard_benches::{seed, Databases, SEED_STREAM_LEN};
 use switchyard_control::verify::{verify, Level, Scope, ViolationKind};
 use switchyard_store::EventStore;
@@ -54,9 +55,7 @@ struct Sample {
 
 impl Sample {
     fn median(&self) -> f64 {
-        let mut s = self.seconds.clone();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+        median(&self.seconds)
     }
 
     #[allow(clippy::cast_precision_loss)]

@@ -15,7 +15,7 @@ pub struct Args {
     pub reason: String,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
     let record = engine
         .abort(args.migration, &operator_note(Some(&args.reason)))

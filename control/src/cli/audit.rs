@@ -10,7 +10,7 @@ pub struct Args {
     pub migration: Uuid,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let control = ctx.control().await?;
     control.migration(args.migration).await?;
     let entries = control.audit_log(args.migration).await?;

@@ -13,7 +13,7 @@ pub struct Args {
     pub file: Option<std::path::PathBuf>,
 }
 
-pub fn run(global: Option<&Path>, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) fn run(global: Option<&Path>, args: &Args, json: bool) -> Result<(), CliError> {
     let path = args.file.as_deref().or(global);
     let config =
         Config::load(path).map_err(|e| CliError::Refused(format!("config is invalid: {e}")))?;

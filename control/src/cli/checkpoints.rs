@@ -70,7 +70,7 @@ struct Plan {
     rows: Vec<Row>,
 }
 
-pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     let Command::Migrate(args) = command;
     let control = ctx.control().await?;
     let record = control.migration(args.migration).await?;

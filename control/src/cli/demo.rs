@@ -35,7 +35,11 @@ pub struct Args {
     pub store_url: Option<String>,
 }
 
-pub async fn run(global_config: Option<&Path>, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(
+    global_config: Option<&Path>,
+    args: &Args,
+    json: bool,
+) -> Result<(), CliError> {
     if args.events == 0 || args.writers == 0 {
         return Err(CliError::Usage(
             "--events and --writers must be at least 1".to_owned(),

@@ -22,7 +22,7 @@ pub struct Args {
     pub reason: String,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     if args.tenants.is_empty() && !args.all {
         return Err(CliError::Usage(
             "name tenants with --tenant, or use --all".to_owned(),

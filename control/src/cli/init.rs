@@ -27,7 +27,7 @@ struct StoreReport {
     status: &'static str,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let control = ctx.control().await?.clone();
     control
         .ensure_schema()

@@ -12,7 +12,7 @@ pub struct Args {
     pub migration: Uuid,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
     let record = engine.control.migration(args.migration).await?;
     let report = engine.lag_report(&record).await?;

@@ -10,7 +10,7 @@ pub struct Args {
     pub active: bool,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let records = ctx.control().await?.migrations(args.active).await?;
     emit(json, &records, |records| {
         let mut out = String::from("ID\tTENANT\tSTATE\tSOURCE\tTARGET\tCOPIED/TOTAL\tCREATED\n");

@@ -48,7 +48,7 @@ pub struct StartArgs {
     pub reason: Option<String>,
 }
 
-pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     let Command::Start(args) = command;
     let engine = ctx.engine().await?;
     let request = StartRequest {

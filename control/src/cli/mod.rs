@@ -35,7 +35,11 @@ use crate::context::Context;
 
 /// Switchyard control plane: move tenants between event stores with zero downtime.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-control", version, propagate_version = true)]
+#[command(
+    name = "switchyard-control",
+    version = crate::fault::VERSION,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Config file (TOML); SWITCHYARD_* variables override it. Without one: the embedded default.
     #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]

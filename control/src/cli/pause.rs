@@ -15,7 +15,7 @@ pub struct Args {
     pub reason: Option<String>,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
     let record = engine
         .pause(args.migration, &operator_note(args.reason.as_deref()))

@@ -18,7 +18,7 @@ pub enum Command {
     },
 }
 
-pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     let Command::Translate {
         migration,
         source_position,

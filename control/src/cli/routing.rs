@@ -64,7 +64,7 @@ fn line(r: &Shown) -> String {
     out
 }
 
-pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     match command {
         Command::Get {
             tenant: Some(tenant),

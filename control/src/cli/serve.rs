@@ -13,7 +13,7 @@ pub struct Args {
     pub worker_id: Option<String>,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args) -> Result<(), CliError> {
     let addr: SocketAddr = ctx
         .config
         .control

@@ -26,7 +26,7 @@ impl From<switchyard_store::MigrationError> for CliError {
 }
 
 /// The audit note of an operator command: the OS user and the given reason.
-pub fn operator_note(reason: Option<&str>) -> AuditNote {
+pub(super) fn operator_note(reason: Option<&str>) -> AuditNote {
     let note = AuditNote::new(os_user());
     match reason {
         Some(reason) => note.with_reason(reason),
@@ -36,7 +36,7 @@ pub fn operator_note(reason: Option<&str>) -> AuditNote {
 
 /// Everything `status` shows of a migration (DESIGN.md's `status` keys, plus rate and ETA).
 #[derive(Debug, Serialize)]
-pub struct Status {
+pub(super) struct Status {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub state: MigrationState,
@@ -63,7 +63,7 @@ pub struct Status {
 impl Status {
     /// Builds the view; `lag` costs a count in each store, so it is taken only while the
     /// migration is active (the stores may be unreachable: then it is left out).
-    pub async fn of(engine: &Engine, record: MigrationRecord) -> Self {
+    pub(super) async fn of(engine: &Engine, record: MigrationRecord) -> Self {
         let report = if record.is_active() {
             engine.lag_report(&record).await.ok()
         } else {
@@ -108,7 +108,7 @@ impl Status {
     }
 
     /// The runbook's "check migration status" layout.
-    pub fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let opt =
             |t: Option<DateTime<Utc>>| t.map_or_else(|| "None".to_owned(), |t| t.to_rfc3339());
         let mut out = format!(

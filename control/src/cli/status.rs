@@ -18,7 +18,7 @@ pub struct Args {
     pub watch: bool,
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
     let tty = std::io::stdout().is_terminal();
     loop {

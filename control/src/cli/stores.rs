@@ -33,7 +33,7 @@ struct StoreRow {
     error: Option<String>,
 }
 
-pub async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Result<(), CliError> {
     let mut rows: Vec<StoreRow> = ctx
         .config
         .stores

@@ -34,7 +34,7 @@ fn percentage(text: &str) -> Result<f64, String> {
     }
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
     let record = engine.control.migration(args.migration).await?;
     let report = engine.verify(&record, args.level, args.sample).await?;
@@ -51,7 +51,7 @@ pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliEr
 }
 
 /// The runbook's consistency report.
-pub fn render(r: &Report) -> String {
+pub(super) fn render(r: &Report) -> String {
     let mut out = format!(
         "Consistency Report\n  Level: {}{}\n  Source events: {}\n  Target events: {}{}\n  \
          Streams verified: {}\n  Streams consistent: {}\n  Duration: {} ms ({:.0} events/s)\n  Consistent: {}\n",

@@ -80,7 +80,7 @@ impl Outcome {
     }
 }
 
-pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
+pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let mut outcome = Outcome::default();
     let _ = checks(ctx, args, &mut outcome).await?;
     outcome.passed = outcome.checks.iter().all(|c| c.passed);

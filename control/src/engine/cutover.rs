@@ -26,6 +26,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::fault::crash_point;
 use crate::verify::{Level, Scope};
 use serde::Serialize;
 use switchyard_store::control::Action;
@@ -926,21 +927,6 @@ impl Engine {
             .find(|e| e.action == Action::Cutover.as_str())
             .and_then(|e| e.details.as_ref()?.get("budget_ms")?.as_u64())
             .map_or(configured, Duration::from_millis)
-    }
-}
-
-/// Fault injection for the crash-safety tests: `SWITCHYARD_CRASH_AT=<point>` kills the process
-/// (as `kill -9` would: no cleanup, no unwinding) when it reaches that point. A precise crash
-/// between two steps is the one fault a real component cannot produce on demand. The points,
-/// in protocol order: `after_gate_closed` (routing `cutover_paused`), `after_fence_taken` (the
-/// source fence held `FOR UPDATE`), `after_delta_verified` (final delta copied and verified,
-/// fence not yet moved), `after_fence` (fence moved and committed), `after_routing_flipped`
-/// (routing `normal` on the target, state migrated, nothing reported yet); on the rollback
-/// path, `before_rollback` (the attempt failed, routing still `cutover_paused`).
-fn crash_point(point: &str) {
-    if std::env::var("SWITCHYARD_CRASH_AT").is_ok_and(|p| p == point) {
-        eprintln!("switchyard: crashing at {point} (SWITCHYARD_CRASH_AT)");
-        std::process::abort();
     }
 }
 

@@ -18,7 +18,7 @@ use super::{Backend, ControlDb};
 use crate::event::{parse_timestamp, StoreError};
 
 /// The channel proxies LISTEN on.
-pub const ROUTING_CHANNEL: &str = "switchyard_routing";
+pub(super) const ROUTING_CHANNEL: &str = "switchyard_routing";
 
 /// A tenant's routing state, as DESIGN.md "Routing" tabulates it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -70,20 +70,11 @@ const PG_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_i
 const SQLITE_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
      event_type, version, actor_id, timestamp, payload, created_at";
 
-/// Inserts a batch under the target-order rule and answers `(event_id, global_position)` of
-/// the rows it inserted; rows already there, diverged or waiting for their predecessor are
-/// classified after ([`PG_CLASSIFY`]). `heads` is materialised so each stream's head is looked
-/// up once. Returning only the inserted rows (rather than joining every batch row back to
-/// the insert and to `events`) matters: with a generic plan PostgreSQL estimates `unnest` of
-/// a parameter at 10 rows and such a join turned into a batch² nested loop (measured: 3.4 s
-/// against 0.46 s per 5,000-event batch; BENCHMARKS.md).
-const PG_INSERT_COPIED: &str = "
-WITH batch AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                         $7::int4[], $8::timestamptz[], $9::text[], $10::timestamptz[])
-           WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
-                                actor_id, version, ts, payload, created_at, ord)
-), heads AS MATERIALIZED (
+/// [`PG_INSERT_COPIED`] after its `batch` CTE: the heads, the landing rule, the insert. A macro
+/// so the statement stays one `&'static str` and [`pg_insert_copied_from`] can reuse it.
+macro_rules! pg_land_batch {
+    () => {
+        "heads AS MATERIALIZED (
     SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
            coalesce((SELECT max(e.version) FROM events e
                       WHERE e.aggregate_id = s.aggregate_id
@@ -109,7 +100,36 @@ SELECT event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
   FROM landing WHERE version = head + rn
  ORDER BY ord
 ON CONFLICT DO NOTHING
-RETURNING event_id, global_position";
+RETURNING event_id, global_position"
+    };
+}
+
+/// Inserts a batch under the target-order rule and answers `(event_id, global_position)` of
+/// the rows it inserted; rows already there, diverged or waiting for their predecessor are
+/// classified after ([`PG_CLASSIFY`]). `heads` is materialised so each stream's head is looked
+/// up once. Returning only the inserted rows (rather than joining every batch row back to
+/// the insert and to `events`) matters: with a generic plan PostgreSQL estimates `unnest` of
+/// a parameter at 10 rows and such a join turned into a batch² nested loop (measured: 3.4 s
+/// against 0.46 s per 5,000-event batch; BENCHMARKS.md).
+const PG_INSERT_COPIED: &str = concat!(
+    "
+WITH batch AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+                         $7::int4[], $8::timestamptz[], $9::text[], $10::timestamptz[])
+           WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                                actor_id, version, ts, payload, created_at, ord)
+), ",
+    pg_land_batch!()
+);
+
+/// [`PG_INSERT_COPIED`] reading its batch from `batch_query` instead of bound arrays: a query
+/// giving the columns `event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
+/// version, ts, payload, created_at, ord` (`payload` as text, `ord` the batch order). For the
+/// copy benchmark's prototypes of other ways to ship a batch (`benches/src/bin/copy.rs`
+/// `staged`), so they measure the store's insert rather than a copy of it.
+pub fn pg_insert_copied_from(batch_query: &str) -> String {
+    format!("WITH batch AS ({batch_query}), {}", pg_land_batch!())
+}
 
 /// For each given event, what the target holds for it: the row with its event id (position,
 /// and whether tenant, stream, version and content are the same), whether its stream version

@@ -9,7 +9,7 @@ mod reads;
 mod sqlite;
 mod verify;
 
-pub use copy::{Divergence, Landing, PassWindow};
+pub use copy::{pg_insert_copied_from, Divergence, Landing, PassWindow};
 pub use fence::{FenceLock, OlderWriter, FENCE_MARGIN};
 pub use reads::{CategoryStart, StreamRange};
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
@@ -84,11 +84,6 @@ impl EventStore {
 
     pub fn id(&self) -> &str {
         &self.id
-    }
-
-    /// A shared handle on the id, for replies that outlive the borrow.
-    pub fn id_arc(&self) -> Arc<str> {
-        Arc::clone(&self.id)
     }
 
     /// Connections the pool opens at most (a SQLite pool's size is capped below the config's).

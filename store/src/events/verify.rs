@@ -68,7 +68,7 @@ const SQLITE_COLUMNS: &str = "e.global_position, e.event_id, e.aggregate_type, e
 
 /// The canonical hash of one event (see the module docs). Deterministic across processes and
 /// backends: the same event read from PostgreSQL or SQLite hashes the same.
-pub fn canonical_event_hash(e: &StoredEvent) -> i64 {
+pub(super) fn canonical_event_hash(e: &StoredEvent) -> i64 {
     // FNV-1a over a length-prefixed encoding: simple, stable, and good enough to tell rows
     // apart (this is a consistency check, not an adversarial setting).
     struct Fnv(u64);

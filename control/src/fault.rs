@@ -1,0 +1,54 @@
+//! Fault injection for the crash-safety tests, compiled in only with the `fault-injection`
+//! feature (off by default, so release binaries carry none of it; `scripts/test.sh` builds
+//! the binaries the tests start with it on).
+//!
+//! `SWITCHYARD_CRASH_AT=<point>` kills the process (as `kill -9` would: no cleanup, no
+//! unwinding) when it reaches that point. A precise crash between two steps is the one fault a
+//! real component cannot produce on demand. The points, in protocol order: `after_gate_closed`
+//! (routing `cutover_paused`), `after_fence_taken` (the source fence held `FOR UPDATE`),
+//! `after_delta_verified` (final delta copied and verified, fence not yet moved), `after_fence`
+//! (fence moved and committed), `after_routing_flipped` (routing `normal` on the target, state
+//! migrated, nothing reported yet); on the rollback path, `before_rollback` (the attempt failed,
+//! routing still `cutover_paused`). docs/reliability.md lists what recovery must give at each.
+
+/// The variable naming the point to crash at.
+pub const CRASH_AT_VAR: &str = "SWITCHYARD_CRASH_AT";
+
+/// Whether this build has crash points.
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
+
+/// `switchyard-control --version`: the package version, marked when the build has crash points,
+/// so a test (or an operator) can tell the builds apart.
+pub const VERSION: &str = if ENABLED {
+    concat!(env!("CARGO_PKG_VERSION"), " (fault-injection)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
+/// Aborts the process if `SWITCHYARD_CRASH_AT` names `point`.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn crash_point(point: &str) {
+    if std::env::var(CRASH_AT_VAR).is_ok_and(|p| p == point) {
+        eprintln!("switchyard: crashing at {point} ({CRASH_AT_VAR})");
+        std::process::abort();
+    }
+}
+
+/// Without the feature a crash point is nothing.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn crash_point(_point: &str) {}
+
+/// The line to print at startup when `SWITCHYARD_CRASH_AT` is set: armed, or ignored because
+/// this build has no crash points (so nobody debugs a crash that silently never happens).
+pub fn startup_notice() -> Option<String> {
+    let point = std::env::var(CRASH_AT_VAR).ok()?;
+    Some(if ENABLED {
+        format!("switchyard: fault injection armed: {CRASH_AT_VAR}={point}")
+    } else {
+        format!(
+            "switchyard: {CRASH_AT_VAR}={point} ignored: this build has no fault injection \
+             (build with --features switchyard-control/fault-injection)"
+        )
+    })
+}
