@@ -8,6 +8,7 @@
 pub mod checkpoints;
 pub mod config;
 pub mod control;
+mod dialect;
 pub mod event;
 pub mod events;
 pub mod provision;

@@ -8,24 +8,19 @@
 //! epoch. The database enforces one non-terminal migration per tenant with a unique partial
 //! index, so of two racing creators exactly one wins too.
 //!
-//! Each query is written once for both backends: [`on_backend!`] compiles a body against the
-//! PostgreSQL and the SQLite pool, and the two dialect types spell what differs (the clock, and
-//! UUIDs, which SQLite stores as TEXT).
+//! Each query is written once for both backends through [`crate::dialect`].
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::PgRow;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::audit::{AuditNote, NewAuditRow};
 use super::lifecycle::{self, Action, IllegalTransition, MigrationState, Phase};
-use super::routing::{write_route_pg, write_route_sqlite};
 use super::{Backend, ControlDb, RouteUpdate, RoutingState};
-use crate::event::{parse_timestamp, StoreError};
+use crate::dialect::{on_backend, Columns};
+use crate::event::StoreError;
 
 /// Why a migration operation did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]
@@ -290,223 +285,6 @@ pub struct ProxyRecord {
     pub routing_epoch: i64,
     pub last_seen: DateTime<Utc>,
     pub details: Option<Value>,
-}
-
-/// Runs `$body` against this database's backend with `$pool` its pool and `$d` its dialect
-/// ([`Pg`] or [`Lite`]). The body is compiled once per backend, so the same text binds
-/// natively typed values on each.
-macro_rules! on_backend {
-    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {
-        match &$db.backend {
-            Backend::Postgres($pool) => {
-                let $d = Pg;
-                $body
-            }
-            Backend::Sqlite($pool) => {
-                let $d = Lite;
-                $body
-            }
-        }
-    };
-}
-pub(super) use on_backend;
-
-/// PostgreSQL's spelling of what differs between the backends.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Pg;
-
-/// SQLite's: UUIDs are TEXT, timestamps TEXT in one sortable format, writers `BEGIN IMMEDIATE`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Lite;
-
-impl Pg {
-    pub(super) fn now(self) -> &'static str {
-        "NOW()"
-    }
-
-    /// Reads the routing epoch and locks its row until the transaction ends, which every
-    /// routing change takes first: the checks that follow in the same transaction cannot be
-    /// overtaken by a routing change.
-    pub(super) fn lock_routing_epoch(self) -> &'static str {
-        "SELECT epoch FROM switchyard_routing_epoch FOR UPDATE"
-    }
-
-    /// The time `seconds_param` (a float8 parameter) from now.
-    pub(super) fn now_plus(self, seconds_param: &str) -> String {
-        format!("(NOW() + make_interval(secs => {seconds_param}))")
-    }
-
-    pub(super) fn id(self, id: Uuid) -> Uuid {
-        id
-    }
-
-    pub(super) async fn begin(
-        self,
-        pool: &PgPool,
-    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        pool.begin().await
-    }
-
-    async fn write_route(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        update: &RouteUpdate,
-    ) -> Result<i64, StoreError> {
-        write_route_pg(tx, update).await
-    }
-
-    async fn notify_routing(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        epoch: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::routing::ROUTING_CHANNEL)
-            .bind(epoch.to_string())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
-
-impl Lite {
-    pub(super) fn now(self) -> &'static str {
-        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    }
-
-    /// `BEGIN IMMEDIATE` already excludes every other writer.
-    pub(super) fn lock_routing_epoch(self) -> &'static str {
-        "SELECT epoch FROM switchyard_routing_epoch"
-    }
-
-    pub(super) fn now_plus(self, seconds_param: &str) -> String {
-        format!("strftime('%Y-%m-%dT%H:%M:%fZ', julianday('now') + {seconds_param} / 86400.0)")
-    }
-
-    pub(super) fn id(self, id: Uuid) -> String {
-        id.to_string()
-    }
-
-    /// A write transaction that holds the write lock from its start, so a read-then-write
-    /// inside it cannot fail to upgrade.
-    pub(super) async fn begin(
-        self,
-        pool: &SqlitePool,
-    ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    async fn write_route(
-        self,
-        tx: &mut Transaction<'_, Sqlite>,
-        update: &RouteUpdate,
-    ) -> Result<i64, StoreError> {
-        write_route_sqlite(tx, update).await
-    }
-
-    /// SQLite has no NOTIFY: proxies poll the epoch.
-    #[allow(clippy::unused_async)]
-    async fn notify_routing(
-        self,
-        _tx: &mut Transaction<'_, Sqlite>,
-        _epoch: i64,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-/// Typed column reads that differ between the backends' rows.
-pub(super) trait Columns {
-    fn text(&self, column: &str) -> Result<String, StoreError>;
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
-    fn int(&self, column: &str) -> Result<i64, StoreError>;
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError>;
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError>;
-
-    fn uuid(&self, column: &str) -> Result<Uuid, StoreError> {
-        self.opt_uuid(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-
-    fn time(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
-        self.opt_time(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-
-    fn opt_state(&self, column: &str) -> Result<Option<MigrationState>, StoreError> {
-        self.opt_text(column)?
-            .map(|s| {
-                s.parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn state(&self, column: &str) -> Result<MigrationState, StoreError> {
-        self.opt_state(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-}
-
-impl Columns for PgRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-}
-
-impl Columns for SqliteRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| {
-                Uuid::parse_str(&t).map_err(|e| StoreError::Corrupt(format!("{column} {t:?}: {e}")))
-            })
-            .transpose()
-    }
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| parse_timestamp(&t))
-            .transpose()
-    }
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| {
-                serde_json::from_str(&t)
-                    .map_err(|e| StoreError::Corrupt(format!("{column} is not JSON: {e}")))
-            })
-            .transpose()
-    }
 }
 
 /// The states no action leaves, as SQL; must match [`MigrationState::is_terminal`] and the
