@@ -3,16 +3,22 @@
 //! the embedded default (routing changes are polled).
 
 mod audit;
+mod claims;
 pub mod lifecycle;
 mod migrations;
+mod positions;
+mod progress;
+mod proxies;
 mod routing;
 
 pub use audit::{AuditEntry, AuditNote};
 pub use lifecycle::{Action, IllegalTransition, MigrationState, Phase};
 pub use migrations::{
-    MigrationError, MigrationErrorKind, MigrationRecord, NewMigration, Progress, ProxyRecord,
-    Transitioned, Translation,
+    MigrationError, MigrationErrorKind, MigrationRecord, NewMigration, Transitioned,
 };
+pub use positions::Translation;
+pub use progress::Progress;
+pub use proxies::{ProxyDetails, ProxyRecord};
 pub use routing::{RouteRecord, RouteUpdate, RoutingListener, RoutingState};
 
 use crate::dialect::{AsBackend, Backend};
