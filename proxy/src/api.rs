@@ -10,9 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use switchyard_store::{
-    AppendError, EventStore, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef,
-};
+use switchyard_store::{AppendError, EventStore, NewEvent, RoutingState, StoredEvent, StreamRef};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
@@ -532,7 +530,7 @@ async fn route(
             let events = store
                 .read_stream(stream, from, limit)
                 .await
-                .map_err(|e| store_error(store.id(), e))?;
+                .map_err(|e| ApiError::from_store(store.id(), e))?;
             let next = (events.len() == limit as usize)
                 .then(|| events.last().map(|e| i64::from(e.version) + 1))
                 .flatten();
@@ -544,7 +542,7 @@ async fn route(
             let events = store
                 .read_tenant(tenant, after, limit)
                 .await
-                .map_err(|e| store_error(store.id(), e))?;
+                .map_err(|e| ApiError::from_store(store.id(), e))?;
             let next = (events.len() == limit as usize)
                 .then(|| events.last().map(|e| e.global_position))
                 .flatten();
@@ -687,23 +685,8 @@ async fn append(
                 )
                 .await?;
             }
-            Err(AppendError::Store(e)) if e.is_unstorable_value() => {
-                return Err(ApiError::unstorable_in_store(store.id(), &e))
-            }
-            Err(AppendError::Store(e)) => return Err(store_error(store.id(), e)),
-            Err(other) => return Err(other.into()),
+            Err(other) => return Err(ApiError::from_append(store.id(), other)),
         }
-    }
-}
-
-fn store_error(store_id: &str, e: StoreError) -> ApiError {
-    if e.is_retryable() {
-        ApiError::StoreUnavailable {
-            store_id: store_id.to_owned(),
-            source: Some(e),
-        }
-    } else {
-        ApiError::Internal(Box::new(e))
     }
 }
 

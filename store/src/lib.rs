@@ -9,6 +9,7 @@ pub mod checkpoints;
 pub mod config;
 pub mod control;
 mod dialect;
+pub mod error;
 pub mod event;
 pub mod events;
 pub mod provision;
@@ -20,7 +21,8 @@ pub use control::{
     AuditEntry, AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState,
     NewMigration, RouteRecord, RouteUpdate, RoutingState,
 };
-pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
+pub use error::{ErrorKind, StoreError};
+pub use event::{AppendError, Appended, NewEvent, StoredEvent, StreamRef};
 pub use events::{
     Digesting, Divergence, EventStore, FenceLock, Landing, OlderWriter, PassWindow, SchemaStatus,
     StreamDigest, StreamKey, FENCE_MARGIN,

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use serde_json::json;
-use switchyard_store::control::{Action, MigrationErrorKind, Progress, ProxyDetails, Translation};
+use switchyard_store::control::{Action, Progress, ProxyDetails, Translation};
 use switchyard_store::{
-    AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState, NewMigration,
+    AuditNote, ControlDb, ErrorKind, MigrationError, MigrationRecord, MigrationState, NewMigration,
     RoutingState,
 };
 use switchyard_tests::{wait_for, Backend, Env, Result};
@@ -236,7 +236,7 @@ async fn refused_transitions_change_nothing() -> Result<()> {
             .await
         {
             Err(e @ MigrationError::Illegal { .. }) => {
-                assert_eq!(e.kind(), MigrationErrorKind::Client);
+                assert_eq!(e.kind(), ErrorKind::Client);
                 assert!(
                     e.to_string()
                         .contains("cannot cutover a migration that is pending"),
@@ -688,7 +688,7 @@ async fn creating_a_migration_and_routing_by_hand_never_both_win() -> Result<()>
         };
         match db.create_migration(&stale, &operator()).await {
             Err(e @ MigrationError::RouteChanged { .. }) => {
-                assert_eq!(e.kind(), MigrationErrorKind::Conflict);
+                assert_eq!(e.kind(), ErrorKind::Conflict);
             }
             other => bail!("a stale route epoch: {other:?}"),
         }

@@ -21,7 +21,7 @@ use super::audit::{AuditNote, NewAuditRow};
 use super::lifecycle::{self, Action, IllegalTransition, MigrationState, Phase};
 use super::{ControlDb, RouteUpdate, RoutingState};
 use crate::dialect::{on_backend, Columns};
-use crate::event::StoreError;
+use crate::error::{ErrorKind, StoreError};
 
 /// Why a migration operation did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]
@@ -102,40 +102,27 @@ pub enum MigrationError {
     Store(#[from] StoreError),
 }
 
-/// The coarse class of a [`MigrationError`], for exit codes and retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationErrorKind {
-    /// The request cannot succeed as asked (unknown id, illegal action, bad arguments).
-    Client,
-    /// Someone else got there first; re-read and decide again.
-    Conflict,
-    /// The control database is unreachable or busy; the same request may succeed later.
-    Unavailable,
-    Internal,
-}
-
 impl MigrationError {
-    pub fn kind(&self) -> MigrationErrorKind {
+    /// For exit codes and retries. A route of another tenant is the caller's bug, not the
+    /// operator's request: internal.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NotFound(_)
-            | Self::Illegal { .. }
-            | Self::SameStore(_)
-            | Self::RouteOfOtherTenant { .. } => MigrationErrorKind::Client,
+            Self::NotFound(_) | Self::Illegal { .. } | Self::SameStore(_) => ErrorKind::Client,
             Self::AlreadyActive { .. }
             | Self::StateChanged { .. }
             | Self::ClaimLost { .. }
             | Self::RouteChanged { .. }
             | Self::DefaultChanged { .. }
-            | Self::DefaultInUse { .. } => MigrationErrorKind::Conflict,
-            Self::Contended(_) => MigrationErrorKind::Unavailable,
-            Self::Store(e) if e.is_retryable() => MigrationErrorKind::Unavailable,
-            Self::Store(_) => MigrationErrorKind::Internal,
+            | Self::DefaultInUse { .. } => ErrorKind::Conflict,
+            Self::Contended(_) => ErrorKind::Unavailable,
+            Self::RouteOfOtherTenant { .. } => ErrorKind::Internal,
+            Self::Store(e) => e.kind(),
         }
     }
 
     /// Whether the same request, later, can help.
     pub fn is_retryable(&self) -> bool {
-        self.kind() == MigrationErrorKind::Unavailable
+        self.kind().is_retryable()
     }
 }
 
@@ -788,19 +775,25 @@ mod tests {
     #[test]
     fn errors_know_their_kind() {
         let id = Uuid::new_v4();
-        assert_eq!(
-            MigrationError::NotFound(id).kind(),
-            MigrationErrorKind::Client
-        );
+        assert_eq!(MigrationError::NotFound(id).kind(), ErrorKind::Client);
         let changed = MigrationError::StateChanged {
             id,
             expected: MigrationState::BulkCopy,
             actual: MigrationState::Paused,
         };
-        assert_eq!(changed.kind(), MigrationErrorKind::Conflict);
+        assert_eq!(changed.kind(), ErrorKind::Conflict);
         assert!(changed
             .to_string()
             .starts_with(&format!("migration {id} is paused, not bulk_copy")));
         assert!(MigrationError::Contended(id).is_retryable());
+        let other = MigrationError::RouteOfOtherTenant {
+            id,
+            tenant_id: Uuid::new_v4(),
+            route_tenant: Uuid::new_v4(),
+        };
+        assert_eq!(other.kind(), ErrorKind::Internal);
+        let held = MigrationError::Store(StoreError::Held("pid 7".to_owned()));
+        assert_eq!(held.kind(), ErrorKind::Conflict);
+        assert!(!held.is_retryable());
     }
 }

@@ -13,9 +13,7 @@ mod routing;
 
 pub use audit::{AuditEntry, AuditNote};
 pub use lifecycle::{Action, IllegalTransition, MigrationState, Phase};
-pub use migrations::{
-    MigrationError, MigrationErrorKind, MigrationRecord, NewMigration, Transitioned,
-};
+pub use migrations::{MigrationError, MigrationRecord, NewMigration, Transitioned};
 pub use positions::Translation;
 pub use progress::Progress;
 pub use proxies::{ProxyDetails, ProxyRecord};
