@@ -305,22 +305,25 @@ impl ApiError {
             // The caller re-routes on a fence before it gets here; if it does get here, the
             // tenant is mid-cutover from this proxy's point of view.
             AppendError::Fenced { .. } => Self::WritesPaused { retry_after_s: 1 },
+            // A value the store refused (SQLSTATE class 22 or 54): the client's 422.
+            AppendError::Store(e) if e.is_unstorable_value() => {
+                Self::unstorable_in_store(store_id, &e)
+            }
             AppendError::Store(e) => Self::from_store(store_id, e),
         }
     }
 
     /// The one mapping of a store's failure to a reply, by its kind: unavailable is 503
-    /// `store_unavailable` with `Retry-After`; a value the store refused (SQLSTATE class 22 or
-    /// 54) is the client's 422 `unstorable_payload`; anything else is a 500 whose details are
-    /// logged, not sent. (A conflict — a lock held past its wait — is the engine's, never an
-    /// answer to a request.)
+    /// `store_unavailable` with `Retry-After`; anything else is a 500 whose details are
+    /// logged, not sent. (An append's refused values are answered before, by
+    /// [`ApiError::from_append`]; a conflict — a lock held past its wait — is the engine's,
+    /// never an answer to a request.)
     pub fn from_store(store_id: &str, e: StoreError) -> Self {
         match e.kind() {
             ErrorKind::Unavailable => Self::StoreUnavailable {
                 store_id: store_id.to_owned(),
                 source: Some(e),
             },
-            ErrorKind::Client if e.is_unstorable_value() => Self::unstorable_in_store(store_id, &e),
             ErrorKind::Client | ErrorKind::Conflict | ErrorKind::Internal => {
                 Self::Internal(Box::new(e))
             }
