@@ -10,9 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use switchyard_store::{
-    AppendError, EventStore, NewEvent, RoutingState, StoreError, StoredEvent, StreamRef,
-};
+use switchyard_store::{AppendError, EventStore, NewEvent, RoutingState, StoredEvent, StreamRef};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
@@ -844,11 +842,7 @@ async fn append(
                 route = gate::wait(state, tenant, Until::OpenAfter { epoch: route.epoch }).await?;
                 follow = followed_store(state, tenant, &route);
             }
-            Err(AppendError::Store(e)) if e.is_unstorable_value() => {
-                return Err(ApiError::unstorable_in_store(store.id(), &e))
-            }
-            Err(AppendError::Store(e)) => return Err(store_error(store.id(), e)),
-            Err(other) => return Err(other.into()),
+            Err(other) => return Err(ApiError::from_append(store.id(), other)),
         }
     }
 }
@@ -860,17 +854,6 @@ fn followed_store(state: &AppState, tenant: Uuid, route: &Route) -> Option<Store
         .routes
         .moved_to(&tenant, route)
         .filter(|&to| to != UNKNOWN_STORE)
-}
-
-pub(crate) fn store_error(store_id: &str, e: StoreError) -> ApiError {
-    if e.is_retryable() {
-        ApiError::StoreUnavailable {
-            store_id: store_id.to_owned(),
-            source: Some(e),
-        }
-    } else {
-        ApiError::Internal(Box::new(e))
-    }
 }
 
 pub(crate) fn read_reply(

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
-use switchyard_store::{AppendError, StoreError};
+use switchyard_store::{AppendError, ErrorKind, StoreError};
 
 pub type Body = Full<Bytes>;
 
@@ -91,26 +91,6 @@ pub enum ApiError {
     Unconfirmed(Box<ApiError>),
 }
 
-/// The coarse class of an error, for metrics and for clients deciding whether to retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Client,
-    Conflict,
-    Unavailable,
-    Internal,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Client => "client_error",
-            Self::Conflict => "conflict",
-            Self::Unavailable => "unavailable",
-            Self::Internal => "internal",
-        }
-    }
-}
-
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest {
@@ -126,7 +106,8 @@ impl ApiError {
         }
     }
 
-    pub fn kind(&self) -> Kind {
+    /// The class of the error (the taxonomy the store, the engine and the CLI share).
+    pub fn kind(&self) -> ErrorKind {
         match self {
             Self::BadRequest { .. }
             | Self::NotFound { .. }
@@ -138,9 +119,9 @@ impl ApiError {
             | Self::BodyTimeout(_)
             | Self::Unauthorized
             | Self::Unauthenticated
-            | Self::ForbiddenTenant => Kind::Client,
+            | Self::ForbiddenTenant => ErrorKind::Client,
             Self::VersionConflict { .. } | Self::EventIdReused | Self::RetryReordered => {
-                Kind::Conflict
+                ErrorKind::Conflict
             }
             Self::WritesPaused { .. }
             | Self::StoreUnavailable { .. }
@@ -149,8 +130,8 @@ impl ApiError {
             | Self::RoutingNotLoaded
             | Self::RouteStale
             | Self::RateLimited { .. }
-            | Self::Timeout(_) => Kind::Unavailable,
-            Self::Internal(_) => Kind::Internal,
+            | Self::Timeout(_) => ErrorKind::Unavailable,
+            Self::Internal(_) => ErrorKind::Internal,
             Self::Unconfirmed(inner) => inner.kind(),
         }
     }
@@ -158,7 +139,7 @@ impl ApiError {
     /// Whether sending the same request again is safe and may succeed: never for an append
     /// that may have committed under generated ids ([`ApiError::Unconfirmed`]).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Unconfirmed(_)) && self.kind() == Kind::Unavailable
+        !matches!(self, Self::Unconfirmed(_)) && self.kind().is_retryable()
     }
 
     /// This failure of an append, told truthfully: when the append may have reached the store
@@ -311,8 +292,10 @@ impl ApiError {
     }
 }
 
-impl From<AppendError> for ApiError {
-    fn from(e: AppendError) -> Self {
+impl ApiError {
+    /// An append's failure in store `store_id`: refusals as their own replies, a store's
+    /// failure by [`ApiError::from_store`].
+    pub fn from_append(store_id: &str, e: AppendError) -> Self {
         match e {
             AppendError::VersionConflict { expected, actual } => {
                 Self::VersionConflict { expected, actual }
@@ -323,7 +306,28 @@ impl From<AppendError> for ApiError {
             // The caller re-routes on a fence before it gets here; if it does get here, the
             // tenant is mid-cutover from this proxy's point of view.
             AppendError::Fenced { .. } => Self::WritesPaused { retry_after_s: 1 },
-            AppendError::Store(e) => Self::Internal(Box::new(e)),
+            // A value the store refused (SQLSTATE class 22 or 54): the client's 422.
+            AppendError::Store(e) if e.is_unstorable_value() => {
+                Self::unstorable_in_store(store_id, &e)
+            }
+            AppendError::Store(e) => Self::from_store(store_id, e),
+        }
+    }
+
+    /// The one mapping of a store's failure to a reply, by its kind: unavailable is 503
+    /// `store_unavailable` with `Retry-After`; anything else is a 500 whose details are
+    /// logged, not sent. (An append's refused values are answered before, by
+    /// [`ApiError::from_append`]; a conflict — a lock held past its wait — is the engine's,
+    /// never an answer to a request.)
+    pub fn from_store(store_id: &str, e: StoreError) -> Self {
+        match e.kind() {
+            ErrorKind::Unavailable => Self::StoreUnavailable {
+                store_id: store_id.to_owned(),
+                source: Some(e),
+            },
+            ErrorKind::Client | ErrorKind::Conflict | ErrorKind::Internal => {
+                Self::Internal(Box::new(e))
+            }
         }
     }
 }
@@ -341,7 +345,7 @@ impl ApiError {
     /// A store's refusal of an append's values (SQLSTATE class 22 or 54): the append can
     /// never succeed there, so it is the client's 422, not a 500. The store's own message is
     /// logged, not sent (it may quote the values).
-    pub fn unstorable_in_store(store_id: &str, e: &StoreError) -> Self {
+    fn unstorable_in_store(store_id: &str, e: &StoreError) -> Self {
         let sqlstate = e.sqlstate().unwrap_or_default();
         tracing::info!(store.id = %store_id, %sqlstate, "the store refused a value of an append");
         // The database's message may quote the values: payloads are not logged at info.
@@ -394,6 +398,23 @@ mod tests {
             store_id: "shared".to_owned(),
             source: Some(StoreError::unavailable("connection reset")),
         }
+    }
+
+    /// Issue 16: one store error, one reply, whichever way it reached the proxy: a store that
+    /// cannot be reached is a 503 with `Retry-After` (an append's failure was a 500 through
+    /// `From<AppendError>` and a 503 through the read and append handlers).
+    #[tokio::test]
+    async fn a_store_that_cannot_be_reached_is_a_503_however_the_append_failed() {
+        let lost = || AppendError::Store(StoreError::unavailable("connection reset"));
+        let (status, body, retry_after) = reply(ApiError::from_append("shared", lost())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"], "store_unavailable");
+        assert_eq!(body["retryable"], true);
+        assert!(retry_after);
+        assert_eq!(
+            ApiError::from_append("shared", lost()).kind(),
+            ErrorKind::Unavailable
+        );
     }
 
     /// Item 14 of issue 14: an append with generated event ids that failed after it may have

@@ -11,9 +11,7 @@ use serde::Serialize;
 use switchyard_store::{CategoryStart, StreamRange, StreamRef};
 use uuid::Uuid;
 
-use crate::api::{
-    percent_decode, read_reply, read_store, store_error, DEFAULT_READ_LIMIT, MAX_READ_LIMIT,
-};
+use crate::api::{percent_decode, read_reply, read_store, DEFAULT_READ_LIMIT, MAX_READ_LIMIT};
 use crate::error::{json_response, ApiError, Body};
 use crate::AppState;
 
@@ -150,7 +148,7 @@ pub async fn stream(
     let events = store
         .read_stream_range(stream, range)
         .await
-        .map_err(|e| store_error(store.id(), e))?;
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     // Forward: the next page's from_version; backward: its to_version.
     let next = (events.len() == limit as usize)
         .then(|| events.last().map(|e| i64::from(e.version)))
@@ -177,7 +175,7 @@ pub async fn stream_version(
     let version = store
         .stream_version(stream)
         .await
-        .map_err(|e| store_error(store.id(), e))?;
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     Ok(json_response(
         StatusCode::OK,
         &VersionReply {
@@ -197,7 +195,7 @@ pub async fn event(
     let event = store
         .find_event(tenant, event_id)
         .await
-        .map_err(|e| store_error(store.id(), e))?;
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     let reply = serde_json::json!({
         "store_id": store.id(),
         "event": event.as_ref().map(|e| crate::api::event_json(e, store.id())),
@@ -228,7 +226,7 @@ pub async fn category(
     let events = store
         .read_category(tenant, aggregate_type, start, limit)
         .await
-        .map_err(|e| store_error(store.id(), e))?;
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     let next = (events.len() == limit as usize)
         .then(|| events.last())
         .flatten()
@@ -257,7 +255,7 @@ pub async fn feed(state: &AppState, tenant: Uuid, query: &str) -> Result<Respons
         None => store.read_tenant(tenant, after, limit).await,
         Some(ty) => store.read_tenant_of_type(tenant, ty, after, limit).await,
     }
-    .map_err(|e| store_error(store.id(), e))?;
+    .map_err(|e| ApiError::from_store(store.id(), e))?;
     let next = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.global_position))
         .flatten();
@@ -277,7 +275,7 @@ pub async fn position(state: &AppState, tenant: Uuid) -> Result<Response<Body>, 
     let position = store
         .tenant_position(tenant)
         .await
-        .map_err(|e| store_error(store.id(), e))?;
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     Ok(json_response(
         StatusCode::OK,
         &PositionReply {

@@ -212,18 +212,17 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// operators) in `proxies`. A failure only logs: the data plane does not depend on it.
 pub async fn report(state: &AppState) {
     let table = state.routes.load_full();
-    let mirroring: Vec<String> = table
-        .migrating()
-        .filter(|(_, route)| route.state == switchyard_store::RoutingState::DualWrite)
-        .take(1000)
-        .map(|(tenant, _)| tenant.to_string())
-        .collect();
-    let details = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "mirroring_tenants": mirroring,
-        "data_url": state.data_url.get(),
-        "shutting_down": state.is_shutting_down(),
-    });
+    let details = switchyard_store::control::ProxyDetails {
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        mirroring_tenants: table
+            .migrating()
+            .filter(|(_, route)| route.state == switchyard_store::RoutingState::DualWrite)
+            .take(1000)
+            .map(|(tenant, _)| *tenant)
+            .collect(),
+        data_url: state.data_url.get().cloned(),
+        shutting_down: state.is_shutting_down(),
+    };
     let admin_url = state.admin_url.get().map_or("", String::as_str);
     if let Err(e) = bounded(state.control.upsert_proxy(
         &state.proxy_id,

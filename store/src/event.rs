@@ -5,6 +5,9 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::error::ErrorKind;
+pub use crate::error::StoreError;
+
 /// One event of an append, validated by the caller.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -105,85 +108,16 @@ pub enum AppendError {
     Store(#[from] StoreError),
 }
 
-/// A failure to talk to a store, or a store answering something it should not.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
-    #[error("store query failed: {0}")]
-    Query(#[source] sqlx::Error),
-    #[error("store holds a malformed row: {0}")]
-    Corrupt(String),
-    #[error("{0}")]
-    Url(#[from] crate::url::UrlError),
-    /// A lock (a tenant's fence) stayed held by another session past the wait: who holds it.
-    #[error("{0}")]
-    Held(String),
-}
-
-impl StoreError {
-    /// A call that got no answer within `limit`: the database went silent (a failover behind
-    /// the same address, a frozen server) without closing its connections.
-    pub fn timed_out(limit: std::time::Duration) -> Self {
-        Self::Unavailable(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {} ms", limit.as_millis()),
-        )))
-    }
-
-    /// An unavailability known only by its description (passed on from another caller's
-    /// attempt, say).
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::Unavailable(sqlx::Error::Protocol(message.into()))
-    }
-
-    /// Whether a retry (of the same request, later) can help.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
-
-    /// The SQLSTATE of a database's refusal.
-    pub fn sqlstate(&self) -> Option<String> {
+impl AppendError {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
-            _ => None,
-        }
-    }
-
-    /// Whether the database refused the values themselves: SQLSTATE class 22 (data exception:
-    /// a character the database's encoding lacks, a number out of range, invalid JSON) or 54
-    /// (a program limit, such as JSON nested past `max_stack_depth`). The same request can
-    /// never succeed on this store.
-    pub fn is_unstorable_value(&self) -> bool {
-        self.sqlstate()
-            .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("54")))
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => Self::Unavailable(e),
-            sqlx::Error::Database(ref db)
-                if db.code().is_some_and(|c| {
-                    // 57P01 admin shutdown, 57P03 cannot connect now, 08xxx connection
-                    // exceptions, 53300 too many connections; SQLite 5/6: busy/locked.
-                    c.starts_with("08")
-                        || c == "57P01"
-                        || c == "57P03"
-                        || c == "53300"
-                        || c == "5"
-                        || c == "6"
-                        || c == "517"
-                }) =>
-            {
-                Self::Unavailable(e)
+            Self::VersionConflict { .. } | Self::EventIdReused | Self::RetryReordered => {
+                ErrorKind::Conflict
             }
-            other => Self::Query(other),
+            Self::StreamOfOtherTenant => ErrorKind::Client,
+            // The tenant lives elsewhere now: once routing catches up, the same append lands.
+            Self::Fenced { .. } => ErrorKind::Unavailable,
+            Self::Store(e) => e.kind(),
         }
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod checkpoints;
 pub mod control;
+mod dialect;
+pub mod error;
 pub mod event;
 pub mod events;
 pub mod provision;
@@ -17,7 +19,8 @@ pub use control::{
     AuditEntry, AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState,
     NewMigration, RouteRecord, RouteUpdate, RoutingState,
 };
-pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
+pub use error::{ErrorKind, StoreError};
+pub use event::{AppendError, Appended, NewEvent, StoredEvent, StreamRef};
 pub use events::{
     CategoryStart, Digesting, Divergence, EventStore, FenceLock, Landing, OlderWriter, PassWindow,
     SchemaStatus, StreamDigest, StreamKey, StreamRange, FENCE_MARGIN,

@@ -169,15 +169,12 @@ async fn checks(
         .into_iter()
         .filter(|p| now - p.last_seen < LIVE)
         .collect();
-    let tenant_text = tenant.to_string();
     let mirroring: Vec<&str> = live
         .iter()
         .filter(|p| {
             p.details
                 .as_ref()
-                .and_then(|d| d.get("mirroring_tenants"))
-                .and_then(Value::as_array)
-                .is_some_and(|a| a.iter().any(|t| t.as_str() == Some(tenant_text.as_str())))
+                .is_some_and(|d| d.mirroring_tenants.contains(&tenant))
         })
         .map(|p| p.proxy_id.as_str())
         .collect();
@@ -206,13 +203,9 @@ async fn checks(
     let base = match &args.proxy {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => {
-            let found = live.iter().find_map(|p| {
-                p.details
-                    .as_ref()
-                    .and_then(|d| d.get("data_url"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
+            let found = live
+                .iter()
+                .find_map(|p| p.details.as_ref()?.data_url.clone());
             match found {
                 Some(url) => url,
                 None => {

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use switchyard_config::Config;
 use switchyard_config::ControlConfig;
 use switchyard_store::{
-    ControlDb, EventStore, Landing, MigrationError, MigrationRecord, MigrationState, StoreError,
+    ControlDb, ErrorKind, EventStore, Landing, MigrationError, MigrationRecord, MigrationState,
+    StoreError,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -103,22 +104,21 @@ impl EngineError {
         }
     }
 
+    /// The class of the failure (see `switchyard_store::ErrorKind`). A refusal of the
+    /// operator's request is a conflict with the migration's situation; a divergence is data
+    /// that contradicts itself, which no retry or other request fixes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Migration(e) => e.kind(),
+            Self::Store { source, .. } => source.kind(),
+            Self::Refused(_) => ErrorKind::Conflict,
+            Self::Divergence { .. } => ErrorKind::Internal,
+        }
+    }
+
     /// Whether the operator's request was refused (as opposed to failing).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, Self::Refused(_))
-            || matches!(
-                self,
-                Self::Migration(
-                    MigrationError::AlreadyActive { .. }
-                        | MigrationError::StateChanged { .. }
-                        | MigrationError::Illegal { .. }
-                        | MigrationError::NotFound(_)
-                        | MigrationError::SameStore(_)
-                        | MigrationError::RouteChanged { .. }
-                        | MigrationError::DefaultChanged { .. }
-                        | MigrationError::DefaultInUse { .. }
-                )
-            )
+        self.kind().is_refusal()
     }
 }
 

@@ -11,8 +11,9 @@ use sqlx::{Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::lifecycle::MigrationState;
-use super::migrations::{on_backend, Columns, Lite, MigrationError, Pg};
-use super::{Backend, ControlDb};
+use super::migrations::MigrationError;
+use super::ControlDb;
+use crate::dialect::{on_backend, Columns, Lite, Pg};
 use crate::event::StoreError;
 
 /// Who acts and why: what every audited operation records besides the action itself.

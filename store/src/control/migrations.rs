@@ -1,6 +1,7 @@
-//! `tenant_migrations` and what hangs off it: the migration records with their compare-and-set
-//! state changes, progress and worker claims; the source → target position map; and the
-//! proxies' heartbeat rows.
+//! `tenant_migrations`: the migration records with their compare-and-set state changes, and
+//! the routing changes that must not race a migration (`routing set`, the default store).
+//! Worker claims live in `claims.rs`, progress in `progress.rs`, the position map in
+//! `positions.rs`, the proxies' heartbeats in `proxies.rs`.
 //!
 //! Every state change is one transaction that checks the stored state is the one the caller
 //! saw (so of two racing operators exactly one wins), asks [`lifecycle::next`] whether the action
@@ -8,24 +9,19 @@
 //! epoch. The database enforces one non-terminal migration per tenant with a unique partial
 //! index, so of two racing creators exactly one wins too.
 //!
-//! Each query is written once for both backends: [`on_backend!`] compiles a body against the
-//! PostgreSQL and the SQLite pool, and the two dialect types spell what differs (the clock, and
-//! UUIDs, which SQLite stores as TEXT).
+//! Each query is written once for both backends through [`crate::dialect`].
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::PgRow;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::audit::{AuditNote, NewAuditRow};
 use super::lifecycle::{self, Action, IllegalTransition, MigrationState, Phase};
-use super::routing::{write_route_pg, write_route_sqlite};
-use super::{Backend, ControlDb, RouteUpdate, RoutingState};
-use crate::event::{parse_timestamp, StoreError};
+use super::{ControlDb, RouteUpdate, RoutingState};
+use crate::dialect::{on_backend, Columns};
+use crate::error::{ErrorKind, StoreError};
 
 /// Why a migration operation did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]
@@ -106,40 +102,27 @@ pub enum MigrationError {
     Store(#[from] StoreError),
 }
 
-/// The coarse class of a [`MigrationError`], for exit codes and retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationErrorKind {
-    /// The request cannot succeed as asked (unknown id, illegal action, bad arguments).
-    Client,
-    /// Someone else got there first; re-read and decide again.
-    Conflict,
-    /// The control database is unreachable or busy; the same request may succeed later.
-    Unavailable,
-    Internal,
-}
-
 impl MigrationError {
-    pub fn kind(&self) -> MigrationErrorKind {
+    /// For exit codes and retries. A route of another tenant is the caller's bug, not the
+    /// operator's request: internal.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NotFound(_)
-            | Self::Illegal { .. }
-            | Self::SameStore(_)
-            | Self::RouteOfOtherTenant { .. } => MigrationErrorKind::Client,
+            Self::NotFound(_) | Self::Illegal { .. } | Self::SameStore(_) => ErrorKind::Client,
             Self::AlreadyActive { .. }
             | Self::StateChanged { .. }
             | Self::ClaimLost { .. }
             | Self::RouteChanged { .. }
             | Self::DefaultChanged { .. }
-            | Self::DefaultInUse { .. } => MigrationErrorKind::Conflict,
-            Self::Contended(_) => MigrationErrorKind::Unavailable,
-            Self::Store(e) if e.is_retryable() => MigrationErrorKind::Unavailable,
-            Self::Store(_) => MigrationErrorKind::Internal,
+            | Self::DefaultInUse { .. } => ErrorKind::Conflict,
+            Self::Contended(_) => ErrorKind::Unavailable,
+            Self::RouteOfOtherTenant { .. } => ErrorKind::Internal,
+            Self::Store(e) => e.kind(),
         }
     }
 
     /// Whether the same request, later, can help.
     pub fn is_retryable(&self) -> bool {
-        self.kind() == MigrationErrorKind::Unavailable
+        self.kind().is_retryable()
     }
 }
 
@@ -256,272 +239,20 @@ pub struct Transitioned {
     pub routing_epoch: Option<i64>,
 }
 
-/// Progress to record; `None` leaves a column as it is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub events_total: Option<i64>,
-    pub events_copied: Option<i64>,
-    pub copy_horizon: Option<i64>,
-    pub copy_position: Option<i64>,
-    pub tail_horizon: Option<i64>,
-    pub tail_position: Option<i64>,
-}
-
-/// The smallest target position of the migration's events past source position `$2` (or
-/// past every target position when there is none): a translated checkpoint stays below it.
-const NEXT_UNSEEN: &str = "coalesce((SELECT min(n.target_position) FROM migration_position_map n
-                     WHERE n.migration_id = $1 AND n.source_position > $2), 9223372036854775807)";
-
-/// A source position's place in the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Translation {
-    /// The source position of the event at `target_position`: the one asked for when
-    /// `exact`, else one below it.
-    pub source_position: i64,
-    pub target_position: i64,
-    pub exact: bool,
-}
-
-/// A `proxies` row: a live proxy's heartbeat.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct ProxyRecord {
-    pub proxy_id: String,
-    pub admin_url: String,
-    pub routing_epoch: i64,
-    pub last_seen: DateTime<Utc>,
-    pub details: Option<Value>,
-}
-
-/// Runs `$body` against this database's backend with `$pool` its pool and `$d` its dialect
-/// ([`Pg`] or [`Lite`]). The body is compiled once per backend, so the same text binds
-/// natively typed values on each.
-macro_rules! on_backend {
-    ($db:expr, |$pool:ident, $d:ident| $body:expr) => {
-        match &$db.backend {
-            Backend::Postgres($pool) => {
-                let $d = Pg;
-                $body
-            }
-            Backend::Sqlite($pool) => {
-                let $d = Lite;
-                $body
-            }
-        }
-    };
-}
-pub(super) use on_backend;
-
-/// PostgreSQL's spelling of what differs between the backends.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Pg;
-
-/// SQLite's: UUIDs are TEXT, timestamps TEXT in one sortable format, writers `BEGIN IMMEDIATE`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Lite;
-
-impl Pg {
-    pub(super) fn now(self) -> &'static str {
-        "NOW()"
-    }
-
-    /// Reads the routing epoch and locks its row until the transaction ends, which every
-    /// routing change takes first: the checks that follow in the same transaction cannot be
-    /// overtaken by a routing change.
-    pub(super) fn lock_routing_epoch(self) -> &'static str {
-        "SELECT epoch FROM switchyard_routing_epoch FOR UPDATE"
-    }
-
-    /// The time `seconds_param` (a float8 parameter) from now.
-    pub(super) fn now_plus(self, seconds_param: &str) -> String {
-        format!("(NOW() + make_interval(secs => {seconds_param}))")
-    }
-
-    pub(super) fn id(self, id: Uuid) -> Uuid {
-        id
-    }
-
-    pub(super) async fn begin(
-        self,
-        pool: &PgPool,
-    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        pool.begin().await
-    }
-
-    async fn write_route(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        update: &RouteUpdate,
-    ) -> Result<i64, StoreError> {
-        write_route_pg(tx, update).await
-    }
-
-    async fn notify_routing(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        epoch: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::routing::ROUTING_CHANNEL)
-            .bind(epoch.to_string())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
-
-impl Lite {
-    pub(super) fn now(self) -> &'static str {
-        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    }
-
-    /// `BEGIN IMMEDIATE` already excludes every other writer.
-    pub(super) fn lock_routing_epoch(self) -> &'static str {
-        "SELECT epoch FROM switchyard_routing_epoch"
-    }
-
-    pub(super) fn now_plus(self, seconds_param: &str) -> String {
-        format!("strftime('%Y-%m-%dT%H:%M:%fZ', julianday('now') + {seconds_param} / 86400.0)")
-    }
-
-    pub(super) fn id(self, id: Uuid) -> String {
-        id.to_string()
-    }
-
-    /// A write transaction that holds the write lock from its start, so a read-then-write
-    /// inside it cannot fail to upgrade.
-    pub(super) async fn begin(
-        self,
-        pool: &SqlitePool,
-    ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    async fn write_route(
-        self,
-        tx: &mut Transaction<'_, Sqlite>,
-        update: &RouteUpdate,
-    ) -> Result<i64, StoreError> {
-        write_route_sqlite(tx, update).await
-    }
-
-    /// SQLite has no NOTIFY: proxies poll the epoch.
-    #[allow(clippy::unused_async)]
-    async fn notify_routing(
-        self,
-        _tx: &mut Transaction<'_, Sqlite>,
-        _epoch: i64,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-/// Typed column reads that differ between the backends' rows.
-pub(super) trait Columns {
-    fn text(&self, column: &str) -> Result<String, StoreError>;
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
-    fn int(&self, column: &str) -> Result<i64, StoreError>;
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError>;
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError>;
-
-    fn uuid(&self, column: &str) -> Result<Uuid, StoreError> {
-        self.opt_uuid(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-
-    fn time(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
-        self.opt_time(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-
-    fn opt_state(&self, column: &str) -> Result<Option<MigrationState>, StoreError> {
-        self.opt_text(column)?
-            .map(|s| {
-                s.parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
-            })
-            .transpose()
-    }
-
-    fn state(&self, column: &str) -> Result<MigrationState, StoreError> {
-        self.opt_state(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL")))
-    }
-}
-
-impl Columns for PgRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-}
-
-impl Columns for SqliteRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| {
-                Uuid::parse_str(&t).map_err(|e| StoreError::Corrupt(format!("{column} {t:?}: {e}")))
-            })
-            .transpose()
-    }
-    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| parse_timestamp(&t))
-            .transpose()
-    }
-    fn opt_json(&self, column: &str) -> Result<Option<Value>, StoreError> {
-        self.opt_text(column)?
-            .map(|t| {
-                serde_json::from_str(&t)
-                    .map_err(|e| StoreError::Corrupt(format!("{column} is not JSON: {e}")))
-            })
-            .transpose()
-    }
-}
-
 /// The states no action leaves, as SQL; must match [`MigrationState::is_terminal`] and the
 /// unique index in the DDL.
-const TERMINAL: &str = "('migrated', 'failed', 'rolled_back')";
+pub(super) const TERMINAL: &str = "('migrated', 'failed', 'rolled_back')";
 
 /// The recorded default store.
 const SELECT_DEFAULT: &str = "SELECT value FROM switchyard_settings WHERE name = 'default_store'";
 
-const COLUMNS: &str = "id, tenant_id, source_store_id, target_store_id, state, paused_from, \
+pub(super) const COLUMNS: &str =
+    "id, tenant_id, source_store_id, target_store_id, state, paused_from, \
      events_total, events_copied, copy_horizon, copy_position, tail_horizon, tail_position, \
      error_message, config, revision, claimed_by, claimed_until, created_at, started_at, \
      completed_at, updated_at";
 
-fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, StoreError> {
+pub(super) fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, StoreError> {
     Ok(MigrationRecord {
         id: row.uuid("id")?,
         tenant_id: row.uuid("tenant_id")?,
@@ -544,16 +275,6 @@ fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, StoreError> {
         started_at: row.opt_time("started_at")?,
         completed_at: row.opt_time("completed_at")?,
         updated_at: row.time("updated_at")?,
-    })
-}
-
-fn decode_proxy(row: &impl Columns) -> Result<ProxyRecord, StoreError> {
-    Ok(ProxyRecord {
-        proxy_id: row.text("proxy_id")?,
-        admin_url: row.text("admin_url")?,
-        routing_epoch: row.int("routing_epoch")?,
-        last_seen: row.time("last_seen")?,
-        details: row.opt_json("details")?,
     })
 }
 
@@ -965,362 +686,6 @@ impl ControlDb {
             Ok(epoch)
         })
     }
-
-    /// Records progress. With `worker`, only while that worker holds the claim and its lease
-    /// has not run out (else [`MigrationError::ClaimLost`]), so a worker that lost its lease —
-    /// even one nobody has taken over from yet — stops writing.
-    pub async fn update_progress(
-        &self,
-        id: Uuid,
-        worker: Option<&str>,
-        progress: &Progress,
-    ) -> Result<MigrationRecord, MigrationError> {
-        let updated = on_backend!(self, |pool, d| {
-            let sql = format!(
-                "UPDATE tenant_migrations SET
-                     events_total = COALESCE($2, events_total),
-                     events_copied = COALESCE($3, events_copied),
-                     copy_horizon = COALESCE($4, copy_horizon),
-                     copy_position = COALESCE($5, copy_position),
-                     tail_horizon = COALESCE($6, tail_horizon),
-                     tail_position = COALESCE($7, tail_position),
-                     revision = revision + 1, updated_at = {now}
-                 WHERE id = $1 AND ($8 IS NULL OR (claimed_by = $8 AND claimed_until >= {now}))
-                 RETURNING {COLUMNS}",
-                now = d.now()
-            );
-            sqlx::query(&sql)
-                .bind(d.id(id))
-                .bind(progress.events_total)
-                .bind(progress.events_copied)
-                .bind(progress.copy_horizon)
-                .bind(progress.copy_position)
-                .bind(progress.tail_horizon)
-                .bind(progress.tail_position)
-                .bind(worker)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(decode_migration)
-                .transpose()?
-        });
-        match updated {
-            Some(record) => Ok(record),
-            None => {
-                let current = self.migration(id).await?;
-                Err(MigrationError::ClaimLost {
-                    id,
-                    worker: worker.unwrap_or_default().to_owned(),
-                    holder: current.claimed_by,
-                })
-            }
-        }
-    }
-
-    /// Sets (or with `None` clears) the migration's error message, leaving its state.
-    pub async fn set_error(
-        &self,
-        id: Uuid,
-        message: Option<&str>,
-    ) -> Result<MigrationRecord, MigrationError> {
-        let record = on_backend!(self, |pool, d| {
-            let sql = format!(
-                "UPDATE tenant_migrations SET error_message = $2,
-                     revision = revision + 1, updated_at = {now}
-                 WHERE id = $1 RETURNING {COLUMNS}",
-                now = d.now()
-            );
-            sqlx::query(&sql)
-                .bind(d.id(id))
-                .bind(message)
-                .fetch_optional(pool)
-                .await?
-                .as_ref()
-                .map(decode_migration)
-                .transpose()?
-        });
-        record.ok_or(MigrationError::NotFound(id))
-    }
-
-    /// Claims migration `id` for `worker` for `lease` if it is active and unclaimed, its lease
-    /// expired, or already `worker`'s (then it renews). Times are the database's clock, so
-    /// replicas on different hosts agree on expiry.
-    pub async fn claim(
-        &self,
-        id: Uuid,
-        worker: &str,
-        lease: Duration,
-    ) -> Result<bool, MigrationError> {
-        let affected = on_backend!(self, |pool, d| {
-            let sql = format!(
-                "UPDATE tenant_migrations SET claimed_by = $2, claimed_until = {until}
-                 WHERE id = $1 AND state NOT IN {TERMINAL}
-                   AND (claimed_by IS NULL OR claimed_by = $2
-                        OR claimed_until IS NULL OR claimed_until < {now})",
-                until = d.now_plus("$3"),
-                now = d.now()
-            );
-            sqlx::query(&sql)
-                .bind(d.id(id))
-                .bind(worker)
-                .bind(lease.as_secs_f64())
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        Ok(affected == 1)
-    }
-
-    /// Gives up `worker`'s claim on `id`. False when it did not hold it.
-    pub async fn release(&self, id: Uuid, worker: &str) -> Result<bool, MigrationError> {
-        let affected = on_backend!(self, |pool, d| {
-            sqlx::query(
-                "UPDATE tenant_migrations SET claimed_by = NULL, claimed_until = NULL
-                 WHERE id = $1 AND claimed_by = $2",
-            )
-            .bind(d.id(id))
-            .bind(worker)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(affected == 1)
-    }
-
-    /// Active migrations `worker` could claim now (unclaimed, lease expired, or its own),
-    /// oldest first.
-    pub async fn claimable(&self, worker: &str) -> Result<Vec<MigrationRecord>, MigrationError> {
-        Ok(on_backend!(self, |pool, d| {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM tenant_migrations
-                 WHERE state NOT IN {TERMINAL}
-                   AND (claimed_by IS NULL OR claimed_by = $1
-                        OR claimed_until IS NULL OR claimed_until < {now})
-                 ORDER BY created_at, id",
-                now = d.now()
-            );
-            sqlx::query(&sql)
-                .bind(worker)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(decode_migration)
-                .collect::<Result<Vec<_>, _>>()?
-        }))
-    }
-
-    /// Records `(source_position, target_position, event_id)` triples of copied events in one
-    /// statement. Idempotent: a source position already mapped keeps its first mapping.
-    /// Returns how many were new.
-    pub async fn insert_position_map(
-        &self,
-        migration_id: Uuid,
-        positions: &[(i64, i64, Uuid)],
-    ) -> Result<u64, MigrationError> {
-        if positions.is_empty() {
-            return Ok(0);
-        }
-        let affected = match &self.backend {
-            Backend::Postgres(pool) => {
-                let (sources, (targets, ids)): (Vec<i64>, (Vec<i64>, Vec<Uuid>)) =
-                    positions.iter().map(|&(s, t, e)| (s, (t, e))).unzip();
-                sqlx::query(
-                    "INSERT INTO migration_position_map
-                         (migration_id, source_position, target_position, event_id)
-                     SELECT $1, s, t, e FROM UNNEST($2::bigint[], $3::bigint[], $4::uuid[])
-                         AS batch (s, t, e)
-                     ON CONFLICT (migration_id, source_position) DO NOTHING",
-                )
-                .bind(migration_id)
-                .bind(sources)
-                .bind(targets)
-                .bind(ids)
-                .execute(pool)
-                .await?
-                .rows_affected()
-            }
-            Backend::Sqlite(pool) => {
-                // One JSON array parameter, so any batch size fits SQLite's parameter limit.
-                let batch = serde_json::to_string(positions)
-                    .map_err(|e| StoreError::Corrupt(format!("position batch: {e}")))?;
-                sqlx::query(
-                    "INSERT INTO migration_position_map
-                         (migration_id, source_position, target_position, event_id)
-                     SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-                            json_extract(value, '$[2]')
-                     FROM json_each($2) WHERE true
-                     ON CONFLICT (migration_id, source_position) DO NOTHING",
-                )
-                .bind(migration_id.to_string())
-                .bind(batch)
-                .execute(pool)
-                .await?
-                .rows_affected()
-            }
-        };
-        Ok(affected)
-    }
-
-    /// How many events the position map holds for the migration.
-    pub async fn position_map_len(&self, migration_id: Uuid) -> Result<i64, MigrationError> {
-        Ok(on_backend!(self, |pool, d| {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM migration_position_map WHERE migration_id = $1",
-            )
-            .bind(d.id(migration_id))
-            .fetch_one(pool)
-            .await?
-        }))
-    }
-
-    /// The target position a subscription checkpoint at `source_position` continues from:
-    /// just before the smallest target position of the tenant's events with a source position
-    /// past it, so everything it has not seen is delivered (some it has seen may be delivered
-    /// again), never skipped. Target positions follow landing order, not source order (the
-    /// mirror and the tail land concurrently), so "the event at the checkpoint" is not the
-    /// answer. Given as the mapped event with the largest target position below that one
-    /// (its source position is at or below the checkpoint): `exact` when it is the
-    /// checkpoint's own event. `None` when the first event in the target is already past the
-    /// checkpoint (start the subscription at 0).
-    pub async fn translate_position(
-        &self,
-        migration_id: Uuid,
-        source_position: i64,
-    ) -> Result<Option<Translation>, MigrationError> {
-        let found: Option<(i64, i64)> = on_backend!(self, |pool, d| {
-            let sql = format!(
-                "SELECT source_position, target_position FROM migration_position_map
-                 WHERE migration_id = $1 AND target_position < {NEXT_UNSEEN}
-                 ORDER BY target_position DESC LIMIT 1",
-            );
-            sqlx::query_as(&sql)
-                .bind(d.id(migration_id))
-                .bind(source_position)
-                .fetch_optional(pool)
-                .await?
-        });
-        Ok(found.map(|(source, target)| Translation {
-            source_position: source,
-            target_position: target,
-            exact: source == source_position,
-        }))
-    }
-
-    /// Like [`Self::translate_position`], with the event recorded at the answered position.
-    pub async fn translate_with_event(
-        &self,
-        migration_id: Uuid,
-        source_position: i64,
-    ) -> Result<Option<(Translation, Uuid)>, MigrationError> {
-        let found: Option<(i64, i64, String)> = on_backend!(self, |pool, d| {
-            let sql = format!(
-                "SELECT source_position, target_position, CAST(event_id AS TEXT)
-                   FROM migration_position_map
-                  WHERE migration_id = $1 AND target_position < {NEXT_UNSEEN}
-                  ORDER BY target_position DESC LIMIT 1",
-            );
-            sqlx::query_as(&sql)
-                .bind(d.id(migration_id))
-                .bind(source_position)
-                .fetch_optional(pool)
-                .await?
-        });
-        found
-            .map(|(source, target, event)| {
-                let event = Uuid::parse_str(&event).map_err(|e| {
-                    MigrationError::Store(StoreError::Corrupt(format!(
-                        "position map event_id: {e}"
-                    )))
-                })?;
-                Ok((
-                    Translation {
-                        source_position: source,
-                        target_position: target,
-                        exact: source == source_position,
-                    },
-                    event,
-                ))
-            })
-            .transpose()
-    }
-
-    /// Whether the migration mapped some source position to `target_position` for `event_id`:
-    /// a checkpoint already holding that pair was translated before.
-    pub async fn maps_to_target(
-        &self,
-        migration_id: Uuid,
-        target_position: i64,
-        event_id: Uuid,
-    ) -> Result<bool, MigrationError> {
-        let n: i64 = on_backend!(self, |pool, d| {
-            sqlx::query_scalar(
-                "SELECT count(*) FROM migration_position_map
-                  WHERE migration_id = $1 AND target_position = $2
-                    AND CAST(event_id AS TEXT) = $3",
-            )
-            .bind(d.id(migration_id))
-            .bind(target_position)
-            .bind(event_id.to_string())
-            .fetch_one(pool)
-            .await?
-        });
-        Ok(n > 0)
-    }
-
-    /// A proxy's heartbeat: its admin URL and the routing epoch it has applied.
-    pub async fn upsert_proxy(
-        &self,
-        proxy_id: &str,
-        admin_url: &str,
-        routing_epoch: i64,
-        details: Option<&Value>,
-    ) -> Result<(), MigrationError> {
-        on_backend!(self, |pool, d| {
-            let sql = format!(
-                "INSERT INTO proxies (proxy_id, admin_url, routing_epoch, last_seen, details)
-                 VALUES ($1, $2, $3, {now}, $4)
-                 ON CONFLICT (proxy_id) DO UPDATE SET admin_url = excluded.admin_url,
-                     routing_epoch = excluded.routing_epoch, last_seen = excluded.last_seen,
-                     details = excluded.details",
-                now = d.now()
-            );
-            sqlx::query(&sql)
-                .bind(proxy_id)
-                .bind(admin_url)
-                .bind(routing_epoch)
-                .bind(details)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
-    }
-
-    /// Forgets proxies whose last heartbeat is older than `age` (replaced pods, proxies long
-    /// gone), so the table holds the fleet rather than its history. Returns how many went.
-    pub async fn prune_proxies(&self, age: std::time::Duration) -> Result<u64, MigrationError> {
-        Ok(on_backend!(self, |pool, d| {
-            let sql = format!("DELETE FROM proxies WHERE last_seen < {}", d.now_plus("$1"));
-            sqlx::query(&sql)
-                .bind(-age.as_secs_f64())
-                .execute(pool)
-                .await?
-                .rows_affected()
-        }))
-    }
-
-    /// Every proxy that ever sent a heartbeat, by id; `last_seen` tells which are live.
-    pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, MigrationError> {
-        let sql = "SELECT proxy_id, admin_url, routing_epoch, last_seen, details
-                   FROM proxies ORDER BY proxy_id";
-        Ok(on_backend!(self, |pool, _d| {
-            sqlx::query(sql)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(decode_proxy)
-                .collect::<Result<Vec<_>, _>>()?
-        }))
-    }
 }
 
 #[cfg(test)]
@@ -1410,19 +775,25 @@ mod tests {
     #[test]
     fn errors_know_their_kind() {
         let id = Uuid::new_v4();
-        assert_eq!(
-            MigrationError::NotFound(id).kind(),
-            MigrationErrorKind::Client
-        );
+        assert_eq!(MigrationError::NotFound(id).kind(), ErrorKind::Client);
         let changed = MigrationError::StateChanged {
             id,
             expected: MigrationState::BulkCopy,
             actual: MigrationState::Paused,
         };
-        assert_eq!(changed.kind(), MigrationErrorKind::Conflict);
+        assert_eq!(changed.kind(), ErrorKind::Conflict);
         assert!(changed
             .to_string()
             .starts_with(&format!("migration {id} is paused, not bulk_copy")));
         assert!(MigrationError::Contended(id).is_retryable());
+        let other = MigrationError::RouteOfOtherTenant {
+            id,
+            tenant_id: Uuid::new_v4(),
+            route_tenant: Uuid::new_v4(),
+        };
+        assert_eq!(other.kind(), ErrorKind::Internal);
+        let held = MigrationError::Store(StoreError::Held("pid 7".to_owned()));
+        assert_eq!(held.kind(), ErrorKind::Conflict);
+        assert!(!held.is_retryable());
     }
 }

@@ -3,22 +3,24 @@
 //! the embedded default (routing changes are polled).
 
 mod audit;
+mod claims;
 pub mod lifecycle;
 mod migrations;
+mod positions;
+mod progress;
+mod proxies;
 mod routing;
 
 pub use audit::{AuditEntry, AuditNote};
 pub use lifecycle::{Action, IllegalTransition, MigrationState, Phase};
-pub use migrations::{
-    MigrationError, MigrationErrorKind, MigrationRecord, NewMigration, Progress, ProxyRecord,
-    Transitioned, Translation,
-};
+pub use migrations::{MigrationError, MigrationRecord, NewMigration, Transitioned};
+pub use positions::Translation;
+pub use progress::Progress;
+pub use proxies::{ProxyDetails, ProxyRecord};
 pub use routing::{RouteRecord, RouteUpdate, RoutingListener, RoutingState};
 
-use sqlx::{PgPool, SqlitePool};
-
+use crate::dialect::{AsBackend, Backend};
 use crate::event::StoreError;
-use crate::url::{pg_pool, sqlite_pool, StoreUrl};
 
 const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
 const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
@@ -32,25 +34,23 @@ pub struct ControlDb {
     backend: Backend,
 }
 
-#[derive(Clone, Debug)]
-enum Backend {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
+impl AsBackend for ControlDb {
+    fn as_backend(&self) -> &Backend {
+        &self.backend
+    }
 }
 
 impl ControlDb {
     pub fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let backend = match StoreUrl::parse(url)? {
-            StoreUrl::Postgres(url) => Backend::Postgres(pg_pool(&url, max_connections)?),
-            StoreUrl::Sqlite(path) => Backend::Sqlite(sqlite_pool(&path, max_connections)?),
-        };
-        Ok(Self { backend })
+        Ok(Self {
+            backend: Backend::connect(url, max_connections)?,
+        })
     }
 
     /// Whether this is the embedded (SQLite) control database, whose schema programs create on
     /// start.
     pub fn is_embedded(&self) -> bool {
-        matches!(self.backend, Backend::Sqlite(_))
+        self.backend.is_sqlite()
     }
 
     /// Whether routing changes are pushed (PostgreSQL NOTIFY) or only polled.
@@ -79,21 +79,10 @@ impl ControlDb {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-            Backend::Sqlite(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-        }
-        Ok(())
+        self.backend.ping().await
     }
 
     pub async fn close(&self) {
-        match &self.backend {
-            Backend::Postgres(pool) => pool.close().await,
-            Backend::Sqlite(pool) => pool.close().await,
-        }
+        self.backend.close().await;
     }
 }

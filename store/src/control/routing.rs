@@ -9,13 +9,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgListener, PgRow};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Postgres, Row, Sqlite, Transaction};
+use sqlx::postgres::PgListener;
+use sqlx::{Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{Backend, ControlDb};
-use crate::event::{parse_timestamp, StoreError};
+use crate::dialect::{on_backend, Columns, Lite, Pg};
+use crate::event::StoreError;
 
 /// The channel proxies LISTEN on.
 pub(super) const ROUTING_CHANNEL: &str = "switchyard_routing";
@@ -105,69 +105,42 @@ const COLUMNS: &str =
 impl ControlDb {
     /// The newest routing epoch (0 before any change).
     pub async fn routing_epoch(&self) -> Result<i64, StoreError> {
-        let sql = "SELECT epoch FROM switchyard_routing_epoch";
-        Ok(match &self.backend {
-            Backend::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
-            Backend::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
-        })
+        Ok(on_backend!(self, |pool, _d| {
+            sqlx::query_scalar("SELECT epoch FROM switchyard_routing_epoch")
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Every route changed after `epoch` (all routes for 0), oldest change first.
     pub async fn routes_since(&self, epoch: i64) -> Result<Vec<RouteRecord>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql =
-                    format!("SELECT {COLUMNS} FROM tenant_routing WHERE epoch > $1 ORDER BY epoch");
-                let rows = sqlx::query(&sql).bind(epoch).fetch_all(pool).await?;
-                rows.iter().map(decode_pg).collect()
-            }
-            Backend::Sqlite(pool) => {
-                let sql =
-                    format!("SELECT {COLUMNS} FROM tenant_routing WHERE epoch > ?1 ORDER BY epoch");
-                let rows = sqlx::query(&sql).bind(epoch).fetch_all(pool).await?;
-                rows.iter().map(decode_sqlite).collect()
-            }
-        }
+        let sql = format!("SELECT {COLUMNS} FROM tenant_routing WHERE epoch > $1 ORDER BY epoch");
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(&sql).bind(epoch).fetch_all(pool).await?;
+            rows.iter().map(decode).collect()
+        })
     }
 
     /// One tenant's route, if it has a row.
     pub async fn route(&self, tenant_id: Uuid) -> Result<Option<RouteRecord>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!("SELECT {COLUMNS} FROM tenant_routing WHERE tenant_id = $1");
-                let row = sqlx::query(&sql)
-                    .bind(tenant_id)
-                    .fetch_optional(pool)
-                    .await?;
-                row.as_ref().map(decode_pg).transpose()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!("SELECT {COLUMNS} FROM tenant_routing WHERE tenant_id = ?1");
-                let row = sqlx::query(&sql)
-                    .bind(tenant_id.to_string())
-                    .fetch_optional(pool)
-                    .await?;
-                row.as_ref().map(decode_sqlite).transpose()
-            }
-        }
+        let sql = format!("SELECT {COLUMNS} FROM tenant_routing WHERE tenant_id = $1");
+        on_backend!(self, |pool, d| {
+            let row = sqlx::query(&sql)
+                .bind(d.id(tenant_id))
+                .fetch_optional(pool)
+                .await?;
+            row.as_ref().map(decode).transpose()
+        })
     }
 
     /// Writes a route under the next epoch and notifies proxies. Returns the epoch.
     pub async fn set_route(&self, update: &RouteUpdate) -> Result<i64, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let epoch = write_route_pg(&mut tx, update).await?;
-                tx.commit().await?;
-                Ok(epoch)
-            }
-            Backend::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let epoch = write_route_sqlite(&mut tx, update).await?;
-                tx.commit().await?;
-                Ok(epoch)
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let mut tx = d.begin(pool).await?;
+            let epoch = d.write_route(&mut tx, update).await?;
+            tx.commit().await?;
+            Ok(epoch)
+        })
     }
 
     /// A listener on routing notifications, or `None` where the backend has none (SQLite).
@@ -183,72 +156,93 @@ impl ControlDb {
     }
 }
 
-/// Writes `update` inside `tx` under the next routing epoch and queues `NOTIFY
-/// switchyard_routing` (delivered at commit). Takes the epoch row's lock until `tx` ends, so
-/// call it last before committing. The caller commits; returns the epoch.
-pub(super) async fn write_route_pg(
-    tx: &mut Transaction<'_, Postgres>,
-    update: &RouteUpdate,
-) -> Result<i64, StoreError> {
-    let epoch: i64 =
-        sqlx::query_scalar("UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch")
-            .fetch_one(&mut **tx)
+impl Pg {
+    /// Reads the routing epoch and locks its row until the transaction ends, which every
+    /// routing change takes first: the checks that follow in the same transaction cannot be
+    /// overtaken by a routing change.
+    pub(super) fn lock_routing_epoch(self) -> &'static str {
+        "SELECT epoch FROM switchyard_routing_epoch FOR UPDATE"
+    }
+
+    /// Queues `NOTIFY switchyard_routing` for `epoch` (delivered at commit).
+    pub(super) async fn notify_routing(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ROUTING_CHANNEL)
+            .bind(epoch.to_string())
+            .execute(&mut **tx)
             .await?;
-    sqlx::query(
-        "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
-             target_store_id, active_migration_id, epoch, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, NOW())
-         ON CONFLICT (tenant_id) DO UPDATE SET store_id = EXCLUDED.store_id,
-             migration_state = EXCLUDED.migration_state,
-             target_store_id = EXCLUDED.target_store_id,
-             active_migration_id = EXCLUDED.active_migration_id,
-             epoch = EXCLUDED.epoch, updated_at = EXCLUDED.updated_at",
-    )
-    .bind(update.tenant_id)
-    .bind(&update.store_id)
-    .bind(update.migration_state.as_str())
-    .bind(update.target_store_id.as_deref())
-    .bind(update.active_migration_id)
-    .bind(epoch)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(ROUTING_CHANNEL)
-        .bind(epoch.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(epoch)
+        Ok(())
+    }
 }
 
-/// [`write_route_pg`] for SQLite (no NOTIFY: proxies poll). `tx` should be `BEGIN IMMEDIATE`.
-pub(super) async fn write_route_sqlite(
-    tx: &mut Transaction<'_, Sqlite>,
-    update: &RouteUpdate,
-) -> Result<i64, StoreError> {
-    let epoch: i64 =
-        sqlx::query_scalar("UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch")
-            .fetch_one(&mut **tx)
-            .await?;
-    sqlx::query(
-        "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
-             target_store_id, active_migration_id, epoch, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-         ON CONFLICT (tenant_id) DO UPDATE SET store_id = excluded.store_id,
-             migration_state = excluded.migration_state,
-             target_store_id = excluded.target_store_id,
-             active_migration_id = excluded.active_migration_id,
-             epoch = excluded.epoch, updated_at = excluded.updated_at",
-    )
-    .bind(update.tenant_id.to_string())
-    .bind(&update.store_id)
-    .bind(update.migration_state.as_str())
-    .bind(update.target_store_id.as_deref())
-    .bind(update.active_migration_id.map(|id| id.to_string()))
-    .bind(epoch)
-    .execute(&mut **tx)
-    .await?;
-    Ok(epoch)
+impl Lite {
+    /// `BEGIN IMMEDIATE` already excludes every other writer.
+    pub(super) fn lock_routing_epoch(self) -> &'static str {
+        "SELECT epoch FROM switchyard_routing_epoch"
+    }
+
+    /// SQLite has no NOTIFY: proxies poll the epoch.
+    #[allow(clippy::unused_async)]
+    pub(super) async fn notify_routing(
+        self,
+        _tx: &mut Transaction<'_, Sqlite>,
+        _epoch: i64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
+
+/// `write_route` for each dialect: the same statements, bound with the backend's types.
+macro_rules! impl_write_route {
+    ($dialect:ty, $db:ty) => {
+        impl $dialect {
+            /// Writes `update` inside `tx` under the next routing epoch and queues the routing
+            /// notification (PostgreSQL; delivered at commit). Takes the epoch row's lock until
+            /// `tx` ends, so call it last before committing (on SQLite `tx` should be `BEGIN
+            /// IMMEDIATE`). The caller commits; returns the epoch.
+            pub(super) async fn write_route(
+                self,
+                tx: &mut Transaction<'_, $db>,
+                update: &RouteUpdate,
+            ) -> Result<i64, StoreError> {
+                let epoch: i64 = sqlx::query_scalar(
+                    "UPDATE switchyard_routing_epoch SET epoch = epoch + 1 RETURNING epoch",
+                )
+                .fetch_one(&mut **tx)
+                .await?;
+                let sql = format!(
+                    "INSERT INTO tenant_routing (tenant_id, store_id, migration_state,
+                         target_store_id, active_migration_id, epoch, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, {now})
+                     ON CONFLICT (tenant_id) DO UPDATE SET store_id = excluded.store_id,
+                         migration_state = excluded.migration_state,
+                         target_store_id = excluded.target_store_id,
+                         active_migration_id = excluded.active_migration_id,
+                         epoch = excluded.epoch, updated_at = excluded.updated_at",
+                    now = self.now()
+                );
+                sqlx::query(&sql)
+                    .bind(self.id(update.tenant_id))
+                    .bind(&update.store_id)
+                    .bind(update.migration_state.as_str())
+                    .bind(update.target_store_id.as_deref())
+                    .bind(update.active_migration_id.map(|id| self.id(id)))
+                    .bind(epoch)
+                    .execute(&mut **tx)
+                    .await?;
+                self.notify_routing(tx, epoch).await?;
+                Ok(epoch)
+            }
+        }
+    };
+}
+
+impl_write_route!(Pg, Postgres);
+impl_write_route!(Lite, Sqlite);
 
 /// Receives `NOTIFY switchyard_routing`.
 pub struct RoutingListener {
@@ -275,37 +269,14 @@ impl RoutingListener {
     }
 }
 
-fn decode_pg(row: &PgRow) -> Result<RouteRecord, StoreError> {
-    let state: String = row.try_get("migration_state")?;
+fn decode(row: &impl Columns) -> Result<RouteRecord, StoreError> {
     Ok(RouteRecord {
-        tenant_id: row.try_get("tenant_id")?,
-        store_id: row.try_get("store_id")?,
-        migration_state: state.parse()?,
-        target_store_id: row.try_get("target_store_id")?,
-        active_migration_id: row.try_get("active_migration_id")?,
-        epoch: row.try_get("epoch")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
-
-fn decode_sqlite(row: &SqliteRow) -> Result<RouteRecord, StoreError> {
-    let uuid = |column: &str| -> Result<Option<Uuid>, StoreError> {
-        let text: Option<String> = row.try_get(column)?;
-        text.map(|t| {
-            Uuid::parse_str(&t).map_err(|e| StoreError::Corrupt(format!("{column} {t:?}: {e}")))
-        })
-        .transpose()
-    };
-    let state: String = row.try_get("migration_state")?;
-    let updated_at: String = row.try_get("updated_at")?;
-    Ok(RouteRecord {
-        tenant_id: uuid("tenant_id")?
-            .ok_or_else(|| StoreError::Corrupt("tenant_routing.tenant_id is NULL".to_owned()))?,
-        store_id: row.try_get("store_id")?,
-        migration_state: state.parse()?,
-        target_store_id: row.try_get("target_store_id")?,
-        active_migration_id: uuid("active_migration_id")?,
-        epoch: row.try_get("epoch")?,
-        updated_at: parse_timestamp(&updated_at)?,
+        tenant_id: row.uuid("tenant_id")?,
+        store_id: row.text("store_id")?,
+        migration_state: row.text("migration_state")?.parse()?,
+        target_store_id: row.opt_text("target_store_id")?,
+        active_migration_id: row.opt_uuid("active_migration_id")?,
+        epoch: row.int("epoch")?,
+        updated_at: row.time("updated_at")?,
     })
 }

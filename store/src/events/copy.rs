@@ -27,6 +27,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use super::{Backend, EventStore};
+use crate::dialect::{on_backend, Lite, Pg};
 use crate::event::{format_timestamp, StoreError, StoredEvent};
 
 /// The rows one pass copies: PostgreSQL `from <= txid < to` (and NULL txids when `from` is
@@ -69,6 +70,44 @@ const PG_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_i
      event_type, version, actor_id, timestamp, payload::text AS payload, created_at";
 const SQLITE_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
      event_type, version, actor_id, timestamp, payload, created_at";
+
+impl Pg {
+    /// The event store's pass-window condition on `tenant_id = $1`, `global_position > $2` and
+    /// the bounds `$3`, `$4` ([`Pg::window_bounds`]).
+    pub(super) fn window(self) -> &'static str {
+        PG_WINDOW
+    }
+
+    /// The `events` columns [`Pg::decode_event`] reads.
+    pub(super) fn event_columns(self) -> &'static str {
+        PG_COLUMNS
+    }
+
+    pub(super) fn decode_event(
+        self,
+        row: &sqlx::postgres::PgRow,
+    ) -> Result<StoredEvent, StoreError> {
+        super::postgres::decode(row)
+    }
+}
+
+impl Lite {
+    /// [`Pg::window`] over global positions.
+    pub(super) fn window(self) -> &'static str {
+        SQLITE_WINDOW
+    }
+
+    pub(super) fn event_columns(self) -> &'static str {
+        SQLITE_COLUMNS
+    }
+
+    pub(super) fn decode_event(
+        self,
+        row: &sqlx::sqlite::SqliteRow,
+    ) -> Result<StoredEvent, StoreError> {
+        super::sqlite::decode(row)
+    }
+}
 
 /// [`PG_INSERT_COPIED`] after its `batch` CTE: the heads, the landing rule, the insert. A macro
 /// so the statement stays one `&'static str` and [`pg_insert_copied_from`] can reuse it.
@@ -245,62 +284,38 @@ impl EventStore {
         after_position: i64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events WHERE {PG_WINDOW} ORDER BY global_position LIMIT $5"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant)
-                    .bind(after_position)
-                    .bind(window.from.map(|f| f.to_string()))
-                    .bind(window.to.to_string())
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::postgres::decode).collect()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events WHERE {SQLITE_WINDOW} ORDER BY global_position LIMIT ?5"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant.to_string())
-                    .bind(after_position)
-                    .bind(window.from)
-                    .bind(window.to)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::sqlite::decode).collect()
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {} FROM events WHERE {} ORDER BY global_position LIMIT $5",
+                d.event_columns(),
+                d.window()
+            );
+            let (from, to) = d.window_bounds(window);
+            let rows = sqlx::query(&sql)
+                .bind(d.id(tenant))
+                .bind(after_position)
+                .bind(from)
+                .bind(to)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(|row| d.decode_event(row)).collect()
+        })
     }
 
     /// How many of the tenant's events `window` holds.
     pub async fn count_window(&self, tenant: Uuid, window: PassWindow) -> Result<i64, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!("SELECT count(*) FROM events WHERE {PG_WINDOW}");
-                Ok(sqlx::query_scalar(&sql)
-                    .bind(tenant)
-                    .bind(0i64)
-                    .bind(window.from.map(|f| f.to_string()))
-                    .bind(window.to.to_string())
-                    .fetch_one(pool)
-                    .await?)
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!("SELECT count(*) FROM events WHERE {SQLITE_WINDOW}");
-                Ok(sqlx::query_scalar(&sql)
-                    .bind(tenant.to_string())
-                    .bind(0i64)
-                    .bind(window.from)
-                    .bind(window.to)
-                    .fetch_one(pool)
-                    .await?)
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let sql = format!("SELECT count(*) FROM events WHERE {}", d.window());
+            let (from, to) = d.window_bounds(window);
+            Ok(sqlx::query_scalar(&sql)
+                .bind(d.id(tenant))
+                .bind(0i64)
+                .bind(from)
+                .bind(to)
+                .fetch_one(pool)
+                .await?)
+        })
     }
 
     /// The tenant's events in `window` after `after_position` that were written at least

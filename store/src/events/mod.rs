@@ -16,11 +16,10 @@ pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey}
 
 use std::sync::Arc;
 
-use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
+use crate::dialect::{on_backend, AsBackend, Backend};
 use crate::event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
-use crate::url::{pg_pool, sqlite_pool, StoreUrl};
 
 /// How many times an append that lost a race for its stream's next version is retried before
 /// the conflict is reported. Only `expected_version = null` appends can keep losing.
@@ -51,10 +50,10 @@ pub struct EventStore {
     backend: Backend,
 }
 
-#[derive(Clone, Debug)]
-enum Backend {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
+impl AsBackend for EventStore {
+    fn as_backend(&self) -> &Backend {
+        &self.backend
+    }
 }
 
 /// What `stores check` reports about a store's schema.
@@ -72,13 +71,9 @@ pub enum SchemaStatus {
 impl EventStore {
     /// Opens a lazily connecting pool on `url`.
     pub fn connect(id: &str, url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let backend = match StoreUrl::parse(url)? {
-            StoreUrl::Postgres(url) => Backend::Postgres(pg_pool(&url, max_connections)?),
-            StoreUrl::Sqlite(path) => Backend::Sqlite(sqlite_pool(&path, max_connections)?),
-        };
         Ok(Self {
             id: Arc::from(id),
-            backend,
+            backend: Backend::connect(url, max_connections)?,
         })
     }
 
@@ -88,15 +83,12 @@ impl EventStore {
 
     /// Connections the pool opens at most (a SQLite pool's size is capped below the config's).
     pub fn max_connections(&self) -> u32 {
-        match &self.backend {
-            Backend::Postgres(pool) => pool.options().get_max_connections(),
-            Backend::Sqlite(pool) => pool.options().get_max_connections(),
-        }
+        on_backend!(self, |pool, _d| pool.options().get_max_connections())
     }
 
     /// Whether this is an embedded (SQLite) store, whose schema programs create on start.
     pub fn is_embedded(&self) -> bool {
-        matches!(self.backend, Backend::Sqlite(_))
+        self.backend.is_sqlite()
     }
 
     /// `postgres` or `sqlite`.
@@ -125,14 +117,7 @@ impl EventStore {
 
     /// One cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await?,
-            Backend::Sqlite(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-                return Ok(());
-            }
-        };
-        Ok(())
+        self.backend.ping().await
     }
 
     /// Appends `events` to the stream as one unit. With `expected_version` the stream must be
@@ -207,9 +192,6 @@ impl EventStore {
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
-        match &self.backend {
-            Backend::Postgres(pool) => pool.close().await,
-            Backend::Sqlite(pool) => pool.close().await,
-        }
+        self.backend.close().await;
     }
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use serde_json::json;
-use switchyard_store::control::{Action, MigrationErrorKind, Progress, Translation};
+use switchyard_store::control::{Action, Progress, ProxyDetails, Translation};
 use switchyard_store::{
-    AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState, NewMigration,
+    AuditNote, ControlDb, ErrorKind, MigrationError, MigrationRecord, MigrationState, NewMigration,
     RoutingState,
 };
 use switchyard_tests::{wait_for, Backend, Env, Result};
@@ -236,7 +236,7 @@ async fn refused_transitions_change_nothing() -> Result<()> {
             .await
         {
             Err(e @ MigrationError::Illegal { .. }) => {
-                assert_eq!(e.kind(), MigrationErrorKind::Client);
+                assert_eq!(e.kind(), ErrorKind::Client);
                 assert!(
                     e.to_string()
                         .contains("cannot cutover a migration that is pending"),
@@ -632,17 +632,18 @@ async fn proxies_report_their_epoch() -> Result<()> {
         assert!(db.proxies().await?.is_empty());
         db.upsert_proxy("p-1", "http://127.0.0.1:7071", 3, None)
             .await?;
-        db.upsert_proxy(
-            "p-0",
-            "http://127.0.0.1:8071",
-            1,
-            Some(&json!({ "version": "0.1.0" })),
-        )
-        .await?;
+        let details = ProxyDetails {
+            version: Some("0.1.0".to_owned()),
+            mirroring_tenants: vec![Uuid::new_v4()],
+            data_url: Some("http://127.0.0.1:8070".to_owned()),
+            shutting_down: false,
+        };
+        db.upsert_proxy("p-0", "http://127.0.0.1:8071", 1, Some(&details))
+            .await?;
         let first = db.proxies().await?;
         ensure!(first.len() == 2, "{first:?}");
         assert_eq!(first[0].proxy_id, "p-0");
-        assert_eq!(first[0].details, Some(json!({ "version": "0.1.0" })));
+        assert_eq!(first[0].details, Some(details));
 
         db.upsert_proxy("p-1", "http://127.0.0.1:7071", 9, None)
             .await?;
@@ -687,7 +688,7 @@ async fn creating_a_migration_and_routing_by_hand_never_both_win() -> Result<()>
         };
         match db.create_migration(&stale, &operator()).await {
             Err(e @ MigrationError::RouteChanged { .. }) => {
-                assert_eq!(e.kind(), MigrationErrorKind::Conflict);
+                assert_eq!(e.kind(), ErrorKind::Conflict);
             }
             other => bail!("a stale route epoch: {other:?}"),
         }
