@@ -150,8 +150,10 @@ async fn under_load(backend: Backend) -> Result<()> {
         names,
         [
             "1_check_lag",
+            "1_last_tail_pass",
             "1_older_writers",
             "1_verify_below_delta",
+            "1_warm",
             "2_close_gates",
             "3_take_fence",
             "4_copy_delta",
