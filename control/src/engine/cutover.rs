@@ -90,10 +90,16 @@ pub struct Steps(std::collections::BTreeMap<&'static str, f64>);
 impl Steps {
     /// Records `name` as the time since `lap`, and restarts `lap`.
     fn lap(&mut self, name: &'static str, lap: &mut Instant) {
-        let now = Instant::now();
-        let ms = (now - *lap).as_secs_f64() * 1000.0;
+        self.lap_until(name, lap, Instant::now());
+    }
+
+    /// Records `name` as the time from `lap` to `until` (not before `lap`), and moves `lap`
+    /// there.
+    fn lap_until(&mut self, name: &'static str, lap: &mut Instant, until: Instant) {
+        let until = until.max(*lap);
+        let ms = (until - *lap).as_secs_f64() * 1000.0;
         self.0.insert(name, (ms * 10.0).round() / 10.0);
-        *lap = now;
+        *lap = until;
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
@@ -228,12 +234,18 @@ impl Engine {
         let target = self.store(&record.target_store_id)?;
         self.wait_for_older_writers(&record, budget).await?;
         steps.lap("1_older_writers", &mut lap);
-        // One more tail pass while writers still write: the fenced delta starts where it ended.
-        let delta_from = self.last_tail_pass(&record).await;
-        steps.lap("1_last_tail_pass", &mut lap);
-        // What the pause will use, opened beforehand: a connection to every live proxy.
-        let live = self.live_proxies().await;
-        self.proxy_caller.warm(&live).await;
+        // One more tail pass while writers still write (the fenced delta starts where it
+        // ended) and, meanwhile, what the pause will use opened beforehand: a connection to
+        // every live proxy.
+        let warm = async {
+            let live = self.live_proxies().await;
+            self.proxy_caller.warm(&live).await;
+            live
+        };
+        let pass = async { (self.last_tail_pass(&record).await, Instant::now()) };
+        let ((delta_from, passed), live) = tokio::join!(pass, warm);
+        steps.lap_until("1_last_tail_pass", &mut lap, passed);
+        // `1_warm`: how much longer than the pass the warming took (usually nothing).
         steps.lap("1_warm", &mut lap);
         let deadline = tokio::time::Instant::now() + budget;
 
@@ -458,35 +470,27 @@ impl Engine {
         let mut lock: FenceLock = lock.map_err(fail)?;
         // Holding the fence, make sure nobody (an operator's emergency stop, a recoverer) took
         // the migration out of cutover meanwhile: they act under the same lock or before it.
-        match self.control.migration(record.id).await {
-            Ok(current) if current.state == MigrationState::Cutover => {}
-            Ok(current) => {
-                let _ = lock.release().await;
-                return Err(fail(format!(
-                    "the migration left cutover meanwhile (now {})",
-                    current.state
-                )));
-            }
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(fail(format!("reading the migration: {e}")));
-            }
-        }
-        // A session that wrote before the fence row existed holds no fence: its rows would
-        // commit behind the moved fence. Checked again here, where none can newly qualify.
-        match lock.older_writers().await {
-            Ok(older) if older.is_empty() => {}
-            Ok(older) => {
-                let _ = lock.release().await;
-                return Err(fail(older_writers_message(source.id(), &older)));
-            }
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(fail(format!(
-                    "looking for sessions older than the fence in {}: {e}",
-                    source.id()
-                )));
-            }
+        // And a session that wrote before the fence row existed holds no fence: its rows would
+        // commit behind the moved fence. Checked again here, where none can newly qualify. Both
+        // at once (the control database and the fence's own session).
+        let (current, older) =
+            tokio::join!(self.control.migration(record.id), lock.older_writers());
+        let refusal = match (current, older) {
+            (Ok(current), _) if current.state != MigrationState::Cutover => Some(format!(
+                "the migration left cutover meanwhile (now {})",
+                current.state
+            )),
+            (Err(e), _) => Some(format!("reading the migration: {e}")),
+            (Ok(_), Ok(older)) if older.is_empty() => None,
+            (Ok(_), Ok(older)) => Some(older_writers_message(source.id(), &older)),
+            (Ok(_), Err(e)) => Some(format!(
+                "looking for sessions older than the fence in {}: {e}",
+                source.id()
+            )),
+        };
+        if let Some(message) = refusal {
+            let _ = lock.release().await;
+            return Err(fail(message));
         }
         steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
@@ -757,6 +761,13 @@ impl Engine {
             mapped.await?;
             return Ok(copied);
         };
+        if touched.is_empty() {
+            // An empty delta touched no stream: nothing to compare, no round trip to either
+            // store (the usual case after the last tail pass).
+            mapped.await?;
+            steps.lap("4_verify_delta", lap);
+            return Ok(copied);
+        }
         // The touched streams, compared under the fence with the same code as `verify`
         // (counts and last versions: digests do not fit a pause).
         let ranges: Vec<(StreamKey, i32, i32)> = touched
