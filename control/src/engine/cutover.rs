@@ -121,6 +121,15 @@ struct Fenced {
     blocked: i64,
 }
 
+/// Where the final delta starts: the tail horizon, or where the last tail pass before the
+/// pause ended, with the streams that pass landed events of (compared under the fence as if
+/// the delta had touched them, so every stream with versions past the tail horizon is compared
+/// in full, as without the pass).
+struct DeltaStart {
+    from: Option<i64>,
+    touched: BTreeSet<StreamKey>,
+}
+
 /// Where an attempt ended, from what the source fence says.
 enum Settled {
     /// The fence moved to the target: only forward.
@@ -243,7 +252,7 @@ impl Engine {
             live
         };
         let pass = async { (self.last_tail_pass(&record).await, Instant::now()) };
-        let ((delta_from, passed), live) = tokio::join!(pass, warm);
+        let ((delta_start, passed), live) = tokio::join!(pass, warm);
         steps.lap_until("1_last_tail_pass", &mut lap, passed);
         // `1_warm`: how much longer than the pass the warming took (usually nothing).
         steps.lap("1_warm", &mut lap);
@@ -316,7 +325,7 @@ impl Engine {
                 &closed.record,
                 lock,
                 (source, target),
-                (delta_from, below.as_ref()),
+                (&delta_start, below.as_ref()),
                 (&mut steps, &mut lap),
             ),
         )
@@ -452,7 +461,7 @@ impl Engine {
 
     /// Steps 3 and 4 up to the move, given the fence taken beside the gates' closing (or why
     /// it could not be): make sure no session older than the fence row is still open, copy
-    /// and verify the final delta from `delta_from`. `below` is what
+    /// and verify the final delta from `delta_start`. `below` is what
     /// [`Self::check_below_delta`] compared (`None` when forced: nothing is verified).
     /// Returns the held fence, the delta size and the writers held.
     async fn fence_and_copy(
@@ -460,7 +469,7 @@ impl Engine {
         record: &MigrationRecord,
         lock: Result<FenceLock, String>,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
-        (delta_from, below): (Option<i64>, Option<&HashMap<StreamKey, i32>>),
+        (delta_start, below): (&DeltaStart, Option<&HashMap<StreamKey, i32>>),
         (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<Fenced, Abort> {
         let fail = |message: String| Abort {
@@ -495,7 +504,7 @@ impl Engine {
         steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
         let outcome = self
-            .copy_delta(record, (source, target), (delta_from, below), (steps, lap))
+            .copy_delta(record, (source, target), (delta_start, below), (steps, lap))
             .await;
         let blocked = lock.blocked_writers().await.unwrap_or(0);
         let delta = match outcome {
@@ -664,7 +673,7 @@ impl Engine {
         }
     }
 
-    /// The final catch-up: every event of the tenant past `delta_from` (the tail horizon, or
+    /// The final catch-up: every event of the tenant past `delta_start` (the tail horizon, or
     /// where [`Self::last_tail_pass`] ended; no upper bound: with the fence held, nothing more
     /// can commit). Events the mirror or the tail already
     /// wrote are found by identity and not inserted again, so the time under the fence grows
@@ -681,17 +690,17 @@ impl Engine {
         &self,
         record: &MigrationRecord,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
-        (delta_from, below): (Option<i64>, Option<&HashMap<StreamKey, i32>>),
+        (delta_start, below): (&DeltaStart, Option<&HashMap<StreamKey, i32>>),
         (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<u64, String> {
         let window = PassWindow {
-            from: delta_from,
+            from: delta_start.from,
             to: i64::MAX,
         };
         let mut after = 0;
         let mut copied = 0u64;
         let mut map: Vec<(i64, i64, Uuid)> = Vec::new();
-        let mut touched: BTreeSet<StreamKey> = BTreeSet::new();
+        let mut touched: BTreeSet<StreamKey> = delta_start.touched.clone();
         loop {
             let batch = source
                 .read_window(record.tenant_id, window, after, DELTA_BATCH)
@@ -762,8 +771,8 @@ impl Engine {
             return Ok(copied);
         };
         if touched.is_empty() {
-            // An empty delta touched no stream: nothing to compare, no round trip to either
-            // store (the usual case after the last tail pass).
+            // An empty delta after an empty last pass touched no stream: nothing to compare,
+            // no round trip to either store.
             mapped.await?;
             steps.lap("4_verify_delta", lap);
             return Ok(copied);
@@ -801,20 +810,22 @@ impl Engine {
     /// nothing to read, look up or copy. Every event below the answer is in the target by
     /// identity: below the tail horizon the tail landed it; from there to the new horizon this
     /// pass did (all of them, or the answer stays the tail horizon). The streams it touched
-    /// are still compared in full: their versions below [`Self::check_below_delta`]'s bound
-    /// before the pause, the rest under the fence when the delta touches them, and a stream
-    /// the delta no longer touches was compared whole before the pause.
+    /// are compared as before: their versions below [`Self::check_below_delta`]'s bound
+    /// before the pause, the rest under the fence (they are in the answer's `touched`).
     ///
     /// Best effort: any failure (or an event that cannot land yet) leaves the delta to start at
     /// the tail horizon, as without this pass. Nothing is recorded as the tail's progress (the
     /// migration's driver keeps its own claim and horizon).
-    async fn last_tail_pass(&self, record: &MigrationRecord) -> Option<i64> {
-        let fallback = record.tail_horizon;
+    async fn last_tail_pass(&self, record: &MigrationRecord) -> DeltaStart {
+        let fallback = || DeltaStart {
+            from: record.tail_horizon,
+            touched: BTreeSet::new(),
+        };
         let pass = async {
             let source = self.store(&record.source_store_id)?;
             let target = self.store(&record.target_store_id)?;
             let Some(from) = record.tail_horizon else {
-                return Ok(fallback);
+                return Ok(fallback());
             };
             let to = source
                 .horizon()
@@ -825,9 +836,10 @@ impl Engine {
                 to: to.max(from),
             };
             if window.is_empty() {
-                return Ok(fallback);
+                return Ok(fallback());
             }
             let mut after = 0;
+            let mut touched = BTreeSet::new();
             loop {
                 let batch = source
                     .read_window(record.tenant_id, window, after, DELTA_BATCH)
@@ -838,18 +850,26 @@ impl Engine {
                 }
                 let landed = self.land(record.id, target, &batch).await?;
                 if landed.prefix < batch.len() {
-                    return Ok(fallback);
+                    return Ok(fallback());
                 }
+                touched.extend(
+                    batch
+                        .iter()
+                        .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
+                );
                 after = landed.last_position;
                 if batch.len() < DELTA_BATCH as usize {
                     break;
                 }
             }
-            Ok::<_, EngineError>(Some(window.to))
+            Ok::<_, EngineError>(DeltaStart {
+                from: Some(window.to),
+                touched,
+            })
         };
         pass.await.unwrap_or_else(|e| {
             tracing::info!(migration.id = %record.id, error = %e, "the last tail pass before the pause failed; the fenced delta starts at the tail horizon");
-            fallback
+            fallback()
         })
     }
 
