@@ -251,7 +251,7 @@ impl Engine {
             self.proxy_caller.warm(&live).await;
             live
         };
-        let pass = async { (self.last_tail_pass(&record).await, Instant::now()) };
+        let pass = async { (self.last_tail_pass(&record, budget).await, Instant::now()) };
         let ((delta_start, passed), live) = tokio::join!(pass, warm);
         steps.lap_until("1_last_tail_pass", &mut lap, passed);
         // `1_warm`: how much longer than the pass the warming took (usually nothing).
@@ -356,6 +356,10 @@ impl Engine {
                 // 5. The fence moved: only forward from here. Every live proxy is told at once
                 // (its writers released from the gate go straight to the target).
                 let finished = self.finish_cutover(&closed.record, note).await;
+                // The pause as DESIGN.md counts it ends with routing normal on the target; the
+                // calls below only bring that to the proxies sooner than NOTIFY would, and
+                // waiting for their answers holds no writer.
+                let pause = pause_started.elapsed();
                 if finished.is_ok() {
                     self.proxy_caller.reload_all(&live).await;
                 }
@@ -364,10 +368,8 @@ impl Engine {
                 if finished.is_ok() {
                     crash_point("after_routing_flipped");
                 }
-                let pause_ms = elapsed_ms(pause_started);
-                self.metrics
-                    .cutover_pause
-                    .observe(pause_started.elapsed().as_secs_f64());
+                let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+                self.metrics.cutover_pause.observe(pause.as_secs_f64());
                 if finished.is_ok() {
                     self.metrics.cutovers.with_label_values(&["migrated"]).inc();
                 }
@@ -813,10 +815,11 @@ impl Engine {
     /// are compared as before: their versions below [`Self::check_below_delta`]'s bound
     /// before the pause, the rest under the fence (they are in the answer's `touched`).
     ///
-    /// Best effort: any failure (or an event that cannot land yet) leaves the delta to start at
-    /// the tail horizon, as without this pass. Nothing is recorded as the tail's progress (the
+    /// Best effort, within `bound` (the cutover's budget): any failure, an event that cannot
+    /// land yet, or a pass that takes longer leaves the delta to start at the tail horizon, as
+    /// without this pass. Nothing is recorded as the tail's progress (the
     /// migration's driver keeps its own claim and horizon).
-    async fn last_tail_pass(&self, record: &MigrationRecord) -> DeltaStart {
+    async fn last_tail_pass(&self, record: &MigrationRecord, bound: Duration) -> DeltaStart {
         let fallback = || DeltaStart {
             from: record.tail_horizon,
             touched: BTreeSet::new(),
@@ -867,10 +870,17 @@ impl Engine {
                 touched,
             })
         };
-        pass.await.unwrap_or_else(|e| {
-            tracing::info!(migration.id = %record.id, error = %e, "the last tail pass before the pause failed; the fenced delta starts at the tail horizon");
-            fallback()
-        })
+        match tokio::time::timeout(bound, pass).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                tracing::info!(migration.id = %record.id, error = %e, "the last tail pass before the pause failed; the fenced delta starts at the tail horizon");
+                fallback()
+            }
+            Err(_) => {
+                tracing::info!(migration.id = %record.id, "the last tail pass before the pause took longer than the budget; the fenced delta starts at the tail horizon");
+                fallback()
+            }
+        }
     }
 
     /// Before the gates close: for each stream with versions past the tail horizon, compares
