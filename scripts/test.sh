@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
 # Deployment assets: promtool, kubernetes-validate, hadolint (installed when missing), then the
-# static checks of deploy/; tests/tests/deploy.rs checks the metrics against real scrapes.
+# static checks of deploy/; tests/tests/e2e/deploy.rs checks the metrics against real scrapes.
 scripts/ensure-tools.sh
 python3 scripts/check-deploy.py
 # The cutover protocol's Promela model, checked exhaustively by spin with its mutants

@@ -223,7 +223,7 @@ pub struct InProcessProxy {
 }
 
 impl InProcessProxy {
-    pub async fn start(config: switchyard_store::Config) -> Result<Self> {
+    pub async fn start(config: switchyard_config::Config) -> Result<Self> {
         let app = switchyard_proxy::App::build(config).context("building the proxy")?;
         let data = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

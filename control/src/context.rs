@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use switchyard_store::{Config, ControlDb, EventStore, StoreError};
+use switchyard_config::Config;
+use switchyard_store::{ControlDb, EventStore, StoreError};
 
 use crate::engine::{default_worker_id, Engine};
 

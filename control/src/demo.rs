@@ -19,10 +19,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use switchyard_store::config::{ControlConfig, ProxyConfig, StoreConfig};
-use switchyard_store::{
-    AuditNote, Config, EventStore, MigrationState, NewEvent, StoredEvent, StreamRef,
-};
+use switchyard_config::Config;
+use switchyard_config::{ControlConfig, ProxyConfig, StoreConfig};
+use switchyard_store::{AuditNote, EventStore, MigrationState, NewEvent, StoredEvent, StreamRef};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -940,5 +939,5 @@ pub fn text(s: &Summary) -> String {
 
 /// The folder the embedded demo makes its own folder in.
 pub fn embedded_parent() -> &'static Path {
-    Path::new(switchyard_store::config::EMBEDDED_DIR)
+    Path::new(switchyard_config::EMBEDDED_DIR)
 }

@@ -4,6 +4,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard_store::config::check_load_config;
+use switchyard_config::check_load_config;
 
 fuzz_target!(|data: &[u8]| check_load_config(data));

@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_store::{Config, ControlDb, EventStore, StoreError};
+use switchyard_config::Config;
+use switchyard_store::{ControlDb, EventStore, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex, Notify};
 
@@ -265,7 +266,7 @@ impl App {
         let configured = &self.state.config.default_store;
         match tokio::time::timeout(limit, self.state.control.default_store()).await {
             Ok(Ok(Some(recorded))) if &recorded != configured => Err(BuildError::DefaultStore(
-                switchyard_store::config::default_store_mismatch(configured, &recorded),
+                switchyard_config::default_store_mismatch(configured, &recorded),
             )),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {

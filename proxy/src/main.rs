@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use switchyard_config::Config;
 use switchyard_proxy::telemetry::{self, LogFormat};
 use switchyard_proxy::App;
-use switchyard_store::Config;
 
 /// The Switchyard data-plane sidecar. With no config it runs on the embedded default (SQLite
 /// files under ./switchyard-data/).

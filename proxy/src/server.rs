@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use switchyard_store::config::{ProxyConfig, MIN_HEADER_BYTES};
+use switchyard_config::{ProxyConfig, MIN_HEADER_BYTES};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};

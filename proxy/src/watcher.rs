@@ -149,7 +149,7 @@ async fn recorded_default(state: &AppState, in_use: StoreIdx) -> Result<StoreIdx
     };
     if name != state.config.default_store {
         tracing::warn!(recorded = %name, configured = %state.config.default_store,
-            "{}", switchyard_store::config::default_store_mismatch(&state.config.default_store, &name));
+            "{}", switchyard_config::default_store_mismatch(&state.config.default_store, &name));
     }
     Ok(state.store_index(&name).unwrap_or_else(|| {
         tracing::error!(recorded = %name, "the recorded default store is not configured on this proxy; keeping the one in use");
@@ -278,9 +278,9 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_reloads_join_the_one_in_flight() -> anyhow::Result<()> {
         let dir = std::env::temp_dir().join(format!("switchyard-flight-{}", uuid::Uuid::new_v4()));
-        let mut config = switchyard_store::Config {
+        let mut config = switchyard_config::Config {
             control_url: format!("sqlite://{}", dir.join("control.db").display()),
-            ..switchyard_store::Config::default()
+            ..switchyard_config::Config::default()
         };
         for store in &mut config.stores {
             store.url = format!(

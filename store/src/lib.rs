@@ -1,20 +1,18 @@
 //! Everything of Switchyard that touches a database.
 //!
 //! Event stores (the eventsource-py `events` table on PostgreSQL or SQLite) with append, reads
-//! and schema; the control database (routing now, migrations later); and the configuration both
-//! programs share. Every SQL string of the project lives in this crate; nothing here knows
-//! about HTTP.
+//! and schema; and the control database (routing, migrations, audit). Every SQL string of the
+//! project lives in this crate; nothing here knows about HTTP. The configuration both programs
+//! share is `switchyard-config`'s: callers hand this crate database URLs and pool sizes, and it
+//! takes from that crate only the URL types and the TLS rule its pools follow.
 
 pub mod checkpoints;
-pub mod config;
 pub mod control;
 pub mod event;
 pub mod events;
 pub mod provision;
-pub mod tls;
 pub mod url;
 
-pub use config::Config;
 pub use control::{
     AuditEntry, AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState,
     NewMigration, RouteRecord, RouteUpdate, RoutingState,

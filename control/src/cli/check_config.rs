@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use serde_json::json;
-use switchyard_store::Config;
+use switchyard_config::Config;
 
 use super::{emit, CliError};
 

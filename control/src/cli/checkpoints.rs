@@ -8,8 +8,8 @@
 //! it still holds what the plan read.
 
 use serde::Serialize;
+use switchyard_config::url::redact;
 use switchyard_store::checkpoints::{Checkpoint, CheckpointDb, CheckpointRewrite};
-use switchyard_store::url::redact;
 use uuid::Uuid;
 
 use super::{emit, CliError};

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_store::Config;
+use switchyard_config::Config;
 
 use super::migrate::Progress;
 use super::{emit, CliError};
@@ -51,7 +51,7 @@ pub async fn run(global_config: Option<&Path>, args: &Args, json: bool) -> Resul
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(CliError::Usage(format!(
                     "--store-url must be a postgres:// URL (the embedded default needs none): {}",
-                    switchyard_store::url::redact(url)
+                    switchyard_config::url::redact(url)
                 )));
             }
             Stores::Postgres {

@@ -28,8 +28,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
+use switchyard_config::Config;
 use switchyard_proxy::telemetry::LogFormat;
-use switchyard_store::Config;
 
 use crate::context::Context;
 

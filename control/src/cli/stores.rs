@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use switchyard_store::url::redact;
+use switchyard_config::url::redact;
 use switchyard_store::SchemaStatus;
 
 use super::{emit, CliError};

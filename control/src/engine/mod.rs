@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_store::config::ControlConfig;
+use switchyard_config::Config;
+use switchyard_config::ControlConfig;
 use switchyard_store::{
-    Config, ControlDb, EventStore, Landing, MigrationError, MigrationRecord, MigrationState,
-    StoreError,
+    ControlDb, EventStore, Landing, MigrationError, MigrationRecord, MigrationState, StoreError,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -539,7 +539,7 @@ impl Engine {
     }
 }
 
-pub use switchyard_store::config::default_store_mismatch;
+pub use switchyard_config::default_store_mismatch;
 
 /// The OS user, for the audit log of operator actions: `$USER`, `$LOGNAME`, or the name of
 /// this process's uid in /etc/passwd.

@@ -11,8 +11,8 @@ use switchyard_tests::{
 };
 use uuid::Uuid;
 
-const PG_DDL: &str = include_str!("../../store/sql/eventsource-py/events-postgresql.sql");
-const SQLITE_DDL: &str = include_str!("../../store/sql/eventsource-py/events-sqlite.sql");
+const PG_DDL: &str = include_str!("../../../store/sql/eventsource-py/events-postgresql.sql");
+const SQLITE_DDL: &str = include_str!("../../../store/sql/eventsource-py/events-sqlite.sql");
 
 /// Creates the library's table and two events the way the library writes them.
 async fn make_foreign_store(

@@ -302,7 +302,7 @@ fn url_settings(url: &url::Url) -> (Option<String>, Option<String>) {
 
 /// Whether a PostgreSQL URL sets the mode itself (otherwise the pool sets `prefer`, so that the
 /// environment's `PGSSLMODE` does not choose for it behind the config's back).
-pub(crate) fn url_sets_mode(url: &str) -> bool {
+pub fn url_sets_mode(url: &str) -> bool {
     url::Url::parse(url).is_ok_and(|u| {
         u.query_pairs()
             .any(|(k, _)| MODE_PARAMS.contains(&k.as_ref()))

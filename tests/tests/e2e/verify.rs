@@ -447,7 +447,7 @@ async fn checkpoints_are_translated_exactly_or_to_the_nearest_below() -> Result<
     let app = switchyard_tests::TestDb::create("app").await?;
     let mut c = sqlx::PgConnection::connect(&app.url).await?;
     // The table as eventsource-py creates it (the vendored file's CREATE TABLE statement).
-    let ddl = include_str!("../../store/sql/eventsource-py/checkpoints-postgresql.sql");
+    let ddl = include_str!("../../../store/sql/eventsource-py/checkpoints-postgresql.sql");
     let table = ddl
         .find("CREATE TABLE IF NOT EXISTS projection_checkpoints")
         .and_then(|start| {

@@ -67,7 +67,7 @@ fn run_proxy_for(
 /// refuses to start; with a token it starts, and mutating calls need that token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_port_exposure_needs_a_token() -> Result<()> {
-    let defaults = switchyard_store::Config::default();
+    let defaults = switchyard_config::Config::default();
     let admin: std::net::SocketAddr = defaults.proxy.admin_listen.parse()?;
     assert!(admin.ip().is_loopback(), "{admin}");
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use switchyard_store::config::{check_load_config, ORACLE_SECRET};
+use switchyard_config::{check_load_config, ORACLE_SECRET};
 
 /// A key: known ones (top level, `[proxy]`, `[control]`, `[[stores]]`), unknown, quoted.
 fn key() -> impl Strategy<Value = String> {

@@ -5,6 +5,15 @@
 //! the admin token), then validation. With no file at all the embedded default applies: SQLite
 //! files under `./switchyard-data/`. Unknown keys are an error, in the file and in the
 //! environment, so a typo never silently becomes a default.
+//!
+//! This crate is `switchyard-config`: both programs load their configuration through it, and
+//! `switchyard-store` takes from it only the database URL types ([`url::StoreUrl`]) and the
+//! TLS rule its pools follow ([`tls::url_sets_mode`]). It opens no connection and depends on no
+//! driver, so the SQL crate knows nothing of listeners or header sizes and the config loader
+//! (and its fuzz target) builds without sqlx.
+
+pub mod tls;
+pub mod url;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -1174,7 +1183,7 @@ url = "postgres://${USER}:${PW}@${HOST}/db?sslmode=require&password=${PW}"
             url,
             "postgres://me%40corp:p%40ss%3Aw%2Frd%3F%23%25%26x@db.internal:5433/db?sslmode=require&password=p%40ss%3Aw%2Frd%3F%23%25%26x"
         );
-        let parsed = url::Url::parse(url).expect("parses");
+        let parsed = ::url::Url::parse(url).expect("parses");
         assert_eq!(parsed.host_str(), Some("db.internal"));
         assert_eq!(parsed.port(), Some(5433));
         assert_eq!(parsed.username(), "me%40corp");
