@@ -212,6 +212,15 @@ impl Engine {
                  (`switchyard-control lag {id}`), or use --force to cut over anyway"
             )));
         }
+        // The tail went on while the lag was sampled: its horizon now is where the checks
+        // below and the last tail pass start (the less past it, the less they compare).
+        let record = self.control.migration(id).await?;
+        if record.state != MigrationState::DualWrite {
+            return Err(EngineError::Refused(format!(
+                "migration {id} is {} now (changed while this cutover checked the lag); nothing was paused",
+                record.state
+            )));
+        }
         steps.lap("1_check_lag", &mut lap);
         // The streams the final delta will touch are checked below the delta while writers
         // still write, so only their newest versions are left for the pause.
