@@ -1,5 +1,5 @@
 //! The data-plane API (DESIGN.md "Data-plane HTTP API"): path routing, request decoding and
-//! validation, and the three handlers.
+//! validation, and the append handler (the reads are in `crate::reads`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::AppState;
 
 /// Largest `limit` a read may ask for.
 pub const MAX_READ_LIMIT: u32 = 10_000;
-const DEFAULT_READ_LIMIT: u32 = 1000;
+pub(crate) const DEFAULT_READ_LIMIT: u32 = 1000;
 /// How often one append follows a moved fence to a newer route before giving up.
 const MAX_REROUTES: usize = 3;
 
@@ -38,16 +38,40 @@ pub enum Endpoint {
     Feed {
         tenant: Uuid,
     },
+    /// `…/streams/{type}/{id}/version`
+    StreamVersion {
+        tenant: Uuid,
+        aggregate_type: String,
+        aggregate_id: Uuid,
+    },
+    /// `/v1/tenants/{t}/events/{event_id}`
+    Event {
+        tenant: Uuid,
+        event_id: Uuid,
+    },
+    /// `/v1/tenants/{t}/categories/{type}/events`
+    Category {
+        tenant: Uuid,
+        aggregate_type: String,
+    },
+    /// `/v1/tenants/{t}/position`
+    Position {
+        tenant: Uuid,
+    },
 }
 
 impl Endpoint {
     /// The metric label of a request (bounded).
     pub fn operation(method: &Method, path: &str) -> &'static str {
-        let segments = path.trim_matches('/').split('/').count();
-        match (method, segments) {
-            (&Method::POST, 7) => "append",
-            (&Method::GET, 7) => "read_stream",
-            (&Method::GET, 4) => "read_feed",
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, segments.len(), segments.last().copied()) {
+            (&Method::POST, 7, _) => "append",
+            (&Method::GET, 7, Some("version")) => "stream_version",
+            (&Method::GET, 7, _) => "read_stream",
+            (&Method::GET, 4, Some("position")) => "position",
+            (&Method::GET, 4, _) => "read_feed",
+            (&Method::GET, 5, _) => "lookup_event",
+            (&Method::GET, 6, _) => "read_category",
             _ => "other",
         }
     }
@@ -55,40 +79,54 @@ impl Endpoint {
     /// The tenant in the path.
     pub fn tenant(&self) -> Uuid {
         match self {
-            Self::Stream { tenant, .. } | Self::Feed { tenant } => *tenant,
+            Self::Stream { tenant, .. }
+            | Self::Feed { tenant }
+            | Self::StreamVersion { tenant, .. }
+            | Self::Event { tenant, .. }
+            | Self::Category { tenant, .. }
+            | Self::Position { tenant } => *tenant,
         }
     }
 
-    /// Parses `/v1/tenants/{t}/streams/{type}/{id}/events` and `/v1/tenants/{t}/events`.
+    /// Parses `/v1/tenants/{t}/streams/{type}/{id}/events`, `…/{id}/version`,
+    /// `/v1/tenants/{t}/events[/{event_id}]`, `/v1/tenants/{t}/categories/{type}/events` and
+    /// `/v1/tenants/{t}/position`.
     pub fn parse(path: &str, max_field_bytes: usize) -> Result<Option<Self>, ApiError> {
         let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
         match segments.as_slice() {
-            ["v1", "tenants", tenant, "streams", aggregate_type, aggregate_id, "events"] => {
-                let aggregate_type = percent_decode(aggregate_type).ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_path",
-                        "aggregate_type is not valid percent-encoded UTF-8",
-                    )
-                })?;
-                if aggregate_type.is_empty() || aggregate_type.len() > max_field_bytes {
-                    return Err(ApiError::invalid(
-                        "invalid_event",
-                        format!("aggregate_type must be 1 to {max_field_bytes} bytes"),
-                    ));
-                }
-                if aggregate_type.contains('\0') {
-                    return Err(ApiError::invalid(
-                        "invalid_event",
-                        "aggregate_type contains a NUL character",
-                    ));
-                }
-                Ok(Some(Self::Stream {
-                    tenant: parse_id(tenant, "tenant_id")?,
-                    aggregate_type,
-                    aggregate_id: parse_id(aggregate_id, "aggregate_id")?,
+            ["v1", "tenants", tenant, "streams", aggregate_type, aggregate_id, last @ ("events" | "version")] =>
+            {
+                let tenant = parse_id(tenant, "tenant_id")?;
+                let aggregate_type = parse_type(aggregate_type, max_field_bytes)?;
+                let aggregate_id = parse_id(aggregate_id, "aggregate_id")?;
+                Ok(Some(if *last == "events" {
+                    Self::Stream {
+                        tenant,
+                        aggregate_type,
+                        aggregate_id,
+                    }
+                } else {
+                    Self::StreamVersion {
+                        tenant,
+                        aggregate_type,
+                        aggregate_id,
+                    }
                 }))
             }
             ["v1", "tenants", tenant, "events"] => Ok(Some(Self::Feed {
+                tenant: parse_id(tenant, "tenant_id")?,
+            })),
+            ["v1", "tenants", tenant, "events", event_id] => Ok(Some(Self::Event {
+                tenant: parse_id(tenant, "tenant_id")?,
+                event_id: parse_id(event_id, "event_id")?,
+            })),
+            ["v1", "tenants", tenant, "categories", aggregate_type, "events"] => {
+                Ok(Some(Self::Category {
+                    tenant: parse_id(tenant, "tenant_id")?,
+                    aggregate_type: parse_type(aggregate_type, max_field_bytes)?,
+                }))
+            }
+            ["v1", "tenants", tenant, "position"] => Ok(Some(Self::Position {
                 tenant: parse_id(tenant, "tenant_id")?,
             })),
             _ => Ok(None),
@@ -96,12 +134,35 @@ impl Endpoint {
     }
 }
 
+/// An `aggregate_type` path segment: percent-decoded, 1 to `max_field_bytes` bytes, no NUL.
+fn parse_type(segment: &str, max_field_bytes: usize) -> Result<String, ApiError> {
+    let aggregate_type = percent_decode(segment).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_path",
+            "aggregate_type is not valid percent-encoded UTF-8",
+        )
+    })?;
+    if aggregate_type.is_empty() || aggregate_type.len() > max_field_bytes {
+        return Err(ApiError::invalid(
+            "invalid_event",
+            format!("aggregate_type must be 1 to {max_field_bytes} bytes"),
+        ));
+    }
+    if aggregate_type.contains('\0') {
+        return Err(ApiError::invalid(
+            "invalid_event",
+            "aggregate_type contains a NUL character",
+        ));
+    }
+    Ok(aggregate_type)
+}
+
 fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} {text:?} is not a UUID")))
 }
 
-fn percent_decode(segment: &str) -> Option<String> {
+pub(crate) fn percent_decode(segment: &str) -> Option<String> {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -128,8 +189,25 @@ fn percent_decode(segment: &str) -> Option<String> {
 #[serde(deny_unknown_fields)]
 pub struct AppendBody {
     #[serde(default)]
-    pub expected_version: Option<i64>,
+    pub expected_version: Option<ExpectedVersion>,
     pub events: Vec<EventBody>,
+}
+
+/// `expected_version` as sent: a number (exactly that version; 0 for a stream without
+/// events), `null` or `"any"`, `"no_stream"` (version 0) or `"stream_exists"` (1 or more).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ExpectedVersion {
+    Exact(i64),
+    Kind(ExpectedKind),
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpectedKind {
+    Any,
+    NoStream,
+    StreamExists,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +234,9 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct AppendCommand {
     pub expected_version: Option<i32>,
+    /// `expected_version: "stream_exists"`: the stream must hold an event already (then
+    /// `expected_version` is `None`).
+    pub stream_exists: bool,
     pub events: Vec<NewEvent>,
     /// Whether some event came without an `event_id` (one was generated here): then a failure
     /// that may have committed must not be called retryable.
@@ -175,14 +256,21 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
             )
         }
     })?;
+    let stream_exists = matches!(
+        parsed.expected_version,
+        Some(ExpectedVersion::Kind(ExpectedKind::StreamExists))
+    );
     let expected_version = match parsed.expected_version {
-        None => None,
-        Some(v) => Some(i32::try_from(v).ok().filter(|v| *v >= 0).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_body",
-                format!("expected_version {v} must be between 0 and {}", i32::MAX),
-            )
-        })?),
+        None | Some(ExpectedVersion::Kind(ExpectedKind::Any | ExpectedKind::StreamExists)) => None,
+        Some(ExpectedVersion::Kind(ExpectedKind::NoStream)) => Some(0),
+        Some(ExpectedVersion::Exact(v)) => {
+            Some(i32::try_from(v).ok().filter(|v| *v >= 0).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!("expected_version {v} must be between 0 and {}", i32::MAX),
+                )
+            })?)
+        }
     };
     if parsed.events.is_empty() {
         return Err(ApiError::invalid(
@@ -271,6 +359,7 @@ pub fn decode_append(body: &[u8], limits: Limits) -> Result<AppendCommand, ApiEr
     }
     Ok(AppendCommand {
         expected_version,
+        stream_exists,
         events,
         generated_ids,
     })
@@ -346,14 +435,26 @@ pub fn check_parse_request(path: &str, query: &str, max_field_bytes: usize) {
             );
         }
         Ok(None) => {}
-        Ok(Some(Endpoint::Feed { tenant })) => {
+        Ok(Some(
+            Endpoint::Feed { tenant }
+            | Endpoint::Position { tenant }
+            | Endpoint::Event { tenant, .. }
+            | Endpoint::Category { tenant, .. },
+        )) => {
             assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
         }
-        Ok(Some(Endpoint::Stream {
-            tenant,
-            aggregate_type,
-            aggregate_id,
-        })) => {
+        Ok(Some(
+            Endpoint::Stream {
+                tenant,
+                aggregate_type,
+                aggregate_id,
+            }
+            | Endpoint::StreamVersion {
+                tenant,
+                aggregate_type,
+                aggregate_id,
+            },
+        )) => {
             assert_eq!(segments.len(), 7, "{path:?}");
             assert_eq!(Uuid::parse_str(segments[2]).ok(), Some(tenant));
             assert_eq!(Uuid::parse_str(segments[5]).ok(), Some(aggregate_id));
@@ -426,6 +527,18 @@ struct EventReply<'a> {
     #[serde(flatten)]
     event: &'a StoredEvent,
     store_id: &'a str,
+    /// When the store persisted the event (`created_at`, kept across a migration).
+    stored_at: DateTime<Utc>,
+}
+
+/// One event as every read answers it.
+pub(crate) fn event_json(event: &StoredEvent, store_id: &str) -> serde_json::Value {
+    serde_json::to_value(EventReply {
+        event,
+        store_id,
+        stored_at: event.created_at,
+    })
+    .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -519,42 +632,52 @@ async fn route(
             },
             Method::GET,
         ) => {
-            let (from, limit) = read_params(&query, "from_version")?;
-            let from = i32::try_from(from.max(1)).map_err(|_| {
-                ApiError::bad_request("invalid_query", "from_version is out of range")
-            })?;
-            let (store, _slot) = read_store(state, tenant).await?;
             let stream = StreamRef {
                 tenant_id: tenant,
                 aggregate_type: &aggregate_type,
                 aggregate_id,
             };
-            let events = store
-                .read_stream(stream, from, limit)
-                .await
-                .map_err(|e| store_error(store.id(), e))?;
-            let next = (events.len() == limit as usize)
-                .then(|| events.last().map(|e| i64::from(e.version) + 1))
-                .flatten();
-            Ok(read_reply(store.id(), &events, next))
+            crate::reads::stream(state, stream, &query).await
         }
-        (Endpoint::Feed { tenant }, Method::GET) => {
-            let (after, limit) = read_params(&query, "after_position")?;
-            let (store, _slot) = read_store(state, tenant).await?;
-            let events = store
-                .read_tenant(tenant, after, limit)
-                .await
-                .map_err(|e| store_error(store.id(), e))?;
-            let next = (events.len() == limit as usize)
-                .then(|| events.last().map(|e| e.global_position))
-                .flatten();
-            Ok(read_reply(store.id(), &events, next))
+        (
+            Endpoint::StreamVersion {
+                tenant,
+                aggregate_type,
+                aggregate_id,
+            },
+            Method::GET,
+        ) => {
+            let stream = StreamRef {
+                tenant_id: tenant,
+                aggregate_type: &aggregate_type,
+                aggregate_id,
+            };
+            crate::reads::stream_version(state, stream).await
         }
+        (Endpoint::Feed { tenant }, Method::GET) => crate::reads::feed(state, tenant, &query).await,
+        (Endpoint::Event { tenant, event_id }, Method::GET) => {
+            crate::reads::event(state, tenant, event_id).await
+        }
+        (
+            Endpoint::Category {
+                tenant,
+                aggregate_type,
+            },
+            Method::GET,
+        ) => crate::reads::category(state, tenant, &aggregate_type, &query).await,
+        (Endpoint::Position { tenant }, Method::GET) => crate::reads::position(state, tenant).await,
         (Endpoint::Stream { .. }, method) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
             allow: "GET, POST",
         }),
-        (Endpoint::Feed { .. }, method) => Err(ApiError::MethodNotAllowed {
+        (
+            Endpoint::Feed { .. }
+            | Endpoint::StreamVersion { .. }
+            | Endpoint::Event { .. }
+            | Endpoint::Category { .. }
+            | Endpoint::Position { .. },
+            method,
+        ) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
             allow: "GET",
         }),
@@ -597,7 +720,7 @@ async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
 /// of reach, a reload still to come): then the store the fence named, which holds everything
 /// the source held when the fence moved and every append since, or 503 `route_stale` when
 /// this proxy has not configured it. Never the source it left, which is stale.
-async fn read_store(
+pub(crate) async fn read_store(
     state: &AppState,
     tenant: Uuid,
 ) -> Result<(&EventStore, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
@@ -636,9 +759,13 @@ async fn append(
         }
         let store = state.store(route.store)?;
         let connection = state.fairness.connection(&route, route.store).await?;
-        let appended = store
-            .append(stream, command.expected_version, &command.events)
-            .await;
+        let appended = if command.stream_exists {
+            store.append_to_existing(stream, &command.events).await
+        } else {
+            store
+                .append(stream, command.expected_version, &command.events)
+                .await
+        };
         drop(connection);
         match appended {
             Ok(appended) => {
@@ -696,7 +823,7 @@ async fn append(
     }
 }
 
-fn store_error(store_id: &str, e: StoreError) -> ApiError {
+pub(crate) fn store_error(store_id: &str, e: StoreError) -> ApiError {
     if e.is_retryable() {
         ApiError::StoreUnavailable {
             store_id: store_id.to_owned(),
@@ -707,12 +834,20 @@ fn store_error(store_id: &str, e: StoreError) -> ApiError {
     }
 }
 
-fn read_reply(store_id: &str, events: &[StoredEvent], next: Option<i64>) -> Response<Body> {
+pub(crate) fn read_reply(
+    store_id: &str,
+    events: &[StoredEvent],
+    next: Option<i64>,
+) -> Response<Body> {
     let reply = ReadReply {
         store_id,
         events: events
             .iter()
-            .map(|event| EventReply { event, store_id })
+            .map(|event| EventReply {
+                event,
+                store_id,
+                stored_at: event.created_at,
+            })
             .collect(),
         next,
     };
@@ -722,36 +857,11 @@ fn read_reply(store_id: &str, events: &[StoredEvent], next: Option<i64>) -> Resp
 /// Parses `{start_name}=N&limit=M`; unknown parameters are an error (a typo would otherwise
 /// silently read from the start).
 fn read_params(query: &str, start_name: &str) -> Result<(i64, u32), ApiError> {
-    let mut start = 0i64;
-    let mut limit = DEFAULT_READ_LIMIT;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == start_name {
-            start = value.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    format!("{start_name} {value:?} is not a whole number >= 0"),
-                )
-            })?;
-        } else if key == "limit" {
-            limit = value
-                .parse()
-                .ok()
-                .filter(|v| (1..=MAX_READ_LIMIT).contains(v))
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_query",
-                        format!("limit {value:?} must be 1 to {MAX_READ_LIMIT}"),
-                    )
-                })?;
-        } else {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("unknown query parameter {key:?} (expected {start_name}, limit)"),
-            ));
-        }
-    }
-    Ok((start, limit))
+    let query = crate::reads::Query::parse(query, &[start_name, "limit"])?;
+    Ok((
+        query.number::<i64>(start_name)?.unwrap_or(0),
+        query.limit()?,
+    ))
 }
 
 /// Reads the body under the size limit and the body read timeout: a declared length over the

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod payload;
+pub mod reads;
 pub mod routing;
 pub mod server;
 pub mod telemetry;

@@ -19,6 +19,6 @@ pub use control::{
 };
 pub use event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
 pub use events::{
-    Digesting, Divergence, EventStore, FenceLock, Landing, OlderWriter, PassWindow, SchemaStatus,
-    StreamDigest, StreamKey, FENCE_MARGIN,
+    CategoryStart, Digesting, Divergence, EventStore, FenceLock, Landing, OlderWriter, PassWindow,
+    SchemaStatus, StreamDigest, StreamKey, StreamRange, FENCE_MARGIN,
 };

@@ -5,11 +5,13 @@
 mod copy;
 mod fence;
 mod postgres;
+mod reads;
 mod sqlite;
 mod verify;
 
 pub use copy::{Divergence, Landing, PassWindow};
 pub use fence::{FenceLock, OlderWriter, FENCE_MARGIN};
+pub use reads::{CategoryStart, StreamRange};
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};
 
 use std::sync::Arc;

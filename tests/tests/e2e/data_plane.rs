@@ -560,3 +560,282 @@ async fn slow_store_hits_the_request_deadline() -> Result<()> {
     sqlx::query("ROLLBACK").execute(&mut blocker).await?;
     Ok(())
 }
+
+/// An append body of one event with `expected_version` as given (a number or a kind's name).
+fn expecting(expected: &Value) -> Value {
+    json!({"expected_version": expected, "events": [
+        {"event_id": Uuid::new_v4(), "event_type": "Step", "payload": {}}
+    ]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_version_kinds_any_no_stream_stream_exists_and_exact() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let status = |reply: &switchyard_tests::Reply| (reply.status, reply.json["error"].clone());
+
+        // stream_exists on a stream without events: a conflict at version 0.
+        let refused = http.post(&url, &expecting(&json!("stream_exists"))).await?;
+        assert_eq!(
+            status(&refused),
+            (StatusCode::CONFLICT, json!("version_conflict"))
+        );
+        assert_eq!(refused.json["actual_version"], 0);
+        let created = http.post(&url, &expecting(&json!("no_stream"))).await?;
+        assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.json);
+        let again = http.post(&url, &expecting(&json!("no_stream"))).await?;
+        assert_eq!(
+            status(&again),
+            (StatusCode::CONFLICT, json!("version_conflict"))
+        );
+        assert_eq!(again.json["actual_version"], 1);
+        for (expected, version) in [
+            (json!("stream_exists"), 2),
+            (json!("any"), 3),
+            (json!(3), 4),
+            (Value::Null, 5),
+        ] {
+            let reply = http.post(&url, &expecting(&expected)).await?;
+            assert_eq!(
+                reply.status,
+                StatusCode::CREATED,
+                "{expected}: {:?}",
+                reply.json
+            );
+            assert_eq!(reply.json["last_version"], version, "{expected}");
+        }
+        // A retry of a committed stream_exists append answers what was stored.
+        let body = expecting(&json!("stream_exists"));
+        let first = http.post(&url, &body).await?;
+        let retry = http.post(&url, &body).await?;
+        assert_eq!(
+            (first.status, retry.status),
+            (StatusCode::CREATED, StatusCode::CREATED)
+        );
+        assert_eq!(first.json, retry.json);
+        for bad in [
+            json!("sometimes"),
+            json!(-1),
+            json!(true),
+            json!({"exact": 1}),
+        ] {
+            let reply = http.post(&url, &expecting(&bad)).await?;
+            assert_eq!(
+                status(&reply),
+                (StatusCode::BAD_REQUEST, json!("invalid_body")),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            count_events(env.store_url("shared"), Some(tenant)).await?,
+            6
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_for_client_libraries_version_lookup_ranges_category_type_feed_and_position(
+) -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (_env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let (tenant, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let base = format!("{}/v1/tenants/{tenant}", proxy.data);
+        let (order, invoice) = (Uuid::new_v4(), Uuid::new_v4());
+        let order_url = stream_url(&proxy.data, tenant, "Order", order);
+
+        // Nothing yet: version 0, no position, no event, empty category.
+        let version = http
+            .get(&format!("{base}/streams/Order/{order}/version"))
+            .await?;
+        assert_eq!(
+            (version.status, version.json["version"].clone()),
+            (StatusCode::OK, json!(0))
+        );
+        assert_eq!(
+            http.get(&format!("{base}/position")).await?.json["position"],
+            Value::Null
+        );
+        let missing = http
+            .get(&format!("{base}/events/{}", Uuid::new_v4()))
+            .await?;
+        assert_eq!(
+            (missing.status, missing.json["event"].clone()),
+            (StatusCode::OK, Value::Null)
+        );
+
+        let appended = http
+            .post(&order_url, &events_body(Some(0), 5, "OrderStep"))
+            .await?;
+        assert_eq!(appended.status, StatusCode::CREATED);
+        let invoice_url = stream_url(&proxy.data, tenant, "Invoice", invoice);
+        http.post(&invoice_url, &events_body(None, 2, "InvoiceStep"))
+            .await?;
+        // Another tenant's events of the same type stay out of every read.
+        http.post(
+            &stream_url(&proxy.data, other, "Order", Uuid::new_v4()),
+            &events_body(None, 1, "OrderStep"),
+        )
+        .await?;
+        let last = http
+            .post(&order_url, &events_body(Some(5), 1, "OrderStep"))
+            .await?;
+
+        let version = http
+            .get(&format!("{base}/streams/Order/{order}/version"))
+            .await?;
+        assert_eq!(version.json["version"], 6);
+        assert_eq!(version.json["store_id"], "shared");
+
+        let versions = |reply: &switchyard_tests::Reply| -> Vec<i64> {
+            reply.json["events"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|e| e["version"].as_i64()).collect())
+                .unwrap_or_default()
+        };
+        let to = http.get(&format!("{order_url}?to_version=2")).await?;
+        assert_eq!(versions(&to), [1, 2]);
+        // A full page ending at to_version is the last one.
+        let to = http
+            .get(&format!("{order_url}?to_version=2&limit=2"))
+            .await?;
+        assert_eq!(
+            (versions(&to), to.json["next"].clone()),
+            (vec![1, 2], Value::Null)
+        );
+        let back = http.get(&format!("{order_url}?direction=backward")).await?;
+        assert_eq!(versions(&back), [6, 5, 4, 3, 2, 1]);
+        let page = http
+            .get(&format!(
+                "{order_url}?direction=backward&from_version=2&to_version=5&limit=2"
+            ))
+            .await?;
+        assert_eq!(
+            (versions(&page), page.json["next"].clone()),
+            (vec![5, 4], json!(3))
+        );
+        let page = http
+            .get(&format!(
+                "{order_url}?direction=backward&from_version=2&to_version=3&limit=2"
+            ))
+            .await?;
+        assert_eq!(
+            (versions(&page), page.json["next"].clone()),
+            (vec![3, 2], Value::Null)
+        );
+        for bad in ["direction=sideways", "to_version=-1", "colour=red"] {
+            let reply = http.get(&format!("{order_url}?{bad}")).await?;
+            assert_eq!(
+                (reply.status, reply.json["error"].clone()),
+                (StatusCode::BAD_REQUEST, json!("invalid_query")),
+                "{bad}"
+            );
+        }
+
+        // Lookup by id within the tenant only.
+        let id = appended.json["global_positions"][0].clone();
+        let read = http.get(&order_url).await?;
+        let first_id = read.json["events"][0]["event_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let found = http.get(&format!("{base}/events/{first_id}")).await?;
+        assert_eq!(found.json["event"]["global_position"], id);
+        assert_eq!(found.json["event"]["version"], 1);
+        let elsewhere = http
+            .get(&format!(
+                "{}/v1/tenants/{other}/events/{first_id}",
+                proxy.data
+            ))
+            .await?;
+        assert_eq!(elsewhere.json["event"], Value::Null);
+
+        // The category: the tenant's Order events by persistence time, from an instant given in
+        // any offset, inclusive, paged with next.
+        let category = format!("{base}/categories/Order/events");
+        let all = http.get(&category).await?;
+        assert_eq!(versions(&all), [1, 2, 3, 4, 5, 6]);
+        let stored_at = all.json["events"][5]["stored_at"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let instant = chrono::DateTime::parse_from_rfc3339(&stored_at)?;
+        let shifted =
+            instant.with_timezone(&chrono::FixedOffset::east_opt(5 * 3600).expect("offset"));
+        let encoded = shifted
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+            .replace('+', "%2B");
+        let from = http
+            .get(&format!("{category}?from_timestamp={encoded}"))
+            .await?;
+        assert_eq!(versions(&from), [6], "{encoded}");
+        let first_page = http.get(&format!("{category}?limit=4")).await?;
+        assert_eq!(versions(&first_page), [1, 2, 3, 4]);
+        let next = &first_page.json["next"];
+        let ts = next["from_timestamp"]
+            .as_str()
+            .unwrap_or_default()
+            .replace('+', "%2B");
+        let rest = http
+            .get(&format!(
+                "{category}?from_timestamp={ts}&after_position={}",
+                next["after_position"]
+            ))
+            .await?;
+        assert_eq!(versions(&rest), [5, 6]);
+        let bad = http
+            .get(&format!("{category}?from_timestamp=yesterday"))
+            .await?;
+        assert_eq!(bad.json["error"], "invalid_query");
+
+        // The feed filtered by type, and the position of the tenant's last event.
+        let typed = http
+            .get(&format!("{base}/events?aggregate_type=Invoice"))
+            .await?;
+        assert_eq!(typed.json["events"].as_array().map(Vec::len), Some(2));
+        assert!(typed.json["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e["aggregate_type"] == "Invoice"));
+        let position = http.get(&format!("{base}/position")).await?;
+        assert_eq!(position.json["position"], last.json["global_positions"][0]);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stream_exists_appends_all_land_at_distinct_versions() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let (env, proxy, http) = started(backend, &["shared"], "", &[]).await?;
+        let tenant = Uuid::new_v4();
+        let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+        let created = http.post(&url, &expecting(&json!("no_stream"))).await?;
+        assert_eq!(created.status, StatusCode::CREATED);
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (http, url) = (http.clone(), url.clone());
+                tokio::spawn(
+                    async move { http.post(&url, &expecting(&json!("stream_exists"))).await },
+                )
+            })
+            .collect();
+        let mut versions = BTreeSet::new();
+        for writer in writers {
+            let reply = writer.await??;
+            assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+            versions.insert(reply.json["last_version"].as_i64().unwrap_or_default());
+        }
+        assert_eq!(versions, (2..=9).collect::<BTreeSet<i64>>());
+        assert_eq!(
+            count_events(env.store_url("shared"), Some(tenant)).await?,
+            9
+        );
+        Ok(())
+    })
+    .await
+}

@@ -23,6 +23,7 @@ mod mirror;
 mod openapi;
 mod pg_tls;
 mod proxy_lifecycle;
+mod python_client;
 mod routing;
 mod soak;
 mod verify;

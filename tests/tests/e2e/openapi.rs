@@ -253,6 +253,97 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     data.check(&Method::GET, feed_path, &bad);
 
+    // The reads and kinds a client library needs (issue 18).
+    for expected in [
+        json!("no_stream"),
+        json!("stream_exists"),
+        json!("any"),
+        json!(7),
+    ] {
+        let body =
+            json!({"expected_version": expected, "events": [{"event_type": "K", "payload": {}}]});
+        validate_against(
+            &request_schema,
+            &body,
+            "an append body with an expected_version kind",
+        );
+    }
+    let exists = http
+        .post(&url, &json!({"expected_version": "stream_exists", "events": [{"event_type": "K", "payload": {}}]}))
+        .await?;
+    assert_eq!(exists.status, StatusCode::CREATED, "{:?}", exists.json);
+    data.check(&Method::POST, stream_path, &exists);
+    let refused = http
+        .post(&stream_url(&base, tenant, "Order", Uuid::new_v4()), &json!({"expected_version": "stream_exists", "events": [{"event_type": "K", "payload": {}}]}))
+        .await?;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    data.check(&Method::POST, stream_path, &refused);
+    let backward = http
+        .get(&format!("{url}?direction=backward&to_version=3&limit=2"))
+        .await?;
+    assert_eq!(backward.json["next"], 1);
+    data.check(&Method::GET, stream_path, &backward);
+    let version_path = "/v1/tenants/{tenant_id}/streams/{aggregate_type}/{aggregate_id}/version";
+    let version = http
+        .get(&format!(
+            "{base}/v1/tenants/{tenant}/streams/Order/{order}/version"
+        ))
+        .await?;
+    assert_eq!(version.json["version"], 4);
+    data.check(&Method::GET, version_path, &version);
+    let bad = http
+        .get(&format!(
+            "{base}/v1/tenants/{tenant}/streams/Order/nope/version"
+        ))
+        .await?;
+    data.check(&Method::GET, version_path, &bad);
+    let event_path = "/v1/tenants/{tenant_id}/events/{event_id}";
+    let some_id = feed.json["events"][0]["event_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for id in [some_id, Uuid::new_v4().to_string(), "nope".to_owned()] {
+        let found = http
+            .get(&format!("{base}/v1/tenants/{tenant}/events/{id}"))
+            .await?;
+        data.check(&Method::GET, event_path, &found);
+    }
+    let category_path = "/v1/tenants/{tenant_id}/categories/{aggregate_type}/events";
+    let category = http
+        .get(&format!(
+            "{base}/v1/tenants/{tenant}/categories/Order/events?limit=2"
+        ))
+        .await?;
+    assert!(category.json["next"].is_object(), "{:?}", category.json);
+    data.check(&Method::GET, category_path, &category);
+    let from = category.json["events"][0]["stored_at"]
+        .as_str()
+        .unwrap_or_default()
+        .replace('+', "%2B");
+    let category = http
+        .get(&format!(
+            "{base}/v1/tenants/{tenant}/categories/Order/events?from_timestamp={from}"
+        ))
+        .await?;
+    assert_eq!(category.status, StatusCode::OK);
+    data.check(&Method::GET, category_path, &category);
+    let bad = http
+        .get(&format!(
+            "{base}/v1/tenants/{tenant}/categories/Order/events?from_timestamp=x"
+        ))
+        .await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    data.check(&Method::GET, category_path, &bad);
+    let typed = http
+        .get(&format!("{}?aggregate_type=Order", feed_url(&base, tenant)))
+        .await?;
+    data.check(&Method::GET, feed_path, &typed);
+    let position_path = "/v1/tenants/{tenant_id}/position";
+    for t in [tenant, Uuid::new_v4()] {
+        let position = http.get(&format!("{base}/v1/tenants/{t}/position")).await?;
+        data.check(&Method::GET, position_path, &position);
+    }
+
     // Unknown path 404, wrong method 405.
     let nowhere = http.get(&format!("{base}/v1/nowhere")).await?;
     assert_eq!(nowhere.status, StatusCode::NOT_FOUND);

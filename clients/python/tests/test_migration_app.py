@@ -1,0 +1,70 @@
+"""An application on the adapter that keeps appending to and reading its streams while the Rust
+test (e2e/python_client.rs) migrates its tenant to another store and cuts it over: no error
+reaches it, and every append it was told succeeded is there afterwards, in order.
+
+Driven by the Rust test: `SWITCHYARD_TENANT`, and two files, `SWITCHYARD_READY_FILE` (this
+test writes it once it is appending) and `SWITCHYARD_STOP_FILE` (the Rust test writes it when
+the cutover is done and more appends landed in the target)."""
+
+import asyncio
+import os
+from pathlib import Path
+from uuid import UUID
+
+from eventsource.domain.tenant_context import tenant_scope
+from eventsource.ports import ExpectedVersion, FeedReadOptions, collect
+from eventsource.testing.conformance_ports._fixtures import (
+    ConformanceEvent,
+    make_conformance_registry,
+    make_stream,
+)
+
+from conftest import env
+from switchyard_eventsource import SwitchyardEventStore
+
+
+async def test_appends_and_reads_continue_through_a_migration_and_cutover() -> None:
+    tenant = UUID(env("SWITCHYARD_TENANT"))
+    ready, stop = Path(env("SWITCHYARD_READY_FILE")), Path(env("SWITCHYARD_STOP_FILE"))
+    store = SwitchyardEventStore(
+        env("SWITCHYARD_URL"), tenant_id=tenant, event_registry=make_conformance_registry()
+    )
+    streams = [make_stream(category="Order") for _ in range(4)]
+    acked: dict = {s: [] for s in streams}
+    stores_seen: set[str] = set()
+    appends = 0
+    async with tenant_scope(tenant):
+        while not stop.exists():
+            stream = streams[appends % len(streams)]
+            # What a repository does: read the version, append at exactly it.
+            version = await store.get_stream_version(stream)
+            assert version == len(acked[stream])
+            event = ConformanceEvent(aggregate_id=stream.aggregate_id, tenant_id=tenant)
+            result = await store.append(stream, [event], ExpectedVersion.exact(version))
+            assert result.new_version == version + 1
+            assert result.position is not None
+            stores_seen.add(result.position.store_id)
+            acked[stream].append(event.event_id)
+            read = await collect(store.read_stream(stream))
+            assert [e.event.event_id for e in read] == acked[stream]
+            appends += 1
+            if appends == 20:
+                ready.write_text("appending")
+            await asyncio.sleep(0.005)
+        for stream in streams:
+            read = await collect(store.read_stream(stream))
+            assert [e.event.event_id for e in read] == acked[stream]
+        feed = await collect(store.read_all(options=FeedReadOptions(tenant_id=tenant)))
+        assert sorted(e.event.event_id for e in feed) == sorted(i for ids in acked.values() for i in ids)
+        # Every read now comes from the target: the feed, the category, the position, lookups.
+        assert {e.position.store_id for e in feed if e.position} == {"switchyard:dedicated"}
+        category = await collect(store.read_category("Order"))
+        assert len(category) == len(feed)
+        assert {e.position.store_id for e in category if e.position} == {"switchyard:dedicated"}
+        position = await store.current_position()
+        assert position is not None and position.store_id == "switchyard:dedicated"
+        assert await store.event_exists(feed[0].event.event_id)
+    await store.close()
+    # The appends were answered by both stores: the migration happened under this loop.
+    assert stores_seen == {"switchyard:shared", "switchyard:dedicated"}, stores_seen
+    print(f"{appends} appends, answered by {sorted(stores_seen)}")

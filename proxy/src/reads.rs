@@ -1,0 +1,288 @@
+//! The data plane's read handlers (DESIGN.md "Data-plane HTTP API", issue 18): a stream read
+//! with `from_version`, `to_version` and a direction; a stream's version; one event by id;
+//! a category read across the tenant's streams from a timestamp; the tenant feed, optionally
+//! filtered by aggregate type; and the tenant's current position. Each read goes to the store
+//! the tenant's route names, or the store a moved fence named (`api::read_store`), so reads
+//! follow a tenant through a cutover like appends do.
+
+use chrono::{DateTime, Utc};
+use http::{Response, StatusCode};
+use serde::Serialize;
+use switchyard_store::{CategoryStart, StreamRange, StreamRef};
+use uuid::Uuid;
+
+use crate::api::{
+    percent_decode, read_reply, read_store, store_error, DEFAULT_READ_LIMIT, MAX_READ_LIMIT,
+};
+use crate::error::{json_response, ApiError, Body};
+use crate::AppState;
+
+/// A read's query string: `key=value` pairs, values percent-decoded; a key the read does not
+/// know is refused (a typo would otherwise silently read everything).
+pub(crate) struct Query<'a> {
+    pairs: Vec<(&'a str, String)>,
+}
+
+impl<'a> Query<'a> {
+    pub(crate) fn parse(query: &'a str, known: &[&str]) -> Result<Self, ApiError> {
+        let mut pairs = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if !known.contains(&key) {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!(
+                        "unknown query parameter {key:?} (expected {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            let value = percent_decode(value).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("{key} is not valid percent-encoded UTF-8"),
+                )
+            })?;
+            pairs.push((key, value));
+        }
+        Ok(Self { pairs })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A whole number >= 0 that fits `T`.
+    pub(crate) fn number<T: TryFrom<i64>>(&self, key: &str) -> Result<Option<T>, ApiError> {
+        self.get(key)
+            .map(|value| {
+                value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|v| *v >= 0)
+                    .and_then(|v| T::try_from(v).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("{key} {value:?} is not a whole number >= 0 in range"),
+                        )
+                    })
+            })
+            .transpose()
+    }
+
+    pub(crate) fn limit(&self) -> Result<u32, ApiError> {
+        match self.get("limit") {
+            None => Ok(DEFAULT_READ_LIMIT),
+            Some(value) => value
+                .parse()
+                .ok()
+                .filter(|v| (1..=MAX_READ_LIMIT).contains(v))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("limit {value:?} must be 1 to {MAX_READ_LIMIT}"),
+                    )
+                }),
+        }
+    }
+
+    fn text(&self, key: &str, max_bytes: usize) -> Result<Option<&str>, ApiError> {
+        match self.get(key) {
+            Some(v) if v.is_empty() || v.len() > max_bytes || v.contains('\0') => {
+                Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("{key} must be 1 to {max_bytes} bytes"),
+                ))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// An RFC 3339 timestamp with any offset, as the instant it names.
+    fn instant(&self, key: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+        self.get(key)
+            .map(|value| {
+                DateTime::parse_from_rfc3339(value)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("{key} {value:?} is not an RFC 3339 timestamp: {e}"),
+                        )
+                    })
+            })
+            .transpose()
+    }
+}
+
+/// `GET …/streams/{type}/{id}/events?from_version&to_version&direction&limit`.
+pub async fn stream(
+    state: &AppState,
+    stream: StreamRef<'_>,
+    query: &str,
+) -> Result<Response<Body>, ApiError> {
+    let query = Query::parse(query, &["from_version", "to_version", "direction", "limit"])?;
+    let from_version = query.number::<i32>("from_version")?.unwrap_or(1).max(1);
+    let to_version = query.number::<i32>("to_version")?;
+    let backward = match query.get("direction") {
+        None | Some("forward") => false,
+        Some("backward") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("direction {other:?} must be forward or backward"),
+            ))
+        }
+    };
+    let limit = query.limit()?;
+    let (store, _slot) = read_store(state, stream.tenant_id).await?;
+    let range = StreamRange {
+        from_version,
+        to_version,
+        backward,
+        limit,
+    };
+    let events = store
+        .read_stream_range(stream, range)
+        .await
+        .map_err(|e| store_error(store.id(), e))?;
+    // Forward: the next page's from_version; backward: its to_version.
+    let next = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| i64::from(e.version)))
+        .flatten()
+        .map(|v| if backward { v - 1 } else { v + 1 })
+        .filter(|v| {
+            *v >= i64::from(from_version) && to_version.is_none_or(|to| *v <= i64::from(to))
+        });
+    Ok(read_reply(store.id(), &events, next))
+}
+
+#[derive(Serialize)]
+struct VersionReply<'a> {
+    store_id: &'a str,
+    version: i32,
+}
+
+/// `GET …/streams/{type}/{id}/version`: the stream's version, 0 when it has no events.
+pub async fn stream_version(
+    state: &AppState,
+    stream: StreamRef<'_>,
+) -> Result<Response<Body>, ApiError> {
+    let (store, _slot) = read_store(state, stream.tenant_id).await?;
+    let version = store
+        .stream_version(stream)
+        .await
+        .map_err(|e| store_error(store.id(), e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &VersionReply {
+            store_id: store.id(),
+            version,
+        },
+    ))
+}
+
+/// `GET /v1/tenants/{t}/events/{event_id}`: the tenant's event with that id, or `null`.
+pub async fn event(
+    state: &AppState,
+    tenant: Uuid,
+    event_id: Uuid,
+) -> Result<Response<Body>, ApiError> {
+    let (store, _slot) = read_store(state, tenant).await?;
+    let event = store
+        .find_event(tenant, event_id)
+        .await
+        .map_err(|e| store_error(store.id(), e))?;
+    let reply = serde_json::json!({
+        "store_id": store.id(),
+        "event": event.as_ref().map(|e| crate::api::event_json(e, store.id())),
+    });
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+/// `GET /v1/tenants/{t}/categories/{type}/events?from_timestamp&after_position&limit`.
+pub async fn category(
+    state: &AppState,
+    tenant: Uuid,
+    aggregate_type: &str,
+    query: &str,
+) -> Result<Response<Body>, ApiError> {
+    let query = Query::parse(query, &["from_timestamp", "after_position", "limit"])?;
+    let start = CategoryStart {
+        from: query.instant("from_timestamp")?,
+        after_position: query.number::<i64>("after_position")?,
+    };
+    if start.after_position.is_some() && start.from.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "after_position needs from_timestamp (both come from a previous page's next)",
+        ));
+    }
+    let limit = query.limit()?;
+    let (store, _slot) = read_store(state, tenant).await?;
+    let events = store
+        .read_category(tenant, aggregate_type, start, limit)
+        .await
+        .map_err(|e| store_error(store.id(), e))?;
+    let next = (events.len() == limit as usize)
+        .then(|| events.last())
+        .flatten()
+        .map(|e| {
+            serde_json::json!({
+                "from_timestamp": e.created_at,
+                "after_position": e.global_position,
+            })
+        });
+    let reply = serde_json::json!({
+        "store_id": store.id(),
+        "events": events.iter().map(|e| crate::api::event_json(e, store.id())).collect::<Vec<_>>(),
+        "next": next,
+    });
+    Ok(json_response(StatusCode::OK, &reply))
+}
+
+/// `GET /v1/tenants/{t}/events?after_position&aggregate_type&limit`.
+pub async fn feed(state: &AppState, tenant: Uuid, query: &str) -> Result<Response<Body>, ApiError> {
+    let query = Query::parse(query, &["after_position", "aggregate_type", "limit"])?;
+    let after = query.number::<i64>("after_position")?.unwrap_or(0);
+    let aggregate_type = query.text("aggregate_type", state.config.proxy.max_field_bytes)?;
+    let limit = query.limit()?;
+    let (store, _slot) = read_store(state, tenant).await?;
+    let events = match aggregate_type {
+        None => store.read_tenant(tenant, after, limit).await,
+        Some(ty) => store.read_tenant_of_type(tenant, ty, after, limit).await,
+    }
+    .map_err(|e| store_error(store.id(), e))?;
+    let next = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.global_position))
+        .flatten();
+    Ok(read_reply(store.id(), &events, next))
+}
+
+#[derive(Serialize)]
+struct PositionReply<'a> {
+    store_id: &'a str,
+    position: Option<i64>,
+}
+
+/// `GET /v1/tenants/{t}/position`: the global position of the tenant's last event in its
+/// current store, `null` when it has none.
+pub async fn position(state: &AppState, tenant: Uuid) -> Result<Response<Body>, ApiError> {
+    let (store, _slot) = read_store(state, tenant).await?;
+    let position = store
+        .tenant_position(tenant)
+        .await
+        .map_err(|e| store_error(store.id(), e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &PositionReply {
+            store_id: store.id(),
+            position,
+        },
+    ))
+}
