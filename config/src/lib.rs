@@ -18,6 +18,7 @@ pub mod url;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,8 @@ pub struct StoreConfig {
     pub ssl_root_cert: String,
 }
 
+/// The `[proxy]` section. A [`Duration`] field is read from its key with `_ms` added, in whole
+/// milliseconds (`gate_wait` from `gate_wait_ms`); a path field is `None` when its key is empty.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
@@ -111,9 +114,11 @@ pub struct ProxyConfig {
     /// VARCHAR(255)). Default 255.
     pub max_field_bytes: usize,
     /// How long a writer waits at a closed gate before 503 `writes_paused`. Default 5000.
-    pub gate_wait_ms: u64,
+    #[serde(rename = "gate_wait_ms", with = "millis")]
+    pub gate_wait: Duration,
     /// Whole-request deadline. Default 30000.
-    pub request_timeout_ms: u64,
+    #[serde(rename = "request_timeout_ms", with = "millis")]
+    pub request_timeout: Duration,
     /// Requests handled at once before new ones are shed with 503. Default 1024.
     pub max_concurrent_requests: usize,
     /// Fairness during a migration: the share (more than 0, at most 1) of
@@ -123,21 +128,26 @@ pub struct ProxyConfig {
     /// rest. 1 turns it off. Default 0.5.
     pub migrating_tenant_share: f64,
     /// Routing safety-net poll interval. Default 1000.
-    pub routing_poll_ms: u64,
+    #[serde(rename = "routing_poll_ms", with = "millis")]
+    pub routing_poll: Duration,
     /// Whether to LISTEN for routing notifications (PostgreSQL control database only).
     /// Default true; turning it off leaves only the poll.
     pub routing_listen: bool,
     /// How long shutdown waits for in-flight requests. Default 10000.
-    pub shutdown_grace_ms: u64,
+    #[serde(rename = "shutdown_grace_ms", with = "millis")]
+    pub shutdown_grace: Duration,
     /// How long a client may take to send a request's headers, from its first byte (or, for
     /// the first request, from connecting): slow-loris protection. Default 10000.
-    pub header_read_timeout_ms: u64,
+    #[serde(rename = "header_read_timeout_ms", with = "millis")]
+    pub header_read_timeout: Duration,
     /// How long an idle keep-alive connection (no request in progress, nothing sent) stays
     /// open between requests. Default 75000.
-    pub keep_alive_idle_ms: u64,
+    #[serde(rename = "keep_alive_idle_ms", with = "millis")]
+    pub keep_alive_idle: Duration,
     /// How long a client may take to send a request's body once its headers arrived; then 408
     /// `body_timeout`. Default 10000.
-    pub body_read_timeout_ms: u64,
+    #[serde(rename = "body_read_timeout_ms", with = "millis")]
+    pub body_read_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; larger heads get 431.
     /// At least 8192. Default 16384.
     pub max_header_bytes: usize,
@@ -152,26 +162,32 @@ pub struct ProxyConfig {
     pub rate_limit_burst: u32,
     /// PEM certificate chain; with `tls_key_path`, both listeners (data and admin) speak TLS
     /// only. Empty means plain TCP.
-    pub tls_cert_path: String,
+    #[serde(with = "optional_path")]
+    pub tls_cert_path: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`.
-    pub tls_key_path: String,
+    #[serde(with = "optional_path")]
+    pub tls_key_path: Option<PathBuf>,
     /// PEM CA certificate(s); when set (with `tls_cert_path`), the data listener accepts only
     /// clients presenting a certificate that CA signed (mutual TLS). The admin listener does
     /// not ask for one (probes and scrapers). Empty means no client certificates.
-    pub tls_client_ca_path: String,
+    #[serde(with = "optional_path")]
+    pub tls_client_ca_path: Option<PathBuf>,
     /// Data-plane bearer tokens: a file of `<token> <tenant-uuid>[,<tenant-uuid>...]` or
     /// `<token> *` lines (`#` comments). When set, every data-plane request needs
     /// `Authorization: Bearer <token>` allowed its tenant. Re-read when its content changes.
     /// Empty means no tokens.
-    pub data_tokens_file: String,
+    #[serde(with = "optional_path")]
+    pub data_tokens_file: Option<PathBuf>,
     /// How often `data_tokens_file` is checked for changes. Default 2000.
-    pub data_tokens_poll_ms: u64,
+    #[serde(rename = "data_tokens_poll_ms", with = "millis")]
+    pub data_tokens_poll: Duration,
     /// Lets the data plane listen on a non-loopback address with neither `data_tokens_file`
     /// nor `tls_client_ca_path` (otherwise the proxy refuses to start). Logged as a warning
     /// and exported as `switchyard_proxy_data_plane_unauthenticated`. Default false.
     pub allow_unauthenticated: bool,
 }
 
+/// The `[control]` section; [`Duration`] fields as in [`ProxyConfig`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
@@ -181,7 +197,8 @@ pub struct ControlConfig {
     /// expanded.
     pub admin_token: String,
     /// Budget of the whole cutover sequence. Default 2000.
-    pub cutover_timeout_ms: u64,
+    #[serde(rename = "cutover_timeout_ms", with = "millis")]
+    pub cutover_timeout: Duration,
     /// Largest lag at which cutover proceeds without `--force`. Default 0.
     pub cutover_max_lag_events: u64,
     /// Events per copy batch. Default 5000.
@@ -193,7 +210,8 @@ pub struct ControlConfig {
     pub auto_cutover_attempts: u32,
     /// Wait after the first rolled-back automatic cutover before the next; doubles after each
     /// (at most 5 minutes). Default 2000.
-    pub auto_cutover_backoff_ms: u64,
+    #[serde(rename = "auto_cutover_backoff_ms", with = "millis")]
+    pub auto_cutover_backoff: Duration,
 }
 
 /// Why a process refuses a config whose `default_store` is not the one the control database
@@ -242,25 +260,25 @@ impl Default for ProxyConfig {
             max_events_per_append: 1000,
             mirror_queue_bytes: 64 << 20,
             max_field_bytes: 255,
-            gate_wait_ms: 5000,
-            request_timeout_ms: 30_000,
+            gate_wait: Duration::from_millis(5000),
+            request_timeout: Duration::from_millis(30_000),
             max_concurrent_requests: 1024,
             migrating_tenant_share: 0.5,
-            routing_poll_ms: 1000,
+            routing_poll: Duration::from_millis(1000),
             routing_listen: true,
-            shutdown_grace_ms: 10_000,
-            header_read_timeout_ms: 10_000,
-            keep_alive_idle_ms: 75_000,
-            body_read_timeout_ms: 10_000,
+            shutdown_grace: Duration::from_millis(10_000),
+            header_read_timeout: Duration::from_millis(10_000),
+            keep_alive_idle: Duration::from_millis(75_000),
+            body_read_timeout: Duration::from_millis(10_000),
             max_header_bytes: 16 * 1024,
             max_connections: 4096,
             rate_limit_per_second: 0,
             rate_limit_burst: 0,
-            tls_cert_path: String::new(),
-            tls_key_path: String::new(),
-            tls_client_ca_path: String::new(),
-            data_tokens_file: String::new(),
-            data_tokens_poll_ms: 2000,
+            tls_cert_path: None,
+            tls_key_path: None,
+            tls_client_ca_path: None,
+            data_tokens_file: None,
+            data_tokens_poll: Duration::from_millis(2000),
             allow_unauthenticated: false,
         }
     }
@@ -271,12 +289,12 @@ impl Default for ControlConfig {
         Self {
             admin_listen: "127.0.0.1:7072".to_owned(),
             admin_token: String::new(),
-            cutover_timeout_ms: 2000,
+            cutover_timeout: Duration::from_millis(2000),
             cutover_max_lag_events: 0,
             batch_size: 5000,
             max_rate: 0,
             auto_cutover_attempts: 5,
-            auto_cutover_backoff_ms: 2000,
+            auto_cutover_backoff: Duration::from_millis(2000),
         }
     }
 }
@@ -299,7 +317,7 @@ impl Default for Config {
 impl ProxyConfig {
     /// Whether data-plane requests must authenticate (bearer tokens or client certificates).
     pub fn data_plane_authenticated(&self) -> bool {
-        !self.data_tokens_file.is_empty() || !self.tls_client_ca_path.is_empty()
+        self.data_tokens_file.is_some() || self.tls_client_ca_path.is_some()
     }
 
     /// Why the proxy must not start with this data plane: a listener beyond loopback that
@@ -530,20 +548,23 @@ impl Config {
             ),
             ("proxy.max_field_bytes", p.max_field_bytes as u64),
             ("proxy.mirror_queue_bytes", p.mirror_queue_bytes as u64),
-            ("proxy.request_timeout_ms", p.request_timeout_ms),
+            ("proxy.request_timeout_ms", as_millis(p.request_timeout)),
             (
                 "proxy.max_concurrent_requests",
                 p.max_concurrent_requests as u64,
             ),
-            ("proxy.routing_poll_ms", p.routing_poll_ms),
-            ("proxy.header_read_timeout_ms", p.header_read_timeout_ms),
-            ("proxy.keep_alive_idle_ms", p.keep_alive_idle_ms),
-            ("proxy.body_read_timeout_ms", p.body_read_timeout_ms),
+            ("proxy.routing_poll_ms", as_millis(p.routing_poll)),
+            (
+                "proxy.header_read_timeout_ms",
+                as_millis(p.header_read_timeout),
+            ),
+            ("proxy.keep_alive_idle_ms", as_millis(p.keep_alive_idle)),
+            ("proxy.body_read_timeout_ms", as_millis(p.body_read_timeout)),
             ("proxy.max_connections", p.max_connections as u64),
-            ("proxy.data_tokens_poll_ms", p.data_tokens_poll_ms),
+            ("proxy.data_tokens_poll_ms", as_millis(p.data_tokens_poll)),
             (
                 "control.cutover_timeout_ms",
-                self.control.cutover_timeout_ms,
+                as_millis(self.control.cutover_timeout),
             ),
             ("control.batch_size", u64::from(self.control.batch_size)),
         ] {
@@ -569,12 +590,12 @@ impl Config {
                 "proxy.max_header_bytes must be at least {MIN_HEADER_BYTES}"
             ));
         }
-        if p.tls_cert_path.is_empty() != p.tls_key_path.is_empty() {
+        if p.tls_cert_path.is_none() != p.tls_key_path.is_none() {
             return invalid(
                 "proxy.tls_cert_path and proxy.tls_key_path must be set together".to_owned(),
             );
         }
-        if !p.tls_client_ca_path.is_empty() && p.tls_cert_path.is_empty() {
+        if p.tls_client_ca_path.is_some() && p.tls_cert_path.is_none() {
             return invalid(
                 "proxy.tls_client_ca_path needs proxy.tls_cert_path and proxy.tls_key_path \
                  (client certificates are asked for in the TLS handshake)"
@@ -651,6 +672,53 @@ fn resolve_tls_of(
         *ssl_root_cert = tls.root_cert.unwrap_or_default();
     }
     Ok(())
+}
+
+/// A duration as the whole milliseconds its key counts (saturating; for messages and checks).
+fn as_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A `…_ms` key: whole milliseconds in the file and the environment, a [`Duration`] in the
+/// program. Read as a `u64`, so a bad value is refused as before the type changed.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(super::as_millis(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+/// A path key: a string in the file and the environment, where empty means none (so
+/// `SWITCHYARD_PROXY_TLS_CERT_PATH=` unsets it and `check-config` prints it as `""`).
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<PathBuf>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(
+            &value
+                .as_deref()
+                .map(|p| p.to_string_lossy())
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        String::deserialize(deserializer).map(|s| (!s.is_empty()).then(|| PathBuf::from(s)))
+    }
 }
 
 /// The smallest head buffer the HTTP/1 server accepts.
@@ -1014,6 +1082,83 @@ mod tests {
         assert_eq!(with_tls.proxy.unauthenticated_exposure(), None);
     }
 
+    /// `…_ms` keys become [`Duration`]s and path keys `Option<PathBuf>`s, from the file and the
+    /// environment alike, and print back under the same keys.
+    #[test]
+    fn durations_and_paths_are_typed_under_their_keys() {
+        let c = Config::from_parts(
+            Some("[proxy]\ngate_wait_ms = 250\ntls_cert_path = \"/c.pem\"\ntls_key_path = \"/k.pem\"\n[control]\ncutover_timeout_ms = 1500\n"),
+            None,
+            &vars(&[
+                ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "40"),
+                ("SWITCHYARD_PROXY_DATA_TOKENS_FILE", "/etc/tokens"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.proxy.gate_wait, Duration::from_millis(250));
+        assert_eq!(c.proxy.routing_poll, Duration::from_millis(40));
+        assert_eq!(c.control.cutover_timeout, Duration::from_millis(1500));
+        assert_eq!(c.proxy.tls_cert_path, Some(PathBuf::from("/c.pem")));
+        assert_eq!(c.proxy.data_tokens_file, Some(PathBuf::from("/etc/tokens")));
+        assert_eq!(c.proxy.tls_client_ca_path, None);
+        let printed = c.redacted_toml();
+        for line in [
+            "gate_wait_ms = 250",
+            "routing_poll_ms = 40",
+            "cutover_timeout_ms = 1500",
+            "tls_cert_path = \"/c.pem\"",
+            "tls_client_ca_path = \"\"",
+        ] {
+            assert!(printed.contains(line), "{line} in {printed}");
+        }
+        let reread = Config::from_parts(Some(&printed), None, &[]).expect("reads back");
+        assert_eq!(reread, c);
+        let d = Config::default();
+        assert_eq!(d.proxy.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(d.proxy.data_tokens_file, None);
+    }
+
+    /// The key table of docs/reliability.md ("Proxy settings this document refers to") gives
+    /// the defaults these structs have.
+    #[test]
+    fn the_documented_proxy_defaults_are_the_defaults() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md"),
+        )
+        .expect("docs/reliability.md");
+        let toml::Value::Table(defaults) =
+            toml::Value::try_from(ProxyConfig::default()).expect("serialises")
+        else {
+            panic!("a struct serialises to a table");
+        };
+        let section = doc
+            .split("## Proxy settings this document refers to")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("the section");
+        let mut checked = 0;
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let keys: Vec<&str> = cells[0].split('`').skip(1).step_by(2).collect();
+            let shown: Vec<&str> = cells[1].split(", ").collect();
+            for (n, key) in keys.iter().enumerate() {
+                let value = defaults
+                    .get(*key)
+                    .unwrap_or_else(|| panic!("{key} is no key"));
+                // A default cell is the value, maybe with a note: `0 (off)`, `16384 (min 8192)`.
+                let cell = shown.get(n).or(shown.first()).expect("a default");
+                let first = cell.split(' ').next().unwrap_or_default();
+                let expected = match value {
+                    toml::Value::String(text) if text.is_empty() => "empty".to_owned(),
+                    other => other.to_string(),
+                };
+                assert_eq!(first, expected, "{key}: the docs say {cell:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 15, "only {checked} keys found in the table");
+    }
+
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_parts(Some("[proxy]\nlisten_addr = \"x\"\n"), None, &[])
@@ -1051,7 +1196,7 @@ url = "postgres://postgres@127.0.0.1/b"
         )
         .expect("valid");
         assert_eq!(c.proxy.listen, "127.0.0.1:9000");
-        assert_eq!(c.proxy.gate_wait_ms, 250);
+        assert_eq!(c.proxy.gate_wait, Duration::from_millis(250));
         assert!(!c.proxy.routing_listen);
         assert_eq!(c.control.batch_size, 7);
         assert_eq!(c.default_store, "dedicated-a");

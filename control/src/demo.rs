@@ -272,7 +272,7 @@ async fn run_on(
     config.proxy.listen = "127.0.0.1:0".to_owned();
     config.proxy.admin_listen = "127.0.0.1:0".to_owned();
     // SQLite has no notifications: proxies learn routing changes by polling the epoch.
-    config.proxy.routing_poll_ms = config.proxy.routing_poll_ms.min(50);
+    config.proxy.routing_poll = config.proxy.routing_poll.min(Duration::from_millis(50));
     let source_id = config.default_store.clone();
     let target_id = config
         .stores
@@ -663,7 +663,7 @@ async fn migrate(
         });
 
     // The cutover, while the writers write; retried (as the runbook says) if it rolls back.
-    let budget = Duration::from_millis(engine.settings.cutover_timeout_ms);
+    let budget = engine.settings.cutover_timeout;
     let mut attempts = 0;
     let (outcome, window) = loop {
         attempts += 1;

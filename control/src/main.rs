@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchyard_control::cli::{self, Cli};
-use switchyard_proxy::telemetry;
+use switchyard_runtime::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {

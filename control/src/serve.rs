@@ -1,7 +1,8 @@
 //! `switchyard-control serve`: the worker. Every second it looks for active migrations whose
 //! claim is free (or expired: a replica died) and drives each one it claims; several replicas
-//! share the work through those claims. Its admin port serves `/healthz`, `/readyz` and
-//! `/metrics`.
+//! share the work through those claims. Its admin port serves `/healthz`, `/readyz`,
+//! `/metrics` and the log level; its error replies have the proxy's shape
+//! ([`switchyard_runtime::admin::error_body`]).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -33,7 +34,7 @@ pub async fn run(
     let engine = Arc::new(engine);
     engine.metrics.up.set(1.0);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin_server = tokio::spawn(switchyard_proxy::server::serve(
+    let admin_server = tokio::spawn(switchyard_runtime::server::serve(
         admin,
         admin_service(Arc::clone(&engine)),
         stop_rx.clone(),
@@ -132,7 +133,11 @@ fn admin_service(
             let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
             let (status, content_type, body) = match (request.method().as_str(), request.uri().path()) {
                 // Every call but the probes' needs the token when one is set (the proxy's rule).
-                _ if !probe && !authorized(&engine, &request) => unauthorized(),
+                _ if !probe
+                    && !switchyard_runtime::admin::bearer_authorized(request.headers(), &engine.settings.admin_token) =>
+                {
+                    error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token".to_owned())
+                }
                 ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
                 ("GET", "/readyz") => match tokio::time::timeout(Duration::from_secs(1), engine.control.ping()).await {
                     Ok(Ok(())) => (StatusCode::OK, "application/json", r#"{"ready":true,"problems":[]}"#.to_owned()),
@@ -151,13 +156,18 @@ fn admin_service(
                 ("GET", "/admin/log-level") => (
                     StatusCode::OK,
                     "application/json",
-                    serde_json::json!({ "filter": switchyard_proxy::telemetry::current_filter() }).to_string(),
+                    serde_json::json!({ "filter": switchyard_runtime::telemetry::current_filter() }).to_string(),
                 ),
                 ("PUT" | "POST", "/admin/log-level") => set_log_level(request).await,
-                (_, "/healthz" | "/readyz" | "/metrics" | "/admin/log-level") => {
-                    (StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method_not_allowed"}"#.to_owned())
-                }
-                _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not_found"}"#.to_owned()),
+                (method, path @ ("/healthz" | "/readyz" | "/metrics" | "/admin/log-level")) => error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "method {method} is not allowed here (allowed: {})",
+                        if path == "/admin/log-level" { "GET, PUT" } else { "GET" }
+                    ),
+                ),
+                (method, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no such route: {method} {path}")),
             };
             let mut response = Response::new(Full::new(Bytes::from(body)));
             *response.status_mut() = status;
@@ -170,25 +180,13 @@ fn admin_service(
     })
 }
 
-/// Whether the request carries `control.admin_token` as its bearer token, compared in
-/// constant time (always, when no token is configured).
-fn authorized<B>(engine: &Engine, request: &Request<B>) -> bool {
-    let expected = engine.settings.admin_token.as_bytes();
-    let given = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .as_bytes();
-    expected.is_empty() || switchyard_proxy::admin::constant_time_eq(given, expected)
-}
-
-fn unauthorized() -> (StatusCode, &'static str, String) {
+/// An error reply in the shape both admin ports use; none of `serve`'s is worth a retry.
+fn error(status: StatusCode, code: &str, message: String) -> (StatusCode, &'static str, String) {
+    let body = switchyard_runtime::admin::error_body(code, &message, false);
     (
-        StatusCode::UNAUTHORIZED,
+        status,
         "application/json",
-        r#"{"error":"unauthorized"}"#.to_owned(),
+        serde_json::Value::Object(body).to_string(),
     )
 }
 
@@ -204,23 +202,19 @@ async fn set_log_level(
     {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            return (
+            return error(
                 StatusCode::BAD_REQUEST,
-                "application/json",
-                r#"{"error":"invalid_body"}"#.to_owned(),
+                "invalid_body",
+                "the body must be at most 4096 bytes".to_owned(),
             )
         }
     };
-    match switchyard_proxy::telemetry::set_from_json(&body) {
+    match switchyard_runtime::telemetry::set_from_json(&body) {
         Ok(filter) => (
             StatusCode::OK,
             "application/json",
             serde_json::json!({ "filter": filter }).to_string(),
         ),
-        Err(message) => (
-            StatusCode::BAD_REQUEST,
-            "application/json",
-            serde_json::json!({ "error": "invalid_filter", "message": message }).to_string(),
-        ),
+        Err(message) => error(StatusCode::BAD_REQUEST, "invalid_filter", message),
     }
 }

@@ -135,7 +135,7 @@ impl TokenSet {
     fn find(&self, digest: &[u8; 32]) -> Option<usize> {
         let mut found = None;
         for (i, entry) in self.entries.iter().enumerate() {
-            if crate::admin::constant_time_eq(digest, &entry.digest) {
+            if switchyard_runtime::admin::constant_time_eq(digest, &entry.digest) {
                 found = Some(i);
             }
         }
@@ -173,11 +173,13 @@ pub struct DataTokens {
 
 impl DataTokens {
     /// Reads and parses `path`; a file that cannot be read or parsed is a start-up error.
-    pub fn load(path: &str) -> Result<Self, TokensError> {
-        let text = read(path)?;
-        let set = TokenSet::parse(&text, path)?;
+    pub fn load(path: &std::path::Path) -> Result<Self, TokensError> {
+        // Kept as text: it names the file in errors and logs.
+        let path = path.display().to_string();
+        let text = read(&path)?;
+        let set = TokenSet::parse(&text, &path)?;
         Ok(Self {
-            path: path.to_owned(),
+            path,
             set: ArcSwap::from_pointee(set),
             seen: std::sync::Mutex::new(Sha256::digest(text.as_bytes()).into()),
         })

@@ -107,11 +107,11 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response
         }
         (&Method::GET, ["admin", "log-level"]) => Ok(json_response(
             StatusCode::OK,
-            &json!({ "filter": crate::telemetry::current_filter() }),
+            &json!({ "filter": switchyard_runtime::telemetry::current_filter() }),
         )),
         (&Method::PUT | &Method::POST, ["admin", "log-level"]) => {
             let body = read_small_body(request).await?;
-            let filter = crate::telemetry::set_from_json(&body)
+            let filter = switchyard_runtime::telemetry::set_from_json(&body)
                 .map_err(|m| ApiError::bad_request("invalid_filter", m))?;
             Ok(json_response(StatusCode::OK, &json!({ "filter": filter })))
         }
@@ -179,31 +179,14 @@ async fn read_small_body(request: Request<Incoming>) -> Result<Bytes, ApiError> 
 
 /// Checks `Authorization: Bearer <token>` when a token is configured.
 pub fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), ApiError> {
-    let expected = state.config.proxy.admin_token.as_bytes();
-    if expected.is_empty() {
-        return Ok(());
-    }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .as_bytes();
-    if constant_time_eq(given, expected) {
+    if switchyard_runtime::admin::bearer_authorized(
+        request.headers(),
+        &state.config.proxy.admin_token,
+    ) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
     }
-}
-
-/// Compares without an early exit, so the time taken says nothing about the token.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, byte) in b.iter().enumerate() {
-        diff |= byte ^ a.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
 }
 
 /// Readiness is this proxy's own state only: routing loaded and not draining. A store outage
@@ -289,17 +272,4 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secreT", b"secret"));
-        assert!(!constant_time_eq(b"secret-longer", b"secret"));
-        assert!(!constant_time_eq(b"", b"secret"));
-    }
 }

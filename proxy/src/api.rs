@@ -707,7 +707,7 @@ impl Drop for InFlight<'_> {
 /// left — accepted there if a later migration back has reopened its fence — and read from the
 /// wrong store.
 async fn routes_loaded(state: &AppState) -> Result<(), ApiError> {
-    let limit = std::time::Duration::from_millis(state.config.proxy.gate_wait_ms);
+    let limit = state.config.proxy.gate_wait;
     if state.routes.is_loaded() || state.routes.wait_loaded(limit).await {
         Ok(())
     } else {
@@ -879,12 +879,12 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let timeout_ms = state.config.proxy.body_read_timeout_ms;
+    let timeout = state.config.proxy.body_read_timeout;
     let collecting = Limited::new(request.into_body(), limit).collect();
-    let Ok(collected) =
-        tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), collecting).await
-    else {
-        return Err(ApiError::BodyTimeout(timeout_ms));
+    let Ok(collected) = tokio::time::timeout(timeout, collecting).await else {
+        return Err(ApiError::BodyTimeout(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        ));
     };
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use switchyard_store::{AppendError, StoreError};
 
 pub type Body = Full<Bytes>;
@@ -249,10 +249,11 @@ impl ApiError {
             } => tracing::warn!(store.id = %store_id, error = %cause, "store unavailable"),
             _ => {}
         }
-        let mut body = Map::new();
-        body.insert("error".into(), json!(self.code()));
-        body.insert("message".into(), json!(self.to_string()));
-        body.insert("retryable".into(), json!(self.is_retryable()));
+        let mut body = switchyard_runtime::admin::error_body(
+            self.code(),
+            &self.to_string(),
+            self.is_retryable(),
+        );
         if matches!(self, Self::Unconfirmed(_)) {
             body.insert("may_have_committed".into(), json!(true));
         }

@@ -26,7 +26,7 @@ pub enum Until {
 
 /// Waits until the tenant's route satisfies `until`, and returns that route.
 pub async fn wait(state: &AppState, tenant: Uuid, until: Until) -> Result<Route, ApiError> {
-    let limit = Duration::from_millis(state.config.proxy.gate_wait_ms);
+    let limit = state.config.proxy.gate_wait;
     let deadline = Instant::now() + limit;
     let mut changes = state.routes.subscribe();
     let satisfied = |route: &Route| {

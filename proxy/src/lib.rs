@@ -19,8 +19,6 @@ pub mod payload;
 pub mod reads;
 pub mod routing;
 pub mod server;
-pub mod telemetry;
-pub mod tls;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -31,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_config::Config;
+use switchyard_runtime::tls;
 use switchyard_store::{ControlDb, EventStore, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex, Notify};
@@ -157,26 +156,22 @@ impl App {
             .get(&config.default_store)
             .expect("validated config names a configured default store");
         let control = ControlDb::connect(&config.control_url, 4).map_err(BuildError::Control)?;
-        let (tls, data_tls) = if config.proxy.tls_cert_path.is_empty() {
-            (None, None)
-        } else {
-            let p = &config.proxy;
-            let admin = tls::Tls::load(&p.tls_cert_path, &p.tls_key_path, None)?;
-            let data = if p.tls_client_ca_path.is_empty() {
-                admin.clone()
-            } else {
-                tls::Tls::load(
-                    &p.tls_cert_path,
-                    &p.tls_key_path,
-                    Some(&p.tls_client_ca_path),
-                )?
-            };
-            (Some(admin), Some(data))
+        let p = &config.proxy;
+        let (tls, data_tls) = match (&p.tls_cert_path, &p.tls_key_path) {
+            (Some(cert), Some(key)) => {
+                let admin = tls::Tls::load(cert, key, None)?;
+                let data = match &p.tls_client_ca_path {
+                    None => admin.clone(),
+                    Some(ca) => tls::Tls::load(cert, key, Some(ca))?,
+                };
+                (Some(admin), Some(data))
+            }
+            // Validation sets both or neither.
+            _ => (None, None),
         };
-        let data_tokens = if config.proxy.data_tokens_file.is_empty() {
-            None
-        } else {
-            Some(access::DataTokens::load(&config.proxy.data_tokens_file)?)
+        let data_tokens = match &p.data_tokens_file {
+            None => None,
+            Some(path) => Some(access::DataTokens::load(path)?),
         };
         let metrics = ProxyMetrics::new();
         if let Some(tokens) = &data_tokens {
@@ -188,7 +183,7 @@ impl App {
             config.proxy.migrating_tenant_share,
             config.proxy.max_concurrent_requests,
             stores.iter().map(EventStore::max_connections),
-            Duration::from_millis(config.proxy.gate_wait_ms),
+            config.proxy.gate_wait,
             metrics.clone(),
         );
         let state = AppState {
@@ -295,7 +290,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let state = self.state;
-        let grace = Duration::from_millis(state.config.proxy.shutdown_grace_ms);
+        let grace = state.config.proxy.shutdown_grace;
         let scheme = if state.tls.is_some() { "https" } else { "http" };
         if let Ok(addr) = admin.local_addr() {
             let _ = state.admin_url.set(format!("{scheme}://{addr}"));
@@ -320,25 +315,28 @@ impl App {
             let (state, stop) = (Arc::clone(&state), stop_rx.clone());
             tokio::spawn(async move {
                 if let Some(tokens) = &state.data_tokens {
-                    let every = Duration::from_millis(state.config.proxy.data_tokens_poll_ms);
+                    let every = state.config.proxy.data_tokens_poll;
                     access::watch(tokens, &state.metrics, every, stop).await;
                 }
             })
         });
         let mirror_workers = state.mirror.start(&state.stores);
-        let admin_server = tokio::spawn(server::serve_with(
+        let admin_server = tokio::spawn(switchyard_runtime::server::serve_with(
             admin,
             admin::service(Arc::clone(&state)),
             admin_stop_rx,
             Duration::from_secs(1),
-            server::ServeOptions::admin(&state.config.proxy, state.tls.clone()),
+            switchyard_runtime::server::ServeOptions::admin(&state.config.proxy, state.tls.clone()),
         ));
-        let data_server = server::serve_with(
+        let data_server = switchyard_runtime::server::serve_with(
             data,
             server::data_service(Arc::clone(&state)),
             stop_rx,
             grace,
-            server::ServeOptions::data(&state.config.proxy, state.data_tls.clone()),
+            switchyard_runtime::server::ServeOptions::data(
+                &state.config.proxy,
+                state.data_tls.clone(),
+            ),
         );
         tokio::pin!(data_server);
         tokio::select! {
@@ -385,25 +383,4 @@ pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)
         TcpListener::bind(data).await?,
         TcpListener::bind(admin).await?,
     ))
-}
-
-/// Completes on SIGTERM or SIGINT: the shutdown signal of both programs.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use switchyard_config::Config;
-use switchyard_proxy::telemetry::{self, LogFormat};
 use switchyard_proxy::App;
+use switchyard_runtime::telemetry::{self, LogFormat};
 
 /// The Switchyard data-plane sidecar. With no config it runs on the embedded default (SQLite
 /// files under ./switchyard-data/).
@@ -74,7 +74,7 @@ async fn main() -> ExitCode {
     // One machine-readable line on stdout, so supervisors and tests learn the bound ports.
     println!("switchyard-proxy listening data={data_addr} admin={admin_addr}");
     tracing::info!(%data_addr, %admin_addr, "listening");
-    app.run(data, admin, switchyard_proxy::shutdown_signal())
+    app.run(data, admin, switchyard_runtime::shutdown_signal())
         .await;
     ExitCode::SUCCESS
 }

@@ -174,7 +174,7 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     if state.control.supports_notify() && state.config.proxy.routing_listen {
         tokio::spawn(listen(Arc::clone(&state), shutdown.clone()));
     }
-    let mut poll = tokio::time::interval(Duration::from_millis(state.config.proxy.routing_poll_ms));
+    let mut poll = tokio::time::interval(state.config.proxy.routing_poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_benches::{load_averages, toml_string, Databases, InProcessProxy};
 use switchyard_config::Config;
-use switchyard_proxy::telemetry::{self, LogFormat};
+use switchyard_runtime::telemetry::{self, LogFormat};
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
 use tokio::sync::{watch, Mutex};
 use uuid::Uuid;

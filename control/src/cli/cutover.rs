@@ -26,11 +26,10 @@ pub struct Args {
 
 pub async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
-    let budget = Duration::from_millis(
-        args.timeout_ms
-            .unwrap_or(engine.settings.cutover_timeout_ms)
-            .clamp(1, 600_000),
-    );
+    let budget = args
+        .timeout_ms
+        .map_or(engine.settings.cutover_timeout, Duration::from_millis)
+        .clamp(Duration::from_millis(1), Duration::from_secs(600));
     let outcome = engine
         .cutover(
             args.migration,

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use switchyard_config::Config;
-use switchyard_proxy::telemetry::LogFormat;
+use switchyard_runtime::telemetry::LogFormat;
 
 use crate::context::Context;
 

@@ -37,6 +37,6 @@ pub async fn run(ctx: &mut Context, args: &Args) -> Result<(), CliError> {
     // One machine-readable line on stdout, so supervisors and tests learn the bound port.
     println!("switchyard-control serve listening admin={bound} worker={worker}");
     tracing::info!(admin_addr = %bound, worker, "serving");
-    crate::serve::run(engine, listener, switchyard_proxy::shutdown_signal()).await;
+    crate::serve::run(engine, listener, switchyard_runtime::shutdown_signal()).await;
     Ok(())
 }

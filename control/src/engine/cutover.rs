@@ -558,7 +558,7 @@ impl Engine {
             let abort = Abort {
                 message: format!(
                     "cutover budget of {} ms exceeded before the fence moved",
-                    self.settings.cutover_timeout_ms
+                    self.settings.cutover_timeout.as_millis()
                 ),
                 blocked_writers: blocked,
             };
@@ -610,7 +610,7 @@ impl Engine {
         let source = self
             .store(&record.source_store_id)
             .map_err(|e| e.to_string())?;
-        let wait = Duration::from_millis(self.settings.cutover_timeout_ms) + FENCE_MARGIN * 2;
+        let wait = self.settings.cutover_timeout + FENCE_MARGIN * 2;
         let until = tokio::time::Instant::now() + wait * 2;
         let mut last = String::new();
         while tokio::time::Instant::now() < until {
@@ -995,7 +995,7 @@ impl Engine {
         let age = (chrono::Utc::now() - record.updated_at)
             .to_std()
             .unwrap_or_default();
-        if age < ABANDONED_AFTER + Duration::from_millis(self.settings.cutover_timeout_ms) {
+        if age < ABANDONED_AFTER + self.settings.cutover_timeout {
             return Ok(None);
         }
         // The attempt may have been given another budget (`cutover --timeout-ms`): a live
@@ -1064,7 +1064,7 @@ impl Engine {
     /// The budget the current cutover attempt of `record` was given (its `cutover` audit
     /// entry's `budget_ms`), or the configured one.
     async fn attempt_budget(&self, record: &MigrationRecord) -> Duration {
-        let configured = Duration::from_millis(self.settings.cutover_timeout_ms);
+        let configured = self.settings.cutover_timeout;
         let Ok(log) = self.control.audit_log(record.id).await else {
             return configured;
         };

@@ -340,7 +340,9 @@ impl Engine {
             }
             return Ok(false);
         }
-        let backoff = Duration::from_millis(self.settings.auto_cutover_backoff_ms)
+        let backoff = self
+            .settings
+            .auto_cutover_backoff
             .saturating_mul(1 << (attempts - 1).min(16))
             .min(AUTO_CUTOVER_MAX_BACKOFF);
         let since = (chrono::Utc::now() - last.at).to_std().unwrap_or_default();
@@ -507,7 +509,7 @@ impl Engine {
                             let note =
                                 switchyard_store::AuditNote::new(format!("worker:{}", self.worker))
                                     .with_reason("--cutover auto: lag reached 0");
-                            let budget = Duration::from_millis(self.settings.cutover_timeout_ms);
+                            let budget = self.settings.cutover_timeout;
                             let outcome = self.cutover(id, false, budget, &note).await?;
                             tracing::info!(migration.id = %id, success = outcome.success, pause_ms = outcome.pause_ms,
                                 error = outcome.error.as_deref().unwrap_or(""), "automatic cutover");

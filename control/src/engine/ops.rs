@@ -359,8 +359,7 @@ impl Engine {
     /// How long the emergency stop waits for a tenant's fence: a cutover holds it for its
     /// budget (which `cutover --timeout-ms` may raise) plus the fence's margin at most.
     fn fence_wait(&self) -> Duration {
-        (Duration::from_millis(self.settings.cutover_timeout_ms) + FENCE_MARGIN * 2)
-            .max(STOP_WAITS_FOR_FENCE)
+        (self.settings.cutover_timeout + FENCE_MARGIN * 2).max(STOP_WAITS_FOR_FENCE)
     }
 
     /// Writes must be able to land on the store the tenant is routed to: a moved fence there

@@ -34,25 +34,24 @@ impl Tls {
     /// Loads `cert_path` (PEM chain, leaf first) and `key_path` (PEM private key); with
     /// `client_ca_path`, the handshake fails for a client without a certificate that CA signed.
     pub fn load(
-        cert_path: &str,
-        key_path: &str,
-        client_ca_path: Option<&str>,
+        cert_path: &Path,
+        key_path: &Path,
+        client_ca_path: Option<&Path>,
     ) -> Result<Self, TlsError> {
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(Path::new(cert_path))
-                .and_then(|certs| certs.collect::<Result<_, _>>())
-                .map_err(|e| TlsError::Cert {
-                    path: cert_path.to_owned(),
-                    message: e.to_string(),
-                })?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .map_err(|e| TlsError::Cert {
+                path: cert_path.display().to_string(),
+                message: e.to_string(),
+            })?;
         if certs.is_empty() {
             return Err(TlsError::Cert {
-                path: cert_path.to_owned(),
+                path: cert_path.display().to_string(),
                 message: "no CERTIFICATE block found".to_owned(),
             });
         }
-        let key = PrivateKeyDer::from_pem_file(Path::new(key_path)).map_err(|e| TlsError::Key {
-            path: key_path.to_owned(),
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Key {
+            path: key_path.display().to_string(),
             message: e.to_string(),
         })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -70,14 +69,14 @@ impl Tls {
 
 /// A verifier that accepts only client certificates chaining to the CA(s) in `path`.
 fn client_verifier(
-    path: &str,
+    path: &Path,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let failed = |message: String| TlsError::ClientCa {
-        path: path.to_owned(),
+        path: path.display().to_string(),
         message,
     };
-    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(Path::new(path))
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| failed(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
