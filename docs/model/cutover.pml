@@ -172,19 +172,32 @@ inline recover(me, may_give_up) {
 #define CRASH_POINT if :: !crashed -> crashed = 1; goto crash :: true -> skip fi
 
 proctype Control() {
-    /* 1 (refuse unless dual_write; the lag gate and the check below the delta are abstracted)
-     * and 2: close the gates — migration cutover, routing cutover_paused, in one transition. */
+    bit fenced = 0;
+    /* 1 (refuse unless dual_write; the lag gate, the check below the delta and the last tail
+     * pass are abstracted), then 2 and 3 at once: close the gates — migration cutover, routing
+     * cutover_paused, in one transition; each proxy told directly is one more reload at some
+     * moment, as Notify's — and take the source fence within the budget, in either order. */
+    if
+    :: take_fence(S, CUTTER); fenced = 1            /* the fence first */
+    :: skip                                         /* the transition first */
+    fi;
     atomic {
         if
         :: mstate == M_DUAL_WRITE -> mstate = M_CUTOVER; set_route(CUTOVER_PAUSED, S)
-        :: else -> goto over   /* refused */
+        :: else ->                                  /* refused */
+            if
+            :: fenced -> release_fence(S, CUTTER)
+            :: else -> skip
+            fi;
+            goto over
         fi
     }
     CRASH_POINT;                                    /* after_gate_closed */
-    /* 3: take the source fence within the budget, then re-check the migration under it. */
+    /* 3: the fence within the budget, if not taken yet; then re-check the migration under it. */
     if
-    :: take_fence(S, CUTTER)
-    :: true -> goto rollback                        /* lock_timeout: the budget ran out */
+    :: fenced -> skip
+    :: !fenced -> take_fence(S, CUTTER)
+    :: !fenced -> goto rollback                     /* lock_timeout: the budget ran out */
     fi;
     if
     :: mstate != M_CUTOVER -> release_fence(S, CUTTER); goto rollback

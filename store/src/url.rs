@@ -7,7 +7,15 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, PgPool, SqlitePool};
+
+/// Our own statements that run longer than [`SLOW_STATEMENT`] are logged at debug level, not
+/// sqlx's default warning: the long ones are ours by design (a verification's or the lag
+/// check's scan of a whole tenant, the bulk copy's batches, a writer waiting for SQLite's write
+/// lock), each is timed where it matters (the cutover's `steps_ms`, the metrics), and a warning
+/// with the statement's text in the middle of `demo`'s or an operator's output only hides what
+/// they are there to read. `RUST_LOG=sqlx=debug` shows them.
+const SLOW_STATEMENT: Duration = Duration::from_secs(1);
 
 pub use switchyard_config::url::{StoreUrl, UrlError};
 
@@ -33,7 +41,8 @@ const SERVER_KEEPALIVES: [(&str, &str); 4] = [
 pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     let mut options = PgConnectOptions::from_str(url)?
         .application_name("switchyard")
-        .options(SERVER_KEEPALIVES);
+        .options(SERVER_KEEPALIVES)
+        .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
     if !switchyard_config::tls::url_sets_mode(url) {
         options = options.ssl_mode(PgSslMode::Prefer);
     }
@@ -59,7 +68,8 @@ pub fn sqlite_pool(path: &str, max_connections: u32) -> Result<SqlitePool, sqlx:
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(true);
+        .foreign_keys(true)
+        .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
     Ok(SqlitePoolOptions::new()
         .max_connections(max_connections.clamp(1, 8))
         .acquire_timeout(Duration::from_secs(10))

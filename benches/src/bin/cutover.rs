@@ -1,5 +1,6 @@
 // Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin cutover -- --events 1000000 --writers 16 --proxies 2 --runs 1
-// Smoke: cargo run --release -p switchyard-benches --bin cutover -- --smoke
+// Paced: cargo run --release -p switchyard-benches --bin cutover -- --events 100000 --writers 8 --runs 5 --rate 800
+// Smoke: cargo run --release -p switchyard-benches --bin cutover -- --smoke [--rate 200]
 
 //! The write pause of a cutover under load (issue 4, "Performance"): a tenant of `--events`
 //! events is migrated from the store `shared` to the store `dedicated` by the real
@@ -12,7 +13,12 @@
 //! `INSERT … SELECT` on the source, starts `switchyard-control serve` and the proxies, starts
 //! the migration and waits for dual_write with lag 0. Then every writer appends one event per
 //! request with `expected_version` to a few streams of its own, retrying a 503 with the same
-//! body (appends are idempotent by event id); after `--steady-seconds` the harness runs
+//! body (appends are idempotent by event id). By default each writer sends its next append as
+//! soon as the last one is acknowledged (closed loop: the saturated scenario); with `--rate R`
+//! the writers share a fixed schedule of R appends/s (open loop: writer w's k-th append is due
+//! at `(k + w / writers) · writers / R` seconds), and a latency runs from the append's *intended*
+//! send time, so an append queued behind a paused one counts its wait too (no coordinated
+//! omission). After `--steady-seconds` the harness runs
 //! `switchyard-control cutover` and keeps writing `--after-seconds` more. It reports appends/s
 //! before, during (the cutover command's wall-clock window) and after; client-observed latency
 //! overall and of the appends that overlapped the window (their maximum is the longest writer
@@ -110,6 +116,10 @@ struct Args {
     /// Log filter of the in-process proxies.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Open loop: the writers together send this many appends per second on a fixed schedule
+    /// (latency from each append's intended send time). Without it, closed loop (saturated).
+    #[arg(long)]
+    rate: Option<f64>,
     /// 20,000 events, 4 writers, 1 run, shorter phases: checks the harness works.
     #[arg(long)]
     smoke: bool,
@@ -145,9 +155,10 @@ impl Args {
 /// One append as the client saw it.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    /// When it was first sent, µs since the run's origin.
+    /// When it was first sent (open loop: when it was due), µs since the run's origin.
     sent_us: u64,
-    /// First send to the acknowledgement, retries included, µs.
+    /// First send (open loop: its intended send time) to the acknowledgement, retries
+    /// included, µs.
     latency_us: u64,
     retries: u32,
 }
@@ -170,6 +181,8 @@ struct WriterSpec {
     streams: usize,
     origin: Instant,
     stop: Arc<AtomicBool>,
+    /// Open loop: (this writer's first due time after `origin`, the time between its appends).
+    schedule: Option<(Duration, Duration)>,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -197,6 +210,16 @@ async fn writer(spec: WriterSpec, index: usize) -> Result<WriterResult> {
     let mut seq: u64 = 0;
     while !spec.stop.load(Ordering::Relaxed) {
         let s = usize::try_from(seq % streams.len() as u64).unwrap_or(0);
+        // Open loop: wait for this append's due time (never skipped, so a late writer catches
+        // up and its queueing shows in the latencies); closed loop: send now.
+        let started = match spec.schedule {
+            Some((first, every)) => {
+                let due = spec.origin + first + every * u32::try_from(seq).unwrap_or(u32::MAX);
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
         seq += 1;
         let (uri, version) = &streams[s];
         let event_id = Uuid::now_v7();
@@ -204,7 +227,6 @@ async fn writer(spec: WriterSpec, index: usize) -> Result<WriterResult> {
             r#"{{"expected_version":{version},"events":[{{"event_id":"{event_id}","event_type":"{EVENT_TYPE}","payload":{{"writer":{index},"seq":{seq},"amount_cents":{},"note":"cutover benchmark padding........"}},"actor_id":"{ACTOR}"}}]}}"#,
             1000 + seq % 997
         ));
-        let started = Instant::now();
         let mut retries = 0u32;
         let outcome = loop {
             let (status, reply) = post(&spec.client, uri, body.clone())
@@ -568,7 +590,15 @@ impl Setup {
         let origin = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = tokio::task::JoinSet::new();
-        for w in 0..self.args.writers {
+        let writers = self.args.writers;
+        for w in 0..writers {
+            let schedule = self.args.rate.map(|rate| {
+                let every = Duration::from_secs_f64(writers as f64 / rate);
+                (
+                    every * u32::try_from(w).unwrap_or(0) / u32::try_from(writers).unwrap_or(1),
+                    every,
+                )
+            });
             tasks.spawn(writer(
                 WriterSpec {
                     client: self.client.clone(),
@@ -578,6 +608,7 @@ impl Setup {
                     streams: self.args.streams_per_writer,
                     origin,
                     stop: stop.clone(),
+                    schedule,
                 },
                 w,
             ));
@@ -809,6 +840,7 @@ fn report(
         "vacuum_between_runs": args.vacuum_between_runs,
         "after_seconds": args.after_seconds,
         "pool_size": args.pool_size,
+        "load": args.rate.map_or_else(|| json!("closed loop (saturated)"), |r| json!({"open_loop_rate_per_s": r})),
         "smoke": args.smoke,
         "postgres": version,
         "load_average_before": load.0,
@@ -1052,6 +1084,9 @@ fn main() -> Result<()> {
     let args = Args::parse().effective();
     if args.writers == 0 || args.proxies == 0 || args.events < 0 {
         bail!("--writers and --proxies must be > 0, --events >= 0");
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of appends per second");
     }
     let log = args.log.clone();
     block_on(Some(&log), run(args))

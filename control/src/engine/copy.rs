@@ -22,15 +22,15 @@ const DIVERGENCE: &str = "divergence:";
 const TAIL_BATCH: u32 = 2000;
 
 /// What one batch achieved.
-struct Landed {
+pub(super) struct Landed {
     /// Rows of the batch, from its start, that are now in the target.
-    prefix: usize,
+    pub(super) prefix: usize,
     /// Source position of the last of them.
-    last_position: i64,
+    pub(super) last_position: i64,
     /// Rows of the batch this call inserted (not those already there).
-    inserted: usize,
+    pub(super) inserted: usize,
     /// The first row of the batch that can never land, and why.
-    diverged: Option<(StoredEvent, Divergence)>,
+    pub(super) diverged: Option<(StoredEvent, Divergence)>,
 }
 
 impl Engine {
@@ -355,7 +355,7 @@ impl Engine {
     }
 
     /// Inserts a batch into the target and maps what landed; reports the landed prefix.
-    async fn land(
+    pub(super) async fn land(
         &self,
         id: Uuid,
         target: &switchyard_store::EventStore,

@@ -3,11 +3,16 @@
 //! 1. refuse unless dual_write and the lag is within `cutover_max_lag_events` (unless forced);
 //!    compare the streams with versions past the tail horizon below those versions (writers
 //!    still write; a difference fails the cutover before anyone is paused);
-//! 2. routing → `cutover_paused` (proxies close the tenant's gate);
-//! 3. take the tenant's fence in the source (waits for appends in flight, holds every other);
-//! 4. copy the final delta past the tail horizon, verify it landed and the rest of the streams
-//!    it touched agree (unless forced), mark the fence moved, commit;
-//! 5. routing → `normal` on the target (gates open onto the target): migrated.
+//!    then one more tail pass (the final delta starts where it ended), and a connection opened
+//!    to every live proxy (heartbeat in `proxies`);
+//! 2. and 3. at once: routing → `cutover_paused` (proxies close the tenant's gate: each live
+//!    proxy is told directly, NOTIFY and the poll are the fallback) and take the tenant's
+//!    fence in the source (waits for appends in flight, holds every other, whatever a
+//!    proxy's gate says);
+//! 4. copy the final delta past that pass's horizon, verify it landed and the rest of the
+//!    streams it touched agree (unless forced), mark the fence moved, commit;
+//! 5. routing → `normal` on the target, each live proxy told directly (gates open onto the
+//!    target): migrated.
 //!
 //! On timeout or any failure before step 4 commits, the source transaction rolls back (the
 //! fence stays open), routing returns to `dual_write` and the migration to dual_write, with
@@ -72,20 +77,30 @@ pub struct CutoverOutcome {
     pub steps_ms: Steps,
 }
 
-/// The cutover's step durations, keyed so that their order is the protocol's: `1_check_lag`,
-/// `1_older_writers` (waiting for sessions older than the fence row), `2_close_gates`, `3_take_fence`, `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
-/// `5_open_gates`; a failed attempt ends with `4_failed_step` (from the last step that finished
-/// to the failure or the budget's end) and `5_roll_back`. A step that did not run is absent.
+/// The cutover's step durations, keyed by protocol step: `1_check_lag`, `1_verify_below_delta`,
+/// `1_older_writers` (waiting for sessions older than the fence row), `1_last_tail_pass` (the
+/// tail pass just before the pause), `1_warm` (opening a connection to every live proxy),
+/// `2_close_gates` (routing → `cutover_paused` and the fence taken, at once), `3_take_fence`
+/// (the checks under the fence), `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
+/// `5_open_gates` (routing → `normal` on the target, every live proxy told); a failed attempt
+/// ends with `4_failed_step` (from the last step that finished to the failure or the budget's
+/// end) and `5_roll_back`. A step that did not run is absent.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Steps(std::collections::BTreeMap<&'static str, f64>);
 
 impl Steps {
     /// Records `name` as the time since `lap`, and restarts `lap`.
     fn lap(&mut self, name: &'static str, lap: &mut Instant) {
-        let now = Instant::now();
-        let ms = (now - *lap).as_secs_f64() * 1000.0;
+        self.lap_until(name, lap, Instant::now());
+    }
+
+    /// Records `name` as the time from `lap` to `until` (not before `lap`), and moves `lap`
+    /// there.
+    fn lap_until(&mut self, name: &'static str, lap: &mut Instant, until: Instant) {
+        let until = until.max(*lap);
+        let ms = (until - *lap).as_secs_f64() * 1000.0;
         self.0.insert(name, (ms * 10.0).round() / 10.0);
-        *lap = now;
+        *lap = until;
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
@@ -105,6 +120,15 @@ struct Fenced {
     lock: FenceLock,
     delta: u64,
     blocked: i64,
+}
+
+/// Where the final delta starts: the tail horizon, or where the last tail pass before the
+/// pause ended, with the streams that pass landed events of (compared under the fence as if
+/// the delta had touched them, so every stream with versions past the tail horizon is compared
+/// in full, as without the pass).
+struct DeltaStart {
+    from: Option<i64>,
+    touched: BTreeSet<StreamKey>,
 }
 
 /// Where an attempt ended, from what the source fence says.
@@ -189,6 +213,15 @@ impl Engine {
                  (`switchyard-control lag {id}`), or use --force to cut over anyway"
             )));
         }
+        // The tail went on while the lag was sampled: its horizon now is where the checks
+        // below and the last tail pass start (the less past it, the less they compare).
+        let record = self.control.migration(id).await?;
+        if record.state != MigrationState::DualWrite {
+            return Err(EngineError::Refused(format!(
+                "migration {id} is {} now (changed while this cutover checked the lag); nothing was paused",
+                record.state
+            )));
+        }
         steps.lap("1_check_lag", &mut lap);
         // The streams the final delta will touch are checked below the delta while writers
         // still write, so only their newest versions are left for the pause.
@@ -220,37 +253,89 @@ impl Engine {
         let target = self.store(&record.target_store_id)?;
         self.wait_for_older_writers(&record, budget).await?;
         steps.lap("1_older_writers", &mut lap);
+        // One more tail pass while writers still write (the fenced delta starts where it
+        // ended) and, meanwhile, what the pause will use opened beforehand: a connection to
+        // every live proxy.
+        let warm = async {
+            let live = self.live_proxies().await;
+            self.proxy_caller.warm(&live).await;
+            live
+        };
+        let pass = async { (self.last_tail_pass(&record, budget).await, Instant::now()) };
+        let ((delta_start, passed), live) = tokio::join!(pass, warm);
+        steps.lap_until("1_last_tail_pass", &mut lap, passed);
+        // `1_warm`: how much longer than the pass the warming took (usually nothing).
+        steps.lap("1_warm", &mut lap);
         let deadline = tokio::time::Instant::now() + budget;
 
-        // 2. Close the gates.
+        // 2 and 3 at once: close the gates (routing → cutover_paused) and take the fence. The
+        // fence alone keeps every append out of the source from the moment it is held, gate
+        // or no gate; the gates only keep the writers of proxies that know from queueing on it.
         let paused_route = record.implied_route(MigrationState::Cutover);
         let detail_note = note.clone().with_details(
             serde_json::json!({ "force": force, "budget_ms": budget.as_millis(), "lag": lag }),
         );
-        let closed = self
-            .control
-            .transition(
-                id,
-                MigrationState::DualWrite,
-                Action::Cutover,
-                &detail_note,
-                Some(&paused_route),
-            )
-            .await?;
-        let pause_started = Instant::now();
+        let ((closed, closed_at), (lock, locked_at)) = tokio::join!(
+            async {
+                let closed = self
+                    .control
+                    .transition(
+                        id,
+                        MigrationState::DualWrite,
+                        Action::Cutover,
+                        &detail_note,
+                        Some(&paused_route),
+                    )
+                    .await;
+                (closed, Instant::now())
+            },
+            async {
+                let lock =
+                    tokio::time::timeout_at(deadline, source.lock_fence(record.tenant_id, budget))
+                        .await;
+                (lock, Instant::now())
+            },
+        );
+        let lock = match lock {
+            Ok(Ok(lock)) => Ok(lock),
+            Ok(Err(e)) => Err(format!("taking the fence in {}: {e}", source.id())),
+            Err(_) => Err(format!(
+                "cutover budget of {} ms exceeded while taking the fence",
+                budget.as_millis()
+            )),
+        };
+        let closed = match closed {
+            Ok(closed) => closed,
+            Err(e) => {
+                if let Ok(lock) = lock {
+                    let _ = lock.release().await;
+                }
+                return Err(e.into());
+            }
+        };
+        // Every live proxy is told directly, while the fence works (NOTIFY and the poll are the
+        // fallback for any that does not answer).
+        let told_closed = {
+            let (caller, live) = (self.proxy_caller.clone(), live.clone());
+            tokio::spawn(async move { caller.reload_all(&live).await })
+        };
+        let pause_started = match &lock {
+            Ok(_) => closed_at.min(locked_at),
+            Err(_) => closed_at,
+        };
         steps.lap("2_close_gates", &mut lap);
         crash_point("after_gate_closed");
         let epoch = closed.routing_epoch.unwrap_or(closed.record.revision);
 
-        // 3 and 4 up to the move, within what is left of the budget (cancelling them rolls the
-        // fence transaction back); then the move, never cancelled halfway.
+        // The rest of 3 and 4 up to the move, within what is left of the budget (cancelling
+        // them rolls the fence transaction back); then the move, never cancelled halfway.
         let attempt = tokio::time::timeout_at(
             deadline,
             self.fence_and_copy(
                 &closed.record,
+                lock,
                 (source, target),
-                below.as_ref(),
-                deadline,
+                (&delta_start, below.as_ref()),
                 (&mut steps, &mut lap),
             ),
         )
@@ -278,16 +363,23 @@ impl Engine {
         let (failure, held) = match settled {
             Settled::Forward { delta, blocked } => {
                 crash_point("after_fence");
-                // 5. The fence moved: only forward from here.
+                // 5. The fence moved: only forward from here. Every live proxy is told at once
+                // (its writers released from the gate go straight to the target).
                 let finished = self.finish_cutover(&closed.record, note).await;
+                // The pause as DESIGN.md counts it ends with routing normal on the target; the
+                // calls below only bring that to the proxies sooner than NOTIFY would, and
+                // waiting for their answers holds no writer.
+                let pause = pause_started.elapsed();
+                if finished.is_ok() {
+                    self.proxy_caller.reload_all(&live).await;
+                }
+                let _ = told_closed.await;
                 steps.lap("5_open_gates", &mut lap);
                 if finished.is_ok() {
                     crash_point("after_routing_flipped");
                 }
-                let pause_ms = elapsed_ms(pause_started);
-                self.metrics
-                    .cutover_pause
-                    .observe(pause_started.elapsed().as_secs_f64());
+                let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+                self.metrics.cutover_pause.observe(pause.as_secs_f64());
                 if finished.is_ok() {
                     self.metrics.cutovers.with_label_values(&["migrated"]).inc();
                 }
@@ -354,6 +446,10 @@ impl Engine {
         if let Some(lock) = held {
             let _ = lock.release().await;
         }
+        if rolled.is_ok() {
+            self.proxy_caller.reload_all(&live).await;
+        }
+        let _ = told_closed.await;
         steps.lap("5_roll_back", &mut lap);
         let state = match rolled {
             Ok(t) => t.record.state,
@@ -375,63 +471,52 @@ impl Engine {
         })
     }
 
-    /// Steps 3 and 4 up to the move: take the fence, make sure no session older than the
-    /// fence row is still open, copy and verify the final delta. `below` is what
+    /// Steps 3 and 4 up to the move, given the fence taken beside the gates' closing (or why
+    /// it could not be): make sure no session older than the fence row is still open, copy
+    /// and verify the final delta from `delta_start`. `below` is what
     /// [`Self::check_below_delta`] compared (`None` when forced: nothing is verified).
     /// Returns the held fence, the delta size and the writers held.
     async fn fence_and_copy(
         &self,
         record: &MigrationRecord,
+        lock: Result<FenceLock, String>,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
-        below: Option<&HashMap<StreamKey, i32>>,
-        deadline: tokio::time::Instant,
+        (delta_start, below): (&DeltaStart, Option<&HashMap<StreamKey, i32>>),
         (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<Fenced, Abort> {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let fail = |message: String| Abort {
             message,
             blocked_writers: 0,
         };
-        let mut lock: FenceLock = source
-            .lock_fence(record.tenant_id, left)
-            .await
-            .map_err(|e| fail(format!("taking the fence in {}: {e}", source.id())))?;
+        let mut lock: FenceLock = lock.map_err(fail)?;
         // Holding the fence, make sure nobody (an operator's emergency stop, a recoverer) took
         // the migration out of cutover meanwhile: they act under the same lock or before it.
-        match self.control.migration(record.id).await {
-            Ok(current) if current.state == MigrationState::Cutover => {}
-            Ok(current) => {
-                let _ = lock.release().await;
-                return Err(fail(format!(
-                    "the migration left cutover meanwhile (now {})",
-                    current.state
-                )));
-            }
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(fail(format!("reading the migration: {e}")));
-            }
-        }
-        // A session that wrote before the fence row existed holds no fence: its rows would
-        // commit behind the moved fence. Checked again here, where none can newly qualify.
-        match lock.older_writers().await {
-            Ok(older) if older.is_empty() => {}
-            Ok(older) => {
-                let _ = lock.release().await;
-                return Err(fail(older_writers_message(source.id(), &older)));
-            }
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(fail(format!(
-                    "looking for sessions older than the fence in {}: {e}",
-                    source.id()
-                )));
-            }
+        // And a session that wrote before the fence row existed holds no fence: its rows would
+        // commit behind the moved fence. Checked again here, where none can newly qualify. Both
+        // at once (the control database and the fence's own session).
+        let (current, older) =
+            tokio::join!(self.control.migration(record.id), lock.older_writers());
+        let refusal = match (current, older) {
+            (Ok(current), _) if current.state != MigrationState::Cutover => Some(format!(
+                "the migration left cutover meanwhile (now {})",
+                current.state
+            )),
+            (Err(e), _) => Some(format!("reading the migration: {e}")),
+            (Ok(_), Ok(older)) if older.is_empty() => None,
+            (Ok(_), Ok(older)) => Some(older_writers_message(source.id(), &older)),
+            (Ok(_), Err(e)) => Some(format!(
+                "looking for sessions older than the fence in {}: {e}",
+                source.id()
+            )),
+        };
+        if let Some(message) = refusal {
+            let _ = lock.release().await;
+            return Err(fail(message));
         }
         steps.lap("3_take_fence", lap);
         crash_point("after_fence_taken");
         let outcome = self
-            .copy_delta(record, (source, target), below, (steps, lap))
+            .copy_delta(record, (source, target), (delta_start, below), (steps, lap))
             .await;
         let blocked = lock.blocked_writers().await.unwrap_or(0);
         let delta = match outcome {
@@ -600,8 +685,9 @@ impl Engine {
         }
     }
 
-    /// The final catch-up: every event of the tenant past the tail horizon (no upper bound:
-    /// with the fence held, nothing more can commit). Events the mirror or the tail already
+    /// The final catch-up: every event of the tenant past `delta_start` (the tail horizon, or
+    /// where [`Self::last_tail_pass`] ended; no upper bound: with the fence held, nothing more
+    /// can commit). Events the mirror or the tail already
     /// wrote are found by identity and not inserted again, so the time under the fence grows
     /// with what is really missing, not with how far the horizon lags.
     ///
@@ -616,17 +702,17 @@ impl Engine {
         &self,
         record: &MigrationRecord,
         (source, target): (&switchyard_store::EventStore, &switchyard_store::EventStore),
-        below: Option<&HashMap<StreamKey, i32>>,
+        (delta_start, below): (&DeltaStart, Option<&HashMap<StreamKey, i32>>),
         (steps, lap): (&mut Steps, &mut Instant),
     ) -> Result<u64, String> {
         let window = PassWindow {
-            from: record.tail_horizon,
+            from: delta_start.from,
             to: i64::MAX,
         };
         let mut after = 0;
         let mut copied = 0u64;
         let mut map: Vec<(i64, i64, Uuid)> = Vec::new();
-        let mut touched: BTreeSet<StreamKey> = BTreeSet::new();
+        let mut touched: BTreeSet<StreamKey> = delta_start.touched.clone();
         loop {
             let batch = source
                 .read_window(record.tenant_id, window, after, DELTA_BATCH)
@@ -696,6 +782,13 @@ impl Engine {
             mapped.await?;
             return Ok(copied);
         };
+        if touched.is_empty() {
+            // An empty delta after an empty last pass touched no stream: nothing to compare,
+            // no round trip to either store.
+            mapped.await?;
+            steps.lap("4_verify_delta", lap);
+            return Ok(copied);
+        }
         // The touched streams, compared under the fence with the same code as `verify`
         // (counts and last versions: digests do not fit a pause).
         let ranges: Vec<(StreamKey, i32, i32)> = touched
@@ -720,6 +813,83 @@ impl Engine {
                 "verification failed; streams differ: {}",
                 report.summary(10)
             ))
+        }
+    }
+
+    /// Step 1's last act, writers still writing: one more tail pass, landing every event
+    /// between the tail horizon and the source's current horizon in the target (with its
+    /// position map rows), so that the fenced delta starts at that horizon and finds (almost)
+    /// nothing to read, look up or copy. Every event below the answer is in the target by
+    /// identity: below the tail horizon the tail landed it; from there to the new horizon this
+    /// pass did (all of them, or the answer stays the tail horizon). The streams it touched
+    /// are compared as before: their versions below [`Self::check_below_delta`]'s bound
+    /// before the pause, the rest under the fence (they are in the answer's `touched`).
+    ///
+    /// Best effort, within `bound` (the cutover's budget): any failure, an event that cannot
+    /// land yet, or a pass that takes longer leaves the delta to start at the tail horizon, as
+    /// without this pass. Nothing is recorded as the tail's progress (the
+    /// migration's driver keeps its own claim and horizon).
+    async fn last_tail_pass(&self, record: &MigrationRecord, bound: Duration) -> DeltaStart {
+        let fallback = || DeltaStart {
+            from: record.tail_horizon,
+            touched: BTreeSet::new(),
+        };
+        let pass = async {
+            let source = self.store(&record.source_store_id)?;
+            let target = self.store(&record.target_store_id)?;
+            let Some(from) = record.tail_horizon else {
+                return Ok(fallback());
+            };
+            let to = source
+                .horizon()
+                .await
+                .map_err(EngineError::store(source.id()))?;
+            let window = PassWindow {
+                from: Some(from),
+                to: to.max(from),
+            };
+            if window.is_empty() {
+                return Ok(fallback());
+            }
+            let mut after = 0;
+            let mut touched = BTreeSet::new();
+            loop {
+                let batch = source
+                    .read_window(record.tenant_id, window, after, DELTA_BATCH)
+                    .await
+                    .map_err(EngineError::store(source.id()))?;
+                if batch.is_empty() {
+                    break;
+                }
+                let landed = self.land(record.id, target, &batch).await?;
+                if landed.prefix < batch.len() {
+                    return Ok(fallback());
+                }
+                touched.extend(
+                    batch
+                        .iter()
+                        .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
+                );
+                after = landed.last_position;
+                if batch.len() < DELTA_BATCH as usize {
+                    break;
+                }
+            }
+            Ok::<_, EngineError>(DeltaStart {
+                from: Some(window.to),
+                touched,
+            })
+        };
+        match tokio::time::timeout(bound, pass).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                tracing::info!(migration.id = %record.id, error = %e, "the last tail pass before the pause failed; the fenced delta starts at the tail horizon");
+                fallback()
+            }
+            Err(_) => {
+                tracing::info!(migration.id = %record.id, "the last tail pass before the pause took longer than the budget; the fenced delta starts at the tail horizon");
+                fallback()
+            }
         }
     }
 

@@ -10,6 +10,7 @@ mod copy;
 mod cutover;
 mod metrics;
 mod ops;
+mod proxies;
 mod verify;
 
 use std::collections::HashMap;
@@ -162,6 +163,8 @@ pub struct Engine {
     /// Who holds claims and writes progress: `host:pid` or a `serve` replica's id.
     pub worker: String,
     pub metrics: EngineMetrics,
+    /// Tells live proxies of the cutover's routing changes directly (with `proxy.admin_token`).
+    proxy_caller: proxies::ProxyCaller,
 }
 
 impl Engine {
@@ -183,6 +186,7 @@ impl Engine {
             default_store: config.default_store.clone(),
             worker,
             metrics: EngineMetrics::new(),
+            proxy_caller: proxies::ProxyCaller::new(&config.proxy.admin_token),
         })
     }
 

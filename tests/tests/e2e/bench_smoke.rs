@@ -72,6 +72,14 @@ fn cutover_smoke() -> Result<()> {
     smoke("cutover", &[]).map(drop)
 }
 
+/// The open-loop (`--rate`) mode runs end to end and says so in its summary.
+#[test]
+fn cutover_smoke_with_a_paced_open_loop_load() -> Result<()> {
+    let s = smoke("cutover", &["--rate", "200"])?;
+    assert_eq!(s["load"]["open_loop_rate_per_s"], 200.0, "{s}");
+    Ok(())
+}
+
 #[test]
 fn fairness_smoke() -> Result<()> {
     let s = smoke("fairness", &[])?;

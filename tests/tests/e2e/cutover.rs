@@ -118,16 +118,23 @@ async fn under_load(backend: Backend) -> Result<()> {
     let http = Http::new();
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let id = migrate_to_dual_write(&env, tenant).await?;
-    // The third proxy is started in dual_write and then hears nothing: no NOTIFY, no poll.
+    // The third proxy is started in dual_write and then hears nothing: no NOTIFY, no poll,
+    // and the cutover's direct call is refused (its admin token is not the config's).
+    let deaf_token = "not-the-configured-token";
     let deaf = [
         ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
         ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "600000"),
+        ("SWITCHYARD_PROXY_ADMIN_TOKEN", deaf_token),
     ];
     let proxies = [env.proxy(&[])?, env.proxy(&[])?, env.proxy(&deaf)?];
-    for p in &proxies {
+    let tokens = [None, None, Some(deaf_token)];
+    for (p, token) in proxies.iter().zip(tokens) {
         p.wait_ready(&http).await?;
         wait_for(Duration::from_secs(5), || async {
-            Ok(switchyard_tests::route_state(&http, p, tenant).await?["state"] == "dual_write")
+            Ok(
+                switchyard_tests::route_state_with(&http, p, tenant, token).await?["state"]
+                    == "dual_write",
+            )
         })
         .await?;
     }
@@ -150,8 +157,10 @@ async fn under_load(backend: Backend) -> Result<()> {
         names,
         [
             "1_check_lag",
+            "1_last_tail_pass",
             "1_older_writers",
             "1_verify_below_delta",
+            "1_warm",
             "2_close_gates",
             "3_take_fence",
             "4_copy_delta",
@@ -208,7 +217,8 @@ async fn under_load(backend: Backend) -> Result<()> {
         "the fence turned the deaf proxy's writers away"
     );
     assert_eq!(
-        switchyard_tests::route_state(&http, &proxies[2], tenant).await?["store_id"],
+        switchyard_tests::route_state_with(&http, &proxies[2], tenant, Some(deaf_token)).await?
+            ["store_id"],
         "dedicated"
     );
 
@@ -542,7 +552,8 @@ async fn crash_after_fence(backend: Backend) -> Result<()> {
     let status = env.control_json(&["list", "--active"])?;
     assert_eq!(
         status[0]["state"], "cutover",
-        "routing was not finished: {status}"
+        "routing was not finished: {status}\n{}{}",
+        out.stdout, out.stderr
     );
 
     // The next command finishes it once the cutover is clearly abandoned.
@@ -1475,6 +1486,62 @@ async fn a_transaction_older_than_the_fence_holds_the_cutover_back() -> Result<(
         target,
         tenant_events(env.store_url("shared"), tenant).await?,
         "the target holds exactly the source's events"
+    );
+    Ok(())
+}
+
+/// The cutover tells every live proxy of its routing changes directly (`POST
+/// /admin/routes/reload` with the admin token, the proxy's address from its heartbeat): a proxy
+/// that hears no NOTIFY and polls only every ten minutes routes the tenant `normal` on the
+/// target as soon as `cutover` returns. (Before, it went on routing the tenant to the source
+/// until its next poll, and only the fence kept its appends out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cutover_tells_each_live_proxy_directly_so_one_without_notify_routes_to_the_target_at_once(
+) -> Result<()> {
+    let token = "t0ken";
+    let extra = format!(
+        "[proxy]\nrouting_listen = false\nrouting_poll_ms = 600000\ngate_wait_ms = 10000\nadmin_token = \"{token}\"\n"
+    );
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], &extra).await?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed_tenant(&env, tenant, 200).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let control = switchyard_store::ControlDb::connect(&env.control_url, 1)?;
+    wait_for(Duration::from_secs(10), || async {
+        Ok(control
+            .proxies()
+            .await?
+            .iter()
+            .any(|p| p.admin_url == proxy.admin))
+    })
+    .await?;
+    let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant).await?;
+    let before = switchyard_tests::route_state_with(&http, &proxy, tenant, Some(token)).await?;
+    assert_eq!(
+        (before["state"].as_str(), before["store_id"].as_str()),
+        (Some("normal"), Some("shared")),
+        "the proxy has not heard of the migration (no NOTIFY, no poll yet): {before}"
+    );
+
+    let outcome = env.control_json(&["cutover", &id])?;
+    assert_eq!(outcome["success"], true, "{outcome}");
+    let after = switchyard_tests::route_state_with(&http, &proxy, tenant, Some(token)).await?;
+    assert_eq!(
+        (after["state"].as_str(), after["store_id"].as_str()),
+        (Some("normal"), Some("dedicated")),
+        "told by the cutover itself: {after}"
+    );
+    let url = stream_url(&proxy.data, tenant, "Order", Uuid::new_v4());
+    let reply = http.post(&url, &events_body(Some(0), 1, "E")).await?;
+    assert_eq!(
+        (reply.status.as_u16(), reply.json["store_id"].as_str()),
+        (201, Some("dedicated")),
+        "{:?}",
+        reply.json
     );
     Ok(())
 }

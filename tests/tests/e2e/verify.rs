@@ -347,12 +347,14 @@ async fn verify_post_checks_state_routing_mirrors_read_and_write() -> Result<()>
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     w.stop().await?;
-    // A second proxy that hears of no routing change after it loaded dual_write: it goes on
-    // mirroring the tenant after the cutover, and says so in its heartbeat.
+    // A second proxy that hears of no routing change after it loaded dual_write (no NOTIFY,
+    // no poll, and the cutover's direct call refused: its admin token is not the config's):
+    // it goes on mirroring the tenant after the cutover, and says so in its heartbeat.
     let mut deaf = env.proxy(&[
         ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
         ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "600000"),
         ("SWITCHYARD_PROXY_PROXY_ID", "deaf-proxy"),
+        ("SWITCHYARD_PROXY_ADMIN_TOKEN", "not-the-configured-token"),
     ])?;
     deaf.wait_ready(&http).await?;
     let cut = env.control_json(&["cutover", &id])?;
