@@ -27,17 +27,17 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// The HTTP client and admin token the engine tells proxies with.
 #[derive(Clone, Debug)]
-pub struct ProxyCaller {
+pub(super) struct ProxyCaller {
     client: Client<HttpConnector, Full<Bytes>>,
     token: String,
 }
 
 /// The live proxies' admin URLs, read before the pause.
 #[derive(Clone, Debug, Default)]
-pub struct LiveProxies(Vec<String>);
+pub(super) struct LiveProxies(Vec<String>);
 
 impl ProxyCaller {
-    pub fn new(token: &str) -> Self {
+    pub(super) fn new(token: &str) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Self {
@@ -73,14 +73,14 @@ impl ProxyCaller {
     }
 
     /// Asks every proxy of `proxies` to reload routing now, all at once; answers how many did.
-    pub async fn reload_all(&self, proxies: &LiveProxies) -> usize {
+    pub(super) async fn reload_all(&self, proxies: &LiveProxies) -> usize {
         self.call_all(proxies, Method::POST, "/admin/routes/reload")
             .await
     }
 
     /// Opens a connection to every proxy of `proxies` before the pause (`GET /healthz`), so
     /// the calls inside it reuse one instead of connecting.
-    pub async fn warm(&self, proxies: &LiveProxies) {
+    pub(super) async fn warm(&self, proxies: &LiveProxies) {
         self.call_all(proxies, Method::GET, "/healthz").await;
     }
 
