@@ -833,6 +833,8 @@ async fn append(
                 if expected {
                     tracing::info!(tenant.id = %tenant, store.id = store.id(), %moved_to,
                         "fence moved; following it with the append");
+                    // Routing catches up in the background (the append does not wait for it).
+                    state.reload_now.notify_one();
                     follow = next;
                     continue;
                 }

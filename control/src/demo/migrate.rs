@@ -11,6 +11,9 @@ use uuid::Uuid;
 use super::DemoError;
 use crate::engine::{CutoverMode, CutoverOutcome, Driven, Engine, Report, StartRequest};
 
+/// How many times a refused cutover is tried, a second apart.
+const REFUSALS_RETRIED: u32 = 20;
+
 /// What the migration did, for the summary.
 #[derive(Debug)]
 pub(super) struct Migrated {
@@ -129,9 +132,11 @@ pub(super) async fn migrate(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Ok(outcome) => break (outcome, (from, to)),
-            Err(e) if attempts < 5 && e.is_refusal() => {
+            // A refusal (lag over the gate, most often, when the machine is busy and the tail
+            // is behind the writers) leaves nobody paused: wait for the tail and try again.
+            Err(e) if attempts < REFUSALS_RETRIED && e.is_refusal() => {
                 eprintln!("cutover refused ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => {
                 let _ = stop_tx.send(true);

@@ -602,6 +602,13 @@ mod tests {
                 expected: MigrationState::DualWrite,
                 actual: MigrationState::Paused,
             }),
+            // A worker that lost its claim was overtaken by another (store/src/error.rs:
+            // a conflict, which operators see as a refusal, not as a failure of the store).
+            EngineError::Migration(MigrationError::ClaimLost {
+                id,
+                worker: "w".to_owned(),
+                holder: None,
+            }),
         ];
         for refusal in &refusals {
             assert!(refusal.is_refusal(), "{refusal}");
@@ -612,11 +619,6 @@ mod tests {
                 message: "cannot land".to_owned(),
             },
             EngineError::store("shared")(StoreError::unavailable("connection reset")),
-            EngineError::Migration(MigrationError::ClaimLost {
-                id,
-                worker: "w".to_owned(),
-                holder: None,
-            }),
         ];
         for failure in &failures {
             assert!(!failure.is_refusal(), "{failure}");
