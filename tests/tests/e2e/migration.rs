@@ -23,13 +23,17 @@ async fn status(env: &Env, id: &str) -> Result<Value> {
     env.control_json(&["status", id])
 }
 
-/// Waits until the migration is dual-writing with lag 0.
+/// Waits until the migration is dual-writing with lag 0; a timeout names the last status seen.
 async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
-    wait_for_every(timeout, Duration::from_millis(250), || async {
+    let last = std::sync::Mutex::new(Value::Null);
+    let waited = wait_for_every(timeout, Duration::from_millis(250), || async {
         let s = status(env, id).await?;
-        Ok(s["state"] == "dual_write" && s["lag"] == 0)
+        let done = s["state"] == "dual_write" && s["lag"] == 0;
+        *last.lock().expect("status lock") = s;
+        Ok(done)
     })
-    .await
+    .await;
+    waited.map_err(|e| anyhow::anyhow!("{e}; last status: {}", last.lock().expect("status lock")))
 }
 
 /// Waits until the target holds exactly the source's events of the tenant (the tail and
