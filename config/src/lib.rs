@@ -212,6 +212,17 @@ pub struct ControlConfig {
     /// (at most 5 minutes). Default 2000.
     #[serde(rename = "auto_cutover_backoff_ms", with = "millis")]
     pub auto_cutover_backoff: Duration,
+    /// Rows of a tenant `complete --cleanup` and `cleanup` delete per batch (one short
+    /// transaction each). Default 1000.
+    pub cleanup_batch_size: u32,
+    /// Pause between two cleanup batches, so the store's other tenants keep their share of
+    /// it. Default 100.
+    #[serde(rename = "cleanup_pause_ms", with = "millis")]
+    pub cleanup_pause: Duration,
+    /// Hours after its cutover `serve` completes a migrated migration by itself (the end of
+    /// the undo window; it deletes nothing). 0 = never: completing ends the possibility of a
+    /// revert, so it is the operator's decision unless they set a grace period. Default 0.
+    pub reverse_replication_hours: f64,
 }
 
 /// Why a process refuses a config whose `default_store` is not the one the control database
@@ -295,6 +306,9 @@ impl Default for ControlConfig {
             max_rate: 0,
             auto_cutover_attempts: 5,
             auto_cutover_backoff: Duration::from_millis(2000),
+            cleanup_batch_size: 1000,
+            cleanup_pause: Duration::from_millis(100),
+            reverse_replication_hours: 0.0,
         }
     }
 }
@@ -567,10 +581,27 @@ impl Config {
                 as_millis(self.control.cutover_timeout),
             ),
             ("control.batch_size", u64::from(self.control.batch_size)),
+            (
+                "control.cleanup_batch_size",
+                u64::from(self.control.cleanup_batch_size),
+            ),
         ] {
             if value == 0 {
                 return invalid(format!("{name} must be > 0"));
             }
+        }
+        let hours = self.control.reverse_replication_hours;
+        if !(hours.is_finite() && hours >= 0.0) {
+            return invalid(format!(
+                "control.reverse_replication_hours = {hours} must be 0 (never) or more"
+            ));
+        }
+        if self.control.cleanup_pause > MAX_CLEANUP_PAUSE {
+            return invalid(format!(
+                "control.cleanup_pause_ms must be at most {} (a cleanup's claim is renewed \
+                 between batches)",
+                MAX_CLEANUP_PAUSE.as_millis()
+            ));
         }
         if p.mirror_queue_bytes < p.max_body_bytes {
             return invalid(format!(
@@ -728,6 +759,10 @@ mod optional_path {
 
 /// The smallest head buffer the HTTP/1 server accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// The longest `control.cleanup_pause_ms`: a cleanup renews its claim between batches, so a
+/// pause must stay well inside the claim's lease.
+pub const MAX_CLEANUP_PAUSE: Duration = Duration::from_secs(60);
 
 /// The secret the config oracle plants: `#` and `@` keep it from being a bare TOML key or a
 /// store id, so it can only be a value (or a quoted key).

@@ -9,7 +9,9 @@
 //! `after_delta_verified` (final delta copied and verified, fence not yet moved), `after_fence`
 //! (fence moved and committed), `after_routing_flipped` (routing `normal` on the target, state
 //! migrated, nothing reported yet); on the rollback path, `before_rollback` (the attempt failed,
-//! routing still `cutover_paused`). docs/reliability.md lists what recovery must give at each.
+//! routing still `cutover_paused`). A cleanup (`complete --cleanup`, `cleanup`) has
+//! `cleanup_after_batch` (a batch of the tenant's rows deleted, its count not yet recorded).
+//! docs/reliability.md lists what recovery must give at each.
 
 /// The variable naming the point to crash at.
 pub const CRASH_AT_VAR: &str = "SWITCHYARD_CRASH_AT";

@@ -1,6 +1,8 @@
 //! `switchyard-control serve`: the worker. Every second it looks for active migrations whose
 //! claim is free (or expired: a replica died) and drives each one it claims; several replicas
-//! share the work through those claims. Its admin port serves `/healthz`, `/readyz`,
+//! share the work through those claims. It also continues cleanups whose driver stopped and
+//! completes migrations whose undo window (`control.reverse_replication_hours`) ran out. Its
+//! admin port serves `/healthz`, `/readyz`,
 //! `/metrics` and the log level; its error replies have the proxy's shape
 //! ([`switchyard_runtime::admin::error_body`]).
 
@@ -41,6 +43,8 @@ pub async fn run(
         Duration::from_secs(1),
     ));
     let driving: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    // Cleanups this process is running (by migration id), apart from the migrations it drives.
+    let cleaning: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut scan = tokio::time::interval(SCAN_EVERY);
     tokio::pin!(shutdown);
@@ -52,6 +56,8 @@ pub async fn run(
                     refresh_fleet(&engine).await;
                 }
                 scans = (scans + 1) % FLEET_EVERY_SCANS;
+                complete_expired(&engine).await;
+                resume_cleanups(&engine, &cleaning, &mut tasks, &stop_rx).await;
                 let claimable = match engine.control.claimable(&engine.worker).await {
                     Ok(records) => records,
                     Err(e) => {
@@ -94,6 +100,55 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     let _ = admin_server.await;
     engine.control.close().await;
+}
+
+/// The audit note of what `serve` does by itself.
+fn worker_note(engine: &Engine, reason: &str) -> switchyard_store::AuditNote {
+    switchyard_store::AuditNote::new(format!("serve:{}", engine.worker)).with_reason(reason)
+}
+
+/// Completes the migrations whose undo window (`control.reverse_replication_hours`) ran out.
+async fn complete_expired(engine: &Engine) {
+    let note = worker_note(engine, "reverse_replication_hours passed since the cutover");
+    match engine.complete_expired(&note).await {
+        Ok(done) => {
+            for id in done {
+                tracing::info!(migration.id = %id, "completed: reverse_replication_hours passed since the cutover");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot complete migrations whose undo window ended"),
+    }
+}
+
+/// Continues every cleanup nobody runs (its driver died or was stopped), one task each.
+async fn resume_cleanups(
+    engine: &Arc<Engine>,
+    cleaning: &Arc<Mutex<HashSet<Uuid>>>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) {
+    let claimable = match engine.control.claimable_cleanups(&engine.worker).await {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list cleanups to continue");
+            return;
+        }
+    };
+    for cleanup in claimable {
+        let id = cleanup.migration_id;
+        if !cleaning.lock().expect("not poisoned").insert(id) {
+            continue;
+        }
+        let (engine, cleaning, stop) = (Arc::clone(engine), Arc::clone(cleaning), stop.clone());
+        tasks.spawn(async move {
+            let note = worker_note(&engine, "cleanup continued by serve");
+            match engine.run_cleanup(id, &stop, &note).await {
+                Ok(outcome) => tracing::info!(migration.id = %id, ?outcome, "cleanup stopped"),
+                Err(e) => tracing::warn!(migration.id = %id, error = %e, "cleanup failed; retrying on the next scan"),
+            }
+            cleaning.lock().expect("not poisoned").remove(&id);
+        });
+    }
 }
 
 /// A proxy whose last heartbeat is older than this is taken off the `proxies` table (it

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS switchyard_schema (
     version    INTEGER NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
-INSERT INTO switchyard_schema (component, version) VALUES ('control', 2)
+INSERT INTO switchyard_schema (component, version) VALUES ('control', 3)
 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();
 
 -- Migrations (DESIGN.md "Migration lifecycle"). `state` changes only by a compare-and-set on its
@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS tenant_migrations (
     started_at      TIMESTAMPTZ,
     completed_at    TIMESTAMPTZ,
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    finished_at     TIMESTAMPTZ,
     CHECK ((state = 'paused') = (paused_from IS NOT NULL)),
     CHECK (source_store_id <> target_store_id)
 );
@@ -73,6 +74,11 @@ CREATE TABLE IF NOT EXISTS tenant_migrations (
 CREATE UNIQUE INDEX IF NOT EXISTS tenant_migrations_one_active ON tenant_migrations (tenant_id)
     WHERE state NOT IN ('migrated', 'failed', 'rolled_back');
 CREATE INDEX IF NOT EXISTS tenant_migrations_by_tenant ON tenant_migrations (tenant_id, created_at);
+-- Version 3 (issue 19): `finished_at` is set by `complete` (or by `serve` once
+-- `reverse_replication_hours` passed since the cutover) on a `migrated` migration: the store the
+-- tenant left is no longer kept current and the cutover can no longer be reverted. NULL until
+-- then. `completed_at` stays the cutover's time (set when the migration became terminal).
+ALTER TABLE tenant_migrations ADD COLUMN IF NOT EXISTS finished_at TIMESTAMPTZ;
 
 -- Every operator action and every state change. `to_state` is NULL for actions that change no
 -- state (then `from_state` is the state the action found).
@@ -120,4 +126,26 @@ CREATE TABLE IF NOT EXISTS switchyard_settings (
     name       TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+-- The deletion of a tenant's rows from a store it no longer uses (issue 19): the source of a
+-- completed migration (`role` 'source', `complete --cleanup`) or the target of an aborted or
+-- failed one (`role` 'target', `cleanup`). One per migration. Deleted in throttled batches of
+-- the tenant's rows only; `rows_deleted` is recorded after each batch, and a driver that
+-- starts (again) first recounts what is left, so a crash between a batch and its record loses
+-- nothing. `claimed_by` / `claimed_until`: the lease of the process deleting, as for
+-- migrations. The tenant's fence row in that store is never deleted.
+CREATE TABLE IF NOT EXISTS migration_cleanups (
+    migration_id  UUID PRIMARY KEY REFERENCES tenant_migrations (id),
+    tenant_id     UUID NOT NULL,
+    store_id      TEXT NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('source', 'target')),
+    state         TEXT NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done')),
+    rows_total    BIGINT NOT NULL,
+    rows_deleted  BIGINT NOT NULL DEFAULT 0,
+    claimed_by    TEXT,
+    claimed_until TIMESTAMPTZ,
+    started_at    TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    finished_at   TIMESTAMPTZ
 );

@@ -16,8 +16,8 @@ pub mod provision;
 pub mod url;
 
 pub use control::{
-    AuditEntry, AuditNote, ControlDb, MigrationError, MigrationRecord, MigrationState,
-    NewMigration, RouteRecord, RouteUpdate, RoutingState,
+    AuditEntry, AuditNote, CleanupRecord, CleanupRole, CleanupState, ControlDb, MigrationError,
+    MigrationRecord, MigrationState, NewMigration, RouteRecord, RouteUpdate, RoutingState,
 };
 pub use error::{ErrorKind, StoreError};
 pub use event::{AppendError, Appended, NewEvent, StoredEvent, StreamRef};

@@ -83,11 +83,16 @@ pub fn sqlite_pool(path: &str, max_connections: u32) -> Result<SqlitePool, sqlx:
 /// every command of the embedded default ensures its schemas at start, and an append, a fence
 /// or an operator's `BEGIN IMMEDIATE` elsewhere would otherwise hold it for up to the busy
 /// timeout and then fail it with "database is locked".
+///
+/// `columns` (`(table, column, declaration)`) are added after the DDL to tables that lack them:
+/// SQLite's `ALTER TABLE … ADD COLUMN` has no IF NOT EXISTS, and the DDL runs again whenever
+/// the recorded version is older.
 pub(crate) async fn ensure_sqlite_schema(
     pool: &SqlitePool,
     component: &str,
     version: i64,
     ddl: &[&str],
+    columns: &[(&str, &str, &str)],
 ) -> Result<(), sqlx::Error> {
     let recorded =
         sqlx::query_scalar::<_, i64>("SELECT version FROM switchyard_schema WHERE component = ?1")
@@ -101,8 +106,35 @@ pub(crate) async fn ensure_sqlite_schema(
         Err(e) => return Err(e),
     }
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // Again under the write lock: another process may have upgraded since.
+    let recorded =
+        sqlx::query_scalar::<_, i64>("SELECT version FROM switchyard_schema WHERE component = ?1")
+            .bind(component)
+            .fetch_optional(&mut *tx)
+            .await;
+    match recorded {
+        Ok(Some(found)) if found >= version => return tx.commit().await,
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => {}
+        Err(e) => return Err(e),
+    }
     for statements in ddl {
         sqlx::raw_sql(statements).execute(&mut *tx).await?;
+    }
+    for (table, column, declaration) in columns {
+        let present: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2")
+                .bind(table)
+                .bind(column)
+                .fetch_one(&mut *tx)
+                .await?;
+        if present == 0 {
+            sqlx::raw_sql(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await
 }
@@ -144,7 +176,7 @@ mod tests {
         }
         store.ensure_schema().await?;
         control.ensure_schema().await?;
-        for (name, version) in [("store.db", 2), ("control.db", 2)] {
+        for (name, version) in [("store.db", 2), ("control.db", 3)] {
             let mut c = sqlx::SqliteConnection::connect(&url(name)).await?;
             let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM switchyard_schema")
                 .fetch_all(&mut c)

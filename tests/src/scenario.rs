@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use http::StatusCode;
 use serde_json::json;
 use sqlx::Connection;
@@ -167,4 +167,32 @@ pub async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) ->
     }
     store.close().await;
     Ok(())
+}
+
+/// Starts a migration of `tenant` to `to` (left to `serve`) and waits for dual-write at lag 0.
+pub async fn migrate_to_dual_write(
+    env: &Env,
+    tenant: Uuid,
+    to: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let tenant = tenant.to_string();
+    let mut args = vec![
+        "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
+    ];
+    args.extend_from_slice(extra);
+    let started = env.control_json(&args)?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    caught_up(env, &id, Duration::from_secs(120)).await?;
+    Ok(id)
+}
+
+/// Waits until migration `id` is dual-writing with no lag.
+pub async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
+    wait_for_every(timeout, Duration::from_millis(250), || async {
+        let s = env.control_json(&["status", id])?;
+        Ok(s["state"] == "dual_write" && s["lag"] == 0)
+    })
+    .await
+    .with_context(|| format!("migration {id} never caught up"))
 }

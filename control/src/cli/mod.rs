@@ -5,6 +5,8 @@ mod abort;
 mod audit;
 mod check_config;
 mod checkpoints;
+mod cleanup;
+mod complete;
 mod cutover;
 mod demo;
 mod emergency_stop;
@@ -97,6 +99,12 @@ pub enum Command {
     Audit(audit::Args),
     /// Cut a dual-writing migration over to its target (automatic rollback on failure).
     Cutover(cutover::Args),
+    /// End a migrated migration's undo window; with --cleanup, delete the tenant's rows from
+    /// the store it left.
+    Complete(complete::Args),
+    /// Delete the tenant's rows from the store a migration that is over left behind (an
+    /// aborted migration's target, a completed one's source).
+    Cleanup(cleanup::Args),
     /// Put tenants back to normal on their source at once; fail their migrations.
     EmergencyStop(emergency_stop::Args),
     /// Run the worker that drives migrations (admin port with /metrics).
@@ -204,6 +212,8 @@ async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(),
         Command::Checkpoints(command) => checkpoints::run(ctx, command, json).await,
         Command::Audit(args) => audit::run(ctx, &args, json).await,
         Command::Cutover(args) => cutover::run(ctx, &args, json).await,
+        Command::Complete(args) => complete::run(ctx, &args, json).await,
+        Command::Cleanup(args) => cleanup::run(ctx, &args, json).await,
         Command::EmergencyStop(args) => emergency_stop::run(ctx, &args, json).await,
         Command::Serve(args) => serve::run(ctx, &args).await,
         Command::Verify(args) => verify::run(ctx, &args, json).await,

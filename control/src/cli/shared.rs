@@ -3,11 +3,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use switchyard_store::{AuditNote, MigrationRecord, MigrationState};
+use switchyard_store::{AuditNote, CleanupRecord, CleanupRole, CleanupState};
+use switchyard_store::{MigrationRecord, MigrationState};
 use uuid::Uuid;
 
 use super::CliError;
-use crate::engine::{os_user, Engine, EngineError};
+use crate::engine::{os_user, CleanupDriven, Engine, EngineError};
 
 impl From<EngineError> for CliError {
     fn from(e: EngineError) -> Self {
@@ -58,6 +59,39 @@ pub(super) struct Status {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// When `complete` ended the undo window (the store the tenant left is no longer kept
+    /// current); `None` until then.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The deletion of the tenant's rows from the store it no longer uses, once started.
+    pub cleanup: Option<CleanupStatus>,
+}
+
+/// What `status` shows of a cleanup.
+#[derive(Debug, Serialize)]
+pub(super) struct CleanupStatus {
+    pub store_id: String,
+    pub role: CleanupRole,
+    pub state: CleanupState,
+    pub rows_total: i64,
+    pub rows_deleted: i64,
+    pub rows_left: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<CleanupRecord> for CleanupStatus {
+    fn from(c: CleanupRecord) -> Self {
+        Self {
+            rows_left: c.rows_left(),
+            store_id: c.store_id,
+            role: c.role,
+            state: c.state,
+            rows_total: c.rows_total,
+            rows_deleted: c.rows_deleted,
+            started_at: c.started_at,
+            finished_at: c.finished_at,
+        }
+    }
 }
 
 impl Status {
@@ -71,6 +105,12 @@ impl Status {
         };
         let lag = report.as_ref().map(|r| r.lag);
         let divergent_streams = report.map(|r| r.divergent_streams).unwrap_or_default();
+        // Only an ended migration can have one; a control database that cannot say leaves it out.
+        let cleanup = if record.is_active() {
+            None
+        } else {
+            engine.control.cleanup(record.id).await.ok().flatten()
+        };
         #[allow(clippy::cast_precision_loss)] // counts stay far below 2^52
         let rate = record.started_at.and_then(|started| {
             let end = record.completed_at.unwrap_or(record.updated_at);
@@ -104,6 +144,8 @@ impl Status {
             started_at: record.started_at,
             completed_at: record.completed_at,
             updated_at: record.updated_at,
+            finished_at: record.finished_at,
+            cleanup: cleanup.map(CleanupStatus::from),
         }
     }
 
@@ -149,6 +191,60 @@ impl Status {
             opt(self.started_at),
             opt(self.completed_at)
         ));
+        if let Some(finished) = self.finished_at {
+            out.push_str(&format!(
+                "Finished: {} (the undo window is closed)\n",
+                finished.to_rfc3339()
+            ));
+        }
+        if let Some(c) = &self.cleanup {
+            out.push_str(&format!(
+                "Cleanup of {} ({}): {}, {}/{} rows deleted, {} left\n",
+                c.store_id,
+                c.role,
+                match c.state {
+                    CleanupState::Running => "running",
+                    CleanupState::Done => "done",
+                },
+                c.rows_deleted,
+                c.rows_total,
+                c.rows_left
+            ));
+        }
         out
     }
+}
+
+/// How long a foreground cleanup waits before trying again to take over a cleanup another
+/// process holds (it finishes it, or takes over once that one's claim runs out).
+const CLEANUP_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs migration `id`'s started cleanup in the foreground to its end (Ctrl-C stops it; the
+/// next `cleanup` or `serve` continues). While another process holds it, waits for that one.
+pub(super) async fn drive_cleanup(
+    engine: &Engine,
+    id: Uuid,
+    note: &AuditNote,
+) -> Result<CleanupRecord, CliError> {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+        }
+    });
+    let outcome = loop {
+        match engine.run_cleanup(id, &stop, note).await {
+            Ok(CleanupDriven::Done(record)) => break Ok(record),
+            Ok(CleanupDriven::Stopped) => {
+                break Err(CliError::Failed(format!(
+                    "cleanup of migration {id} stopped; `switchyard-control cleanup {id}` (or \
+                     `serve`) continues it"
+                )))
+            }
+            Ok(CleanupDriven::ClaimLost) => tokio::time::sleep(CLEANUP_RETRY).await,
+            Err(e) => break Err(e.into()),
+        }
+    };
+    ctrl_c.abort();
+    outcome
 }

@@ -6,6 +6,7 @@
 //! the `serve` replicas); progress is checkpointed after every batch, so a driver that dies
 //! loses at most one batch of work and the next claimant continues from the checkpoint.
 
+mod cleanup;
 mod copy;
 mod cutover;
 mod metrics;
@@ -26,6 +27,7 @@ use switchyard_store::{
 use tokio::sync::watch;
 use uuid::Uuid;
 
+pub use self::cleanup::CleanupDriven;
 pub use self::cutover::CutoverOutcome;
 pub use self::metrics::EngineMetrics;
 pub use self::ops::{StartRequest, Stopped};

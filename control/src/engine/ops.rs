@@ -95,6 +95,24 @@ impl Engine {
                 request.tenant_id
             )));
         }
+        // A cleanup still deleting the tenant's rows from either store would delete what this
+        // migration copies (or reads): let it finish first.
+        let running = self.control.running_cleanups(request.tenant_id).await?;
+        if let Some(c) = running
+            .iter()
+            .find(|c| c.store_id == source_id || c.store_id == request.target_store_id)
+        {
+            return Err(EngineError::Refused(format!(
+                "tenant {}'s rows in store {} are being deleted by the cleanup of migration {} \
+                 ({} of {} deleted); start again when it is done (`switchyard-control status {}`)",
+                request.tenant_id,
+                c.store_id,
+                c.migration_id,
+                c.rows_deleted,
+                c.rows_total,
+                c.migration_id
+            )));
+        }
         let existing = target
             .count_tenant(request.tenant_id)
             .await

@@ -10,6 +10,16 @@ use super::migrations::{decode_migration, MigrationError, MigrationRecord, COLUM
 use super::ControlDb;
 use crate::dialect::on_backend;
 
+/// The claim rule, as SQL: the row's claim is free for the worker bound at `worker` (a
+/// parameter like `$2`) — unclaimed, its lease expired by the database's clock `now`, or the
+/// worker's own. Migrations and cleanups (`cleanups.rs`) share it.
+pub(super) fn claim_is_free(worker: &str, now: &str) -> String {
+    format!(
+        "(claimed_by IS NULL OR claimed_by = {worker} \
+         OR claimed_until IS NULL OR claimed_until < {now})"
+    )
+}
+
 impl ControlDb {
     /// Claims migration `id` for `worker` for `lease` if it is active and unclaimed, its lease
     /// expired, or already `worker`'s (then it renews). Times are the database's clock, so
@@ -20,14 +30,28 @@ impl ControlDb {
         worker: &str,
         lease: Duration,
     ) -> Result<bool, MigrationError> {
+        let active = format!("state NOT IN {TERMINAL}");
+        self.claim_row("tenant_migrations", "id", &active, id, worker, lease)
+            .await
+    }
+
+    /// Claims (or renews) the row of `table` whose `key` is `id` for `worker` for `lease`,
+    /// if the row is `active` (an SQL condition) and its claim is free ([`claim_is_free`]).
+    pub(super) async fn claim_row(
+        &self,
+        table: &str,
+        key: &str,
+        active: &str,
+        id: Uuid,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<bool, MigrationError> {
         let affected = on_backend!(self, |pool, d| {
             let sql = format!(
-                "UPDATE tenant_migrations SET claimed_by = $2, claimed_until = {until}
-                 WHERE id = $1 AND state NOT IN {TERMINAL}
-                   AND (claimed_by IS NULL OR claimed_by = $2
-                        OR claimed_until IS NULL OR claimed_until < {now})",
+                "UPDATE {table} SET claimed_by = $2, claimed_until = {until}
+                 WHERE {key} = $1 AND {active} AND {free}",
                 until = d.now_plus("$3"),
-                now = d.now()
+                free = claim_is_free("$2", d.now())
             );
             sqlx::query(&sql)
                 .bind(d.id(id))
@@ -62,11 +86,9 @@ impl ControlDb {
         Ok(on_backend!(self, |pool, d| {
             let sql = format!(
                 "SELECT {COLUMNS} FROM tenant_migrations
-                 WHERE state NOT IN {TERMINAL}
-                   AND (claimed_by IS NULL OR claimed_by = $1
-                        OR claimed_until IS NULL OR claimed_until < {now})
+                 WHERE state NOT IN {TERMINAL} AND {free}
                  ORDER BY created_at, id",
-                now = d.now()
+                free = claim_is_free("$1", d.now())
             );
             sqlx::query(&sql)
                 .bind(worker)

@@ -163,6 +163,9 @@ pub struct MigrationRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Set by `complete` on a migrated migration: the store the tenant left is no longer kept
+    /// current (no undo any more). `completed_at` stays the cutover's time.
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 impl MigrationRecord {
@@ -250,7 +253,7 @@ pub(super) const COLUMNS: &str =
     "id, tenant_id, source_store_id, target_store_id, state, paused_from, \
      events_total, events_copied, copy_horizon, copy_position, tail_horizon, tail_position, \
      error_message, config, revision, claimed_by, claimed_until, created_at, started_at, \
-     completed_at, updated_at";
+     completed_at, updated_at, finished_at";
 
 pub(super) fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, StoreError> {
     Ok(MigrationRecord {
@@ -275,6 +278,7 @@ pub(super) fn decode_migration(row: &impl Columns) -> Result<MigrationRecord, St
         started_at: row.opt_time("started_at")?,
         completed_at: row.opt_time("completed_at")?,
         updated_at: row.time("updated_at")?,
+        finished_at: row.opt_time("finished_at")?,
     })
 }
 
@@ -732,6 +736,7 @@ mod tests {
             started_at: None,
             completed_at: None,
             updated_at: now,
+            finished_at: None,
         }
     }
 

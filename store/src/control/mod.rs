@@ -4,6 +4,7 @@
 
 mod audit;
 mod claims;
+mod cleanups;
 pub mod lifecycle;
 mod migrations;
 mod positions;
@@ -12,6 +13,7 @@ mod proxies;
 mod routing;
 
 pub use audit::{AuditEntry, AuditNote};
+pub use cleanups::{CleanupRecord, CleanupRole, CleanupState};
 pub use lifecycle::{Action, IllegalTransition, MigrationState, Phase};
 pub use migrations::{MigrationError, MigrationRecord, NewMigration, Transitioned};
 pub use positions::Translation;
@@ -24,8 +26,12 @@ use crate::event::StoreError;
 
 const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
 const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
-/// The `switchyard_schema` version `control-sqlite.sql` records; raise both together.
-const SCHEMA_VERSION: i64 = 2;
+/// Version 3 on SQLite: `migration_cleanups`, with [`SQLITE_COLUMNS_V3`].
+const SQLITE_DDL_V3: &str = include_str!("../../sql/control-sqlite-v3.sql");
+/// Columns version 3 adds to SQLite tables (added when missing: see `ensure_sqlite_schema`).
+const SQLITE_COLUMNS_V3: &[(&str, &str, &str)] = &[("tenant_migrations", "finished_at", "TEXT")];
+/// The `switchyard_schema` version `control-sqlite-v3.sql` records; raise both together.
+const SCHEMA_VERSION: i64 = 3;
 const SCHEMA_LOCK: i64 = 0x5359_5244_0002;
 
 /// A connected control database. Cheap to clone.
@@ -71,8 +77,14 @@ impl ControlDb {
                 tx.commit().await?;
             }
             Backend::Sqlite(pool) => {
-                crate::url::ensure_sqlite_schema(pool, "control", SCHEMA_VERSION, &[SQLITE_DDL])
-                    .await?;
+                crate::url::ensure_sqlite_schema(
+                    pool,
+                    "control",
+                    SCHEMA_VERSION,
+                    &[SQLITE_DDL, SQLITE_DDL_V3],
+                    SQLITE_COLUMNS_V3,
+                )
+                .await?;
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! SQLite. Append (with optimistic concurrency and idempotent retries), stream reads, tenant
 //! feed reads, and the store's schema.
 
+mod cleanup;
 mod copy;
 mod fence;
 mod postgres;

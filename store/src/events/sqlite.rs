@@ -27,6 +27,7 @@ pub(super) async fn ensure_schema(pool: &SqlitePool) -> Result<(), StoreError> {
         "store",
         SCHEMA_VERSION,
         &[EVENTSOURCE_DDL, SWITCHYARD_DDL],
+        &[],
     )
     .await?;
     Ok(())

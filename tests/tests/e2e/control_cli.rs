@@ -15,6 +15,8 @@ fn every_command_has_help() -> Result<()> {
         vec!["routing", "get", "--help"],
         vec!["routing", "set", "--help"],
         vec!["routing", "set-default", "--help"],
+        vec!["complete", "--help"],
+        vec!["cleanup", "--help"],
     ] {
         let out = std::process::Command::new(bin("switchyard-control"))
             .args(&args)

@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::Value;
 use switchyard_tests::{
-    bin, events_body, stream_url, wait_for_every, Backend, Env, Http, ProxyProcess, Result,
-    ServeProcess, TempDir, TestDb,
+    bin, count_events, events_body, stream_url, wait_for_every, Backend, Env, Http, ProxyProcess,
+    Result, ServeProcess, TempDir, TestDb,
 };
 use uuid::Uuid;
 
@@ -409,7 +409,7 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
                 // Moving back to `shared`, which still holds the tenant's old events.
                 shell.export("ID", &dual_writing(&env, tenant, "shared").await?)?;
             }
-            "9" => shell.export(
+            "9" | "11" => shell.export(
                 "ID",
                 migrated
                     .as_deref()
@@ -433,14 +433,23 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
         }
     }
     shell.save_capture("operations.md");
-    for section in ["1", "2", "3", "4", "5", "7", "8", "9"] {
+    for section in ["1", "2", "3", "4", "5", "7", "8", "9", "11"] {
         assert!(
             seen.iter().any(|s| s == section),
             "section {section} has no runnable block"
         );
     }
     let id = migrated.ok_or_else(|| anyhow!("no cutover ran"))?;
-    assert_eq!(env.control_json(&["status", &id])?["state"], "migrated");
+    let status = env.control_json(&["status", &id])?;
+    assert_eq!(status["state"], "migrated", "{status}");
+    // Section 11 finished it and emptied the store it left of the tenant.
+    assert!(status["finished_at"].is_string(), "{status}");
+    assert_eq!(status["cleanup"]["state"], "done", "{status}");
+    assert_eq!(
+        count_events(env.store_url("shared"), Some(tenant)).await?,
+        0,
+        "{status}"
+    );
     Ok(())
 }
 

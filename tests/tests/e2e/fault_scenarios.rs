@@ -17,9 +17,10 @@ use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
-    assert_all_acked, count_events, events_body, feed_url, fence, first_json, route_state,
-    run_control, seed, seed_sql, stream_url, tenant_events, wait_for, wait_for_every, Acked,
-    Backend, Env, GateMode, Http, ProxyProcess, Result, ServeProcess, TcpGate, Writers,
+    assert_all_acked, caught_up, count_events, events_body, feed_url, fence, first_json,
+    migrate_to_dual_write, route_state, run_control, seed, seed_sql, stream_url, tenant_events,
+    wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http, ProxyProcess, Result,
+    ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -178,34 +179,6 @@ fn body_ids(body: &Value) -> Vec<Uuid> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Starts a migration of `tenant` to `to` (left to `serve`) and waits for dual-write at lag 0.
-async fn migrate_to_dual_write(
-    env: &Env,
-    tenant: Uuid,
-    to: &str,
-    extra: &[&str],
-) -> Result<String> {
-    let tenant = tenant.to_string();
-    let mut args = vec![
-        "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
-    ];
-    args.extend_from_slice(extra);
-    let started = env.control_json(&args)?;
-    let id = started["id"].as_str().unwrap_or_default().to_owned();
-    caught_up(env, &id, Duration::from_secs(120)).await?;
-    Ok(id)
-}
-
-/// Waits until migration `id` is dual-writing with no lag.
-async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
-    wait_for_every(timeout, Duration::from_millis(250), || async {
-        let s = env.control_json(&["status", id])?;
-        Ok(s["state"] == "dual_write" && s["lag"] == 0)
-    })
-    .await
-    .with_context(|| format!("migration {id} never caught up"))
 }
 
 /// Waits until the proxy's route of `tenant` has `key` = `value`.
