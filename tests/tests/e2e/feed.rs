@@ -244,3 +244,36 @@ async fn a_consumer_paging_beside_concurrent_writers_gets_every_event_exactly_on
     })
     .await
 }
+
+/// Freshness: an open transaction of another database of the same server (here the control
+/// database, holding a transaction id as a `DROP DATABASE` or maintenance would) never delays
+/// the feed: an acknowledged append is in it, and is the tenant's position, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_databases_open_transaction_never_delays_the_feed() -> Result<()> {
+    let (env, proxy, http) = started(Backend::Postgres, &["shared"], "", &[]).await?;
+    let tenant = Uuid::new_v4();
+    let mut conn = sqlx::PgConnection::connect(&env.control_url).await?;
+    let mut elsewhere = conn.begin().await?;
+    let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *elsewhere)
+        .await?;
+    assert!(!xid.is_empty());
+
+    let body = events_body(Some(0), 2, "Fresh");
+    let reply = http
+        .post(
+            &stream_url(&proxy.data, tenant, "Order", Uuid::new_v4()),
+            &body,
+        )
+        .await?;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let mut consumer = Consumer::new(&proxy.data, tenant);
+    consumer.drain(&http, 10).await?;
+    assert_eq!(consumer.seen, ids_of(&body));
+    let position = http
+        .get(&format!("{}/v1/tenants/{tenant}/position", proxy.data))
+        .await?;
+    assert_eq!(position.json["position"], reply.json["global_positions"][1]);
+    elsewhere.rollback().await?;
+    Ok(())
+}
