@@ -11,10 +11,11 @@
 //! column and counts as 0) and stops below a horizon `h`, so every row it returns is final and
 //! every row committed later sorts after it:
 //! - `h` is the oldest transaction id still running *in this database* (its backends'
-//!   `backend_xid`, and prepared transactions of this database) among the snapshot's in-flight
-//!   ids, else the snapshot's `xmax`. A transaction in another database never writes here, so
-//!   it never delays the feed; with no other transaction of this database open, everything
-//!   committed is below `h`, so an acknowledged append is in the feed at once.
+//!   `backend_xid`, autovacuum workers aside, and prepared transactions of this database) among
+//!   the snapshot's in-flight ids, else the snapshot's `xmax`. A transaction in another
+//!   database never writes here, so it never delays the feed; with no other transaction of
+//!   this database open, everything committed is below `h`, so an acknowledged append is in
+//!   the feed at once.
 //! - `h` is taken in a statement of its own, before the page's: a transaction the snapshot saw
 //!   running but that finished before `pg_stat_activity` was read has committed before the
 //!   page's snapshot, so the page sees its rows.
@@ -48,6 +49,8 @@ SELECT coalesce(
     (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
       WHERE xid(x) IN (SELECT a.backend_xid FROM pg_stat_activity a
                         WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
+                          -- an ANALYZE holds an id but never writes events
+                          AND a.backend_type <> 'autovacuum worker'
                        UNION ALL
                        SELECT p.transaction FROM pg_prepared_xacts p
                         WHERE p.database = current_database())),

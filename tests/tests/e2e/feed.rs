@@ -214,16 +214,51 @@ async fn a_consumer_paging_beside_concurrent_writers_gets_every_event_exactly_on
             tenant,
             8,
             2,
-            // A short pause keeps the consumer near the head, where an open transaction's
-            // position can lie below a committed one it reads.
-            Duration::from_millis(5),
+            // A pause keeps the consumer near the head, where an open transaction's position
+            // can lie below a committed one it reads.
+            Duration::from_millis(30),
         );
+        // On PostgreSQL a direct writer also keeps a transaction open a while after each
+        // insert, so positions above its own commit while it is open (SQLite serialises it):
+        // without it the consumer rarely reads in the short window of a proxy append's commit
+        // (a feed that ignores open transactions passed without it, and loses events with it).
+        let (stop_direct, stopped) = tokio::sync::watch::channel(false);
+        let direct = (backend == Backend::Postgres).then(|| {
+            let url = env.store_url("shared").to_owned();
+            tokio::spawn(async move {
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                let stream = Uuid::new_v4();
+                let mut version = 0;
+                while !*stopped.borrow() {
+                    version += 1;
+                    let mut tx = conn.begin().await?;
+                    sqlx::query(
+                        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
+                         tenant_id, version, timestamp, payload) \
+                         VALUES ($1, $2, 'Direct', 'Held', $3, $4, now(), '{}')",
+                    )
+                    .bind(Uuid::new_v4())
+                    .bind(stream)
+                    .bind(tenant)
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tx.commit().await?;
+                }
+                anyhow::Ok(())
+            })
+        });
         let mut consumer = Consumer::new(&proxy.data, tenant);
         // Page while the writers run, until the consumer has been given 600 events.
         while consumer.seen.len() < 600 {
             consumer.read_pages(&http, 3, 10).await?;
         }
         let acked = writers.stop().await?;
+        stop_direct.send_replace(true);
+        if let Some(direct) = direct {
+            direct.await??;
+        }
         consumer.drain(&http, 3).await?;
 
         let stored = stored_ids(env.store_url("shared"), tenant).await?;
