@@ -244,18 +244,18 @@ pub async fn category(
     Ok(json_response(StatusCode::OK, &reply))
 }
 
-/// `GET /v1/tenants/{t}/events?after_position&aggregate_type&limit`.
+/// `GET /v1/tenants/{t}/events?after_position&aggregate_type&limit`: the commit-safe feed
+/// (`switchyard_store`'s `read_feed`); `next` is the last event's position.
 pub async fn feed(state: &AppState, tenant: Uuid, query: &str) -> Result<Response<Body>, ApiError> {
     let query = Query::parse(query, &["after_position", "aggregate_type", "limit"])?;
     let after = query.number::<i64>("after_position")?.unwrap_or(0);
     let aggregate_type = query.text("aggregate_type", state.config.proxy.max_field_bytes)?;
     let limit = query.limit()?;
     let (store, _slot) = read_store(state, tenant).await?;
-    let events = match aggregate_type {
-        None => store.read_tenant(tenant, after, limit).await,
-        Some(ty) => store.read_tenant_of_type(tenant, ty, after, limit).await,
-    }
-    .map_err(|e| ApiError::from_store(store.id(), e))?;
+    let events = store
+        .read_feed(tenant, after, aggregate_type, limit)
+        .await
+        .map_err(|e| ApiError::from_store(store.id(), e))?;
     let next = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.global_position))
         .flatten();
@@ -269,11 +269,11 @@ struct PositionReply<'a> {
 }
 
 /// `GET /v1/tenants/{t}/position`: the global position of the tenant's last event in its
-/// current store, `null` when it has none.
+/// current store's feed order (a cursor for the feed), `null` when it has none.
 pub async fn position(state: &AppState, tenant: Uuid) -> Result<Response<Body>, ApiError> {
     let (store, _slot) = read_store(state, tenant).await?;
     let position = store
-        .tenant_position(tenant)
+        .feed_position(tenant)
         .await
         .map_err(|e| ApiError::from_store(store.id(), e))?;
     Ok(json_response(

@@ -27,6 +27,11 @@ $$;
 CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_txid
     ON events (tenant_id, txid);
 
+-- The tenant feed's order (store/src/events/feed.rs): by inserting transaction, then position,
+-- a NULL txid (older than the column) first, so a page is one index range.
+CREATE INDEX IF NOT EXISTS idx_switchyard_events_tenant_feed
+    ON events (tenant_id, (coalesce(txid, '0'::xid8)), global_position);
+
 -- Every inserted row carries its own transaction's id, whatever the writer set: a restore or an
 -- `INSERT ... SELECT` copying every column (txid NULL, or an old value below a migration's
 -- horizon) would otherwise fall outside every tail window and never be copied (issue 14 item

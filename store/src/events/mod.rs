@@ -1,9 +1,11 @@
 //! An event store: one database holding an eventsource-py `events` table, on PostgreSQL or
 //! SQLite. Append (with optimistic concurrency and idempotent retries), stream reads, tenant
-//! feed reads, and the store's schema.
+//! reads (the whole tenant in position order here, the commit-safe feed in `feed.rs`), and the
+//! store's schema.
 
 mod cleanup;
 mod copy;
+mod feed;
 mod fence;
 mod postgres;
 mod reads;
@@ -174,7 +176,9 @@ impl EventStore {
         }
     }
 
-    /// The tenant's events after `after_position`, at most `limit`, in global position order.
+    /// The tenant's committed events after `after_position`, at most `limit`, in global
+    /// position order: a scan of what the store holds now, not a feed to follow (on PostgreSQL
+    /// a later commit may land below a position read; see [`EventStore::read_feed`]).
     pub async fn read_tenant(
         &self,
         tenant_id: Uuid,

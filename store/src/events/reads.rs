@@ -1,9 +1,10 @@
 //! The reads a store client library needs beyond a stream's page and the tenant feed (issue
 //! 18): a stream read bounded on both ends and in either direction, a stream's version, one
 //! event by id, a category (aggregate type) across the tenant's streams ordered by when the
-//! store persisted each event, the feed filtered by aggregate type, and the tenant's current
-//! position. Every read is confined to one tenant, on PostgreSQL and SQLite alike; an
-//! append that lands a stream only at `exists` is here too, as it is a read then a write.
+//! store persisted each event. The feed (of one aggregate type or all) and the tenant's current
+//! position are in `feed.rs`. Every read is confined to one tenant, on PostgreSQL and SQLite
+//! alike; an append that lands a stream only at `exists` is here too, as it is a read then a
+//! write.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -202,67 +203,6 @@ impl EventStore {
                 rows.iter().map(sqlite::decode).collect()
             }
         }
-    }
-
-    /// The tenant's events of `aggregate_type` after `after_position`, at most `limit`, in
-    /// global position order (the feed filtered by type).
-    pub async fn read_tenant_of_type(
-        &self,
-        tenant_id: Uuid,
-        aggregate_type: &str,
-        after_position: i64,
-        limit: u32,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events
-                      WHERE tenant_id = $1 AND aggregate_type = $2 AND global_position > $3
-                      ORDER BY global_position LIMIT $4"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant_id)
-                    .bind(aggregate_type)
-                    .bind(after_position)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(postgres::decode).collect()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events
-                      WHERE tenant_id = ?1 AND aggregate_type = ?2 AND global_position > ?3
-                      ORDER BY global_position LIMIT ?4"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant_id.to_string())
-                    .bind(aggregate_type)
-                    .bind(after_position)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(sqlite::decode).collect()
-            }
-        }
-    }
-
-    /// The global position of the tenant's last event in this store, `None` when it has none.
-    pub async fn tenant_position(&self, tenant_id: Uuid) -> Result<Option<i64>, StoreError> {
-        Ok(match &self.backend {
-            Backend::Postgres(pool) => {
-                sqlx::query_scalar("SELECT max(global_position) FROM events WHERE tenant_id = $1")
-                    .bind(tenant_id)
-                    .fetch_one(pool)
-                    .await?
-            }
-            Backend::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT max(global_position) FROM events WHERE tenant_id = ?1")
-                    .bind(tenant_id.to_string())
-                    .fetch_one(pool)
-                    .await?
-            }
-        })
     }
 
     /// Appends `events` to a stream that must already hold at least one event of the tenant

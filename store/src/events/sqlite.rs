@@ -195,7 +195,8 @@ fn same_event(old: &StoredEvent, new: &NewEvent, stream: StreamRef<'_>) -> bool 
         && same_payload
 }
 
-const EVENT_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
+pub(super) const EVENT_COLUMNS: &str =
+    "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
      event_type, version, actor_id, timestamp, payload, created_at";
 
 pub(super) async fn read_stream(

@@ -18,6 +18,7 @@ mod docs_commands;
 mod eventsource_compat;
 mod fault_scenarios;
 mod faults;
+mod feed;
 mod hardening;
 mod migration;
 mod mirror;
