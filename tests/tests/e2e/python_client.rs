@@ -79,6 +79,11 @@ fn venv() -> Result<PathBuf> {
     let package = repo().join("clients/python");
     let stamp = venv.join("switchyard-stamp");
     let wanted = std::fs::read_to_string(package.join("pyproject.toml"))?;
+    // nextest runs each test in its own process: the first to get here builds the
+    // environment, the others wait on the lock and then find the stamp.
+    std::fs::create_dir_all(&target)?;
+    let lock = std::fs::File::create(target.join("python-venv.lock"))?;
+    lock.lock()?;
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         let _ = std::fs::remove_dir_all(&venv);
         run(Command::new(python313()?).arg("-m").arg("venv").arg(&venv))?;
