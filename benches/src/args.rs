@@ -1,7 +1,8 @@
 //! The flags the load harnesses share, flattened into each one's `Args` (one definition, one
 //! default, one help text, instead of a copy per binary).
 
-/// The admin connection and the smoke switch: every harness takes both.
+// The admin connection and the smoke switch: every harness takes both. (Not a doc comment:
+// clap would show a flattened struct's doc as the about text of a harness without its own.)
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
     /// Admin connection used only to create, seed, check and drop the benchmark databases;
