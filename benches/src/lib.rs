@@ -2,8 +2,10 @@
 //! and route changes, `benches/routing.rs`) and end-to-end load harnesses in `src/bin/`
 //! (`append_overhead`: what the proxy adds to an append over direct sqlx). Each file starts
 //! with its run command; results go to `BENCHMARKS.md` at the workspace root. What they report
-//! alike (latencies, percentiles, load, `main`) is in [`report`].
+//! alike (latencies, percentiles, load, `main`) is in [`report`], the flags they share in
+//! [`args`].
 
+pub mod args;
 pub mod report;
 
 use std::fmt::Write as _;

@@ -94,10 +94,12 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    /// Data-plane listener. Default `127.0.0.1:7070`.
-    pub listen: String,
-    /// Admin listener (health, metrics, routes). Default `127.0.0.1:7071`.
-    pub admin_listen: String,
+    /// Data-plane listener (`address:port`). Default `127.0.0.1:7070`.
+    #[serde(with = "socket_addr::proxy_listen")]
+    pub listen: SocketAddr,
+    /// Admin listener (health, metrics, routes; `address:port`). Default `127.0.0.1:7071`.
+    #[serde(with = "socket_addr::proxy_admin_listen")]
+    pub admin_listen: SocketAddr,
     /// Bearer token required by mutating admin calls; empty means none. `${VAR}` is expanded.
     pub admin_token: String,
     /// Identifies this proxy in the control database's `proxies` table. Default: hostname-pid.
@@ -191,8 +193,9 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// `serve` admin listener. Default `127.0.0.1:7072`.
-    pub admin_listen: String,
+    /// `serve` admin listener (`address:port`). Default `127.0.0.1:7072`.
+    #[serde(with = "socket_addr::control_admin_listen")]
+    pub admin_listen: SocketAddr,
     /// Bearer token required by `serve`'s mutating admin calls; empty means none. `${VAR}` is
     /// expanded.
     pub admin_token: String,
@@ -263,8 +266,8 @@ fn default_stores() -> Vec<StoreConfig> {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:7070".to_owned(),
-            admin_listen: "127.0.0.1:7071".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             admin_token: String::new(),
             proxy_id: String::new(),
             max_body_bytes: 1 << 20,
@@ -298,7 +301,7 @@ impl Default for ProxyConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
-            admin_listen: "127.0.0.1:7072".to_owned(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
             admin_token: String::new(),
             cutover_timeout: Duration::from_millis(2000),
             cutover_max_lag_events: 0,
@@ -340,10 +343,10 @@ impl ProxyConfig {
     pub fn unauthenticated_exposure(&self) -> Option<String> {
         (!self.data_plane_authenticated()
             && !self.allow_unauthenticated
-            && !is_loopback(&self.listen))
+            && !self.listen.ip().is_loopback())
             .then(|| {
                 format!(
-                    "proxy.listen = {:?} is not a loopback address and the data plane has no \
+                    "proxy.listen = \"{}\" is not a loopback address and the data plane has no \
                      authentication: anyone who can reach it could read and write every \
                      tenant's events; set proxy.data_tokens_file (SWITCHYARD_PROXY_DATA_TOKENS_FILE) \
                      or proxy.tls_client_ca_path, bind it to 127.0.0.1, or set \
@@ -544,15 +547,6 @@ impl Config {
         }
         StoreUrl::parse(&self.control_url)
             .map_err(|e| ConfigError::Invalid(format!("control_url: {e}")))?;
-        for (name, addr) in [
-            ("proxy.listen", &self.proxy.listen),
-            ("proxy.admin_listen", &self.proxy.admin_listen),
-            ("control.admin_listen", &self.control.admin_listen),
-        ] {
-            addr.parse::<SocketAddr>().map_err(|e| {
-                ConfigError::Invalid(format!("{name} is not an address:port ({e})"))
-            })?;
-        }
         let p = &self.proxy;
         for (name, value) in [
             ("proxy.max_body_bytes", p.max_body_bytes as u64),
@@ -633,18 +627,18 @@ impl Config {
                     .to_owned(),
             );
         }
-        if p.admin_token.is_empty() && !is_loopback(&p.admin_listen) {
+        if p.admin_token.is_empty() && !p.admin_listen.ip().is_loopback() {
             return invalid(format!(
-                "proxy.admin_listen = {:?} is not a loopback address and proxy.admin_token is \
+                "proxy.admin_listen = \"{}\" is not a loopback address and proxy.admin_token is \
                  empty: anyone who can reach it could reload routing or resume writes; set \
                  proxy.admin_token (SWITCHYARD_PROXY_ADMIN_TOKEN) or bind it to 127.0.0.1",
                 p.admin_listen
             ));
         }
         let c = &self.control;
-        if c.admin_token.is_empty() && !is_loopback(&c.admin_listen) {
+        if c.admin_token.is_empty() && !c.admin_listen.ip().is_loopback() {
             return invalid(format!(
-                "control.admin_listen = {:?} is not a loopback address and control.admin_token \
+                "control.admin_listen = \"{}\" is not a loopback address and control.admin_token \
                  is empty: anyone who can reach it could change serve's log level; set \
                  control.admin_token (SWITCHYARD_CONTROL_ADMIN_TOKEN) or bind it to 127.0.0.1",
                 c.admin_listen
@@ -731,6 +725,58 @@ mod millis {
     }
 }
 
+/// A listen key: an `address:port` string in the file and the environment, a [`SocketAddr`]
+/// in the program. A string that is not one is refused while the file (or the environment)
+/// is read, with the key named: `proxy.listen is not an address:port (…)`, never the value.
+mod socket_addr {
+    use std::net::SocketAddr;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    fn serialize<S: Serializer>(value: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        key: &str,
+    ) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse()
+            .map_err(|e| D::Error::custom(format!("{key} is not an address:port ({e})")))
+    }
+
+    /// One serde module per key, so the error names it in full (serde does not tell a field's
+    /// deserializer its name).
+    macro_rules! listen_key {
+        ($module:ident, $key:literal) => {
+            pub(crate) mod $module {
+                use std::net::SocketAddr;
+
+                use serde::{Deserializer, Serializer};
+
+                pub(crate) fn serialize<S: Serializer>(
+                    value: &SocketAddr,
+                    serializer: S,
+                ) -> Result<S::Ok, S::Error> {
+                    super::serialize(value, serializer)
+                }
+
+                pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+                    deserializer: D,
+                ) -> Result<SocketAddr, D::Error> {
+                    super::deserialize(deserializer, $key)
+                }
+            }
+        };
+    }
+
+    listen_key!(proxy_listen, "proxy.listen");
+    listen_key!(proxy_admin_listen, "proxy.admin_listen");
+    listen_key!(control_admin_listen, "control.admin_listen");
+}
+
 /// A path key: a string in the file and the environment, where empty means none (so
 /// `SWITCHYARD_PROXY_TLS_CERT_PATH=` unsets it and `check-config` prints it as `""`).
 mod optional_path {
@@ -794,18 +840,12 @@ pub fn check_load_config(bytes: &[u8]) {
     }
 }
 
-/// Whether a listen address (already validated) is on the loopback interface only.
 /// 1 to 64 letters, digits, `-` and `_`.
 fn is_store_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-fn is_loopback(addr: &str) -> bool {
-    addr.parse::<SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// `dedicated-a` → `DEDICATED_A`.
@@ -1047,7 +1087,7 @@ mod tests {
         assert_eq!(c.default_store, "shared");
         assert_eq!(c.stores.len(), 2);
         assert!(c.control_url.starts_with("sqlite://switchyard-data/"));
-        assert_eq!(c.proxy.listen, "127.0.0.1:7070");
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:7070");
     }
 
     #[test]
@@ -1235,7 +1275,7 @@ url = "postgres://postgres@127.0.0.1/b"
             ]),
         )
         .expect("valid");
-        assert_eq!(c.proxy.listen, "127.0.0.1:9000");
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.proxy.gate_wait, Duration::from_millis(250));
         assert!(!c.proxy.routing_listen);
         assert_eq!(c.control.batch_size, 7);
@@ -1472,6 +1512,41 @@ url = "postgres://u:s3cret@db/b"
         let typo = vars(&[("SWITCHYARD_STORE_SHARED_SSL_MODE", "x")]);
         let err = Config::from_parts(None, None, &typo).expect_err("typo");
         assert!(err.to_string().contains("SHARED_SSL_MODE"), "{err}");
+    }
+
+    #[test]
+    fn a_listen_key_that_is_no_address_is_refused_at_load_naming_the_key() {
+        for (key, var) in [
+            ("proxy.listen", "SWITCHYARD_PROXY_LISTEN"),
+            ("proxy.admin_listen", "SWITCHYARD_PROXY_ADMIN_LISTEN"),
+            ("control.admin_listen", "SWITCHYARD_CONTROL_ADMIN_LISTEN"),
+        ] {
+            let (section, name) = key.split_once('.').expect("a dotted key");
+            let text = format!("[{section}]\n{name} = \"localhost:70x\"\n");
+            let err = Config::from_parts(Some(&text), None, &[]).expect_err(key);
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("{key} is not an address:port")),
+                "{message}"
+            );
+            assert!(
+                !message.contains("localhost"),
+                "echoes the value: {message}"
+            );
+            let env = vars(&[(var, "localhost:70x")]);
+            let err = Config::from_parts(None, None, &env).expect_err(var);
+            assert!(
+                err.to_string()
+                    .contains(&format!("{key} is not an address:port")),
+                "{err}"
+            );
+        }
+        let env = vars(&[("SWITCHYARD_CONTROL_ADMIN_LISTEN", "[::1]:9")]);
+        let c = Config::from_parts(None, None, &env).expect("an IPv6 loopback address");
+        assert_eq!(
+            c.control.admin_listen,
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 9))
+        );
     }
 
     #[test]

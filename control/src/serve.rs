@@ -2,18 +2,16 @@
 //! claim is free (or expired: a replica died) and drives each one it claims; several replicas
 //! share the work through those claims. It also continues cleanups whose driver stopped and
 //! completes migrations whose undo window (`control.reverse_replication_hours`) ran out. Its
-//! admin port serves `/healthz`, `/readyz`,
-//! `/metrics` and the log level; its error replies have the proxy's shape
-//! ([`switchyard_runtime::admin::error_body`]).
+//! admin port is the shared router ([`switchyard_runtime::admin`]): `/healthz`, `/readyz`,
+//! `/metrics` and the log level, with the proxy's token rule and error shape.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http::Response;
+use switchyard_runtime::admin::{self, AdminPort, Readiness, Ready};
+use switchyard_runtime::server::Body;
 use switchyard_store::MigrationState;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,6 +21,8 @@ use crate::engine::{Driven, Engine};
 
 /// How often the worker looks for migrations to drive.
 const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long `/readyz` waits for the control database.
+const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often (in scans) the fleet-view metrics are refreshed from the control database.
 const FLEET_EVERY_SCANS: u32 = 2;
 
@@ -38,7 +38,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_server = tokio::spawn(switchyard_runtime::server::serve(
         admin,
-        admin_service(Arc::clone(&engine)),
+        admin::router::<_, hyper::body::Incoming>(Arc::new(Admin(Arc::clone(&engine)))),
         stop_rx.clone(),
         Duration::from_secs(1),
     ));
@@ -172,104 +172,38 @@ async fn refresh_fleet(engine: &Engine) {
     }
 }
 
-fn admin_service(
-    engine: Arc<Engine>,
-) -> impl tower::Service<
-    Request<hyper::body::Incoming>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static {
-    tower::service_fn(move |request: Request<hyper::body::Incoming>| {
-        let engine = Arc::clone(&engine);
-        async move {
-            let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
-            let (status, content_type, body) = match (request.method().as_str(), request.uri().path()) {
-                // Every call but the probes' needs the token when one is set (the proxy's rule).
-                _ if !probe
-                    && !switchyard_runtime::admin::bearer_authorized(request.headers(), &engine.settings.admin_token) =>
-                {
-                    error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token".to_owned())
-                }
-                ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                ("GET", "/readyz") => match tokio::time::timeout(Duration::from_secs(1), engine.control.ping()).await {
-                    Ok(Ok(())) => (StatusCode::OK, "application/json", r#"{"ready":true,"problems":[]}"#.to_owned()),
-                    Ok(Err(e)) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "application/json",
-                        serde_json::json!({"ready": false, "problems": [format!("control database: {e}")]}).to_string(),
-                    ),
-                    Err(_) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "application/json",
-                        r#"{"ready":false,"problems":["control database did not answer within 1s"]}"#.to_owned(),
-                    ),
-                },
-                ("GET", "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", engine.metrics.render()),
-                ("GET", "/admin/log-level") => (
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::json!({ "filter": switchyard_runtime::telemetry::current_filter() }).to_string(),
-                ),
-                ("PUT" | "POST", "/admin/log-level") => set_log_level(request).await,
-                (method, path @ ("/healthz" | "/readyz" | "/metrics" | "/admin/log-level")) => error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!(
-                        "method {method} is not allowed here (allowed: {})",
-                        if path == "/admin/log-level" { "GET, PUT" } else { "GET" }
-                    ),
-                ),
-                (method, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no such route: {method} {path}")),
-            };
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            *response.status_mut() = status;
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(content_type),
-            );
-            Ok::<_, Infallible>(response)
+/// `serve`'s admin port: the shared router with no routes of its own; ready while the
+/// control database answers within a second.
+struct Admin(Arc<Engine>);
+
+impl Readiness for Admin {
+    async fn readiness(&self) -> Ready {
+        let problem = match tokio::time::timeout(READY_PING_TIMEOUT, self.0.control.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("control database: {e}")),
+            Err(_) => Some("control database did not answer within 1s".to_owned()),
+        };
+        Ready {
+            problems: problem.into_iter().collect(),
+            details: serde_json::Map::new(),
         }
-    })
+    }
 }
 
-/// An error reply in the shape both admin ports use; none of `serve`'s is worth a retry.
-fn error(status: StatusCode, code: &str, message: String) -> (StatusCode, &'static str, String) {
-    let body = switchyard_runtime::admin::error_body(code, &message, false);
-    (
-        status,
-        "application/json",
-        serde_json::Value::Object(body).to_string(),
-    )
-}
+impl AdminPort for Admin {
+    fn admin_token(&self) -> &str {
+        &self.0.settings.admin_token
+    }
 
-/// `PUT /admin/log-level` with `{"level": "debug"}` or `{"filter": "…"}` (the caller checked
-/// the admin token).
-async fn set_log_level(
-    request: Request<hyper::body::Incoming>,
-) -> (StatusCode, &'static str, String) {
-    use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(request.into_body(), 4096)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                "the body must be at most 4096 bytes".to_owned(),
-            )
-        }
-    };
-    match switchyard_runtime::telemetry::set_from_json(&body) {
-        Ok(filter) => (
-            StatusCode::OK,
-            "application/json",
-            serde_json::json!({ "filter": filter }).to_string(),
-        ),
-        Err(message) => error(StatusCode::BAD_REQUEST, "invalid_filter", message),
+    async fn metrics(&self) -> String {
+        self.0.metrics.render()
+    }
+
+    async fn route<'a>(
+        &'a self,
+        _request: &'a http::request::Parts,
+        _segments: &'a [&'a str],
+    ) -> Option<Response<Body>> {
+        None
     }
 }

@@ -1,16 +1,16 @@
-//! The admin port: health, readiness, metrics, the routing table, reloads. Every call but
-//! `/healthz`, `/readyz` and `/metrics` (probes and scrapers) needs the configured bearer token
-//! (compared in constant time): the routing table lists tenant ids.
+//! The proxy's admin port: the shared router (health, readiness, metrics, log level, the
+//! token: [`switchyard_runtime::admin`]) with the proxy's own routes — the routing table,
+//! reloads and the local override. Every call but `/healthz`, `/readyz` and `/metrics` needs
+//! the configured bearer token: the routing table lists tenant ids.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{request, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
+use switchyard_runtime::admin::{self, AdminPort, Readiness, Ready};
 use uuid::Uuid;
 
 use crate::error::{json_response, ApiError, Body};
@@ -22,6 +22,8 @@ const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most routes `GET /admin/routes` lists (the count is always given).
 const LIST_LIMIT: usize = 1000;
 
+/// The admin port's router: the shared one ([`switchyard_runtime::admin::router`]) extended
+/// with the routing table, reloads and the local override.
 pub fn service(
     state: Arc<AppState>,
 ) -> impl tower::Service<
@@ -32,112 +34,124 @@ pub fn service(
 > + Clone
        + Send
        + 'static {
-    tower::service_fn(move |request: Request<Incoming>| {
-        let state = Arc::clone(&state);
-        async move {
-            Ok::<_, Infallible>(match handle(&state, request).await {
-                Ok(response) => response,
-                Err(e) => e.into_response(),
-            })
-        }
-    })
+    admin::router(state)
 }
 
-async fn handle(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let path = request.uri().path().to_owned();
-    let method = request.method().clone();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if !matches!(segments.as_slice(), ["healthz" | "readyz" | "metrics"]) {
-        authorize(state, &request)?;
+/// Readiness is this proxy's own state only: routing loaded and not draining. A store outage
+/// must not take every application pod out of its Service (each sidecar gates its pod, and most
+/// tenants are on other stores): per-store health is in the body and in
+/// `switchyard_proxy_store_up`, and requests for a down store get 503 `store_unavailable`.
+impl Readiness for AppState {
+    async fn readiness(&self) -> Ready {
+        let mut problems = Vec::new();
+        if self.is_shutting_down() {
+            problems.push("shutting down".to_owned());
+        }
+        if !self.routes.is_loaded() {
+            problems.push("routing table not loaded yet".to_owned());
+        }
+        let mut details = serde_json::Map::new();
+        details.insert("stores".into(), json!(check_stores(self).await));
+        Ready { problems, details }
     }
-    match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
-        (&Method::GET, ["readyz"]) => Ok(ready(state).await),
-        (&Method::GET, ["metrics"]) => {
-            check_stores(state).await;
-            state
-                .metrics
-                .routing_moved_tenants
-                .set(i64::try_from(state.routes.moved_len()).unwrap_or(i64::MAX));
-            let mut response = text(StatusCode::OK, &state.metrics.render());
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            Ok(response)
-        }
+}
+
+impl AdminPort for AppState {
+    fn admin_token(&self) -> &str {
+        &self.config.proxy.admin_token
+    }
+
+    async fn metrics(&self) -> String {
+        check_stores(self).await;
+        self.metrics
+            .routing_moved_tenants
+            .set(i64::try_from(self.routes.moved_len()).unwrap_or(i64::MAX));
+        self.metrics.render()
+    }
+
+    async fn route<'a>(
+        &'a self,
+        request: &'a request::Parts,
+        segments: &'a [&'a str],
+    ) -> Option<Response<Body>> {
+        let reply = match route(self, &request.method, request.uri.path(), segments).await? {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        Some(reply)
+    }
+}
+
+/// The proxy's own admin routes (`None`: not one of them).
+async fn route(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    segments: &[&str],
+) -> Option<Result<Response<Body>, ApiError>> {
+    Some(match (method, segments) {
         (&Method::GET, ["admin", "routes"]) => Ok(list_routes(state)),
-        (&Method::GET, ["admin", "routes", tenant]) => {
-            let tenant = Uuid::parse_str(tenant).map_err(|_| {
-                ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
-            })?;
-            let table = state.routes.load();
-            let has_row = table.row(&tenant).is_some();
-            let mut body = route_json(state, &tenant, table.get(&tenant));
-            body["has_row"] = json!(has_row);
-            body["mirroring"] =
-                json!(table.get(&tenant).state == switchyard_store::RoutingState::DualWrite);
-            body["mirror"] = json!(state.mirror.stats(&tenant));
-            body["table_epoch"] = json!(table.epoch());
-            // A moved fence this proxy met before routing said so: where its reads go instead.
-            body["reads_follow_fence_to"] = json!(state
-                .routes
-                .moved_to(&tenant, table.get(&tenant))
-                .map(|to| state.store_name(to)));
-            Ok(json_response(StatusCode::OK, &body))
-        }
+        (&Method::GET, ["admin", "routes", tenant]) => route_of(state, tenant),
         (&Method::POST, ["admin", "routes", "reload"]) => {
-            let epoch = crate::watcher::reload(state, "admin").await.map_err(|e| {
-                ApiError::StoreUnavailable {
+            match crate::watcher::reload(state, "admin").await {
+                Ok(epoch) => Ok(json_response(StatusCode::OK, &json!({ "epoch": epoch }))),
+                Err(e) => Err(ApiError::StoreUnavailable {
                     store_id: "control".to_owned(),
                     source: Some(e),
-                }
-            })?;
-            Ok(json_response(StatusCode::OK, &json!({ "epoch": epoch })))
+                }),
+            }
         }
         (&Method::POST, ["admin", "tenants", tenant, "resume-writes"]) => {
-            let tenant = Uuid::parse_str(tenant).map_err(|_| {
-                ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
-            })?;
-            let route = resume_writes(state, tenant).await;
-            let mut body = route_json(state, &tenant, &route);
-            body["local_override"] = json!(true);
-            body["note"] = json!("this proxy only, until the tenant's next routing change");
-            Ok(json_response(StatusCode::OK, &body))
+            match parse_tenant(tenant) {
+                Ok(tenant) => {
+                    let route = resume_writes(state, tenant).await;
+                    let mut body = route_json(state, &tenant, &route);
+                    body["local_override"] = json!(true);
+                    body["note"] = json!("this proxy only, until the tenant's next routing change");
+                    Ok(json_response(StatusCode::OK, &body))
+                }
+                Err(e) => Err(e),
+            }
         }
-        (&Method::GET, ["admin", "log-level"]) => Ok(json_response(
-            StatusCode::OK,
-            &json!({ "filter": switchyard_runtime::telemetry::current_filter() }),
-        )),
-        (&Method::PUT | &Method::POST, ["admin", "log-level"]) => {
-            let body = read_small_body(request).await?;
-            let filter = switchyard_runtime::telemetry::set_from_json(&body)
-                .map_err(|m| ApiError::bad_request("invalid_filter", m))?;
-            Ok(json_response(StatusCode::OK, &json!({ "filter": filter })))
-        }
-        (_, ["admin", "log-level"]) => Err(ApiError::MethodNotAllowed {
-            method: method.to_string(),
-            allow: "GET, PUT",
-        }),
         (_, ["admin", "tenants", _, "resume-writes"]) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
             allow: "POST",
         }),
-        (_, ["healthz" | "readyz" | "metrics"] | ["admin", "routes", ..]) => {
-            Err(ApiError::MethodNotAllowed {
-                method: method.to_string(),
-                allow: if path.ends_with("/reload") {
-                    "POST"
-                } else {
-                    "GET"
-                },
-            })
-        }
-        _ => Err(ApiError::NotFound {
+        (_, ["admin", "routes", ..]) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
-            path,
+            allow: if path.ends_with("/reload") {
+                "POST"
+            } else {
+                "GET"
+            },
         }),
-    }
+        _ => return None,
+    })
+}
+
+fn parse_tenant(tenant: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(tenant).map_err(|_| {
+        ApiError::bad_request("invalid_id", format!("tenant {tenant:?} is not a UUID"))
+    })
+}
+
+/// `GET /admin/routes/{tenant}`: the tenant's route as this proxy holds it.
+fn route_of(state: &AppState, tenant: &str) -> Result<Response<Body>, ApiError> {
+    let tenant = parse_tenant(tenant)?;
+    let table = state.routes.load();
+    let has_row = table.row(&tenant).is_some();
+    let mut body = route_json(state, &tenant, table.get(&tenant));
+    body["has_row"] = json!(has_row);
+    body["mirroring"] =
+        json!(table.get(&tenant).state == switchyard_store::RoutingState::DualWrite);
+    body["mirror"] = json!(state.mirror.stats(&tenant));
+    body["table_epoch"] = json!(table.epoch());
+    // A moved fence this proxy met before routing said so: where its reads go instead.
+    body["reads_follow_fence_to"] = json!(state
+        .routes
+        .moved_to(&tenant, table.get(&tenant))
+        .map(|to| state.store_name(to)));
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// The emergency local override (runbook procedure 8 when the control database cannot be
@@ -158,59 +172,6 @@ async fn resume_writes(state: &AppState, tenant: Uuid) -> Route {
         .store(table.with_changes([(tenant, route)], table.epoch()));
     tracing::warn!(tenant.id = %tenant, store = %state.store_name(route.store), "writes resumed by a local override");
     route
-}
-
-/// Most bytes an admin request body may carry.
-const ADMIN_BODY_LIMIT: usize = 4096;
-
-async fn read_small_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    http_body_util::Limited::new(request.into_body(), ADMIN_BODY_LIMIT)
-        .collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-        .map_err(|_| {
-            ApiError::bad_request(
-                "invalid_body",
-                format!("the body must be at most {ADMIN_BODY_LIMIT} bytes"),
-            )
-        })
-}
-
-/// Checks `Authorization: Bearer <token>` when a token is configured.
-pub fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), ApiError> {
-    if switchyard_runtime::admin::bearer_authorized(
-        request.headers(),
-        &state.config.proxy.admin_token,
-    ) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-/// Readiness is this proxy's own state only: routing loaded and not draining. A store outage
-/// must not take every application pod out of its Service (each sidecar gates its pod, and most
-/// tenants are on other stores): per-store health is in the body and in
-/// `switchyard_proxy_store_up`, and requests for a down store get 503 `store_unavailable`.
-async fn ready(state: &AppState) -> Response<Body> {
-    let mut problems = Vec::new();
-    if state.is_shutting_down() {
-        problems.push("shutting down".to_owned());
-    }
-    if !state.routes.is_loaded() {
-        problems.push("routing table not loaded yet".to_owned());
-    }
-    let stores = check_stores(state).await;
-    let status = if problems.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    json_response(
-        status,
-        &json!({ "ready": problems.is_empty(), "problems": problems, "stores": stores }),
-    )
 }
 
 /// Pings every store at once (each for at most [`READY_PING_TIMEOUT`]), sets
@@ -262,14 +223,4 @@ fn route_json(state: &AppState, tenant: &Uuid, route: &Route) -> serde_json::Val
         "migration_id": route.migration_id,
         "store_configured": route.store != UNKNOWN_STORE,
     })
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -3,13 +3,12 @@
 //! Each error knows its kind (client, conflict, unavailable, internal) and whether a retry can
 //! help; internal details are logged here once and never sent to the client.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use serde_json::{json, Value};
 use switchyard_store::{AppendError, ErrorKind, StoreError};
 
-pub type Body = Full<Bytes>;
+/// The response body (the one both programs serve).
+pub use switchyard_runtime::server::Body;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -359,17 +358,8 @@ impl ApiError {
     }
 }
 
-/// A JSON reply.
-pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
+/// A JSON reply (the one both programs use).
+pub use switchyard_runtime::admin::json_response;
 
 #[cfg(test)]
 mod tests {

@@ -25,7 +25,6 @@ pub mod watcher;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -375,15 +374,9 @@ impl App {
 
 /// Binds the configured data and admin addresses.
 pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, TcpListener)> {
-    let data: SocketAddr = config.proxy.listen.parse().map_err(std::io::Error::other)?;
-    let admin: SocketAddr = config
-        .proxy
-        .admin_listen
-        .parse()
-        .map_err(std::io::Error::other)?;
     Ok((
-        TcpListener::bind(data).await?,
-        TcpListener::bind(admin).await?,
+        TcpListener::bind(config.proxy.listen).await?,
+        TcpListener::bind(config.proxy.admin_listen).await?,
     ))
 }
 #[cfg(test)]
@@ -403,7 +396,7 @@ mod tests {
 
     /// One request on a fresh connection; the status and the body as JSON (null when empty).
     async fn call(
-        addr: SocketAddr,
+        addr: std::net::SocketAddr,
         method: Method,
         path: &str,
         body: Option<serde_json::Value>,

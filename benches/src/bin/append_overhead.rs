@@ -16,6 +16,7 @@
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, round1, Window};
 use switchyard_benches::{redact, toml_string, with_database};
 
@@ -68,9 +69,6 @@ struct Args {
     /// histograms are merged, so slow drift in the database does not favour one mode.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Admin connection used only to create and drop the benchmark database.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
     /// Events written (100 per append, one stream each) and analysed before anything is
     /// measured. A store's `switchyard_append` plans are cached per connection: a connection
     /// whose first appends ran against a near-empty `events` table keeps a sequential-scan plan
@@ -91,9 +89,8 @@ struct Args {
     /// per-call cost of custom plans and, with `--seed-events 0`, the cached-plan pitfall.
     #[arg(long, value_enum, default_value_t = AppendPlans::Auto)]
     append_plans: AppendPlans,
-    /// About a second per mode with 2 writers: checks the harness works (CI), measures nothing.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -110,7 +107,7 @@ enum Protocol {
 
 impl Args {
     fn effective(mut self) -> Self {
-        if self.smoke {
+        if self.common.smoke {
             self.writers = 2;
             self.pool_size = 2;
             self.seconds = 1.0;
@@ -547,7 +544,7 @@ fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Ou
         "rounds": args.rounds.max(1),
         "seed_events": args.seed_events,
         "append_plans": format!("{:?}", args.append_plans).to_lowercase(),
-        "smoke": args.smoke,
+        "smoke": args.common.smoke,
         "postgres": conditions.database_version,
         "load_average_1m_before": conditions.load_before,
         "load_average_1m_after": conditions.load_after,
@@ -593,9 +590,9 @@ fn report(args: &Args, conditions: &Conditions<'_>, direct: &Outcome, proxy: &Ou
 
 /// Creates the database, measures, and drops the database whatever happened.
 async fn run(args: Args) -> Result<()> {
-    let mut admin = PgConnection::connect(&args.pg_url)
+    let mut admin = PgConnection::connect(&args.common.pg_url)
         .await
-        .with_context(|| format!("connecting to --pg-url {}", redact(&args.pg_url)))?;
+        .with_context(|| format!("connecting to --pg-url {}", redact(&args.common.pg_url)))?;
     let version: String = sqlx::query_scalar("SELECT version()")
         .fetch_one(&mut admin)
         .await?;
@@ -605,7 +602,7 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("creating database {name}"))?;
     eprintln!("created database {name}");
-    let db_url = with_database(&args.pg_url, &name)?;
+    let db_url = with_database(&args.common.pg_url, &name)?;
 
     let load_before = load_average_1m();
     let measured = tokio::select! {
@@ -631,7 +628,7 @@ async fn run(args: Args) -> Result<()> {
         args.seconds,
         args.warmup_seconds,
         args.rounds.max(1),
-        if args.smoke {
+        if args.common.smoke {
             " (smoke: the figures mean nothing)"
         } else {
             ""

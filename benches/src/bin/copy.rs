@@ -50,6 +50,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, load_averages, round1, round3};
 use switchyard_benches::{seed, toml_string, Databases};
 use switchyard_store::control::Progress;
@@ -104,18 +105,13 @@ struct Args {
     /// target directory with `cargo build --release -p switchyard-control`).
     #[arg(long)]
     control_bin: Option<PathBuf>,
-    /// Admin connection, used to create and drop the benchmark databases; the databases are
-    /// reached with the same user, host and port.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
-    /// 20,000 events, one batch size (1000): checks the harness works (CI), measures nothing.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 impl Args {
     fn effective(mut self) -> Self {
-        if self.smoke {
+        if self.common.smoke {
             self.events = 20_000;
             self.batch_sizes.truncate(1);
             if let Some(first) = self.batch_sizes.first_mut() {
@@ -966,7 +962,7 @@ fn report(args: &Args, facts: &Value, floor: Option<&Measured>, runs: &[Measured
         "events": args.events,
         "other_tenant_events": args.events * args.other_tenants_ratio,
         "batch_sizes": args.batch_sizes,
-        "smoke": args.smoke,
+        "smoke": args.common.smoke,
         "machine": facts,
         "floor": floor.map(|f| f.summary(None)),
         "runs": runs.iter().map(|r| r.summary(floor_rate)).collect::<Vec<_>>(),
@@ -1160,7 +1156,7 @@ async fn measure_all(args: &Args, dbs: &mut Databases) -> Result<String> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let mut dbs = Databases::connect(&args.pg_url, "copy").await?;
+    let mut dbs = Databases::connect(&args.common.pg_url, "copy").await?;
     let measured = tokio::select! {
         measured = measure_all(&args, &mut dbs) => measured,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -1169,7 +1165,7 @@ async fn run(args: Args) -> Result<()> {
     let _ = dbs.admin.close().await;
     let out = measured?;
     dropped?;
-    if args.smoke {
+    if args.common.smoke {
         eprintln!("(smoke: the figures mean nothing)");
     }
     print!("{out}");

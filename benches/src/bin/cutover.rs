@@ -35,6 +35,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, load_averages, quantile};
 use switchyard_benches::{toml_string, with_database};
 
@@ -110,9 +111,6 @@ struct Args {
     /// workspace's `target/release/…`).
     #[arg(long)]
     control_bin: Option<PathBuf>,
-    /// Admin connection used only to create, seed, check and drop the benchmark databases.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
     /// Log filter of the in-process proxies.
     #[arg(long, default_value = "warn")]
     log: String,
@@ -120,14 +118,13 @@ struct Args {
     /// (latency from each append's intended send time). Without it, closed loop (saturated).
     #[arg(long)]
     rate: Option<f64>,
-    /// 20,000 events, 4 writers, 1 run, shorter phases: checks the harness works.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 impl Args {
     fn effective(mut self) -> Self {
-        if self.smoke {
+        if self.common.smoke {
             self.events = 20_000;
             self.writers = 4;
             self.runs = 1;
@@ -841,7 +838,7 @@ fn report(
         "after_seconds": args.after_seconds,
         "pool_size": args.pool_size,
         "load": args.rate.map_or_else(|| json!("closed loop (saturated)"), |r| json!({"open_loop_rate_per_s": r})),
-        "smoke": args.smoke,
+        "smoke": args.common.smoke,
         "postgres": version,
         "load_average_before": load.0,
         "load_average_after": load.1,
@@ -1005,7 +1002,7 @@ async fn measure(
 }
 
 async fn run(args: Args) -> Result<()> {
-    let mut admin = PgConnection::connect(&args.pg_url)
+    let mut admin = PgConnection::connect(&args.common.pg_url)
         .await
         .context("connecting to --pg-url")?;
     let version: String = sqlx::query_scalar("SELECT version()")
@@ -1025,9 +1022,9 @@ async fn run(args: Args) -> Result<()> {
     }
     eprintln!("created databases {}", names.join(", "));
     let dbs = Databases {
-        control: with_database(&args.pg_url, &names[0])?,
-        shared: with_database(&args.pg_url, &names[1])?,
-        dedicated: with_database(&args.pg_url, &names[2])?,
+        control: with_database(&args.common.pg_url, &names[0])?,
+        shared: with_database(&args.common.pg_url, &names[1])?,
+        dedicated: with_database(&args.common.pg_url, &names[2])?,
     };
     let config = std::env::temp_dir().join(format!("{name}.toml"));
     let load_before = load_averages();
@@ -1074,7 +1071,7 @@ async fn run(args: Args) -> Result<()> {
         "{}",
         report(&args, &version, (load_before, load_after), seed_s, &runs)
     );
-    if args.smoke {
+    if args.common.smoke {
         eprintln!("(smoke: the figures mean little)");
     }
     Ok(())

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, round1, round3, Window};
 use switchyard_benches::{redact, toml_string, with_database};
 
@@ -90,9 +91,6 @@ struct Args {
     /// Connections in the proxy's pool to each store.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
-    /// Admin connection used only to create and drop the benchmark databases.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
     /// PostgreSQL `options` for the proxy's connections to the target store (e.g.
     /// `-c plan_cache_mode=force_custom_plan`), added to its URL; empty: none.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
@@ -100,15 +98,13 @@ struct Args {
     /// Proxy log filter, as the real binary takes it (default `info`, as in production).
     #[arg(long, default_value = "info")]
     log: String,
-    /// About a second per phase with 2 writers, one round: checks the harness works (CI),
-    /// measures nothing.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 impl Args {
     fn effective(mut self) -> Self {
-        if self.smoke {
+        if self.common.smoke {
             self.writers = 2;
             self.pool_size = 2;
             self.seconds = 1.0;
@@ -689,7 +685,7 @@ fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) 
         "rate": args.rate,
         "seed_events": args.seed_events,
         "rounds": args.rounds.max(1),
-        "smoke": args.smoke,
+        "smoke": args.common.smoke,
         "target_options": args.target_options,
         "postgres": version,
         "load_average_before": load.0,
@@ -765,16 +761,16 @@ fn report(args: &Args, version: &str, load: ([f64; 3], [f64; 3]), m: &Measured) 
 
 /// Creates the databases, measures, and drops the databases whatever happened.
 async fn run(args: Args) -> Result<()> {
-    let mut admin = PgConnection::connect(&args.pg_url)
+    let mut admin = PgConnection::connect(&args.common.pg_url)
         .await
-        .with_context(|| format!("connecting to --pg-url {}", redact(&args.pg_url)))?;
+        .with_context(|| format!("connecting to --pg-url {}", redact(&args.common.pg_url)))?;
     let version: String = sqlx::query_scalar("SELECT version()")
         .fetch_one(&mut admin)
         .await?;
     let name = format!("sy_dw_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let target_name = format!("{name}_target");
-    let source_url = with_database(&args.pg_url, &name)?;
-    let target_url = with_database(&args.pg_url, &target_name)?;
+    let source_url = with_database(&args.common.pg_url, &name)?;
+    let target_url = with_database(&args.common.pg_url, &target_name)?;
     let mut created = Vec::new();
     let mut result = Ok(());
     for db in [&name, &target_name] {
@@ -818,7 +814,7 @@ async fn run(args: Args) -> Result<()> {
         args.seconds,
         args.warmup_seconds,
         args.rounds.max(1),
-        if args.smoke {
+        if args.common.smoke {
             " (smoke: the figures mean nothing)"
         } else {
             ""

@@ -38,6 +38,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, record_latency};
 use switchyard_benches::{toml_string, Databases, InProcessProxy};
 use switchyard_config::Config;
@@ -82,20 +83,16 @@ struct Args {
     /// `proxy.migrating_tenant_share`; 1 is no bound.
     #[arg(long, default_value_t = 0.5)]
     share: f64,
-    /// Admin connection used only to create and drop the benchmark databases.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
     /// Proxy log filter.
     #[arg(long, default_value = "warn")]
     log: String,
-    /// About a second per phase, one round: checks the harness works, measures nothing.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 impl Args {
     fn effective(mut self) -> Self {
-        if self.smoke {
+        if self.common.smoke {
             self.seconds = 1.0;
             self.warmup_seconds = 0.2;
             self.rounds = 1;
@@ -493,7 +490,7 @@ fn report(args: &Args, load: ([f64; 3], [f64; 3]), m: &Measured) -> String {
         "max_requests": args.max_requests,
         "share": args.share,
         "hot_in_baseline": args.hot_in_baseline,
-        "smoke": args.smoke,
+        "smoke": args.common.smoke,
         "baseline": m.baseline.summary(),
         "cutover": m.cutover.summary(),
         "p99_ratio": (ratio * 1000.0).round() / 1000.0,
@@ -527,7 +524,7 @@ fn report(args: &Args, load: ([f64; 3], [f64; 3]), m: &Measured) -> String {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let mut dbs = Databases::connect(&args.pg_url, "fair").await?;
+    let mut dbs = Databases::connect(&args.common.pg_url, "fair").await?;
     let load_before = load_averages();
     let measured = tokio::select! {
         measured = measure(&args, &mut dbs) => measured,

@@ -23,6 +23,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::args::Common;
 use switchyard_benches::report::median;
 use switchyard_benches::{seed, Databases, SEED_STREAM_LEN};
 use switchyard_control::verify::{verify, Level, Scope, ViolationKind};
@@ -40,11 +41,8 @@ struct Args {
     /// Measurements of each kind (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    pg_url: String,
-    /// 20,000 events, one run: checks the harness works (CI), measures nothing.
-    #[arg(long)]
-    smoke: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 struct Sample {
@@ -253,7 +251,7 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<serde_json::Value> 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
-    if args.smoke {
+    if args.common.smoke {
         args.events = 20_000;
         args.runs = 1;
     }
@@ -261,7 +259,7 @@ async fn main() -> Result<()> {
         args.events >= 2 * SEED_STREAM_LEN,
         "--events: at least two streams"
     );
-    let mut dbs = Databases::connect(&args.pg_url, "verify").await?;
+    let mut dbs = Databases::connect(&args.common.pg_url, "verify").await?;
     let result = tokio::select! {
         r = measure(&args, &mut dbs) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),

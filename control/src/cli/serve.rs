@@ -1,7 +1,5 @@
 //! `serve`: run the migration worker (see `crate::serve`) until SIGTERM or SIGINT.
 
-use std::net::SocketAddr;
-
 use super::CliError;
 use crate::context::Context;
 use crate::engine::{default_worker_id, Engine};
@@ -14,12 +12,7 @@ pub struct Args {
 }
 
 pub(super) async fn run(ctx: &mut Context, args: &Args) -> Result<(), CliError> {
-    let addr: SocketAddr = ctx
-        .config
-        .control
-        .admin_listen
-        .parse()
-        .map_err(|e| CliError::Usage(format!("control.admin_listen: {e}")))?;
+    let addr = ctx.config.control.admin_listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| CliError::Failed(format!("cannot bind {addr}: {e}")))?;

@@ -150,8 +150,8 @@ async fn run_on(
     progress: Arc<dyn Fn(&Report) + Send + Sync>,
 ) -> Result<Summary, DemoError> {
     let started = Instant::now();
-    config.proxy.listen = "127.0.0.1:0".to_owned();
-    config.proxy.admin_listen = "127.0.0.1:0".to_owned();
+    config.proxy.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.proxy.admin_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     // SQLite has no notifications: proxies learn routing changes by polling the epoch.
     config.proxy.routing_poll = config.proxy.routing_poll.min(Duration::from_millis(50));
     let source_id = config.default_store.clone();

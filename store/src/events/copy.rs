@@ -90,6 +90,14 @@ impl Pg {
     ) -> Result<StoredEvent, StoreError> {
         super::postgres::decode(row)
     }
+
+    /// A `created_at` bound `millis` before the store's clock, with what `param` binds.
+    pub(super) fn settled_before(self, param: &str, millis: i64) -> (String, i64) {
+        (
+            format!("clock_timestamp() - make_interval(secs => {param}::float8 / 1000)"),
+            millis,
+        )
+    }
 }
 
 impl Lite {
@@ -107,6 +115,12 @@ impl Lite {
         row: &sqlx::sqlite::SqliteRow,
     ) -> Result<StoredEvent, StoreError> {
         super::sqlite::decode(row)
+    }
+
+    /// [`Pg::settled_before`] by this process's clock: the cutoff is bound as a timestamp.
+    pub(super) fn settled_before(self, param: &str, millis: i64) -> (String, String) {
+        let cutoff = Utc::now() - chrono::Duration::milliseconds(millis);
+        (param.to_owned(), format_timestamp(&cutoff))
     }
 }
 
@@ -350,23 +364,8 @@ impl EventStore {
         after_position: i64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        on_backend!(self, |pool, d| {
-            let sql = format!(
-                "SELECT {} FROM events WHERE {} ORDER BY global_position LIMIT $5",
-                d.event_columns(),
-                d.window()
-            );
-            let (from, to) = d.window_bounds(window);
-            let rows = sqlx::query(&sql)
-                .bind(d.id(tenant))
-                .bind(after_position)
-                .bind(from)
-                .bind(to)
-                .bind(i64::from(limit))
-                .fetch_all(pool)
-                .await?;
-            rows.iter().map(|row| d.decode_event(row)).collect()
-        })
+        self.events_in_window(tenant, window, None, after_position, limit)
+            .await
     }
 
     /// How many of the tenant's events `window` holds.
@@ -395,44 +394,43 @@ impl EventStore {
         after_position: i64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let millis = i64::try_from(settled.as_millis()).unwrap_or(i64::MAX);
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events WHERE {PG_WINDOW}
-                        AND created_at < clock_timestamp() - make_interval(secs => $5::float8 / 1000)
-                      ORDER BY global_position LIMIT $6"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant)
-                    .bind(after_position)
-                    .bind(window.from.map(|f| f.to_string()))
-                    .bind(window.to.to_string())
-                    .bind(millis)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::postgres::decode).collect()
+        self.events_in_window(tenant, window, Some(settled), after_position, limit)
+            .await
+    }
+
+    /// [`Self::read_window`], or with `settled` [`Self::settled_events`].
+    async fn events_in_window(
+        &self,
+        tenant: Uuid,
+        window: PassWindow,
+        settled: Option<std::time::Duration>,
+        after_position: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let millis = settled.map(|s| i64::try_from(s.as_millis()).unwrap_or(i64::MAX));
+        on_backend!(self, |pool, d| {
+            let settled = millis.map(|millis| d.settled_before("$5", millis));
+            let (condition, limit_param) = match &settled {
+                Some((before, _)) => (format!(" AND created_at < {before}"), "$6"),
+                None => (String::new(), "$5"),
+            };
+            let sql = format!(
+                "SELECT {} FROM events WHERE {}{condition} ORDER BY global_position LIMIT {limit_param}",
+                d.event_columns(),
+                d.window()
+            );
+            let (from, to) = d.window_bounds(window);
+            let mut query = sqlx::query(&sql)
+                .bind(d.id(tenant))
+                .bind(after_position)
+                .bind(from)
+                .bind(to);
+            if let Some((_, cutoff)) = settled {
+                query = query.bind(cutoff);
             }
-            Backend::Sqlite(pool) => {
-                let cutoff =
-                    format_timestamp(&(Utc::now() - chrono::Duration::milliseconds(millis)));
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events WHERE {SQLITE_WINDOW} AND created_at < ?5
-                      ORDER BY global_position LIMIT ?6"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant.to_string())
-                    .bind(after_position)
-                    .bind(window.from)
-                    .bind(window.to)
-                    .bind(cutoff)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::sqlite::decode).collect()
-            }
-        }
+            let rows = query.bind(i64::from(limit)).fetch_all(pool).await?;
+            rows.iter().map(|row| d.decode_event(row)).collect()
+        })
     }
 
     /// Rows here that belong to another tenant than `tenant` and collide with `events` (of
@@ -538,35 +536,24 @@ impl EventStore {
 
     /// How many events the tenant has here.
     pub async fn count_tenant(&self, tenant: Uuid) -> Result<i64, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => Ok(sqlx::query_scalar(
-                "SELECT count(*) FROM events WHERE tenant_id = $1",
+        on_backend!(self, |pool, d| {
+            Ok(
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = $1")
+                    .bind(d.id(tenant))
+                    .fetch_one(pool)
+                    .await?,
             )
-            .bind(tenant)
-            .fetch_one(pool)
-            .await?),
-            Backend::Sqlite(pool) => Ok(sqlx::query_scalar(
-                "SELECT count(*) FROM events WHERE tenant_id = ?1",
-            )
-            .bind(tenant.to_string())
-            .fetch_one(pool)
-            .await?),
-        }
+        })
     }
 
     /// Deletes the tenant's events here (a migration target being reset). Returns the count.
     pub async fn delete_tenant(&self, tenant: Uuid) -> Result<u64, StoreError> {
-        Ok(match &self.backend {
-            Backend::Postgres(pool) => sqlx::query("DELETE FROM events WHERE tenant_id = $1")
-                .bind(tenant)
+        on_backend!(self, |pool, d| {
+            Ok(sqlx::query("DELETE FROM events WHERE tenant_id = $1")
+                .bind(d.id(tenant))
                 .execute(pool)
                 .await?
-                .rows_affected(),
-            Backend::Sqlite(pool) => sqlx::query("DELETE FROM events WHERE tenant_id = ?1")
-                .bind(tenant.to_string())
-                .execute(pool)
-                .await?
-                .rows_affected(),
+                .rows_affected())
         })
     }
 
@@ -687,35 +674,21 @@ impl EventStore {
     /// Makes sure the tenant's fence here exists and is open (a store the tenant once left
     /// still carries a moved fence). `epoch` records which migration opened it.
     pub async fn open_fence(&self, tenant: Uuid, epoch: i64) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                sqlx::query(
-                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
-                     VALUES ($1, 'open', $2, NULL, now())
-                     ON CONFLICT (tenant_id) DO UPDATE
-                        SET state = 'open', epoch = EXCLUDED.epoch, moved_to = NULL, updated_at = now()
-                      WHERE switchyard_fences.state <> 'open'",
-                )
-                .bind(tenant)
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
+                 VALUES ($1, 'open', $2, NULL, {stamp})
+                 ON CONFLICT (tenant_id) DO UPDATE
+                    SET state = 'open', epoch = excluded.epoch, moved_to = NULL, updated_at = {stamp}
+                  WHERE switchyard_fences.state <> 'open'",
+                stamp = d.fence_stamp()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(tenant))
                 .bind(epoch)
                 .execute(pool)
                 .await?;
-            }
-            Backend::Sqlite(pool) => {
-                sqlx::query(
-                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
-                     VALUES (?1, 'open', ?2, NULL, ?3)
-                     ON CONFLICT (tenant_id) DO UPDATE
-                        SET state = 'open', epoch = excluded.epoch, moved_to = NULL, updated_at = excluded.updated_at
-                      WHERE switchyard_fences.state <> 'open'",
-                )
-                .bind(tenant.to_string())
-                .bind(epoch)
-                .bind(format_timestamp(&Utc::now()))
-                .execute(pool)
-                .await?;
-            }
-        }
+        });
         Ok(())
     }
 
@@ -724,19 +697,15 @@ impl EventStore {
         &self,
         tenant: Uuid,
     ) -> Result<Option<(String, Option<String>)>, StoreError> {
-        Ok(match &self.backend {
-            Backend::Postgres(pool) => {
-                sqlx::query_as("SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = $1")
-                    .bind(tenant)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Backend::Sqlite(pool) => {
-                sqlx::query_as("SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = ?1")
-                    .bind(tenant.to_string())
-                    .fetch_optional(pool)
-                    .await?
-            }
+        on_backend!(self, |pool, d| {
+            Ok(
+                sqlx::query_as(
+                    "SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = $1",
+                )
+                .bind(d.id(tenant))
+                .fetch_optional(pool)
+                .await?,
+            )
         })
     }
 }

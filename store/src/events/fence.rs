@@ -14,12 +14,12 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use sqlx::{PgPool, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{Backend, EventStore};
-use crate::event::{format_timestamp, StoreError};
+use crate::dialect::{Lite, Pg};
+use crate::event::StoreError;
 
 /// What a fence transaction may run or sit idle past its budget before PostgreSQL ends it
 /// (`statement_timeout`, `idle_in_transaction_session_timeout`): room for the move and its
@@ -42,6 +42,38 @@ pub struct FenceLock {
 enum Tx {
     Postgres(Transaction<'static, Postgres>),
     Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// [`crate::dialect::on_backend!`] for a fence transaction: runs `$body` with `$tx` the
+/// transaction and `$d` its backend's dialect.
+macro_rules! on_tx {
+    ($tx:expr, |$t:ident, $d:ident| $body:expr) => {
+        match $tx {
+            Tx::Postgres($t) => {
+                let $d = Pg;
+                $body
+            }
+            Tx::Sqlite($t) => {
+                let $d = Lite;
+                $body
+            }
+        }
+    };
+}
+
+impl Pg {
+    /// A fence row's `updated_at`: the transaction's start, which [`OLDER_WRITERS_SQL`]
+    /// compares with other sessions' `xact_start`.
+    pub(super) fn fence_stamp(self) -> &'static str {
+        "now()"
+    }
+}
+
+impl Lite {
+    /// The clock in the event store's timestamp format (microseconds, `+00:00`).
+    pub(super) fn fence_stamp(self) -> &'static str {
+        "strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now')"
+    }
 }
 
 /// A session in a store's database whose writes may have escaped a tenant's fence (see
@@ -176,6 +208,10 @@ impl EventStore {
         let bound = (budget + FENCE_MARGIN)
             .as_millis()
             .clamp(1, u128::from(u32::MAX));
+        // The two backends hold a fence differently, so the arms stay apart: PostgreSQL takes
+        // the row `FOR UPDATE` under three timeouts and names a holder it gave up on
+        // ([`lock_row`]); SQLite's write transaction (`BEGIN IMMEDIATE`) holds every writer of
+        // the store and has nothing to wait for once begun.
         match &self.backend {
             Backend::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
@@ -191,13 +227,10 @@ impl EventStore {
                 .fetch_one(&mut *tx)
                 .await?;
                 // The row exists since the migration started; create it if someone removed it.
-                sqlx::query(
-                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, updated_at)
-                     VALUES ($1, 'open', 0, now()) ON CONFLICT (tenant_id) DO NOTHING",
-                )
-                .bind(tenant)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(&ensure_fence_row(Pg.fence_stamp()))
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await?;
                 lock_row(&mut tx, pool, (tenant, pid), budget).await?;
                 Ok(FenceLock {
                     tenant,
@@ -205,15 +238,11 @@ impl EventStore {
                 })
             }
             Backend::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::query(
-                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, updated_at)
-                     VALUES (?1, 'open', 0, ?2) ON CONFLICT (tenant_id) DO NOTHING",
-                )
-                .bind(tenant.to_string())
-                .bind(format_timestamp(&Utc::now()))
-                .execute(&mut *tx)
-                .await?;
+                let mut tx = Lite.begin(pool).await?;
+                sqlx::query(&ensure_fence_row(Lite.fence_stamp()))
+                    .bind(Lite.id(tenant))
+                    .execute(&mut *tx)
+                    .await?;
                 Ok(FenceLock {
                     tenant,
                     tx: Tx::Sqlite(tx),
@@ -247,19 +276,16 @@ impl EventStore {
 impl FenceLock {
     /// The fence's state as this transaction sees it: `(state, moved_to)`.
     pub async fn state(&mut self) -> Result<(String, Option<String>), StoreError> {
-        Ok(match &mut self.tx {
-            Tx::Postgres(tx) => {
-                sqlx::query_as("SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = $1")
-                    .bind(self.tenant)
-                    .fetch_one(&mut **tx)
-                    .await?
-            }
-            Tx::Sqlite(tx) => {
-                sqlx::query_as("SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = ?1")
-                    .bind(self.tenant.to_string())
-                    .fetch_one(&mut **tx)
-                    .await?
-            }
+        let tenant = self.tenant;
+        on_tx!(&mut self.tx, |tx, d| {
+            Ok(
+                sqlx::query_as(
+                    "SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = $1",
+                )
+                .bind(d.id(tenant))
+                .fetch_one(&mut **tx)
+                .await?,
+            )
         })
     }
 
@@ -294,42 +320,28 @@ impl FenceLock {
     /// Marks the fence moved to `target` under `epoch` and commits: from now on no append of
     /// the tenant lands in this store.
     pub async fn move_to(self, target: &str, epoch: i64) -> Result<(), StoreError> {
-        match self.tx {
-            Tx::Postgres(mut tx) => {
-                sqlx::query(
-                    "UPDATE switchyard_fences SET state = 'moved', moved_to = $2, epoch = $3, updated_at = now()
-                     WHERE tenant_id = $1",
-                )
-                .bind(self.tenant)
+        on_tx!(self.tx, |tx, d| {
+            let mut tx = tx;
+            let sql = format!(
+                "UPDATE switchyard_fences
+                    SET state = 'moved', moved_to = $2, epoch = $3, updated_at = {}
+                  WHERE tenant_id = $1",
+                d.fence_stamp()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(self.tenant))
                 .bind(target)
                 .bind(epoch)
                 .execute(&mut *tx)
                 .await?;
-                tx.commit().await?;
-            }
-            Tx::Sqlite(mut tx) => {
-                sqlx::query(
-                    "UPDATE switchyard_fences SET state = 'moved', moved_to = ?2, epoch = ?3, updated_at = ?4
-                     WHERE tenant_id = ?1",
-                )
-                .bind(self.tenant.to_string())
-                .bind(target)
-                .bind(epoch)
-                .bind(format_timestamp(&Utc::now()))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-            }
-        }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Rolls back: the fence stays as it was, and held writers proceed.
     pub async fn release(self) -> Result<(), StoreError> {
-        match self.tx {
-            Tx::Postgres(tx) => tx.rollback().await?,
-            Tx::Sqlite(tx) => tx.rollback().await?,
-        }
+        on_tx!(self.tx, |tx, _d| tx.rollback().await?);
         Ok(())
     }
 }
@@ -347,33 +359,24 @@ impl EventStore {
             lock.release().await?;
             return Ok(false);
         }
-        match lock.tx {
-            Tx::Postgres(mut tx) => {
-                sqlx::query(
-                    "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = now()
-                     WHERE tenant_id = $1",
-                )
-                .bind(tenant)
+        on_tx!(lock.tx, |tx, d| {
+            let mut tx = tx;
+            let sql = format!(
+                "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = {}
+                  WHERE tenant_id = $1",
+                d.fence_stamp()
+            );
+            sqlx::query(&sql)
+                .bind(d.id(tenant))
                 .execute(&mut *tx)
                 .await?;
-                tx.commit().await?;
-            }
-            Tx::Sqlite(mut tx) => {
-                sqlx::query(
-                    "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = ?2
-                     WHERE tenant_id = ?1",
-                )
-                .bind(tenant.to_string())
-                .bind(format_timestamp(&Utc::now()))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-            }
-        }
+            tx.commit().await?;
+        });
         Ok(true)
     }
 
     /// Each listed stream's event count and last version here (absent streams are left out).
+    /// One statement over arrays on PostgreSQL, one per stream on SQLite (no arrays to bind).
     pub async fn stream_heads(
         &self,
         tenant: Uuid,
@@ -422,4 +425,13 @@ impl EventStore {
         }
         Ok(out)
     }
+}
+
+/// Creates the tenant's fence row, open, when it is missing (it exists since the migration
+/// started, unless someone removed it).
+fn ensure_fence_row(stamp: &str) -> String {
+    format!(
+        "INSERT INTO switchyard_fences (tenant_id, state, epoch, updated_at)
+         VALUES ($1, 'open', 0, {stamp}) ON CONFLICT (tenant_id) DO NOTHING"
+    )
 }

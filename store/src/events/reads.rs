@@ -9,7 +9,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{postgres, sqlite, Backend, EventStore};
+use super::EventStore;
+use crate::dialect::{on_backend, Lite, Pg};
 use crate::event::{format_timestamp, AppendError, Appended, NewEvent, StoreError, StoredEvent};
 use crate::StreamRef;
 
@@ -37,10 +38,19 @@ pub struct CategoryStart {
     pub after_position: Option<i64>,
 }
 
-const PG_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
-     event_type, version, actor_id, timestamp, payload::text AS payload, created_at";
-const SQLITE_COLUMNS: &str = "global_position, event_id, aggregate_type, aggregate_id, tenant_id, \
-     event_type, version, actor_id, timestamp, payload, created_at";
+impl Pg {
+    /// An optional instant bound as `param`, typed so that `param IS NULL` is valid SQL.
+    fn instant(self, t: Option<&DateTime<Utc>>, param: &str) -> (Option<DateTime<Utc>>, String) {
+        (t.copied(), format!("{param}::timestamptz"))
+    }
+}
+
+impl Lite {
+    /// [`Pg::instant`] as the fixed-width UTC text the events' timestamps are stored as.
+    fn instant(self, t: Option<&DateTime<Utc>>, param: &str) -> (Option<String>, String) {
+        (t.map(format_timestamp), param.to_owned())
+    }
+}
 
 impl EventStore {
     /// The stream's events in `range`, in version order (newest first when backward). Events
@@ -52,72 +62,40 @@ impl EventStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let order = if range.backward { "DESC" } else { "ASC" };
         let to = range.to_version.unwrap_or(i32::MAX);
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events
-                      WHERE aggregate_id = $1 AND aggregate_type = $2 AND tenant_id = $3
-                        AND version >= $4 AND version <= $5
-                      ORDER BY version {order} LIMIT $6"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(stream.aggregate_id)
-                    .bind(stream.aggregate_type)
-                    .bind(stream.tenant_id)
-                    .bind(range.from_version)
-                    .bind(to)
-                    .bind(i64::from(range.limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(postgres::decode).collect()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events
-                      WHERE aggregate_id = ?1 AND aggregate_type = ?2 AND tenant_id = ?3
-                        AND version >= ?4 AND version <= ?5
-                      ORDER BY version {order} LIMIT ?6"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(stream.aggregate_id.to_string())
-                    .bind(stream.aggregate_type)
-                    .bind(stream.tenant_id.to_string())
-                    .bind(range.from_version)
-                    .bind(to)
-                    .bind(i64::from(range.limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(sqlite::decode).collect()
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {} FROM events
+                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND tenant_id = $3
+                    AND version >= $4 AND version <= $5
+                  ORDER BY version {order} LIMIT $6",
+                d.event_columns()
+            );
+            let rows = sqlx::query(&sql)
+                .bind(d.id(stream.aggregate_id))
+                .bind(stream.aggregate_type)
+                .bind(d.id(stream.tenant_id))
+                .bind(range.from_version)
+                .bind(to)
+                .bind(i64::from(range.limit))
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(|row| d.decode_event(row)).collect()
+        })
     }
 
     /// The stream's version under `stream.tenant_id`: its event count, 0 when it has none.
     pub async fn stream_version(&self, stream: StreamRef<'_>) -> Result<i32, StoreError> {
-        let version: Option<i32> = match &self.backend {
-            Backend::Postgres(pool) => {
-                sqlx::query_scalar(
-                    "SELECT max(version) FROM events
-                      WHERE aggregate_id = $1 AND aggregate_type = $2 AND tenant_id = $3",
-                )
-                .bind(stream.aggregate_id)
-                .bind(stream.aggregate_type)
-                .bind(stream.tenant_id)
-                .fetch_one(pool)
-                .await?
-            }
-            Backend::Sqlite(pool) => {
-                sqlx::query_scalar(
-                    "SELECT max(version) FROM events
-                      WHERE aggregate_id = ?1 AND aggregate_type = ?2 AND tenant_id = ?3",
-                )
-                .bind(stream.aggregate_id.to_string())
-                .bind(stream.aggregate_type)
-                .bind(stream.tenant_id.to_string())
-                .fetch_one(pool)
-                .await?
-            }
-        };
+        let version: Option<i32> = on_backend!(self, |pool, d| {
+            sqlx::query_scalar(
+                "SELECT max(version) FROM events
+                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND tenant_id = $3",
+            )
+            .bind(d.id(stream.aggregate_id))
+            .bind(stream.aggregate_type)
+            .bind(d.id(stream.tenant_id))
+            .fetch_one(pool)
+            .await?
+        });
         Ok(version.unwrap_or(0))
     }
 
@@ -127,30 +105,18 @@ impl EventStore {
         tenant_id: Uuid,
         event_id: Uuid,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events WHERE event_id = $1 AND tenant_id = $2"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(event_id)
-                    .bind(tenant_id)
-                    .fetch_optional(pool)
-                    .await?;
-                row.as_ref().map(postgres::decode).transpose()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events WHERE event_id = ?1 AND tenant_id = ?2"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(event_id.to_string())
-                    .bind(tenant_id.to_string())
-                    .fetch_optional(pool)
-                    .await?;
-                row.as_ref().map(sqlite::decode).transpose()
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {} FROM events WHERE event_id = $1 AND tenant_id = $2",
+                d.event_columns()
+            );
+            let row = sqlx::query(&sql)
+                .bind(d.id(event_id))
+                .bind(d.id(tenant_id))
+                .fetch_optional(pool)
+                .await?;
+            row.as_ref().map(|row| d.decode_event(row)).transpose()
+        })
     }
 
     /// The tenant's events of `aggregate_type` across its streams from `start`, at most
@@ -164,45 +130,28 @@ impl EventStore {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let after = start.after_position.unwrap_or(-1);
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events
-                      WHERE tenant_id = $1 AND aggregate_type = $2
-                        AND ($3::timestamptz IS NULL OR created_at > $3
-                             OR (created_at = $3 AND global_position > $4))
-                      ORDER BY created_at, global_position LIMIT $5"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant_id)
-                    .bind(aggregate_type)
-                    .bind(start.from)
-                    .bind(after)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(postgres::decode).collect()
-            }
-            Backend::Sqlite(pool) => {
-                // Timestamps are fixed-width UTC text here, so text order is instant order.
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events
-                      WHERE tenant_id = ?1 AND aggregate_type = ?2
-                        AND (?3 IS NULL OR created_at > ?3
-                             OR (created_at = ?3 AND global_position > ?4))
-                      ORDER BY created_at, global_position LIMIT ?5"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(tenant_id.to_string())
-                    .bind(aggregate_type)
-                    .bind(start.from.as_ref().map(format_timestamp))
-                    .bind(after)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(sqlite::decode).collect()
-            }
-        }
+        // The arms differ in how the start instant is bound: a `timestamptz` on PostgreSQL,
+        // fixed-width UTC text on SQLite (so text order is instant order).
+        on_backend!(self, |pool, d| {
+            let (from, from_param) = d.instant(start.from.as_ref(), "$3");
+            let sql = format!(
+                "SELECT {} FROM events
+                  WHERE tenant_id = $1 AND aggregate_type = $2
+                    AND ({from_param} IS NULL OR created_at > $3
+                         OR (created_at = $3 AND global_position > $4))
+                  ORDER BY created_at, global_position LIMIT $5",
+                d.event_columns()
+            );
+            let rows = sqlx::query(&sql)
+                .bind(d.id(tenant_id))
+                .bind(aggregate_type)
+                .bind(from)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(|row| d.decode_event(row)).collect()
+        })
     }
 
     /// Appends `events` to a stream that must already hold at least one event of the tenant

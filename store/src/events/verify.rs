@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::copy::{PG_WINDOW, SQLITE_WINDOW};
 use super::{Backend, EventStore, PassWindow};
+use crate::dialect::on_backend;
 use crate::event::{StoreError, StoredEvent};
 
 /// A stream of a tenant: `(aggregate_type, aggregate_id)`.
@@ -58,13 +59,6 @@ const PG_ROW_HASH: &str = "hashint8extended(uuid_hash_extended(e.event_id, e.ver
       # hashtextextended(concat_ws('|', e.event_type, coalesce(e.actor_id, '\u{1}'),
                                   (e.timestamp AT TIME ZONE 'UTC')::text), e.version)
       # jsonb_hash_extended(e.payload, e.version), e.version)";
-
-/// The backend's column list for rows hashed here (`payload` as text).
-const PG_COLUMNS: &str = "e.global_position, e.event_id, e.aggregate_type, e.aggregate_id, \
-     e.tenant_id, e.event_type, e.version, e.actor_id, e.timestamp, e.payload::text AS payload, \
-     e.created_at";
-const SQLITE_COLUMNS: &str = "e.global_position, e.event_id, e.aggregate_type, e.aggregate_id, \
-     e.tenant_id, e.event_type, e.version, e.actor_id, e.timestamp, e.payload, e.created_at";
 
 /// The canonical hash of one event (see the module docs). Deterministic across processes and
 /// backends: the same event read from PostgreSQL or SQLite hashes the same.
@@ -341,7 +335,8 @@ impl EventStore {
         Ok(out)
     }
 
-    /// Count and digest of one stream's versions `lo..=hi` (PostgreSQL, in the database).
+    /// Count and digest of one stream's versions `lo..=hi`: in the database on PostgreSQL,
+    /// over [`Self::stream_slice`] here on SQLite (no `bit_xor`, no server-side row hash).
     pub async fn range_digest(
         &self,
         tenant: Uuid,
@@ -381,42 +376,24 @@ impl EventStore {
         lo: i32,
         hi: i32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS} FROM events e
-                      WHERE e.aggregate_id = $1 AND e.aggregate_type = $2 AND e.tenant_id = $3
-                        AND e.version BETWEEN $4 AND $5
-                      ORDER BY e.version, e.global_position"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(stream.1)
-                    .bind(&stream.0)
-                    .bind(tenant)
-                    .bind(lo)
-                    .bind(hi)
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::postgres::decode).collect()
-            }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS} FROM events e
-                      WHERE e.aggregate_id = ?1 AND e.aggregate_type = ?2 AND e.tenant_id = ?3
-                        AND e.version BETWEEN ?4 AND ?5
-                      ORDER BY e.version, e.global_position"
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(stream.1.to_string())
-                    .bind(&stream.0)
-                    .bind(tenant.to_string())
-                    .bind(lo)
-                    .bind(hi)
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(super::sqlite::decode).collect()
-            }
-        }
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {} FROM events e
+                  WHERE e.aggregate_id = $1 AND e.aggregate_type = $2 AND e.tenant_id = $3
+                    AND e.version BETWEEN $4 AND $5
+                  ORDER BY e.version, e.global_position",
+                d.event_columns()
+            );
+            let rows = sqlx::query(&sql)
+                .bind(d.id(stream.1))
+                .bind(&stream.0)
+                .bind(d.id(tenant))
+                .bind(lo)
+                .bind(hi)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(|row| d.decode_event(row)).collect()
+        })
     }
 
     /// Every event of the tenant, streamed to `f` with whether it lies in `window` (`None`:
@@ -428,40 +405,24 @@ impl EventStore {
         mut f: impl FnMut(&StoredEvent, bool),
     ) -> Result<(), StoreError> {
         let window = window.unwrap_or(PassWindow::first(i64::MAX));
-        match &self.backend {
-            Backend::Postgres(pool) => {
-                let sql = format!(
-                    "SELECT {PG_COLUMNS}, ({}) AS in_window FROM events e WHERE e.tenant_id = $1",
-                    alias(PG_WINDOW)
-                );
-                let mut rows = sqlx::query(&sql)
-                    .bind(tenant)
-                    .bind(0_i64)
-                    .bind(window.from.map(|f| f.to_string()))
-                    .bind(window.to.to_string())
-                    .fetch(pool);
-                while let Some(row) = rows.try_next().await? {
-                    let inside: bool = row.try_get("in_window")?;
-                    f(&super::postgres::decode(&row)?, inside);
-                }
+        on_backend!(self, |pool, d| {
+            let sql = format!(
+                "SELECT {}, ({}) AS in_window FROM events e WHERE e.tenant_id = $1",
+                d.event_columns(),
+                alias(d.window())
+            );
+            let (from, to) = d.window_bounds(window);
+            let mut rows = sqlx::query(&sql)
+                .bind(d.id(tenant))
+                .bind(0_i64)
+                .bind(from)
+                .bind(to)
+                .fetch(pool);
+            while let Some(row) = rows.try_next().await? {
+                let inside: bool = row.try_get("in_window")?;
+                f(&d.decode_event(&row)?, inside);
             }
-            Backend::Sqlite(pool) => {
-                let sql = format!(
-                    "SELECT {SQLITE_COLUMNS}, ({}) AS in_window FROM events e WHERE e.tenant_id = ?1",
-                    alias(SQLITE_WINDOW)
-                );
-                let mut rows = sqlx::query(&sql)
-                    .bind(tenant.to_string())
-                    .bind(0_i64)
-                    .bind(window.from)
-                    .bind(window.to)
-                    .fetch(pool);
-                while let Some(row) = rows.try_next().await? {
-                    let inside: bool = row.try_get("in_window")?;
-                    f(&super::sqlite::decode(&row)?, inside);
-                }
-            }
-        }
+        });
         Ok(())
     }
 }
