@@ -6,6 +6,7 @@
 
 mod access;
 mod bench_smoke;
+mod client;
 mod control_cli;
 mod control_migrations;
 mod copy_passes;
