@@ -29,6 +29,11 @@
 //! # Ok(()) }
 //! ```
 
+/// The README's examples, compiled as doc-tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
 mod admin;
 mod data;
 mod error;

@@ -30,13 +30,15 @@ pub enum Pacing {
         /// The pause between appends (zero: saturate).
         pause: Duration,
     },
-    /// Open loop: the writer's `k`-th append is due at `origin + first + every × k`; a late
-    /// writer never skips one, so queueing shows in the latencies (measured from due times).
+    /// Open loop: writer `i`'s `k`-th append is due at `origin + stagger × i + every × k`; a
+    /// late writer never skips one, so queueing shows in the latencies (measured from due
+    /// times). `n` writers together send `n / every` appends a second; `stagger = every / n`
+    /// spreads them evenly.
     Open {
-        /// This writer's first due time after the plan's origin.
-        first: Duration,
-        /// The time between its appends.
+        /// The time between one writer's appends.
         every: Duration,
+        /// How much later each writer starts than the one before.
+        stagger: Duration,
     },
 }
 
@@ -244,9 +246,10 @@ impl LoadWriter {
         while !*stop.borrow() {
             let started = match plan.pacing {
                 Pacing::Closed { .. } => Instant::now(),
-                Pacing::Open { first, every } => {
+                Pacing::Open { every, stagger } => {
                     let k = u32::try_from(seq).unwrap_or(u32::MAX);
-                    let due = plan.origin + first + every * k;
+                    let i = u32::try_from(self.index).unwrap_or(u32::MAX);
+                    let due = plan.origin + stagger * i + every * k;
                     tokio::select! {
                         () = tokio::time::sleep_until(due.into()) => {}
                         _ = stop.changed() => continue,
