@@ -805,9 +805,10 @@ async fn append(
                     (follow, route.state, route.target)
                 {
                     let events = std::mem::take(&mut command.events);
-                    state
-                        .mirror
-                        .enqueue(target, MirrorJob::from_append(stream, events, &appended));
+                    state.mirror.enqueue(
+                        target,
+                        MirrorJob::from_append(route.store, stream, events, &appended),
+                    );
                 }
                 return Ok(reply);
             }

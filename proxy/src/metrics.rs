@@ -111,7 +111,7 @@ impl ProxyMetrics {
         .expect("valid metric");
         // Every outcome is exported from the start, so rates and alerts see a 0 before the first
         // failure.
-        for outcome in ["ok", "deferred", "failed", "dropped"] {
+        for outcome in ["ok", "healed", "deferred", "failed", "dropped"] {
             mirror_writes.with_label_values(&[outcome]);
         }
         let mirror_dropped = IntCounterVec::new(

@@ -5,9 +5,16 @@
 //! The mirror never slows or fails a client's append: queueing is a non-blocking `try_send`
 //! into a queue bounded in appends and in bytes (`proxy.mirror_queue_bytes`, held from queueing
 //! until the worker is done with the append, so a stalled target never holds more); a full
-//! queue, an unreachable target or an event that cannot land yet is counted (metrics and
-//! per-tenant stats on the admin port) and left to the migration's tail, which copies
-//! everything the mirror missed.
+//! queue or an unreachable target is counted (metrics and per-tenant stats on the admin port)
+//! and left to the migration's tail, which copies everything the mirror missed.
+//!
+//! **Healing.** An event that cannot land yet (its stream's previous version is not in the
+//! target: written before the proxy learned of the migration, or missed above) would make every
+//! later event of its stream wait for the tail too, so under steady writes the tail would carry
+//! the whole load and a busy machine would never see the lag reach 0. The worker heals such a
+//! stream once: it reads the missing versions from the tenant's source and lands them with the
+//! waiting events, by identity under the same target-order rule. Bounded per batch; what is
+//! left stays with the tail.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use prometheus::IntGauge;
 use serde::Serialize;
-use switchyard_store::{Appended, EventStore, NewEvent, StoredEvent, StreamRef};
+use switchyard_store::{Appended, EventStore, NewEvent, StoredEvent, StreamRange, StreamRef};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -35,6 +42,10 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const INSERT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streams listed per tenant in the failure stats.
 const MAX_STREAMS_LISTED: usize = 64;
+/// Streams one batch heals from the source; the others' waiting events stay with the tail.
+const MAX_HEALED_STREAMS: usize = 64;
+/// Source events one stream's heal copies at most (a longer gap is the tail's).
+const MAX_HEAL_EVENTS: u32 = 1000;
 
 /// Why a committed append was not queued for its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +139,9 @@ struct Queued {
 #[derive(Debug)]
 pub struct MirrorJob {
     pub tenant: Uuid,
+    /// The store the append committed on: where a stream's missing versions are read when the
+    /// target cannot take its events yet.
+    pub source: StoreIdx,
     pub events: Vec<StoredEvent>,
 }
 
@@ -136,7 +150,12 @@ impl MirrorJob {
     /// of the same event id (position, version and the timestamps the store filled in). An
     /// event the store did not report is left out (the tail copies it): rows are paired by
     /// identity, never by index.
-    pub fn from_append(stream: StreamRef<'_>, events: Vec<NewEvent>, appended: &Appended) -> Self {
+    pub fn from_append(
+        source: StoreIdx,
+        stream: StreamRef<'_>,
+        events: Vec<NewEvent>,
+        appended: &Appended,
+    ) -> Self {
         let rows: HashMap<Uuid, usize> = appended
             .event_ids
             .iter()
@@ -164,6 +183,7 @@ impl MirrorJob {
             .collect();
         Self {
             tenant: stream.tenant_id,
+            source,
             events,
         }
     }
@@ -189,9 +209,12 @@ impl MirrorJob {
 pub struct TenantMirrorStats {
     /// Events written to the target.
     pub events_mirrored: u64,
-    /// Events that could not land yet (their predecessor is not in the target); the tail
-    /// copies them.
+    /// Events that could not land yet (their predecessor is not in the target) and that the
+    /// heal did not land either; the tail copies them.
     pub events_deferred: u64,
+    /// Events that landed once the mirror copied their stream's missing versions from the
+    /// source (those versions are not counted).
+    pub events_healed: u64,
     /// Events whose target write failed (error or timeout).
     pub total_failures: u64,
     /// Events dropped because the target's queue was full.
@@ -318,8 +341,10 @@ impl Mirror {
             .map_or(0, |budget| budget.used())
     }
 
-    /// Starts one worker per store; they run until their queue closes (shutdown).
+    /// Starts one worker per store (`stores` in store index order: a worker heals from any of
+    /// them); they run until their queue closes (shutdown).
     pub fn start(&self, stores: &[EventStore]) -> Vec<tokio::task::JoinHandle<()>> {
+        let all: Arc<[EventStore]> = stores.into();
         let mut receivers = self
             .receivers
             .lock()
@@ -331,6 +356,7 @@ impl Mirror {
             .map(|(store, rx)| {
                 tokio::spawn(worker(
                     store,
+                    Arc::clone(&all),
                     rx,
                     Arc::clone(&self.stats),
                     self.metrics.clone(),
@@ -359,90 +385,213 @@ impl Mirror {
 
 async fn worker(
     store: EventStore,
+    stores: Arc<[EventStore]>,
     mut rx: mpsc::Receiver<Queued>,
     stats: Arc<Mutex<HashMap<Uuid, TenantMirrorStats>>>,
     metrics: ProxyMetrics,
 ) {
     let mut jobs = Vec::new();
+    let target = Target {
+        store: &store,
+        sources: &stores,
+        stats: &stats,
+        metrics: &metrics,
+    };
     while rx.recv_many(&mut jobs, 256).await > 0 {
         // One insert per batch of jobs: fewer round trips when appends come fast.
         let mut batch: Vec<StoredEvent> = Vec::new();
-        let mut owners: Vec<Uuid> = Vec::new();
+        let mut owners: Vec<(Uuid, StoreIdx)> = Vec::new();
         // The batch's bytes stay held until its write ended, whatever the outcome.
         let mut held: Vec<Held> = Vec::new();
         let mut batch_bytes = 0;
         for queued in jobs.drain(..) {
             owners.extend(std::iter::repeat_n(
-                queued.job.tenant,
+                (queued.job.tenant, queued.job.source),
                 queued.job.events.len(),
             ));
             batch.extend(queued.job.events);
             batch_bytes += queued.held.bytes;
             held.push(queued.held);
             if batch.len() >= MAX_BATCH_EVENTS || batch_bytes >= MAX_BATCH_BYTES {
-                write(&store, &mut batch, &mut owners, &stats, &metrics).await;
+                target.write(&mut batch, &mut owners).await;
                 held.clear();
                 batch_bytes = 0;
             }
         }
-        write(&store, &mut batch, &mut owners, &stats, &metrics).await;
+        target.write(&mut batch, &mut owners).await;
         held.clear();
     }
 }
 
-async fn write(
-    store: &EventStore,
-    batch: &mut Vec<StoredEvent>,
-    owners: &mut Vec<Uuid>,
-    stats: &Mutex<HashMap<Uuid, TenantMirrorStats>>,
-    metrics: &ProxyMetrics,
-) {
-    if batch.is_empty() {
-        return;
+/// What one target's worker writes with.
+struct Target<'a> {
+    store: &'a EventStore,
+    /// Every store, in store index order: the sources a heal reads.
+    sources: &'a [EventStore],
+    stats: &'a Mutex<HashMap<Uuid, TenantMirrorStats>>,
+    metrics: &'a ProxyMetrics,
+}
+
+impl Target<'_> {
+    async fn write(&self, batch: &mut Vec<StoredEvent>, owners: &mut Vec<(Uuid, StoreIdx)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let result = tokio::time::timeout(INSERT_TIMEOUT, self.store.insert_copied(batch)).await;
+        match result {
+            Ok(Ok(landed)) => {
+                let mut waiting = Vec::new();
+                {
+                    let mut stats = self
+                        .stats
+                        .lock()
+                        .expect("mirror stats lock is never poisoned");
+                    for ((event, (tenant, source)), position) in
+                        batch.iter().zip(owners.iter()).zip(landed)
+                    {
+                        if position.is_some() {
+                            stats.entry(*tenant).or_default().events_mirrored += 1;
+                            self.metrics.mirror_writes.with_label_values(&["ok"]).inc();
+                        } else {
+                            waiting.push((event, *tenant, *source));
+                        }
+                    }
+                }
+                self.heal(waiting).await;
+            }
+            Ok(Err(e)) => self.note_failed(batch, owners, &e.to_string()),
+            Err(_) => self.note_failed(batch, owners, "target write timed out"),
+        }
+        batch.clear();
+        owners.clear();
     }
-    let result = tokio::time::timeout(INSERT_TIMEOUT, store.insert_copied(batch)).await;
-    let mut stats = stats.lock().expect("mirror stats lock is never poisoned");
-    match result {
-        Ok(Ok(landed)) => {
-            for ((event, owner), position) in batch.iter().zip(owners.iter()).zip(landed) {
-                let entry = stats.entry(*owner).or_default();
-                if position.is_some() {
-                    entry.events_mirrored += 1;
-                    metrics.mirror_writes.with_label_values(&["ok"]).inc();
-                } else {
-                    entry.events_deferred += 1;
-                    entry.note_failure(std::slice::from_ref(event), None);
-                    metrics.mirror_writes.with_label_values(&["deferred"]).inc();
+
+    /// Lands events that could not land yet, each stream once: the versions the target lacks
+    /// below them are read from the stream's source and landed with them. What still does not
+    /// land (a longer gap, another tenant's stream, an unreachable store) is deferred.
+    async fn heal(&self, waiting: Vec<(&StoredEvent, Uuid, StoreIdx)>) {
+        let mut streams: Vec<(StoreIdx, Uuid, &str, Uuid, i32)> = Vec::new();
+        for (event, tenant, source) in &waiting {
+            let key = (
+                *source,
+                *tenant,
+                event.aggregate_type.as_str(),
+                event.aggregate_id,
+            );
+            match streams
+                .iter_mut()
+                .find(|(s, t, ty, id, _)| (*s, *t, *ty, *id) == key)
+            {
+                Some(stream) => stream.4 = stream.4.max(event.version),
+                None => streams.push((key.0, key.1, key.2, key.3, event.version)),
+            }
+        }
+        let mut healed: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+        for (source, tenant, aggregate_type, aggregate_id, last) in
+            streams.into_iter().take(MAX_HEALED_STREAMS)
+        {
+            let stream = StreamRef {
+                tenant_id: tenant,
+                aggregate_type,
+                aggregate_id,
+            };
+            let landed =
+                tokio::time::timeout(INSERT_TIMEOUT, self.heal_stream(source, stream, last))
+                    .await
+                    .unwrap_or_else(|_| Err("heal timed out".to_owned()));
+            match landed {
+                Ok(ids) => healed.extend(ids),
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror heal failed; the tail will copy the stream")
                 }
             }
         }
-        Ok(Err(e)) => note_failed(&mut stats, batch, owners, metrics, &e.to_string()),
-        Err(_) => note_failed(&mut stats, batch, owners, metrics, "target write timed out"),
+        let mut stats = self
+            .stats
+            .lock()
+            .expect("mirror stats lock is never poisoned");
+        for (event, tenant, _) in waiting {
+            let entry = stats.entry(tenant).or_default();
+            if healed.contains(&event.event_id) {
+                entry.events_healed += 1;
+                self.metrics
+                    .mirror_writes
+                    .with_label_values(&["healed"])
+                    .inc();
+            } else {
+                entry.events_deferred += 1;
+                entry.note_failure(std::slice::from_ref(event), None);
+                self.metrics
+                    .mirror_writes
+                    .with_label_values(&["deferred"])
+                    .inc();
+            }
+        }
     }
-    batch.clear();
-    owners.clear();
-}
 
-fn note_failed(
-    stats: &mut HashMap<Uuid, TenantMirrorStats>,
-    batch: &[StoredEvent],
-    owners: &[Uuid],
-    metrics: &ProxyMetrics,
-    error: &str,
-) {
-    tracing::debug!(
-        events = batch.len(),
-        error,
-        "mirror write failed; the tail will copy these events"
-    );
-    metrics
-        .mirror_writes
-        .with_label_values(&["failed"])
-        .inc_by(batch.len() as u64);
-    for (event, owner) in batch.iter().zip(owners) {
-        let entry = stats.entry(*owner).or_default();
-        entry.total_failures += 1;
-        entry.note_failure(std::slice::from_ref(event), Some(error));
+    /// Copies `stream`'s versions after the target's last, up to `last`, from `source`; the ids
+    /// of the events that are in the target afterwards.
+    async fn heal_stream(
+        &self,
+        source: StoreIdx,
+        stream: StreamRef<'_>,
+        last: i32,
+    ) -> Result<Vec<Uuid>, String> {
+        let source = self
+            .sources
+            .get(usize::from(source))
+            .ok_or_else(|| format!("no store at index {source}"))?;
+        let have = self
+            .store
+            .stream_version(stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        if have >= last {
+            return Ok(Vec::new());
+        }
+        let rows = source
+            .read_stream_range(
+                stream,
+                StreamRange {
+                    from_version: have + 1,
+                    to_version: Some(last),
+                    backward: false,
+                    limit: MAX_HEAL_EVENTS,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let landed = self
+            .store
+            .insert_copied(&rows)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .iter()
+            .zip(landed)
+            .filter_map(|(row, position)| position.map(|_| row.event_id))
+            .collect())
+    }
+
+    fn note_failed(&self, batch: &[StoredEvent], owners: &[(Uuid, StoreIdx)], error: &str) {
+        tracing::debug!(
+            events = batch.len(),
+            error,
+            "mirror write failed; the tail will copy these events"
+        );
+        self.metrics
+            .mirror_writes
+            .with_label_values(&["failed"])
+            .inc_by(batch.len() as u64);
+        let mut stats = self
+            .stats
+            .lock()
+            .expect("mirror stats lock is never poisoned");
+        for (event, (tenant, _)) in batch.iter().zip(owners) {
+            let entry = stats.entry(*tenant).or_default();
+            entry.total_failures += 1;
+            entry.note_failure(std::slice::from_ref(event), Some(error));
+        }
     }
 }
 
@@ -458,6 +607,7 @@ mod tests {
         let now = Utc::now();
         MirrorJob {
             tenant,
+            source: 0,
             events: vec![StoredEvent {
                 global_position: position,
                 event_id: Uuid::new_v4(),
@@ -603,6 +753,68 @@ mod tests {
         finish(workers, store, &path).await;
     }
 
+    /// A stream the target lacks the start of (written before the proxy learned of the
+    /// migration): the mirror copies the missing versions from the source and lands the new
+    /// one at once, instead of leaving every later event of the stream to the tail.
+    #[tokio::test]
+    async fn an_event_whose_predecessors_the_target_lacks_is_healed_from_the_source() {
+        let (source, source_path) = sqlite_store(true).await;
+        let (target, target_path) = sqlite_store(true).await;
+        let metrics = ProxyMetrics::new();
+        let mirror = Mirror::new(&["source", "target"], 1 << 20, metrics.clone());
+        let stream = StreamRef {
+            tenant_id: Uuid::new_v4(),
+            aggregate_type: "Order",
+            aggregate_id: Uuid::new_v4(),
+        };
+        // Versions 1..=3 were written before dual-write: only the source has them.
+        let early: Vec<NewEvent> = (1..=3).map(|n| event(Uuid::new_v4(), n)).collect();
+        source.append(stream, Some(0), &early).await.expect("early");
+        let late = vec![event(Uuid::new_v4(), 4)];
+        let appended = source.append(stream, Some(3), &late).await.expect("late");
+        mirror.enqueue(
+            1,
+            MirrorJob::from_append(0, stream, late.clone(), &appended),
+        );
+        let workers = mirror.start(&[source.clone(), target.clone()]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while mirror.queued_bytes(1) > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let range = StreamRange {
+            from_version: 1,
+            to_version: None,
+            backward: false,
+            limit: 100,
+        };
+        let ids = |events: Vec<StoredEvent>| -> Vec<(i32, Uuid)> {
+            events.iter().map(|e| (e.version, e.event_id)).collect()
+        };
+        assert_eq!(
+            ids(target
+                .read_stream_range(stream, range)
+                .await
+                .expect("target")),
+            ids(source
+                .read_stream_range(stream, range)
+                .await
+                .expect("source")),
+            "the target holds the source's stream, version by version"
+        );
+        let stats = mirror.stats(&stream.tenant_id).expect("stats");
+        assert_eq!((stats.events_healed, stats.events_deferred), (1, 0));
+        assert!(metric(
+            &metrics,
+            "switchyard_proxy_mirror_writes_total{outcome=\"healed\"} 1"
+        ));
+        for worker in workers {
+            worker.abort();
+        }
+        finish(Vec::new(), source, &source_path).await;
+        finish(Vec::new(), target, &target_path).await;
+    }
+
     fn event(id: Uuid, n: u32) -> NewEvent {
         let payload = RawValue::from_string(format!("{{\"n\":{n}}}")).expect("valid JSON");
         NewEvent::new(id, format!("E{n}"), payload, None, None)
@@ -634,6 +846,7 @@ mod tests {
             aggregate_id: Uuid::new_v4(),
         };
         let job = MirrorJob::from_append(
+            0,
             stream,
             vec![event(a, 1), event(b, 2), event(c, 3)],
             &appended,
