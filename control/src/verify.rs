@@ -60,6 +60,13 @@ pub enum Scope {
     /// its final delta touches: the versions below the delta before the gates close, the rest
     /// under the fence).
     Ranges(Vec<(StreamKey, i32, i32)>),
+    /// Version ranges already counted on both sides, source then target (count and last
+    /// version per stream; [`Level::Count`] only): the cutover's final delta, whose target
+    /// counts come back with its copy in one round trip per store.
+    Counted(
+        HashMap<StreamKey, StreamDigest>,
+        HashMap<StreamKey, StreamDigest>,
+    ),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,6 +211,11 @@ pub async fn verify(
             s.retain(|_, v| v.count > 0);
             (s, TargetSide::Compared(t))
         }
+        Scope::Counted(s, t) => {
+            let mut s = s.clone();
+            s.retain(|_, v| v.count > 0);
+            (s, TargetSide::Compared(t.clone()))
+        }
     };
     // A stream whose window rows are not versions 1..=V (a version below V committed past the
     // horizon): take exactly 1..=V.
@@ -212,7 +224,7 @@ pub async fn verify(
         .filter(|(_, d)| d.count != i64::from(d.last_version))
         .map(|(k, d)| (k.clone(), d.last_version))
         .collect();
-    if !ragged.is_empty() && !matches!(scope, Scope::Ranges(_)) {
+    if !ragged.is_empty() && !matches!(scope, Scope::Ranges(_) | Scope::Counted(..)) {
         src.extend(source.bounded_digests(tenant, &ragged, false, mode).await?);
     }
     if let Some(pct) = sample_percent {

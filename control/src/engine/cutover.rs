@@ -713,6 +713,7 @@ impl Engine {
         let mut copied = 0u64;
         let mut map: Vec<(i64, i64, Uuid)> = Vec::new();
         let mut touched: BTreeSet<StreamKey> = delta_start.touched.clone();
+        let mut counted: Option<Scope> = None;
         loop {
             let batch = source
                 .read_window(record.tenant_id, window, after, DELTA_BATCH)
@@ -722,12 +723,35 @@ impl Engine {
             after = last.global_position;
             // With the fence held nothing more commits: a short batch is the last one.
             let more = batch.len() == DELTA_BATCH as usize;
+            touched.extend(
+                batch
+                    .iter()
+                    .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
+            );
             // Rows the mirror or the tail already wrote are found present (same tenant,
-            // stream, version, id and content) and not inserted again.
-            let landings = target
-                .copy_in(&batch)
-                .await
-                .map_err(|e| format!("copying the final delta: {e}"))?;
+            // stream, version, id and content) and not inserted again. With the last batch
+            // the target also counts the touched streams' compared versions once they
+            // landed, in the same round trip, while the source (held still by the fence)
+            // counts its own: the copy and its check in one round trip per store.
+            let landings = match below {
+                Some(below) if !more => {
+                    let ranges = compared_ranges(&touched, below);
+                    let (landed, source_counts) = tokio::join!(
+                        target.copy_in_counting(record.tenant_id, &batch, &ranges),
+                        source.range_digests(record.tenant_id, &ranges, Digesting::Count)
+                    );
+                    let (landings, target_counts) =
+                        landed.map_err(|e| format!("copying the final delta: {e}"))?;
+                    let source_counts =
+                        source_counts.map_err(|e| format!("verifying the delta: {e}"))?;
+                    counted = Some(Scope::Counted(source_counts, target_counts));
+                    landings
+                }
+                _ => target
+                    .copy_in(&batch)
+                    .await
+                    .map_err(|e| format!("copying the final delta: {e}"))?,
+            };
             for (e, landing) in batch.iter().zip(&landings) {
                 match landing {
                     Landing::Inserted(p) => {
@@ -756,11 +780,6 @@ impl Engine {
                     }
                 }
             }
-            touched.extend(
-                batch
-                    .iter()
-                    .map(|e| (e.aggregate_type.clone(), e.aggregate_id)),
-            );
             if !more {
                 break;
             }
@@ -790,15 +809,9 @@ impl Engine {
             return Ok(copied);
         }
         // The touched streams, compared under the fence with the same code as `verify`
-        // (counts and last versions: digests do not fit a pause).
-        let ranges: Vec<(StreamKey, i32, i32)> = touched
-            .into_iter()
-            .map(|k| {
-                let lo = below.get(&k).map_or(1, |b| b + 1);
-                (k, lo, i32::MAX)
-            })
-            .collect();
-        let scope = Scope::Ranges(ranges);
+        // (counts and last versions: digests do not fit a pause): counted with the last
+        // batch's copy, or (no last batch: the delta was empty or ended on a full one) now.
+        let scope = counted.unwrap_or_else(|| Scope::Ranges(compared_ranges(&touched, below)));
         let checked = async {
             self.verify_scope(record, &scope, Level::Count, None)
                 .await
@@ -1122,6 +1135,22 @@ fn settled(
     } else {
         otherwise
     }
+}
+
+/// The versions of each touched stream compared under the fence: those past what
+/// [`Engine::check_below_delta`] compared before the gates closed (a stream it did not see,
+/// whole).
+fn compared_ranges(
+    touched: &BTreeSet<StreamKey>,
+    below: &HashMap<StreamKey, i32>,
+) -> Vec<(StreamKey, i32, i32)> {
+    touched
+        .iter()
+        .map(|k| {
+            let lo = below.get(k).map_or(1, |b| b + 1);
+            (k.clone(), lo, i32::MAX)
+        })
+        .collect()
 }
 
 /// Why sessions older than the fence row stop a cutover, naming them.

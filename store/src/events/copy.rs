@@ -26,6 +26,7 @@ use chrono::{SubsecRound, Utc};
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
+use super::verify::{Digesting, StreamDigest, StreamKey};
 use super::{Backend, EventStore};
 use crate::dialect::{on_backend, Lite, Pg};
 use crate::event::{format_timestamp, StoreError, StoredEvent};
@@ -109,9 +110,48 @@ impl Lite {
     }
 }
 
+/// The `batch` CTE over the ten bound column arrays, in batch order (`ord`).
+macro_rules! pg_batch_cte {
+    () => {
+        "
+WITH batch AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+                         $7::int4[], $8::timestamptz[], $9::text[], $10::timestamptz[])
+           WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                                actor_id, version, ts, payload, created_at, ord)
+), "
+    };
+}
+
+/// What the target holds for batch row `b` with `e` its row under the same event id (left
+/// joined): whether it is the same event, whether the stream holds another tenant's events,
+/// whether the version holds another event ([`seen_landing`]'s arguments after the position).
+macro_rules! pg_seen_columns {
+    () => {
+        "       coalesce(e.tenant_id IS NOT DISTINCT FROM b.tenant_id
+                AND e.aggregate_id = b.aggregate_id AND e.aggregate_type = b.aggregate_type
+                AND e.version = b.version AND e.event_type = b.event_type
+                AND e.actor_id IS NOT DISTINCT FROM b.actor_id AND e.timestamp = b.ts
+                AND e.payload = b.payload::jsonb, false) AS same,
+       EXISTS (SELECT 1 FROM events f
+                WHERE f.aggregate_id = b.aggregate_id AND f.aggregate_type = b.aggregate_type
+                  AND f.tenant_id IS DISTINCT FROM b.tenant_id) AS foreign_stream,
+       EXISTS (SELECT 1 FROM events v
+                WHERE v.aggregate_id = b.aggregate_id AND v.aggregate_type = b.aggregate_type
+                  AND v.version = b.version AND v.event_id <> b.event_id) AS version_taken"
+    };
+}
+
 /// [`PG_INSERT_COPIED`] after its `batch` CTE: the heads, the landing rule, the insert. A macro
 /// so the statement stays one `&'static str` and [`pg_insert_copied_from`] can reuse it.
 macro_rules! pg_land_batch {
+    () => {
+        concat!(pg_land_ctes!(), "\n", pg_land_insert!())
+    };
+}
+
+/// [`pg_land_batch`]'s `heads` and `landing` CTEs (after `batch`).
+macro_rules! pg_land_ctes {
     () => {
         "heads AS MATERIALIZED (
     SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
@@ -131,8 +171,14 @@ macro_rules! pg_land_batch {
       FROM batch b JOIN heads h USING (aggregate_id, aggregate_type, tenant_id)
      WHERE b.version > h.head AND NOT h.foreign_stream
        AND NOT EXISTS (SELECT 1 FROM events x WHERE x.event_id = b.event_id)
-)
-INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
+)"
+    };
+}
+
+/// [`pg_land_batch`]'s insert, from `landing`.
+macro_rules! pg_land_insert {
+    () => {
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
                     version, timestamp, payload, created_at)
 SELECT event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
        version, ts, payload::jsonb, created_at
@@ -150,16 +196,7 @@ RETURNING event_id, global_position"
 /// the insert and to `events`) matters: with a generic plan PostgreSQL estimates `unnest` of
 /// a parameter at 10 rows and such a join turned into a batch² nested loop (measured: 3.4 s
 /// against 0.46 s per 5,000-event batch; BENCHMARKS.md).
-const PG_INSERT_COPIED: &str = concat!(
-    "
-WITH batch AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                         $7::int4[], $8::timestamptz[], $9::text[], $10::timestamptz[])
-           WITH ORDINALITY AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id,
-                                actor_id, version, ts, payload, created_at, ord)
-), ",
-    pg_land_batch!()
-);
+const PG_INSERT_COPIED: &str = concat!(pg_batch_cte!(), pg_land_batch!());
 
 /// [`PG_INSERT_COPIED`] reading its batch from `batch_query` instead of bound arrays: a query
 /// giving the columns `event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id,
@@ -170,27 +207,56 @@ pub fn pg_insert_copied_from(batch_query: &str) -> String {
     format!("WITH batch AS ({batch_query}), {}", pg_land_batch!())
 }
 
+/// [`PG_INSERT_COPIED`] that also classifies every batch row and counts the listed version
+/// ranges, in one round trip (the cutover's final delta: issue 17). Rows of three kinds:
+/// `0` a row inserted now (`event_id`, position); `1` every batch row as the statement's
+/// snapshot saw it, before the insert ([`PG_CLASSIFY`]'s columns); `2` per listed range
+/// (`$11` types, `$12` ids, `$13` lows, `$14` highs) of tenant `$15`, its count and last
+/// version in that snapshot (the caller adds the rows inserted now). Nothing joins the batch
+/// back to the insert: the three parts are independent scans, so no plan is batch².
+const PG_LAND_AND_COUNT: &str = concat!(
+    pg_batch_cte!(),
+    pg_land_ctes!(),
+    ", ins AS (",
+    pg_land_insert!(),
+    ")
+SELECT 0 AS kind, event_id, global_position, true AS same, false AS foreign_stream,
+       false AS version_taken, NULL::text AS aggregate_type, NULL::uuid AS aggregate_id,
+       0::int8 AS count, 0::int4 AS last_version
+  FROM ins
+UNION ALL
+SELECT 1, b.event_id, e.global_position,
+",
+    pg_seen_columns!(),
+    ",
+       NULL, NULL, 0, 0
+  FROM batch b
+  LEFT JOIN events e ON e.event_id = b.event_id
+UNION ALL
+SELECT 2, NULL, NULL, false, false, false, r.aggregate_type, r.aggregate_id,
+       count(e.event_id), coalesce(max(e.version), 0)
+  FROM unnest($11::text[], $12::uuid[], $13::int4[], $14::int4[])
+       AS r(aggregate_type, aggregate_id, lo, hi)
+  LEFT JOIN events e ON e.aggregate_id = r.aggregate_id AND e.aggregate_type = r.aggregate_type
+                    AND e.version BETWEEN r.lo AND r.hi AND e.tenant_id = $15
+ GROUP BY r.aggregate_type, r.aggregate_id"
+);
+
 /// For each given event, what the target holds for it: the row with its event id (position,
 /// and whether tenant, stream, version and content are the same), whether its stream version
 /// holds another event, and whether its stream holds another tenant's events.
-const PG_CLASSIFY: &str = "
+const PG_CLASSIFY: &str = concat!(
+    "
 SELECT b.event_id, e.global_position,
-       coalesce(e.tenant_id IS NOT DISTINCT FROM b.tenant_id
-                AND e.aggregate_id = b.aggregate_id AND e.aggregate_type = b.aggregate_type
-                AND e.version = b.version AND e.event_type = b.event_type
-                AND e.actor_id IS NOT DISTINCT FROM b.actor_id AND e.timestamp = b.ts
-                AND e.payload = b.payload::jsonb, false) AS same,
-       EXISTS (SELECT 1 FROM events f
-                WHERE f.aggregate_id = b.aggregate_id AND f.aggregate_type = b.aggregate_type
-                  AND f.tenant_id IS DISTINCT FROM b.tenant_id) AS foreign_stream,
-       EXISTS (SELECT 1 FROM events v
-                WHERE v.aggregate_id = b.aggregate_id AND v.aggregate_type = b.aggregate_type
-                  AND v.version = b.version AND v.event_id <> b.event_id) AS version_taken
+",
+    pg_seen_columns!(),
+    "
   FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
               $7::int4[], $8::timestamptz[], $9::text[])
        AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, ts,
             payload)
-  LEFT JOIN events e ON e.event_id = b.event_id";
+  LEFT JOIN events e ON e.event_id = b.event_id"
+);
 
 /// What copying one event into a target came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -531,6 +597,52 @@ impl EventStore {
         Ok(answers)
     }
 
+    /// [`Self::copy_in`] of `events` (read in source position order), answering also, per
+    /// listed `(stream, lo, hi)`, the count and last version of the tenant's rows here in
+    /// `lo..=hi` once they landed: the cutover's copy and check of its final delta in one
+    /// round trip (PostgreSQL: one statement; SQLite: one transaction). Where the statement's
+    /// snapshot cannot tell (a row neither inserted nor seen: another copier inserted it
+    /// meanwhile, or it waits for its predecessor), those rows are classified again and the
+    /// ranges counted again, as [`Self::copy_in`] and [`Self::range_digests`] would.
+    pub async fn copy_in_counting(
+        &self,
+        tenant: Uuid,
+        events: &[StoredEvent],
+        ranges: &[(StreamKey, i32, i32)],
+    ) -> Result<(Vec<Landing>, HashMap<StreamKey, StreamDigest>), StoreError> {
+        if events.is_empty() || !events.is_sorted_by_key(|e| e.global_position) {
+            let landed = self.copy_in(events).await?;
+            let counts = self.range_digests(tenant, ranges, Digesting::Count).await?;
+            return Ok((landed, counts));
+        }
+        let (landed, mut counts) = match &self.backend {
+            Backend::Postgres(pool) => {
+                let Some(done) = land_and_count_pg(pool, tenant, events, ranges).await? else {
+                    let landed = self.copy_in(events).await?;
+                    let counts = self.range_digests(tenant, ranges, Digesting::Count).await?;
+                    return Ok((landed, counts));
+                };
+                done
+            }
+            Backend::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let landed = land_sqlite(&mut tx, events).await?;
+                let rows: Vec<(String, String, i64, i32)> =
+                    sqlx::query_as(super::verify::SQLITE_RANGE_COUNTS)
+                        .bind(tenant.to_string())
+                        .bind(super::verify::ranges_json(ranges)?)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                let mut counts = HashMap::new();
+                super::verify::collect_sqlite_counts(rows, &mut counts)?;
+                (landed, counts)
+            }
+        };
+        super::verify::report_empty(ranges.iter().map(|(k, _, _)| k), &mut counts);
+        Ok((landed, counts))
+    }
+
     /// [`Self::copy_in`], answering only where each input is here (inserted or present).
     pub async fn insert_copied(
         &self,
@@ -644,6 +756,23 @@ struct PgBatch<'a> {
 }
 
 impl<'a> PgBatch<'a> {
+    /// Binds the ten columns as `$1`–`$10` ([`PG_INSERT_COPIED`]'s order).
+    fn bind_all<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(&self.ids)
+            .bind(&self.aggregate_ids)
+            .bind(&self.aggregate_types)
+            .bind(&self.event_types)
+            .bind(&self.tenants)
+            .bind(&self.actors)
+            .bind(&self.versions)
+            .bind(&self.timestamps)
+            .bind(&self.payloads)
+            .bind(&self.created)
+    }
+
     fn of(events: &'a [StoredEvent]) -> Self {
         Self {
             ids: events.iter().map(|e| e.event_id).collect(),
@@ -665,17 +794,8 @@ async fn insert_copied_pg(
     events: &[StoredEvent],
 ) -> Result<Vec<Landing>, StoreError> {
     let b = PgBatch::of(events);
-    let inserted: Vec<(Uuid, i64)> = sqlx::query_as(PG_INSERT_COPIED)
-        .bind(&b.ids)
-        .bind(&b.aggregate_ids)
-        .bind(&b.aggregate_types)
-        .bind(&b.event_types)
-        .bind(&b.tenants)
-        .bind(&b.actors)
-        .bind(&b.versions)
-        .bind(&b.timestamps)
-        .bind(&b.payloads)
-        .bind(&b.created)
+    let inserted: Vec<(Uuid, i64)> = b
+        .bind_all(sqlx::query_as(PG_INSERT_COPIED))
         .fetch_all(pool)
         .await?;
     let complete = inserted.len() == events.len();
@@ -712,6 +832,124 @@ async fn insert_copied_pg(
         .collect())
 }
 
+/// [`PG_LAND_AND_COUNT`]: the landings and the ranges' counts after the insert, or `None`
+/// when a row was neither inserted nor seen by the statement's snapshot (the caller asks
+/// again the long way).
+async fn land_and_count_pg(
+    pool: &PgPool,
+    tenant: Uuid,
+    events: &[StoredEvent],
+    ranges: &[(StreamKey, i32, i32)],
+) -> Result<Option<LandedAndCounted>, StoreError> {
+    type Row = (
+        i32,
+        Option<Uuid>,
+        Option<i64>,
+        bool,
+        bool,
+        bool,
+        Option<String>,
+        Option<Uuid>,
+        i64,
+        i32,
+    );
+    let b = PgBatch::of(events);
+    let types: Vec<&str> = ranges.iter().map(|r| r.0 .0.as_str()).collect();
+    let ids: Vec<Uuid> = ranges.iter().map(|r| r.0 .1).collect();
+    let los: Vec<i32> = ranges.iter().map(|r| r.1).collect();
+    let his: Vec<i32> = ranges.iter().map(|r| r.2).collect();
+    let rows: Vec<Row> = b
+        .bind_all(sqlx::query_as(PG_LAND_AND_COUNT))
+        .bind(&types)
+        .bind(&ids)
+        .bind(&los)
+        .bind(&his)
+        .bind(tenant)
+        .fetch_all(pool)
+        .await?;
+    let mut inserted: HashMap<Uuid, i64> = HashMap::new();
+    let mut seen: HashMap<Uuid, Landing> = HashMap::new();
+    let mut counts: HashMap<StreamKey, StreamDigest> = HashMap::new();
+    for (kind, id, position, same, foreign_stream, version_taken, t, aggregate, count, last) in rows
+    {
+        match (kind, id, t, aggregate) {
+            (0, Some(id), _, _) => {
+                inserted.insert(id, position.unwrap_or_default());
+            }
+            (1, Some(id), _, _) => {
+                seen.insert(
+                    id,
+                    seen_landing(position, same, foreign_stream, version_taken),
+                );
+            }
+            (2, _, Some(t), Some(aggregate)) => {
+                counts.insert(
+                    (t, aggregate),
+                    StreamDigest {
+                        count,
+                        last_version: last,
+                        ..StreamDigest::default()
+                    },
+                );
+            }
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "unexpected row of kind {kind} from the copy-and-count statement"
+                )))
+            }
+        }
+    }
+    let mut landed = Vec::with_capacity(events.len());
+    for e in events {
+        let landing = match inserted.get(&e.event_id) {
+            Some(p) => Landing::Inserted(*p),
+            None => seen.get(&e.event_id).copied().unwrap_or(Landing::Waiting),
+        };
+        if landing == Landing::Waiting {
+            return Ok(None);
+        }
+        landed.push(landing);
+    }
+    // The snapshot's counts do not see the rows inserted now: add them.
+    let bounds: HashMap<&StreamKey, (i32, i32)> =
+        ranges.iter().map(|(k, lo, hi)| (k, (*lo, *hi))).collect();
+    for (e, landing) in events.iter().zip(&landed) {
+        if !matches!(landing, Landing::Inserted(_)) || e.tenant_id != Some(tenant) {
+            continue;
+        }
+        let key = (e.aggregate_type.clone(), e.aggregate_id);
+        if let Some((lo, hi)) = bounds.get(&key) {
+            if (*lo..=*hi).contains(&e.version) {
+                let d = counts.entry(key).or_default();
+                d.count += 1;
+                d.last_version = d.last_version.max(e.version);
+            }
+        }
+    }
+    Ok(Some((landed, counts)))
+}
+
+/// A row not inserted, from [`PG_CLASSIFY`]'s columns: the row under its event id (position,
+/// whether the same event), whether its stream holds another tenant's events, whether its
+/// version holds another event.
+fn seen_landing(
+    position: Option<i64>,
+    same: bool,
+    foreign_stream: bool,
+    version_taken: bool,
+) -> Landing {
+    match (position, same) {
+        (Some(p), true) => Landing::Present(p),
+        (Some(_), false) => Landing::Diverged(Divergence::EventIdTaken),
+        (None, _) if foreign_stream => Landing::Diverged(Divergence::ForeignStream),
+        (None, _) if version_taken => Landing::Diverged(Divergence::VersionTaken),
+        (None, _) => Landing::Waiting,
+    }
+}
+
+/// Landings, and counts per listed range.
+type LandedAndCounted = (Vec<Landing>, HashMap<StreamKey, StreamDigest>);
+
 async fn classify_pg(pool: &PgPool, events: &[StoredEvent]) -> Result<Vec<Landing>, StoreError> {
     let b = PgBatch::of(events);
     let rows: Vec<(Uuid, Option<i64>, bool, bool, bool)> = sqlx::query_as(PG_CLASSIFY)
@@ -729,14 +967,10 @@ async fn classify_pg(pool: &PgPool, events: &[StoredEvent]) -> Result<Vec<Landin
     let by_id: HashMap<Uuid, Landing> = rows
         .into_iter()
         .map(|(id, position, same, foreign_stream, version_taken)| {
-            let landing = match (position, same) {
-                (Some(p), true) => Landing::Present(p),
-                (Some(_), false) => Landing::Diverged(Divergence::EventIdTaken),
-                (None, _) if foreign_stream => Landing::Diverged(Divergence::ForeignStream),
-                (None, _) if version_taken => Landing::Diverged(Divergence::VersionTaken),
-                (None, _) => Landing::Waiting,
-            };
-            (id, landing)
+            (
+                id,
+                seen_landing(position, same, foreign_stream, version_taken),
+            )
         })
         .collect();
     Ok(b.ids
@@ -807,10 +1041,20 @@ async fn insert_copied_sqlite(
     events: &[StoredEvent],
 ) -> Result<Vec<Landing>, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let out = land_sqlite(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// [`insert_copied_sqlite`] on a connection already in a writing transaction.
+async fn land_sqlite(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[StoredEvent],
+) -> Result<Vec<Landing>, StoreError> {
     let mut heads = SqliteHeads::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let (landing, next) = classify_sqlite(&mut tx, &mut heads, e).await?;
+        let (landing, next) = classify_sqlite(&mut *tx, &mut heads, e).await?;
         if !next {
             out.push(landing);
             continue;
@@ -844,6 +1088,5 @@ async fn insert_copied_sqlite(
             None => Landing::Waiting,
         });
     }
-    tx.commit().await?;
     Ok(out)
 }

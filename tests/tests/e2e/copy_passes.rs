@@ -493,3 +493,87 @@ async fn rows_with_a_txid_set_by_the_writer_fall_in_a_later_window() -> Result<(
     assert_eq!(later.len(), 3, "{later:?}");
     Ok(())
 }
+
+/// The cutover's copy and check of its final delta in one call per store: every row's landing
+/// by identity, and each listed range counted once the batch landed (rows inserted now, rows
+/// already there, and a version only the target has), as the separate calls would answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_of_the_delta_answers_identity_and_the_landed_counts_at_once() -> Result<()> {
+    for_each_backend(|backend| async move {
+        let env = Env::new(backend, &["shared", "dedicated"], "").await?;
+        let (source, target) = stores(&env).await?;
+        let tenant = Uuid::new_v4();
+        let stream = |aggregate_id| StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Cart",
+            aggregate_id,
+        };
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        source
+            .append(
+                stream(a),
+                Some(0),
+                &[event("A1")?, event("A2")?, event("A3")?],
+            )
+            .await?;
+        source
+            .append(stream(b), Some(0), &[event("B1")?, event("B2")?])
+            .await?;
+        let mut delta = source.read_tenant(tenant, 0, 100).await?;
+        delta.sort_by_key(|e| e.global_position);
+        let delta: Vec<StoredEvent> = delta.iter().map(copy_of).collect();
+        // The target has stream a's version 1 (the mirror) and three events of its own in
+        // stream b: b's delta events can never land (their versions are taken).
+        let a1 = delta.iter().find(|e| e.aggregate_id == a && e.version == 1);
+        target
+            .insert_copied(&[a1.cloned().ok_or_else(|| anyhow::anyhow!("no a1"))?])
+            .await?;
+        target
+            .append(
+                stream(b),
+                Some(0),
+                &[event("X1")?, event("X2")?, event("X3")?],
+            )
+            .await?;
+
+        let ranges = vec![
+            (("Cart".to_owned(), a), 2, i32::MAX),
+            (("Cart".to_owned(), b), 1, i32::MAX),
+        ];
+        let (landed, counts) = target.copy_in_counting(tenant, &delta, &ranges).await?;
+        for (e, landing) in delta.iter().zip(&landed) {
+            let expected = match (e.aggregate_id == a, e.version) {
+                (true, 1) => "present",
+                (true, _) => "inserted",
+                (false, _) => "diverged",
+            };
+            let got = match landing {
+                switchyard_store::Landing::Inserted(_) => "inserted",
+                switchyard_store::Landing::Present(_) => "present",
+                switchyard_store::Landing::Diverged(_) => "diverged",
+                switchyard_store::Landing::Waiting => "waiting",
+            };
+            assert_eq!(got, expected, "{} v{}", e.event_type, e.version);
+        }
+        let a_counts = counts[&("Cart".to_owned(), a)];
+        assert_eq!((a_counts.count, a_counts.last_version), (2, 3));
+        let b_counts = counts[&("Cart".to_owned(), b)];
+        assert_eq!((b_counts.count, b_counts.last_version), (3, 3));
+        // The same as counting afterwards, and a second copy finds everything present.
+        let after = target
+            .range_digests(tenant, &ranges, switchyard_store::Digesting::Count)
+            .await?;
+        assert_eq!(counts, after);
+        let (again, counts_again) = target.copy_in_counting(tenant, &delta, &ranges).await?;
+        assert!(
+            again
+                .iter()
+                .zip(&landed)
+                .all(|(x, y)| x.position() == y.position()),
+            "{again:?} {landed:?}"
+        );
+        assert_eq!(counts_again, after);
+        Ok(())
+    })
+    .await
+}
