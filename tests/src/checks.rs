@@ -46,9 +46,18 @@ pub async fn count_events(url: &str, tenant: Option<Uuid>) -> Result<i64> {
     }
 }
 
-/// A tenant's events in a store as `(aggregate_id, version, event_id)`, plus a digest of
-/// everything a migration must keep, sorted by stream and version.
-pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
+/// One event of a tenant as [`tenant_events`] lists it; rows sort by stream and version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventRow {
+    pub aggregate_id: Uuid,
+    pub version: i32,
+    pub event_id: Uuid,
+    /// Everything else a migration must keep: `type|event type|actor|timestamp|payload`.
+    pub digest: String,
+}
+
+/// A tenant's events in a store, sorted by stream and version.
+pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<EventRow>> {
     let store = switchyard_store::EventStore::connect("check", url, 2)?;
     let mut out = Vec::new();
     let mut after = 0;
@@ -66,7 +75,12 @@ pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uu
                 e.timestamp.to_rfc3339(),
                 payload
             );
-            out.push((e.aggregate_id, e.version, e.event_id, digest));
+            out.push(EventRow {
+                aggregate_id: e.aggregate_id,
+                version: e.version,
+                event_id: e.event_id,
+                digest,
+            });
         }
     }
     store.close().await;
@@ -76,9 +90,11 @@ pub async fn tenant_events(url: &str, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uu
 
 /// Every acknowledged append is in `events` (as [`tenant_events`] lists them) exactly once, at
 /// its acknowledged stream and versions.
-pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
-    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> =
-        events.iter().map(|(a, v, id, _)| (*id, (*a, *v))).collect();
+pub fn assert_all_acked(acked: &[Acked], events: &[EventRow]) {
+    let by_id: std::collections::HashMap<Uuid, (Uuid, i32)> = events
+        .iter()
+        .map(|e| (e.event_id, (e.aggregate_id, e.version)))
+        .collect();
     assert_eq!(by_id.len(), events.len(), "an event id appears twice");
     for append in acked {
         for (i, id) in append.event_ids.iter().enumerate() {
@@ -90,6 +106,31 @@ pub fn assert_all_acked(acked: &[Acked], events: &[(Uuid, i32, Uuid, String)]) {
                 "acknowledged event {id} lost or moved"
             );
         }
+    }
+}
+
+/// Waits until `target` holds exactly the tenant's events of `source` (the tail and mirror
+/// converge; a lag of 0 alone does not count writes younger than the settle time); answers them.
+pub async fn converged(source: &str, target: &str, tenant: Uuid) -> Result<Vec<EventRow>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (s, t) = (
+            tenant_events(source, tenant).await?,
+            tenant_events(target, tenant).await?,
+        );
+        if s == t {
+            return Ok(t);
+        }
+        if std::time::Instant::now() > deadline {
+            let missing = s.iter().filter(|e| t.binary_search(e).is_err()).count();
+            let extra = t.iter().filter(|e| s.binary_search(e).is_err()).count();
+            anyhow::bail!(
+                "the target never converged: source {}, target {}, {missing} missing, {extra} extra",
+                s.len(),
+                t.len()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
 

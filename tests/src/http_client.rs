@@ -2,12 +2,9 @@
 //! data plane's paths and append bodies, and a proxy's admin view of a route.
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::Value;
+use switchyard_client::{Protocol, Transport};
 use uuid::Uuid;
 
 use crate::*;
@@ -21,10 +18,11 @@ pub struct Reply {
     pub json: Value,
 }
 
-/// A keep-alive HTTP client (HTTP/1.1, or h2c with prior knowledge).
+/// A keep-alive HTTP client (HTTP/1.1, or h2c with prior knowledge) for raw requests: the
+/// `switchyard-client` transport, whose typed clients share its pool ([`Http::transport`]).
 #[derive(Debug, Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    transport: Transport,
 }
 
 impl Default for Http {
@@ -36,17 +34,25 @@ impl Default for Http {
 impl Http {
     pub fn new() -> Self {
         Self {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            transport: Transport::new(Protocol::Http1),
         }
     }
 
     /// HTTP/2 over cleartext (prior knowledge), as the proxy serves on the same port.
     pub fn h2c() -> Self {
         Self {
-            client: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http(),
+            transport: Transport::new(Protocol::H2c),
         }
+    }
+
+    /// The transport, for `switchyard_client`'s typed clients.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// A typed data-plane client of the proxy at `base`, on this pool.
+    pub fn data(&self, base: &str) -> switchyard_client::DataClient {
+        switchyard_client::DataClient::with_transport(self.transport.clone(), base)
     }
 
     pub async fn request(
@@ -56,24 +62,15 @@ impl Http {
         body: impl Into<Bytes>,
         headers: &[(&str, &str)],
     ) -> Result<Reply> {
-        let mut builder = Request::builder().method(method).uri(url);
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let body: Bytes = body.into();
-        if !body.is_empty() {
-            builder = builder.header("content-type", "application/json");
-        }
-        let response = self.client.request(builder.body(Full::new(body))?).await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await?.to_bytes();
-        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let reply = self
+            .transport
+            .send(method, url, body.into(), headers)
+            .await?;
         Ok(Reply {
-            status,
-            headers,
-            body,
-            json,
+            json: reply.json_value(),
+            status: reply.status,
+            headers: reply.headers,
+            body: reply.body,
         })
     }
 

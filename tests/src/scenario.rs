@@ -1,22 +1,24 @@
 //! Scenario setup: writers appending through proxies while a test runs ([`Writers`], recording
-//! each acknowledged append as [`Acked`]), and tenants seeded straight into a store.
+//! each acknowledged append as [`Acked`]), tenants seeded straight into a store, and a
+//! migration driven to dual-write.
 
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use http::StatusCode;
+use anyhow::bail;
 use serde_json::json;
 use sqlx::Connection;
+use switchyard_client::{Ack, Load, LoadPlan, NewEvent as ClientEvent, Pacing};
 use switchyard_store::{EventStore, NewEvent, StreamRef};
 use uuid::Uuid;
 
 use crate::*;
 
-/// Writers appending through proxies until stopped, each recording what was acknowledged.
+/// Writers appending through proxies until stopped (`switchyard_client`'s [`Load`]), each
+/// retrying an append with its event ids until it is acknowledged; what was acknowledged is
+/// recorded as [`Acked`].
 #[derive(Debug)]
 pub struct Writers {
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<Vec<Acked>>>>,
+    load: Load,
 }
 
 /// One acknowledged append: which events, in which stream, at which versions, on which store.
@@ -26,6 +28,33 @@ pub struct Acked {
     pub event_ids: Vec<Uuid>,
     pub first_version: i64,
     pub store_id: String,
+}
+
+impl From<&Ack> for Acked {
+    fn from(ack: &Ack) -> Self {
+        Self {
+            aggregate_id: ack.aggregate_id,
+            event_ids: ack.event_ids.clone(),
+            first_version: ack.first_version,
+            store_id: ack.store_id.clone(),
+        }
+    }
+}
+
+/// The load plan of the harness's writers: `Load` streams of `tenant`, `streams_each` per
+/// writer written round robin with `expected_version`, one or two `Written` events per
+/// append, `pause` between appends.
+pub fn load_plan(tenant: Uuid, streams_each: usize, pause: Duration) -> LoadPlan {
+    LoadPlan {
+        streams: streams_each,
+        pacing: Pacing::Closed { pause },
+        ..LoadPlan::new(tenant)
+    }
+    .with_events(|_, seq| {
+        (0..1 + (seq + 1) % 2)
+            .map(|i| ClientEvent::new("Written", json!({ "i": i, "note": "x" })))
+            .collect()
+    })
 }
 
 impl Writers {
@@ -39,80 +68,70 @@ impl Writers {
         streams_each: usize,
         pause: Duration,
     ) -> Self {
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let tasks = (0..n)
-            .map(|i| {
-                let http = http.clone();
-                let base = proxies[i % proxies.len()].clone();
-                let rx = rx.clone();
-                tokio::spawn(async move {
-                    let streams: Vec<Uuid> = (0..streams_each).map(|_| Uuid::new_v4()).collect();
-                    let mut versions = vec![0i64; streams_each];
-                    let mut acked = Vec::new();
-                    let mut k = 0usize;
-                    while !*rx.borrow() {
-                        let s = k % streams_each;
-                        k += 1;
-                        let body = events_body(Some(versions[s]), 1 + k % 2, "Written");
-                        let ids: Vec<Uuid> = body["events"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|e| {
-                                        e["event_id"].as_str().and_then(|s| Uuid::parse_str(s).ok())
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        let url = stream_url(&base, tenant, "Load", streams[s]);
-                        // Retry the same body until it is acknowledged: appends are idempotent.
-                        loop {
-                            match http.post(&url, &body).await {
-                                Ok(reply) if reply.status == StatusCode::CREATED => {
-                                    versions[s] =
-                                        reply.json["last_version"].as_i64().unwrap_or(versions[s]);
-                                    acked.push(Acked {
-                                        aggregate_id: streams[s],
-                                        event_ids: ids.clone(),
-                                        first_version: reply.json["first_version"]
-                                            .as_i64()
-                                            .unwrap_or(-1),
-                                        store_id: reply.json["store_id"]
-                                            .as_str()
-                                            .unwrap_or_default()
-                                            .to_owned(),
-                                    });
-                                    break;
-                                }
-                                Ok(reply) if reply.status.is_server_error() => {
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                }
-                                Ok(reply) => {
-                                    bail!("append refused: {} {:?}", reply.status, reply.json)
-                                }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                            }
-                        }
-                        if !pause.is_zero() {
-                            tokio::time::sleep(pause).await;
-                        }
-                    }
-                    Ok(acked)
-                })
-            })
-            .collect();
-        Self { stop, tasks }
+        let clients: Vec<_> = proxies.iter().map(|base| http.data(base)).collect();
+        Self {
+            load: Load::start(&clients, load_plan(tenant, streams_each, pause), n),
+        }
     }
 
-    /// Stops the writers and returns every acknowledged append.
-    pub async fn stop(self) -> Result<Vec<Acked>> {
-        let _ = self.stop.send(true);
-        let mut all = Vec::new();
-        for task in self.tasks {
-            all.extend(task.await??);
-        }
-        Ok(all)
+    /// Appends acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.load.acked()
     }
+
+    /// Stops the writers and returns every acknowledged append; an append refused for good
+    /// (not retryable) fails it.
+    pub async fn stop(self) -> Result<Vec<Acked>> {
+        let report = self.load.stop().await;
+        if let Some(failure) = report.failed.first() {
+            bail!(
+                "{} appends refused, the first: {}",
+                report.failed.len(),
+                failure.error
+            );
+        }
+        Ok(report.acked.iter().map(Acked::from).collect())
+    }
+}
+
+/// Starts a migration of `tenant` to `to` (`--detach`, left to `serve`; `extra` arguments
+/// added) and waits for dual-write at lag 0; answers its id.
+pub async fn migrate_to_dual_write(
+    env: &Env,
+    tenant: Uuid,
+    to: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let tenant = tenant.to_string();
+    let mut args = vec![
+        "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
+    ];
+    args.extend_from_slice(extra);
+    let started = env.control_json(&args)?;
+    let id = started["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no id in {started}"))?
+        .to_owned();
+    caught_up(env, &id, Duration::from_secs(300)).await?;
+    Ok(id)
+}
+
+/// Waits until migration `id` is dual-writing with lag 0; a timeout names the last status seen.
+pub async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
+    let last = std::sync::Mutex::new(serde_json::Value::Null);
+    let waited = wait_for_every(timeout, Duration::from_millis(250), || async {
+        let s = env.control_json(&["status", id])?;
+        let done = s["state"] == "dual_write" && s["lag"] == 0;
+        *last.lock().expect("status lock") = s;
+        Ok(done)
+    })
+    .await;
+    waited.map_err(|e| {
+        anyhow::anyhow!(
+            "migration {id}: {e}; last status: {}",
+            last.lock().expect("status lock")
+        )
+    })
 }
 
 /// Seeds `events` events of `tenant` in a PostgreSQL store (streams of 100 versions, ~80-byte
@@ -169,30 +188,3 @@ pub async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) ->
     Ok(())
 }
 
-/// Starts a migration of `tenant` to `to` (left to `serve`) and waits for dual-write at lag 0.
-pub async fn migrate_to_dual_write(
-    env: &Env,
-    tenant: Uuid,
-    to: &str,
-    extra: &[&str],
-) -> Result<String> {
-    let tenant = tenant.to_string();
-    let mut args = vec![
-        "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
-    ];
-    args.extend_from_slice(extra);
-    let started = env.control_json(&args)?;
-    let id = started["id"].as_str().unwrap_or_default().to_owned();
-    caught_up(env, &id, Duration::from_secs(120)).await?;
-    Ok(id)
-}
-
-/// Waits until migration `id` is dual-writing with no lag.
-pub async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
-    wait_for_every(timeout, Duration::from_millis(250), || async {
-        let s = env.control_json(&["status", id])?;
-        Ok(s["state"] == "dual_write" && s["lag"] == 0)
-    })
-    .await
-    .with_context(|| format!("migration {id} never caught up"))
-}

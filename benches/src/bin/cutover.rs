@@ -32,23 +32,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, load_averages, quantile};
 use switchyard_benches::{toml_string, with_database};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use clap::Parser;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_client::{
+    AdminClient, DataClient, Load, LoadPlan, NewEvent, Pacing, Protocol, RoutingState, Transport,
+};
 use switchyard_config::Config;
 use switchyard_proxy::App;
 use tokio::io::AsyncBufReadExt;
@@ -57,8 +52,6 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Targets from issue 4, printed beside the figures (a benchmark never fails on a time).
 const TARGET_PAUSE_MS: f64 = 50.0;
@@ -160,110 +153,52 @@ struct Sample {
     retries: u32,
 }
 
-/// What one writer did.
-#[derive(Default)]
-struct WriterResult {
-    samples: Vec<Sample>,
-    /// Acknowledged event ids and whether the target store acknowledged each.
-    acked: Vec<(Uuid, bool)>,
-    /// Answers other than 201 and 503 (the stream is abandoned for a new one).
-    errors: Vec<String>,
-}
-
-struct WriterSpec {
-    client: HttpClient,
-    base: String,
-    tenant: Uuid,
-    target_store: String,
-    streams: usize,
-    origin: Instant,
-    stop: Arc<AtomicBool>,
-    /// Open loop: (this writer's first due time after `origin`, the time between its appends).
-    schedule: Option<(Duration, Duration)>,
-}
-
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-async fn post(client: &HttpClient, uri: &str, body: Bytes) -> Result<(StatusCode, Bytes)> {
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .context("building the request")?;
-    let response = client.request(request).await?;
-    let status = response.status();
-    let reply = response.into_body().collect().await?.to_bytes();
-    Ok((status, reply))
-}
-
-async fn writer(spec: WriterSpec, index: usize) -> Result<WriterResult> {
-    let mut result = WriterResult::default();
-    let mut streams: Vec<(String, u64)> = (0..spec.streams.max(1))
-        .map(|_| (stream_uri(&spec.base, spec.tenant), 0))
-        .collect();
-    let mut seq: u64 = 0;
-    while !spec.stop.load(Ordering::Relaxed) {
-        let s = usize::try_from(seq % streams.len() as u64).unwrap_or(0);
-        // Open loop: wait for this append's due time (never skipped, so a late writer catches
-        // up and its queueing shows in the latencies); closed loop: send now.
-        let started = match spec.schedule {
-            Some((first, every)) => {
-                let due = spec.origin + first + every * u32::try_from(seq).unwrap_or(u32::MAX);
-                tokio::time::sleep_until(due.into()).await;
-                due
-            }
-            None => Instant::now(),
-        };
-        seq += 1;
-        let (uri, version) = &streams[s];
-        let event_id = Uuid::now_v7();
-        let body = Bytes::from(format!(
-            r#"{{"expected_version":{version},"events":[{{"event_id":"{event_id}","event_type":"{EVENT_TYPE}","payload":{{"writer":{index},"seq":{seq},"amount_cents":{},"note":"cutover benchmark padding........"}},"actor_id":"{ACTOR}"}}]}}"#,
-            1000 + seq % 997
-        ));
-        let mut retries = 0u32;
-        let outcome = loop {
-            let (status, reply) = post(&spec.client, uri, body.clone())
-                .await
-                .with_context(|| format!("append, writer {index}"))?;
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            break (status, reply);
-        };
-        let finished = Instant::now();
-        let (status, reply) = outcome;
-        if status != StatusCode::CREATED {
-            result.errors.push(format!(
-                "writer {index}: {status} {}",
-                String::from_utf8_lossy(&reply)
-            ));
-            streams[s] = (stream_uri(&spec.base, spec.tenant), 0);
-            continue;
-        }
-        let reply: Value = serde_json::from_slice(&reply).context("append reply")?;
-        let on_target = reply["store_id"].as_str() == Some(spec.target_store.as_str());
-        streams[s].1 += 1;
-        result.samples.push(Sample {
-            sent_us: micros(started.duration_since(spec.origin)),
-            latency_us: micros(finished.duration_since(started)),
-            retries,
-        });
-        result.acked.push((event_id, on_target));
+/// The writers' plan: `streams` streams each, one event per append with a fresh v7 id,
+/// retrying 5 ms apart until acknowledged (a refusal that is not retryable abandons the
+/// stream for a new one); open loop at `rate` appends/s shared by `writers`, else closed.
+fn load_plan(
+    tenant: Uuid,
+    streams: usize,
+    writers: usize,
+    rate: Option<f64>,
+    origin: Instant,
+) -> LoadPlan {
+    let pacing = match rate {
+        Some(rate) => Pacing::Open {
+            every: Duration::from_secs_f64(writers as f64 / rate),
+            stagger: Duration::from_secs_f64(1.0 / rate),
+        },
+        None => Pacing::Closed {
+            pause: Duration::ZERO,
+        },
+    };
+    LoadPlan {
+        aggregate_type: AGGREGATE_TYPE.to_owned(),
+        streams: streams.max(1),
+        pacing,
+        retry_pause: Duration::from_millis(5),
+        origin,
+        ..LoadPlan::new(tenant)
     }
-    Ok(result)
-}
-
-fn stream_uri(base: &str, tenant: Uuid) -> String {
-    format!(
-        "{base}/v1/tenants/{tenant}/streams/{AGGREGATE_TYPE}/{}/events",
-        Uuid::new_v4()
-    )
+    .with_events(|writer, seq| {
+        vec![NewEvent {
+            event_id: Uuid::now_v7(),
+            ..NewEvent::new(
+                EVENT_TYPE,
+                json!({
+                    "writer": writer,
+                    "seq": seq,
+                    "amount_cents": 1000 + seq % 997,
+                    "note": "cutover benchmark padding........",
+                }),
+            )
+            .with_actor(ACTOR)
+        }]
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,20 +241,10 @@ async fn control_ok(bin: &PathBuf, config: &PathBuf, args: &[&str]) -> Result<Va
     Ok(value)
 }
 
-async fn get(client: &HttpClient, uri: &str) -> Result<(StatusCode, Bytes)> {
-    let request = Request::get(uri)
-        .body(Full::new(Bytes::new()))
-        .context("building a GET")?;
-    let response = client.request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
-}
-
-async fn wait_ready(client: &HttpClient, admin: &str) -> Result<()> {
+async fn wait_ready(admin: &AdminClient) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok((StatusCode::OK, _)) = get(client, &format!("{admin}/readyz")).await {
+        if admin.ready().await.is_ok_and(|r| r.ready) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -330,18 +255,16 @@ async fn wait_ready(client: &HttpClient, admin: &str) -> Result<()> {
 }
 
 /// Waits until the proxy's route for `tenant` is `state`.
-async fn wait_route(client: &HttpClient, admin: &str, tenant: Uuid, state: &str) -> Result<()> {
+async fn wait_route(admin: &AdminClient, tenant: Uuid, state: RoutingState) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let uri = format!("{admin}/admin/routes/{tenant}");
     loop {
-        if let Ok((StatusCode::OK, body)) = get(client, &uri).await {
-            let route: Value = serde_json::from_slice(&body).unwrap_or_default();
-            if route["state"] == state {
+        if let Ok(route) = admin.route(tenant).await {
+            if route.route.state == state {
                 return Ok(());
             }
         }
         if Instant::now() >= deadline {
-            bail!("a proxy did not route {tenant} as {state} within 30 s");
+            bail!("a proxy did not route {tenant} as {state:?} within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -404,14 +327,11 @@ impl GateMetrics {
     }
 }
 
-async fn gate_metrics(client: &HttpClient, admins: &[String]) -> Result<GateMetrics> {
+async fn gate_metrics(admins: &[AdminClient]) -> Result<GateMetrics> {
     let mut total = GateMetrics::default();
     for admin in admins {
-        let (status, body) = get(client, &format!("{admin}/metrics")).await?;
-        if status != StatusCode::OK {
-            bail!("{admin}/metrics answered {status}");
-        }
-        total.add(&GateMetrics::parse(&String::from_utf8_lossy(&body)), 1.0);
+        let text = admin.metrics().await?;
+        total.add(&GateMetrics::parse(&text), 1.0);
     }
     Ok(total)
 }
@@ -521,9 +441,9 @@ struct Setup {
     bin: PathBuf,
     config: PathBuf,
     dbs: Databases,
-    client: HttpClient,
-    bases: Vec<String>,
-    admins: Vec<String>,
+    /// Writer `w` appends through `proxies[w % len]`.
+    proxies: Vec<DataClient>,
+    admins: Vec<AdminClient>,
     tenant: Uuid,
 }
 
@@ -570,7 +490,7 @@ impl Setup {
             index + 1
         );
         for admin in &self.admins {
-            wait_route(&self.client, admin, self.tenant, "dual_write").await?;
+            wait_route(admin, self.tenant, RoutingState::DualWrite).await?;
         }
         if self.args.vacuum_between_runs {
             for url in [&self.dbs.shared, &self.dbs.dedicated] {
@@ -582,53 +502,46 @@ impl Setup {
                 conn.close().await?;
             }
         }
-        let gate_before = gate_metrics(&self.client, &self.admins).await?;
+        let gate_before = gate_metrics(&self.admins).await?;
 
         let origin = Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = tokio::task::JoinSet::new();
-        let writers = self.args.writers;
-        for w in 0..writers {
-            let schedule = self.args.rate.map(|rate| {
-                let every = Duration::from_secs_f64(writers as f64 / rate);
-                (
-                    every * u32::try_from(w).unwrap_or(0) / u32::try_from(writers).unwrap_or(1),
-                    every,
-                )
-            });
-            tasks.spawn(writer(
-                WriterSpec {
-                    client: self.client.clone(),
-                    base: self.bases[w % self.bases.len()].clone(),
-                    tenant: self.tenant,
-                    target_store: to.to_owned(),
-                    streams: self.args.streams_per_writer,
-                    origin,
-                    stop: stop.clone(),
-                    schedule,
-                },
-                w,
-            ));
-        }
+        let plan = load_plan(
+            self.tenant,
+            self.args.streams_per_writer,
+            self.args.writers,
+            self.args.rate,
+            origin,
+        );
+        let load = Load::start(&self.proxies, plan, self.args.writers);
         tokio::time::sleep(Duration::from_secs_f64(self.args.steady_seconds)).await;
         let window_start = origin.elapsed();
         let outcome = control(&self.bin, &self.config, &["cutover", &id]).await;
         let window_end = origin.elapsed();
         tokio::time::sleep(Duration::from_secs_f64(self.args.after_seconds)).await;
-        stop.store(true, Ordering::Relaxed);
+        let report = load.stop().await;
         let end = origin.elapsed();
-        let mut samples = Vec::new();
-        let mut acked = Vec::new();
-        let mut errors = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            let result = joined.context("a writer panicked")??;
-            samples.extend(result.samples);
-            acked.extend(result.acked);
-            errors.extend(result.errors);
-        }
+        let samples: Vec<Sample> = report
+            .acked
+            .iter()
+            .map(|a| Sample {
+                sent_us: micros(a.sent),
+                latency_us: micros(a.latency),
+                retries: a.retries,
+            })
+            .collect();
+        let acked: Vec<(Uuid, bool)> = report
+            .acked
+            .iter()
+            .flat_map(|a| a.event_ids.iter().map(|id| (*id, a.store_id == to)))
+            .collect();
+        let errors: Vec<String> = report
+            .failed
+            .iter()
+            .map(|f| format!("writer {}: {}", f.writer, f.error))
+            .collect();
         let (cutover_ok, cutover) = outcome?;
         eprintln!("run {}: cutover {cutover}", index + 1);
-        let mut gate = gate_metrics(&self.client, &self.admins).await?;
+        let mut gate = gate_metrics(&self.admins).await?;
         gate.add(&gate_before, -1.0);
 
         let (target_url, source_url) = if to == "dedicated" {
@@ -952,12 +865,9 @@ async fn measure(
 
     running.serve = Some(start_serve(&bin, &config).await?);
 
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.writers + 4)
-        .build(connector);
-    let mut bases = Vec::new();
+    // One pool for every proxy, an idle connection kept per writer.
+    let transport = Transport::with_pool(Protocol::Http1, Some(args.writers + 4));
+    let mut proxies = Vec::new();
     let mut admins = Vec::new();
     for p in 0..args.proxies {
         let text = config_text(
@@ -973,8 +883,14 @@ async fn measure(
         .context("building a proxy")?;
         let data = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
-        bases.push(format!("http://{}", data.local_addr()?));
-        admins.push(format!("http://{}", admin.local_addr()?));
+        proxies.push(DataClient::with_transport(
+            transport.clone(),
+            &format!("http://{}", data.local_addr()?),
+        ));
+        admins.push(AdminClient::with_transport(
+            transport.clone(),
+            &format!("http://{}", admin.local_addr()?),
+        ));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run(data, admin, async {
             let _ = stopped.await;
@@ -982,15 +898,14 @@ async fn measure(
         running.proxies.push((stop, task));
     }
     for admin in &admins {
-        wait_ready(&client, admin).await?;
+        wait_ready(admin).await?;
     }
     let setup = Setup {
         args: args.clone(),
         bin,
         config,
         dbs,
-        client,
-        bases,
+        proxies,
         admins,
         tenant,
     };

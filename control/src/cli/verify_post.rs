@@ -9,14 +9,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::Utc;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
+use switchyard_client::{DataClient, ExpectedVersion, NewEvent, StreamId, StreamQuery, Transport};
 use switchyard_store::{MigrationState, RoutingState};
 use uuid::Uuid;
 
@@ -221,60 +217,50 @@ async fn checks(
         }
     };
     let (kind, id) = &args.stream;
-    let url = format!(
-        "{base}/v1/tenants/{tenant}/streams/{}/{id}/events",
-        percent_encode(kind)
-    );
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let stream = StreamId::new(tenant, kind.clone(), *id);
+    let proxy = DataClient::with_transport(Transport::default().with_timeout(HTTP_TIMEOUT), &base);
 
-    let read = http(&client, Method::GET, &format!("{url}?limit=1000"), None).await;
-    let (count, store) = match &read {
-        Ok((200, body)) => (
-            body.get("events")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len),
-            body.get("store_id")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned(),
-        ),
-        _ => (0, String::new()),
-    };
+    let read = proxy
+        .read_stream(
+            &stream,
+            &StreamQuery {
+                limit: Some(1000),
+                ..StreamQuery::default()
+            },
+        )
+        .await;
     check!(
         "read",
         match read {
-            Ok((200, _)) if store == record.target_store_id => Ok(format!(
-                "read {count} events of {kind}/{id} from {store} through {base}"
+            Ok(page) if page.store_id == record.target_store_id => Ok(format!(
+                "read {} events of {kind}/{id} from {} through {base}",
+                page.events.len(),
+                page.store_id
             )),
-            Ok((200, _)) => Err(format!(
-                "the read was served by {store}, expected {}",
-                record.target_store_id
+            Ok(page) => Err(format!(
+                "the read was served by {}, expected {}",
+                page.store_id, record.target_store_id
             )),
-            Ok((status, body)) => Err(format!("{base} answered {status}: {body}")),
-            Err(e) => Err(e),
+            Err(e) => Err(format!("{base}: {e}")),
         }
     );
 
-    let event_id = Uuid::new_v4();
-    let body = json!({
-        "expected_version": Value::Null,
-        "events": [{
-            "event_id": event_id,
-            "event_type": "SwitchyardPostMigrationCheck",
-            "payload": { "migration_id": record.id },
-        }],
-    });
-    let append = http(&client, Method::POST, &url, Some(&body)).await;
+    let check_event = NewEvent::new(
+        "SwitchyardPostMigrationCheck",
+        json!({ "migration_id": record.id }),
+    );
+    let event_id = check_event.event_id;
+    let append = proxy
+        .append(&stream, ExpectedVersion::Any, &[check_event])
+        .await;
     check!(
         "write",
         match append {
-            Ok((201, reply)) => Ok(format!(
+            Ok(appended) => Ok(format!(
                 "appended test event {event_id} at version {} via store {}",
-                reply.get("last_version").unwrap_or(&Value::Null),
-                reply.get("store_id").and_then(Value::as_str).unwrap_or("?")
+                appended.last_version, appended.store_id
             )),
-            Ok((status, reply)) => Err(format!("{base} answered {status}: {reply}")),
-            Err(e) => Err(e),
+            Err(e) => Err(format!("{base}: {e}")),
         }
     );
 
@@ -302,45 +288,4 @@ async fn checks(
         }
     );
     Ok(Ok(()))
-}
-
-async fn http(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    method: Method,
-    url: &str,
-    body: Option<&Value>,
-) -> Result<(u16, Value), String> {
-    let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let request = Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(bytes))
-        .map_err(|e| format!("{url}: {e}"))?;
-    let response = tokio::time::timeout(HTTP_TIMEOUT, client.request(request))
-        .await
-        .map_err(|_| format!("{url}: no answer within {HTTP_TIMEOUT:?}"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .to_bytes();
-    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
-}
-
-/// Percent-encodes a path segment (everything but unreserved characters).
-fn percent_encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

@@ -19,15 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
+use switchyard_client::{AdminClient, DataClient};
 use switchyard_config::Config;
 use switchyard_store::EventStore;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::engine::{CutoverOutcome, Engine, Report};
@@ -206,40 +202,29 @@ async fn run_on(
     let proxy = tokio::spawn(app.run(data, admin, async move {
         let _ = proxy_stopped.await;
     }));
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-
     let outcome = async {
-        setup::wait_ready(&client, &format!("http://{admin_addr}/readyz")).await?;
+        setup::wait_ready(&AdminClient::new(&format!("http://{admin_addr}"))).await?;
         let tenant = Uuid::new_v4();
         let seeded = setup::seed(&source, tenant, options.events).await?;
-        let base = format!("http://{data_addr}");
-        let (writers_stop, writers_rx) = watch::channel(false);
-        let writers: Vec<_> = (0..options.writers)
-            .map(|w| {
-                tokio::spawn(load::writer(
-                    client.clone(),
-                    base.clone(),
-                    tenant,
-                    w,
-                    started,
-                    options.writer_pause,
-                    writers_rx.clone(),
-                ))
-            })
-            .collect();
+        let proxy = DataClient::new(&format!("http://{data_addr}"));
+        let writers = load::start(
+            proxy,
+            tenant,
+            options.writers,
+            started,
+            options.writer_pause,
+        );
         let migrated = migrate::migrate(&engine, tenant, &target_id, progress, started).await;
         // Writers keep writing after the cutover: to the target now.
         if migrated.is_ok() {
             tokio::time::sleep(options.after_cutover).await;
         }
-        let _ = writers_stop.send(true);
-        let mut results = Vec::new();
-        for w in writers {
-            results.push(
-                w.await
-                    .map_err(|e| DemoError::Failed(format!("writer: {e}")))??,
-            );
+        let writers = writers.stop().await;
+        if let Some(failure) = writers.failed.first() {
+            return Err(DemoError::Failed(format!(
+                "writer {}: append refused: {}",
+                failure.writer, failure.error
+            )));
         }
         let migrated = migrated?;
         let target_events = report::read_all(&target, tenant).await?;
@@ -252,7 +237,7 @@ async fn run_on(
             &target_id,
             seeded,
             migrated,
-            results,
+            &writers,
             verification,
             &target_events,
             engine

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use switchyard_store::{EventStore, StoredEvent};
 use uuid::Uuid;
 
-use super::load::{Acked, WriterResult};
 use super::migrate::Migrated;
 use super::{DemoError, Options, Summary, Verification};
+use switchyard_client::{Ack, LoadReport};
 
 /// The tenant's events in a store, in global order.
 pub(super) async fn read_all(
@@ -93,18 +93,18 @@ pub(super) fn summarise(
     target_id: &str,
     seeded: Vec<Uuid>,
     migrated: Migrated,
-    writers: Vec<WriterResult>,
+    writers: &LoadReport,
     verification: Verification,
     target_events: &[StoredEvent],
     backend: &'static str,
     started: Instant,
 ) -> Summary {
-    let acked: Vec<&Acked> = writers.iter().flat_map(|w| w.acked.iter()).collect();
-    let retried = writers.iter().map(|w| w.retried).sum();
+    let acked: Vec<&Ack> = writers.acked.iter().collect();
+    let retried = writers.retries;
     let (from, to) = migrated.window;
     let mut during: Vec<f64> = acked
         .iter()
-        .filter(|a| a.started < to && a.started + a.latency > from)
+        .filter(|a| a.sent < to && a.sent + a.latency > from)
         .map(|a| millis(a.latency))
         .collect();
     during.sort_by(f64::total_cmp);
@@ -118,11 +118,14 @@ pub(super) fn summarise(
     }
     let mut lost = seeded.iter().filter(|id| !counts.contains_key(id)).count();
     for a in &acked {
-        let landed = counts
-            .get(&a.event_id)
-            .is_some_and(|(_, e)| e.aggregate_id == a.stream && i64::from(e.version) == a.version);
-        if !landed {
-            lost += 1;
+        for (i, id) in a.event_ids.iter().enumerate() {
+            let version = a.first_version + i64::try_from(i).unwrap_or(i64::MAX);
+            let landed = counts.get(id).is_some_and(|(_, e)| {
+                e.aggregate_id == a.aggregate_id && i64::from(e.version) == version
+            });
+            if !landed {
+                lost += 1;
+            }
         }
     }
     let mut duplicated = counts.values().filter(|(n, _)| *n > 1).count();

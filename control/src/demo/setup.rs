@@ -5,17 +5,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Method, StatusCode};
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use serde_json::value::RawValue;
+use switchyard_client::AdminClient;
 use switchyard_config::{Config, ControlConfig, ProxyConfig, StoreConfig};
 use switchyard_store::{EventStore, NewEvent, StreamRef};
 use uuid::Uuid;
 
-use super::load::request;
 use super::{DemoError, Stores};
 
 /// What the demo made and must clean up.
@@ -126,19 +121,17 @@ pub(super) async fn prepare(stores: &Stores) -> Result<(Config, Made), DemoError
     }
 }
 
-/// Waits (up to 20 s) until the proxy's `url` (`/readyz`) answers 200.
-pub(super) async fn wait_ready(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    url: &str,
-) -> Result<(), DemoError> {
+/// Waits (up to 20 s) until the proxy's admin port says it is ready.
+pub(super) async fn wait_ready(admin: &AdminClient) -> Result<(), DemoError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok((StatusCode::OK, _)) = request(client, Method::GET, url, Bytes::new()).await {
+        if admin.ready().await.is_ok_and(|r| r.ready) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(DemoError::Setup(format!(
-                "the proxy was not ready at {url} within 20 s"
+                "the proxy was not ready at {} within 20 s",
+                admin.base()
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -58,7 +58,7 @@ async fn ids(url: &str, tenant: Uuid) -> Result<HashSet<Uuid>> {
     Ok(tenant_events(url, tenant)
         .await?
         .into_iter()
-        .map(|(_, _, id, _)| id)
+        .map(|e| e.event_id)
         .collect())
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::{
-    events_body, for_each_backend, run_control, seed_sql, stream_url, tenant_events, wait_for,
-    wait_for_every, Backend, Env, Http, Result, ServeProcess, Writers,
+    events_body, for_each_backend, migrate_to_dual_write, run_control, seed_sql, stream_url,
+    tenant_events, wait_for, wait_for_every, Backend, Env, Http, Result, ServeProcess, Writers,
 };
 use uuid::Uuid;
 
@@ -66,29 +66,6 @@ impl FenceHolder {
     }
 }
 
-async fn migrate_to_dual_write(env: &Env, tenant: Uuid) -> Result<String> {
-    let started = env.control_json(&[
-        "migrate",
-        "start",
-        "--tenant",
-        &tenant.to_string(),
-        "--to",
-        "dedicated",
-        "--detach",
-    ])?;
-    let id = started["id"].as_str().unwrap_or_default().to_owned();
-    wait_for_every(
-        Duration::from_secs(300),
-        Duration::from_millis(250),
-        || async {
-            let s = env.control_json(&["status", &id])?;
-            Ok(s["state"] == "dual_write" && s["lag"] == 0)
-        },
-    )
-    .await?;
-    Ok(id)
-}
-
 /// Three proxies (one of them never hears of routing changes), 16 writers over them, a
 /// 200,000-event tenant, two other tenants writing on the same source: the cutover succeeds,
 /// every acknowledged append is in the target exactly once, none reached the source after the
@@ -117,7 +94,7 @@ async fn under_load(backend: Backend) -> Result<()> {
     seed_tenant(&env, tenant, events).await?;
     let http = Http::new();
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant).await?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     // The third proxy is started in dual_write and then hears nothing: no NOTIFY, no poll,
     // and the cutover's direct call is refused (its admin token is not the config's).
     let deaf_token = "not-the-configured-token";
@@ -187,7 +164,7 @@ async fn under_load(backend: Backend) -> Result<()> {
     let source = tenant_events(env.store_url("shared"), tenant).await?;
     let target = tenant_events(env.store_url("dedicated"), tenant).await?;
     switchyard_tests::assert_all_acked(&acked, &target);
-    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.2).collect();
+    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.event_id).collect();
     for append in acked.iter().filter(|a| a.store_id == "dedicated") {
         assert!(
             append.event_ids.iter().all(|id| !source_ids.contains(id)),
@@ -201,7 +178,7 @@ async fn under_load(backend: Backend) -> Result<()> {
     // The target holds the source's events plus what was written after the cutover.
     let target_only: Vec<_> = target
         .iter()
-        .filter(|e| !source_ids.contains(&e.2))
+        .filter(|e| !source_ids.contains(&e.event_id))
         .collect();
     assert_eq!(target.len() - target_only.len(), source.len());
     assert!(
@@ -366,7 +343,7 @@ async fn budget_missed(backend: Backend) -> Result<()> {
     let proxy = env.proxy(&[])?;
     proxy.wait_ready(&http).await?;
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant).await?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     let writers = Writers::start(
         &http,
         std::slice::from_ref(&proxy.data),
@@ -489,7 +466,7 @@ async fn crashed_after_fence(backend: Backend) -> Result<CrashedAfterFence> {
     proxy.wait_ready(&http).await?;
     let id = {
         let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-        migrate_to_dual_write(&env, tenant).await?
+        migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?
     };
     // `serve` is gone, so no tail copies what the mirror missed: the writers start only once
     // the proxy mirrors (an append it routed before it saw dual_write stays for the tail, and
@@ -589,9 +566,11 @@ async fn writers_end_on_target(
     let source: HashSet<Uuid> = tenant_events(env.store_url("shared"), tenant)
         .await?
         .into_iter()
-        .map(|e| e.2)
+        .map(|e| e.event_id)
         .collect();
-    assert!(source.iter().all(|id| target.iter().any(|e| e.2 == *id)));
+    assert!(source
+        .iter()
+        .all(|id| target.iter().any(|e| e.event_id == *id)));
     Ok(())
 }
 
@@ -696,8 +675,8 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
         "500",
         "--detach",
     ])?;
-    let dual_id = migrate_to_dual_write(&env, dual).await?;
-    let cut_id = migrate_to_dual_write(&env, cutting).await?;
+    let dual_id = migrate_to_dual_write(&env, dual, "dedicated", &[]).await?;
+    let cut_id = migrate_to_dual_write(&env, cutting, "dedicated", &[]).await?;
     wait_for_every(
         Duration::from_secs(60),
         Duration::from_millis(200),
@@ -821,11 +800,11 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
             let target: HashSet<Uuid> = tenant_events(env.store_url("dedicated"), tenant)
                 .await?
                 .into_iter()
-                .map(|e| e.2)
+                .map(|e| e.event_id)
                 .collect();
             let source = tenant_events(env.store_url("shared"), tenant).await?;
             assert_eq!(source.len(), 100);
-            assert!(source.iter().all(|e| target.contains(&e.2)));
+            assert!(source.iter().all(|e| target.contains(&e.event_id)));
         }
         if store == "shared" || row["finished_migration"] == id.as_str() {
             let audit = env.control_json(&["audit", &id])?;
@@ -1008,7 +987,7 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
     proxy.wait_ready(&http).await?;
     let id = {
         let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-        migrate_to_dual_write(&env, tenant).await?
+        migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?
     };
     // Make the source fence moved too, as after a cutover that died half-way.
     let store = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
@@ -1123,7 +1102,7 @@ async fn a_forced_cutover_never_moves_the_fence_past_an_event_that_cannot_land()
         let tenant = Uuid::new_v4();
         seed_tenant(&env, tenant, 20).await?;
         let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-        let id = migrate_to_dual_write(&env, tenant).await?;
+        let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
 
         let (source, target) = (
             EventStore::connect("shared", env.store_url("shared"), 2)?,
@@ -1301,7 +1280,7 @@ async fn a_forced_cutover_rolls_back_when_a_delta_event_cannot_land_under_the_fe
     let tenant = Uuid::new_v4();
     seed_tenant(&env, tenant, 20).await?;
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant).await?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
 
     let (source, target) = (
         EventStore::connect("shared", env.store_url("shared"), 2)?,
@@ -1449,7 +1428,7 @@ async fn a_transaction_older_than_the_fence_holds_the_cutover_back() -> Result<(
     .bind(tenant)
     .fetch_one(&mut early)
     .await?;
-    let id = migrate_to_dual_write(&env, tenant).await?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
 
     let refused = env.control(&["--json", "cutover", &id, "--timeout-ms", "1000"])?;
     assert_ne!(refused.code, 0, "refused: {}", refused.stdout);
@@ -1480,7 +1459,7 @@ async fn a_transaction_older_than_the_fence_holds_the_cutover_back() -> Result<(
     assert_eq!(done["success"], true, "{done}");
     let target = tenant_events(env.store_url("dedicated"), tenant).await?;
     assert!(
-        target.iter().any(|e| e.2 == early_id),
+        target.iter().any(|e| e.event_id == early_id),
         "the early transaction's row is in the target"
     );
     assert_eq!(
@@ -1520,7 +1499,7 @@ async fn the_cutover_tells_each_live_proxy_directly_so_one_without_notify_routes
     })
     .await?;
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant).await?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     let before = switchyard_tests::route_state_with(&http, &proxy, tenant, Some(token)).await?;
     assert_eq!(
         (before["state"].as_str(), before["store_id"].as_str()),

@@ -7,8 +7,6 @@
 //! past its limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
@@ -17,26 +15,18 @@ use serde_json::Value;
 use sqlx::Connection;
 use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
-    assert_all_acked, caught_up, count_events, events_body, feed_url, fence, first_json,
-    migrate_to_dual_write, route_state, run_control, seed, seed_sql, stream_url, tenant_events,
-    wait_for, wait_for_every, Acked, Backend, Env, GateMode, Http, ProxyProcess, Result,
-    ServeProcess, TcpGate, Writers,
+    assert_all_acked, caught_up, converged, count_events, events_body, feed_url, fence, first_json,
+    load_plan, migrate_to_dual_write, route_state, run_control, seed, seed_sql, stream_url,
+    tenant_events, wait_for, wait_for_every, Acked, Backend, Env, EventRow, GateMode, Http,
+    ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
 /// The shared test PostgreSQL server, which the gates forward to.
 const PG: &str = "127.0.0.1:5432";
 
-/// One attempt of one append, as a writer saw it.
-#[derive(Debug, Clone)]
-struct Try {
-    /// HTTP status, or 0 when the request failed below HTTP (connection cut or refused).
-    status: u16,
-    /// The error code of a refused append (`store_unavailable`, `writes_paused`, …).
-    code: String,
-    retryable: bool,
-    took: Duration,
-}
+/// One attempt of one append, as a writer saw it (status 0: no answer).
+type Try = switchyard_client::Attempt;
 
 /// What writers saw: every acknowledged append and every attempt.
 #[derive(Debug, Default)]
@@ -65,79 +55,28 @@ impl Record {
     }
 }
 
-/// Writers appending until stopped (like `switchyard_tests::Writers`), each retrying the same
-/// body after a 5xx or a broken connection until it is acknowledged, and timing every attempt.
+/// Writers appending until stopped (the harness's [`Writers`] plan, two streams each, 10 ms
+/// apart: `switchyard_client`'s load writer), every attempt timed.
 struct Load {
-    stop: tokio::sync::watch::Sender<bool>,
-    acked: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Result<Record>>>,
+    load: switchyard_client::Load,
 }
 
 impl Load {
     /// `n` writers for `tenant`, writer `i` through `proxies[i % len]`, two streams each.
     fn start(http: &Http, proxies: &[String], tenant: Uuid, n: usize) -> Self {
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let acked = Arc::new(AtomicUsize::new(0));
-        let tasks = (0..n)
-            .map(|i| {
-                let (http, rx, count) = (http.clone(), rx.clone(), Arc::clone(&acked));
-                let base = proxies[i % proxies.len()].clone();
-                tokio::spawn(async move {
-                    let streams = [Uuid::new_v4(), Uuid::new_v4()];
-                    let mut versions = [0i64; 2];
-                    let mut record = Record::default();
-                    let mut k = 0usize;
-                    while !*rx.borrow() {
-                        let s = k % 2;
-                        k += 1;
-                        let body = events_body(Some(versions[s]), 1 + k % 2, "Written");
-                        let url = stream_url(&base, tenant, "Load", streams[s]);
-                        loop {
-                            let started = Instant::now();
-                            let reply = http.post(&url, &body).await;
-                            let took = started.elapsed();
-                            let Ok(reply) = reply else {
-                                record.tries.push(Try {
-                                    status: 0,
-                                    code: "connection".to_owned(),
-                                    retryable: true,
-                                    took,
-                                });
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                                continue;
-                            };
-                            record.tries.push(Try {
-                                status: reply.status.as_u16(),
-                                code: reply.json["error"].as_str().unwrap_or("").to_owned(),
-                                retryable: reply.json["retryable"] == true,
-                                took,
-                            });
-                            if reply.status == StatusCode::CREATED {
-                                versions[s] = reply.json["last_version"].as_i64().unwrap_or(-1);
-                                record.acked.push(acked_of(&body, streams[s], &reply.json));
-                                count.fetch_add(1, Ordering::Relaxed);
-                                break;
-                            }
-                            ensure!(
-                                reply.status.is_server_error(),
-                                "append refused: {} {}",
-                                reply.status,
-                                reply.json
-                            );
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Ok(record)
-                })
-            })
-            .collect();
-        Self { stop, acked, tasks }
+        let plan = switchyard_client::LoadPlan {
+            record_attempts: true,
+            ..load_plan(tenant, 2, Duration::from_millis(10))
+        };
+        let clients: Vec<_> = proxies.iter().map(|base| http.data(base)).collect();
+        Self {
+            load: switchyard_client::Load::start(&clients, plan, n),
+        }
     }
 
     /// Appends acknowledged so far.
     fn acked(&self) -> usize {
-        self.acked.load(Ordering::Relaxed)
+        usize::try_from(self.load.acked()).unwrap_or(usize::MAX)
     }
 
     /// Waits until `more` appends beyond those acknowledged now are acknowledged.
@@ -148,15 +87,16 @@ impl Load {
             .with_context(|| format!("writers stalled at {} acknowledged appends", self.acked()))
     }
 
+    /// Stops the writers; an append refused for good fails it.
     async fn stop(self) -> Result<Record> {
-        let _ = self.stop.send(true);
-        let mut all = Record::default();
-        for task in self.tasks {
-            let record = task.await??;
-            all.acked.extend(record.acked);
-            all.tries.extend(record.tries);
+        let report = self.load.stop().await;
+        if let Some(failure) = report.failed.first() {
+            bail!("append refused: {}", failure.error);
         }
-        Ok(all)
+        Ok(Record {
+            acked: report.acked.iter().map(Acked::from).collect(),
+            tries: report.attempts,
+        })
     }
 }
 
@@ -197,34 +137,9 @@ async fn route_is(
     .with_context(|| format!("the proxy's route of {tenant} never had {key} = {value}"))
 }
 
-/// Waits until `target` holds exactly the tenant's events of `source`; returns them.
-async fn converged(
-    source: &str,
-    target: &str,
-    tenant: Uuid,
-) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, t) = (
-            tenant_events(source, tenant).await?,
-            tenant_events(target, tenant).await?,
-        );
-        if s == t {
-            return Ok(s);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "target never converged: source {} events, target {}",
-            s.len(),
-            t.len()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// Every event of `source` is in `target`, identical (the target may hold later appends).
-fn contains_all(target: &[(Uuid, i32, Uuid, String)], source: &[(Uuid, i32, Uuid, String)]) {
-    let target: HashSet<&(Uuid, i32, Uuid, String)> = target.iter().collect();
+fn contains_all(target: &[EventRow], source: &[EventRow]) {
+    let target: HashSet<&EventRow> = target.iter().collect();
     let missing = source.iter().filter(|e| !target.contains(e)).count();
     assert_eq!(
         missing, 0,
@@ -792,8 +707,8 @@ async fn appends_through_a_proxy_cut_off_from_control_follow_a_moved_fence() -> 
     let target = tenant_events(env.store_url("dedicated"), tenant).await?;
     let source = tenant_events(env.store_url("shared"), tenant).await?;
     assert_all_acked(&acked, &target);
-    let target_ids: HashSet<Uuid> = target.iter().map(|e| e.2).collect();
-    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.2).collect();
+    let target_ids: HashSet<Uuid> = target.iter().map(|e| e.event_id).collect();
+    let source_ids: HashSet<Uuid> = source.iter().map(|e| e.event_id).collect();
     assert!(
         source_ids.is_subset(&target_ids),
         "a source event is missing from the target"
@@ -893,7 +808,7 @@ async fn an_append_follows_a_fence_moved_onward_hop_by_hop() -> Result<()> {
         let events = tenant_events(env.store_url(store), tenant).await?;
         for id in &new_ids {
             assert_eq!(
-                events.iter().filter(|e| e.2 == *id).count(),
+                events.iter().filter(|e| e.event_id == *id).count(),
                 wanted,
                 "event {id} in {store}"
             );
@@ -1527,7 +1442,7 @@ async fn a_source_restart_during_bulk_copy_resumes_from_the_checkpoint() -> Resu
         "each event mapped once"
     );
     let by_id: HashMap<Uuid, usize> = target.iter().fold(HashMap::new(), |mut m, e| {
-        *m.entry(e.2).or_insert(0) += 1;
+        *m.entry(e.event_id).or_insert(0) += 1;
         m
     });
     assert!(by_id.values().all(|n| *n == 1), "no event copied twice");
@@ -1896,7 +1811,7 @@ async fn emergency_stop_racing_a_cutover_leaves_the_tenant_writable_where_routin
         acked.extend(load.stop().await?.acked);
         acked.push(acked_of(&probe, probe_url_stream(&probe_url), &reply.json));
         let events = tenant_events(env.store_url(&routed), tenant).await?;
-        let present: HashSet<Uuid> = events.iter().map(|e| e.2).collect();
+        let present: HashSet<Uuid> = events.iter().map(|e| e.event_id).collect();
         let missing = acked
             .iter()
             .flat_map(|a| &a.event_ids)

@@ -7,6 +7,7 @@
 mod access;
 mod bench_smoke;
 mod cleanup;
+mod client;
 mod control_cli;
 mod control_migrations;
 mod copy_passes;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use switchyard_store::EventStore;
 use switchyard_tests::{
-    for_each_backend, seed, tenant_events, wait_for, wait_for_every, Backend, Env, GateMode, Http,
-    ProxyProcess, Result, ServeProcess, TcpGate, Writers,
+    caught_up, converged, for_each_backend, seed, tenant_events, wait_for, wait_for_every, Backend,
+    Env, GateMode, Http, ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -21,46 +21,6 @@ fn migration_id(started: &Value) -> Result<String> {
 
 async fn status(env: &Env, id: &str) -> Result<Value> {
     env.control_json(&["status", id])
-}
-
-/// Waits until the migration is dual-writing with lag 0; a timeout names the last status seen.
-async fn caught_up(env: &Env, id: &str, timeout: Duration) -> Result<()> {
-    let last = std::sync::Mutex::new(Value::Null);
-    let waited = wait_for_every(timeout, Duration::from_millis(250), || async {
-        let s = status(env, id).await?;
-        let done = s["state"] == "dual_write" && s["lag"] == 0;
-        *last.lock().expect("status lock") = s;
-        Ok(done)
-    })
-    .await;
-    waited.map_err(|e| anyhow::anyhow!("{e}; last status: {}", last.lock().expect("status lock")))
-}
-
-/// Waits until the target holds exactly the source's events of the tenant (the tail and
-/// mirror converge; a lag of 0 alone does not count writes younger than the settle time).
-async fn converged(env: &Env, tenant: Uuid) -> Result<Vec<(Uuid, i32, Uuid, String)>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (source, target) = (
-            tenant_events(env.store_url("shared"), tenant).await?,
-            tenant_events(env.store_url("dedicated"), tenant).await?,
-        );
-        if source == target {
-            return Ok(target);
-        }
-        if Instant::now() > deadline {
-            let missing = source
-                .iter()
-                .filter(|e| target.binary_search(e).is_err())
-                .count();
-            let extra = target
-                .iter()
-                .filter(|e| source.binary_search(e).is_err())
-                .count();
-            anyhow::bail!("the target never converged: source {}, target {}, {missing} missing, {extra} extra", source.len(), target.len());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 /// The main scenario: a 100,000-event tenant over 1,000 streams migrates while 16
@@ -149,7 +109,7 @@ async fn live_tenant(backend: Backend) -> Result<()> {
     neighbours.stop().await?;
     caught_up(&env, &id, Duration::from_secs(90)).await?;
 
-    let target = converged(&env, tenant).await?;
+    let target = converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
     assert!(
         i64::try_from(target.len())? > seeded,
         "writers added to the seed: {}",
@@ -277,7 +237,12 @@ async fn killed_worker(backend: Backend) -> Result<()> {
         killed_at.elapsed()
     );
     caught_up(&env, &id, Duration::from_secs(60)).await?;
-    assert_eq!(converged(&env, tenant).await?.len(), 30_000);
+    assert_eq!(
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant)
+            .await?
+            .len(),
+        30_000
+    );
     let redone = in_target - checkpoint;
     eprintln!("checkpoint {checkpoint}, rows already in the target at the kill {in_target}: {redone} redone (batch {batch})");
     Ok(())
@@ -341,7 +306,7 @@ async fn a_foreground_copy_longer_than_the_lease_keeps_its_claim_beside_two_repl
                 .any(|a| a.ends_with(":w1") || a.ends_with(":w2")),
             "the foreground process drove it: {actors:?}"
         );
-        converged(&env, tenant).await?;
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
         Ok(())
     })
     .await
@@ -440,7 +405,7 @@ async fn pause_resume_and_abort_behave_as_the_runbook_says() -> Result<()> {
         );
         env.control_json(&["resume", &id])?;
         caught_up(&env, &id, Duration::from_secs(90)).await?;
-        converged(&env, tenant).await?;
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
 
         // Abort: back to normal on the source, state rolled_back, reason audited.
         let aborted = env.control_json(&["abort", &id, "--reason", "business decision"])?;
@@ -642,10 +607,10 @@ async fn a_lost_target_never_slows_appends_and_the_tail_closes_the_gap() -> Resu
 
     gate.open();
     caught_up(&env, &id, Duration::from_secs(60)).await?;
-    let ids: HashSet<Uuid> = converged(&env, tenant)
+    let ids: HashSet<Uuid> = converged(env.store_url("shared"), env.store_url("dedicated"), tenant)
         .await?
         .into_iter()
-        .map(|e| e.2)
+        .map(|e| e.event_id)
         .collect();
     assert_eq!(ids.len(), 120);
     Ok(())
@@ -747,7 +712,7 @@ async fn a_stalled_target_never_holds_more_mirror_memory_than_its_byte_bound() -
     // Released, the target gets what the mirror wrote and the tail copies what it dropped.
     gate.set(GateMode::Pass);
     caught_up(env, &migration.id, Duration::from_secs(60)).await?;
-    let events = converged(env, tenant).await?;
+    let events = converged(env.store_url("shared"), env.store_url("dedicated"), tenant).await?;
     assert_eq!(events.len(), 10 + 4 + usize::try_from(APPENDS)?);
     Ok(())
 }
@@ -814,7 +779,12 @@ async fn the_tail_copies_rows_of_transactions_that_commit_late() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     caught_up(&env, &id, Duration::from_secs(90)).await?;
-    assert_eq!(converged(&env, tenant).await?.len(), 118);
+    assert_eq!(
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant)
+            .await?
+            .len(),
+        118
+    );
     Ok(())
 }
 
@@ -923,7 +893,12 @@ async fn rows_with_a_writer_set_txid_during_dual_write_are_copied() -> Result<()
         .execute(&mut conn)
         .await?;
     }
-    assert_eq!(converged(&env, tenant).await?.len(), 18);
+    assert_eq!(
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant)
+            .await?
+            .len(),
+        18
+    );
     let done = env.control_json(&["cutover", &id])?;
     assert_eq!(done["success"], true, "{done}");
     assert_eq!(
@@ -999,7 +974,12 @@ async fn a_translated_checkpoint_never_skips_an_event_that_landed_out_of_order()
     })
     .await?;
     sqlx::query("COMMIT").execute(&mut held).await?;
-    assert_eq!(converged(&env, tenant).await?.len(), 8);
+    assert_eq!(
+        converged(env.store_url("shared"), env.store_url("dedicated"), tenant)
+            .await?
+            .len(),
+        8
+    );
     // Both are mapped once the tail has passed them.
     let control = switchyard_store::ControlDb::connect(&env.control_url, 1)?;
     let mid: Uuid = id.parse()?;

@@ -36,8 +36,8 @@ use http::StatusCode;
 use serde_json::Value;
 use switchyard_tests::{
     assert_all_acked, bin, count_events, events_body, feed_url, fence, route_state, run_control,
-    seed, stream_url, tenant_events, wait_for, Acked, Backend, Env, GateMode, Http, ProxyProcess,
-    Result, ServeProcess, TcpGate, Writers,
+    seed, stream_url, tenant_events, wait_for, Acked, Backend, Env, EventRow, GateMode, Http,
+    ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -1072,15 +1072,27 @@ impl Soak<'_> {
         let others: Vec<&str> = STORES.iter().copied().filter(|s| *s != here).collect();
         let there = others[rng.below(others.len())];
         let theirs = tenant_events(self.env.store_url(&here), tenant).await?;
-        let seeded: Vec<&(Uuid, i32, Uuid, String)> =
-            theirs.iter().filter(|e| e.3.starts_with("Seed|")).collect();
+        let seeded: Vec<&EventRow> = theirs
+            .iter()
+            .filter(|e| e.digest.starts_with("Seed|"))
+            .collect();
         let Some(pick) = seeded.get(rng.below(seeded.len().max(1))) else {
             return Ok(());
         };
         let (kind, event_id, aggregate_type, aggregate_id) = if rng.chance(50) {
-            ("event id", pick.2, "Hostile".to_owned(), Uuid::new_v4())
+            (
+                "event id",
+                pick.event_id,
+                "Hostile".to_owned(),
+                Uuid::new_v4(),
+            )
         } else {
-            ("stream", Uuid::new_v4(), "Seed".to_owned(), pick.0)
+            (
+                "stream",
+                Uuid::new_v4(),
+                "Seed".to_owned(),
+                pick.aggregate_id,
+            )
         };
         let planted = plant(
             self.env.store_url(there),
@@ -1461,7 +1473,7 @@ impl Soak<'_> {
     ///    migration of the tenant targeted (a later `--reset-target` rewrites it).
     async fn check_invariants(
         &self,
-        initial: &[Vec<(Uuid, i32, Uuid, String)>],
+        initial: &[Vec<EventRow>],
         acked: &[Vec<Acked>],
     ) -> Result<String> {
         let all = self.migrations(false).await?;
@@ -1537,12 +1549,12 @@ impl Soak<'_> {
                     .unwrap_or_default();
                 bail!("tenant {t} on {auth}: {msg}");
             }
-            let mut expected: HashSet<Uuid> = initial[t].iter().map(|e| e.2).collect();
+            let mut expected: HashSet<Uuid> = initial[t].iter().map(|e| e.event_id).collect();
             let seeded = expected.len();
             for a in &acked[t] {
                 expected.extend(a.event_ids.iter().copied());
             }
-            let held: HashSet<Uuid> = events.iter().map(|e| e.2).collect();
+            let held: HashSet<Uuid> = events.iter().map(|e| e.event_id).collect();
             ensure!(
                 held == expected && events.len() == expected.len(),
                 "tenant {t} on {auth}: holds {} events, expected {} (seeded {seeded} + \
@@ -1552,13 +1564,12 @@ impl Soak<'_> {
                 held.difference(&expected).count(),
                 expected.difference(&held).count()
             );
-            let by_id: HashMap<Uuid, &(Uuid, i32, Uuid, String)> =
-                events.iter().map(|e| (e.2, e)).collect();
+            let by_id: HashMap<Uuid, &EventRow> = events.iter().map(|e| (e.event_id, e)).collect();
             for e in &initial[t] {
                 ensure!(
-                    by_id.get(&e.2) == Some(&e),
+                    by_id.get(&e.event_id) == Some(&e),
                     "tenant {t}: seeded event {} changed on {auth}",
-                    e.2
+                    e.event_id
                 );
             }
             ensure_gapless(&events).with_context(|| format!("tenant {t} on {auth}"))?;
@@ -1587,12 +1598,12 @@ impl Soak<'_> {
                 );
                 for e in &copy {
                     ensure!(
-                        by_id.get(&e.2) == Some(&e),
+                        by_id.get(&e.event_id) == Some(&e),
                         "tenant {t}: {store} holds event {} (stream {} version {}) that the \
                          authoritative {auth} does not hold identically",
-                        e.2,
-                        e.0,
-                        e.1
+                        e.event_id,
+                        e.aggregate_id,
+                        e.version
                     );
                 }
                 ensure_gapless(&copy).with_context(|| format!("tenant {t}'s copy in {store}"))?;
@@ -1661,9 +1672,15 @@ impl Soak<'_> {
 }
 
 /// Each stream's versions are exactly 1..n (events sorted by stream and version).
-fn ensure_gapless(events: &[(Uuid, i32, Uuid, String)]) -> Result<()> {
+fn ensure_gapless(events: &[EventRow]) -> Result<()> {
     let mut last: Option<(Uuid, i32)> = None;
-    for (stream, version, id, _) in events {
+    for EventRow {
+        aggregate_id: stream,
+        version,
+        event_id: id,
+        ..
+    } in events
+    {
         let want = match last {
             Some((s, v)) if s == *stream => v + 1,
             _ => 1,

@@ -34,7 +34,7 @@ async fn streams(url: &str, tenant: Uuid) -> Result<Vec<Uuid>> {
     let mut ids: Vec<Uuid> = switchyard_tests::tenant_events(url, tenant)
         .await?
         .into_iter()
-        .map(|e| e.0)
+        .map(|e| e.aggregate_id)
         .collect();
     ids.sort_unstable();
     ids.dedup();
