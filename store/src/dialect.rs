@@ -150,7 +150,7 @@ impl Lite {
         self,
         pool: &SqlitePool,
     ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        pool.begin_with("BEGIN IMMEDIATE").await
+        begin_immediate(pool).await
     }
 
     /// A pass window's bounds as the event store's window condition binds them (`$3`, `$4`):
@@ -248,4 +248,20 @@ impl Columns for SqliteRow {
             })
             .transpose()
     }
+}
+
+/// SQLite's `BEGIN IMMEDIATE`, safe to cancel. sqlx runs the `BEGIN` on the connection's
+/// worker thread; a caller dropped while it waits (for the write lock, up to the busy timeout:
+/// a client that hung up, a timeout around the call) never receives the transaction whose drop
+/// would roll it back, so the connection went back to the pool inside a transaction nobody
+/// ends, and every later writer on it failed ("attempted to call begin_with at non-zero
+/// transaction depth", "database is locked"). Spawned, the begin always completes into a
+/// transaction; when the caller is gone, the task's dropped result rolls it back.
+pub(crate) async fn begin_immediate(
+    pool: &SqlitePool,
+) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with("BEGIN IMMEDIATE").await })
+        .await
+        .map_err(|_| sqlx::Error::WorkerCrashed)?
 }

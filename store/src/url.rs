@@ -105,7 +105,7 @@ pub(crate) async fn ensure_sqlite_schema(
         Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => {}
         Err(e) => return Err(e),
     }
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::dialect::begin_immediate(pool).await?;
     // Again under the write lock: another process may have upgraded since.
     let recorded =
         sqlx::query_scalar::<_, i64>("SELECT version FROM switchyard_schema WHERE component = ?1")

@@ -187,4 +187,3 @@ pub async fn seed(url: &str, tenant: Uuid, streams: usize, per_stream: usize) ->
     store.close().await;
     Ok(())
 }
-

@@ -612,7 +612,7 @@ impl EventStore {
                 done
             }
             Backend::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = crate::dialect::begin_immediate(pool).await?;
                 let landed = land_sqlite(&mut tx, events).await?;
                 let rows: Vec<(String, String, i64, i32)> =
                     sqlx::query_as(super::verify::SQLITE_RANGE_COUNTS)
@@ -1009,7 +1009,7 @@ async fn insert_copied_sqlite(
     pool: &SqlitePool,
     events: &[StoredEvent],
 ) -> Result<Vec<Landing>, StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::dialect::begin_immediate(pool).await?;
     let out = land_sqlite(&mut tx, events).await?;
     tx.commit().await?;
     Ok(out)

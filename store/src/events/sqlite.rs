@@ -55,7 +55,7 @@ pub(super) async fn append(
 ) -> Result<Appended, Attempt> {
     let tenant = stream.tenant_id.to_string();
     let aggregate_id = stream.aggregate_id.to_string();
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::dialect::begin_immediate(pool).await?;
 
     let fence: Option<(String, Option<String>)> =
         sqlx::query_as("SELECT state, moved_to FROM switchyard_fences WHERE tenant_id = ?1")
