@@ -2,8 +2,9 @@
 //! window, the target-order insert, counts, and the tenant's fence.
 //!
 //! **Stable horizon.** On PostgreSQL a pass copies the rows whose inserting transaction is
-//! below `pg_snapshot_xmin(pg_current_snapshot())` taken at the pass start: every such
-//! transaction has finished, so those rows are final, whatever their positions. The next pass
+//! below the oldest transaction of this database still running at the pass start
+//! ([`PG_HORIZON`]): every such transaction has finished, so those rows are final, whatever
+//! their positions. The next pass
 //! starts where this one ended. Rows with a NULL `txid` predate the column and belong to the
 //! first pass; every row inserted since carries its own transaction's id whatever the writer
 //! set (the `switchyard_txid` trigger), so a restore or an `INSERT … SELECT` of every column
@@ -318,15 +319,32 @@ impl std::fmt::Display for Divergence {
     }
 }
 
+/// PostgreSQL's stable horizon: the oldest transaction id the snapshot sees running, leaving
+/// out those known to belong elsewhere — other databases' sessions and prepared transactions
+/// (they never write this database's `events`) and autovacuum workers (an ANALYZE holds an id
+/// but never writes events) — else the snapshot's xmax. An id whose owner this session cannot
+/// see (`pg_stat_activity` hides other roles' `backend_xid` from a role without
+/// `pg_read_all_stats`) counts as running here: the horizon may be older than needed, never
+/// newer. Without the exclusions (`pg_snapshot_xmin`) one open transaction anywhere on the
+/// server held every copy pass and feed page of every database back.
+pub(super) const PG_HORIZON: &str = "
+SELECT coalesce(
+    (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+      WHERE xid(x) NOT IN (SELECT a.backend_xid FROM pg_stat_activity a
+                            WHERE a.backend_xid IS NOT NULL
+                              AND (a.datname IS DISTINCT FROM current_database()
+                                   OR a.backend_type = 'autovacuum worker')
+                           UNION ALL
+                           SELECT p.transaction FROM pg_prepared_xacts p
+                            WHERE p.database <> current_database())),
+    pg_snapshot_xmax(pg_current_snapshot()))::text";
+
 impl EventStore {
     /// The current stable horizon (see the module docs).
     pub async fn horizon(&self) -> Result<i64, StoreError> {
         match &self.backend {
             Backend::Postgres(pool) => {
-                let text: String =
-                    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-                        .fetch_one(pool)
-                        .await?;
+                let text: String = sqlx::query_scalar(PG_HORIZON).fetch_one(pool).await?;
                 text.parse()
                     .map_err(|e| StoreError::Corrupt(format!("snapshot xmin {text:?}: {e}")))
             }

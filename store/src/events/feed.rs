@@ -42,19 +42,7 @@ const PG_COLUMNS: &str = "e.global_position, e.event_id, e.aggregate_type, e.agg
      e.tenant_id, e.event_type, e.version, e.actor_id, e.timestamp, e.payload::text AS payload, \
      e.created_at";
 
-/// The horizon: the oldest transaction id running in this database (of those the snapshot
-/// saw in flight), else the snapshot's xmax. See the module docs.
-const PG_HORIZON: &str = "
-SELECT coalesce(
-    (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-      WHERE xid(x) IN (SELECT a.backend_xid FROM pg_stat_activity a
-                        WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
-                          -- an ANALYZE holds an id but never writes events
-                          AND a.backend_type <> 'autovacuum worker'
-                       UNION ALL
-                       SELECT p.transaction FROM pg_prepared_xacts p
-                        WHERE p.database = current_database())),
-    pg_snapshot_xmax(pg_current_snapshot()))::text";
+use super::copy::PG_HORIZON;
 
 /// The feed page: `$1` tenant, `$2` the cursor position, `$3` the aggregate type or NULL,
 /// `$4` the horizon, `$5` the limit.
