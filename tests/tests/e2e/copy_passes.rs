@@ -577,3 +577,47 @@ async fn the_copy_of_the_delta_answers_identity_and_the_landed_counts_at_once() 
     })
     .await
 }
+
+/// A transaction open in another database of the same server (another store, the control
+/// database, anyone's) never holds a pass back: the horizon passes rows committed after it
+/// began. With `pg_snapshot_xmin` (the whole server's oldest running transaction) the pass
+/// stopped below it for as long as it stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_databases_open_transaction_never_holds_a_pass_back() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let (source, _target) = stores(&env).await?;
+    // An open transaction with an id, in the other store's database.
+    let mut elsewhere = sqlx::PgConnection::connect(env.store_url("dedicated")).await?;
+    sqlx::query("BEGIN").execute(&mut elsewhere).await?;
+    let older: i64 = sqlx::query_scalar("SELECT txid_current()::bigint")
+        .fetch_one(&mut elsewhere)
+        .await?;
+    let tenant = Uuid::new_v4();
+    source
+        .append(
+            StreamRef {
+                tenant_id: tenant,
+                aggregate_type: "Order",
+                aggregate_id: Uuid::new_v4(),
+            },
+            Some(0),
+            &[event("Committed")?],
+        )
+        .await?;
+    let committed: i64 =
+        sqlx::query_scalar("SELECT max(txid::text::bigint) FROM events WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(&mut sqlx::PgConnection::connect(env.store_url("shared")).await?)
+            .await?;
+    assert!(committed > older, "the row's transaction began later");
+    let horizon = source.horizon().await?;
+    assert!(
+        horizon > committed,
+        "the horizon {horizon} passes the committed row's transaction {committed}, not held at {older}"
+    );
+    let first = PassWindow::first(horizon);
+    let read = source.read_window(tenant, first, 0, 10).await?;
+    assert_eq!(read.len(), 1, "the committed row is in the first pass");
+    sqlx::query("ROLLBACK").execute(&mut elsewhere).await?;
+    Ok(())
+}
