@@ -1571,7 +1571,9 @@ async fn a_control_process_frozen_inside_the_fence_loses_it_within_the_budget() 
         )
         .fetch_one(&mut watcher)
         .await?;
-        if waiting == 1 {
+        // The cutover records its state while it takes the fence (at the same time, not
+        // before): frozen before that record, it would leave nothing for serve to roll back.
+        if waiting == 1 && env.control_json(&["status", &id])?["state"] == "cutover" {
             break;
         }
         ensure!(
