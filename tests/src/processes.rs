@@ -90,6 +90,21 @@ pub struct ProxyProcess {
     stderr_path: PathBuf,
 }
 
+/// The first line the child prints on stdout (its listen addresses), sent when it comes; the
+/// rest is drained so the child never blocks on a full pipe.
+fn first_line(child: &mut std::process::Child) -> Result<std::sync::mpsc::Receiver<String>> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    Ok(rx)
+}
+
 impl ProxyProcess {
     pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let stderr_path =
@@ -107,16 +122,7 @@ impl ProxyProcess {
             command.env(k, v);
         }
         let mut child = command.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
-        });
+        let rx = first_line(&mut child)?;
         let line = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(line) => line,
             Err(_) => {
@@ -279,15 +285,7 @@ impl ServeProcess {
             command.env(k, v);
         }
         let mut child = command.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            for _ in lines {}
-        });
+        let rx = first_line(&mut child)?;
         let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
             let _ = child.kill();
             bail!(
