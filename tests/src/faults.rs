@@ -159,10 +159,12 @@ impl TcpGate {
                             let upstream_side = Watch {
                                 commit_cut: Some(commit_cut),
                                 cutting: Arc::clone(&cutting),
+                                reset: Some(cut.clone()),
                             };
                             let downstream_side = Watch {
                                 commit_cut: None,
                                 cutting,
+                                reset: Some(cut.clone()),
                             };
                             tokio::select! {
                                 () = pump(client_read, Some(server_write), modes.clone(), upstream_side) => {}
@@ -241,11 +243,14 @@ impl TcpGate {
 }
 
 /// What one direction of a connection watches for: the client's side follows the PostgreSQL
-/// stream for the `COMMIT` trap; both stop forwarding once the connection is being cut.
+/// stream for the `COMMIT` trap; both stop forwarding once the connection is being cut, by
+/// the trap or by [`TcpGate::reset`] (`reset`, seen before each chunk is forwarded, so no byte
+/// sent after `reset` returned gets through).
 #[derive(Debug, Default)]
 struct Watch {
     commit_cut: Option<Arc<CommitCut>>,
     cutting: Arc<AtomicBool>,
+    reset: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 /// Moves bytes from `from` to `to` as the gate's mode says, until either side closes. `to` is
@@ -273,6 +278,13 @@ async fn pump(
         };
         if watch.cutting.load(Ordering::SeqCst) {
             return; // the other direction forwarded a COMMIT: nothing more either way
+        }
+        if watch
+            .reset
+            .as_ref()
+            .is_some_and(|reset| reset.has_changed().unwrap_or(true))
+        {
+            return; // reset: the connection's task drops both halves
         }
         let mut cut_now = false;
         if let Some(trap) = &watch.commit_cut {
