@@ -215,6 +215,9 @@ pub struct ControlConfig {
     /// (at most 5 minutes). Default 2000.
     #[serde(rename = "auto_cutover_backoff_ms", with = "millis")]
     pub auto_cutover_backoff: Duration,
+    /// After a cutover, keep the store the tenant left current (proxies mirror the tenant's
+    /// appends back to it as copiers), unless `migrate start --no-reverse`. Default true.
+    pub reverse_replication: bool,
     /// Rows of a tenant `complete --cleanup` and `cleanup` delete per batch (one short
     /// transaction each). Default 1000.
     pub cleanup_batch_size: u32,
@@ -309,6 +312,7 @@ impl Default for ControlConfig {
             max_rate: 0,
             auto_cutover_attempts: 5,
             auto_cutover_backoff: Duration::from_millis(2000),
+            reverse_replication: true,
             cleanup_batch_size: 1000,
             cleanup_pause: Duration::from_millis(100),
             reverse_replication_hours: 0.0,

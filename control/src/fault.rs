@@ -6,7 +6,8 @@
 //! unwinding) when it reaches that point. A precise crash between two steps is the one fault a
 //! real component cannot produce on demand. The points, in protocol order: `after_gate_closed`
 //! (routing `cutover_paused`), `after_fence_taken` (the source fence held `FOR UPDATE`),
-//! `after_delta_verified` (final delta copied and verified, fence not yet moved), `after_fence`
+//! `after_delta_verified` (final delta copied and verified, fence not yet moved),
+//! `after_target_opened` (the target's fence opened to writers, the source's not moved), `after_fence`
 //! (fence moved and committed), `after_routing_flipped` (routing `normal` on the target, state
 //! migrated, nothing reported yet); on the rollback path, `before_rollback` (the attempt failed,
 //! routing still `cutover_paused`). A cleanup (`complete --cleanup`, `cleanup`) has

@@ -43,6 +43,8 @@ pub async fn run(
         Duration::from_secs(1),
     ));
     let driving: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    // One reverse replication round at a time (issue 19; `engine/reverse.rs`).
+    let reversing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Cleanups this process is running (by migration id), apart from the migrations it drives.
     let cleaning: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
@@ -56,6 +58,13 @@ pub async fn run(
                     refresh_fleet(&engine).await;
                 }
                 scans = (scans + 1) % FLEET_EVERY_SCANS;
+                if !reversing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let (engine, reversing) = (Arc::clone(&engine), Arc::clone(&reversing));
+                    tasks.spawn(async move {
+                        engine.reverse_passes().await;
+                        reversing.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
                 complete_expired(&engine).await;
                 resume_cleanups(&engine, &cleaning, &mut tasks, &stop_rx).await;
                 let claimable = match engine.control.claimable(&engine.worker).await {

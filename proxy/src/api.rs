@@ -801,7 +801,9 @@ async fn append(
                     },
                 );
                 // The reply is settled before the mirror sees the events; queueing never waits.
-                if let (None, RoutingState::DualWrite, Some(target)) =
+                // Dual write mirrors to the migration's target; a normal route with a target
+                // is reverse replication: the store the tenant left, kept current (a copier).
+                if let (None, RoutingState::DualWrite | RoutingState::Normal, Some(target)) =
                     (follow, route.state, route.target)
                 {
                     let events = std::mem::take(&mut command.events);

@@ -53,13 +53,34 @@ CREATE TRIGGER switchyard_txid
     EXECUTE FUNCTION switchyard_stamp_txid();
 
 -- The fence: the truth about whether a tenant may still write here (see DESIGN.md "Cutover").
+--   open     everyone may write the tenant here (the store it lives in);
+--   copiers  only Switchyard's copiers may (a migration's target before its cutover commits,
+--            the store the tenant left while reverse replication keeps it current); everyone
+--            else is refused as if moved, to `moved_to` (the store the tenant lives in);
+--   moved    nobody may (`moved_to` names where the tenant went).
+-- A copier says so with the transaction-local setting `switchyard.copier = on`.
 CREATE TABLE IF NOT EXISTS switchyard_fences (
     tenant_id  UUID PRIMARY KEY,
-    state      TEXT NOT NULL CHECK (state IN ('open', 'moved')),
+    state      TEXT NOT NULL CHECK (state IN ('open', 'moved', 'copiers')),
     epoch      BIGINT NOT NULL DEFAULT 0,
     moved_to   TEXT,
     updated_at TIMESTAMPTZ DEFAULT NOW()
 );
+
+-- Stores initialised before the `copiers` state: widen the check (the table is one row per
+-- tenant; only when the old check is still there).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint
+                WHERE conrelid = 'switchyard_fences'::regclass AND contype = 'c'
+                  AND conname = 'switchyard_fences_state_check'
+                  AND pg_get_constraintdef(oid) NOT LIKE '%copiers%') THEN
+        ALTER TABLE switchyard_fences DROP CONSTRAINT switchyard_fences_state_check;
+        ALTER TABLE switchyard_fences ADD CONSTRAINT switchyard_fences_state_check
+            CHECK (state IN ('open', 'moved', 'copiers'));
+    END IF;
+END
+$$;
 
 CREATE TABLE IF NOT EXISTS switchyard_schema (
     component  TEXT PRIMARY KEY,
@@ -116,7 +137,8 @@ BEGIN
     -- the same everywhere): an `expected_version = null` append never starves in a retry loop,
     -- and a conflict is decided by the version check below rather than by a lost race.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_aggregate_type || '/' || p_aggregate_id::text, 7));
-    IF v_state = 'moved' THEN
+    -- Appends are never a copier's (copiers land rows through the copy statement).
+    IF v_state IN ('moved', 'copiers') THEN
         RAISE EXCEPTION 'tenant % has moved to store %', p_tenant, v_moved_to
               USING ERRCODE = 'SWF01', DETAIL = coalesce(v_moved_to, '');
     END IF;
@@ -194,6 +216,7 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
     v_fence RECORD;
     v_checked TEXT := current_setting('switchyard.fenced_tenant', true);
+    v_copier  BOOLEAN := coalesce(current_setting('switchyard.copier', true), '') = 'on';
 BEGIN
     -- Lock every fence row of the tenants inserted, open or moved: holding FOR SHARE until
     -- commit is what makes a cutover's FOR UPDATE wait for this writer (and its final
@@ -207,7 +230,7 @@ BEGIN
          ORDER BY f.tenant_id
            FOR SHARE
     LOOP
-        IF v_fence.state = 'moved' THEN
+        IF v_fence.state = 'moved' OR (v_fence.state = 'copiers' AND NOT v_copier) THEN
             RAISE EXCEPTION 'switchyard: tenant % has moved to store %; write through the Switchyard proxy or to the new store',
                   v_fence.tenant_id, v_fence.moved_to
                   USING ERRCODE = 'SWF01', DETAIL = coalesce(v_fence.moved_to, ''),
@@ -224,5 +247,5 @@ CREATE TRIGGER switchyard_fence
     REFERENCING NEW TABLE AS switchyard_new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION switchyard_fence_check();
 
-INSERT INTO switchyard_schema (component, version) VALUES ('store', 2)
+INSERT INTO switchyard_schema (component, version) VALUES ('store', 3)
 ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = NOW();

@@ -40,6 +40,10 @@ pub struct StartArgs {
     /// `manual`: the operator runs `cutover`; `auto`: cut over once the lag reaches 0.
     #[arg(long, value_enum, default_value = "manual")]
     pub cutover: CutoverMode,
+    /// No reverse replication after the cutover: the store the tenant leaves is not kept
+    /// current (default: control.reverse_replication).
+    #[arg(long)]
+    pub no_reverse: bool,
     /// Create the migration and return; `serve` runs it.
     #[arg(long)]
     pub detach: bool,
@@ -58,6 +62,7 @@ pub(super) async fn run(ctx: &mut Context, command: Command, json: bool) -> Resu
         max_rate: args.max_rate,
         reset_target: args.reset_target,
         cutover: args.cutover,
+        no_reverse: args.no_reverse,
         drive: !args.detach,
     };
     let record = engine

@@ -54,6 +54,15 @@ pub(super) struct Status {
     pub rate_events_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
     pub error_message: Option<String>,
+    /// Reverse replication keeps the store the tenant left (`source_store_id`) current: the
+    /// migration cut over with it and the tenant's route still names that store as target.
+    pub reverse_replication: bool,
+    /// Under reverse replication: the tenant's events in the store it lives in beyond those in
+    /// the store it left (counts; `switchyard_control_reverse_lag_events`).
+    pub reverse_lag: Option<i64>,
+    /// Under reverse replication with a reverse lag of 0: the store the tenant left holds
+    /// everything, so moving the tenant back loses nothing.
+    pub undo_possible: bool,
     pub claimed_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -104,6 +113,11 @@ impl Status {
             None
         };
         let lag = report.as_ref().map(|r| r.lag);
+        let reverse = reverse_route(engine, &record).await;
+        let reverse_lag = match &reverse {
+            Some(route) => engine.reverse_lag(route).await.ok(),
+            None => None,
+        };
         let divergent_streams = report.map(|r| r.divergent_streams).unwrap_or_default();
         // Only an ended migration can have one; a control database that cannot say leaves it out.
         let cleanup = if record.is_active() {
@@ -139,6 +153,9 @@ impl Status {
             rate_events_per_second: rate.map(|r| r.round()),
             eta_seconds: eta.map(|e| e.round()),
             error_message: record.error_message.clone(),
+            reverse_replication: reverse.is_some(),
+            reverse_lag,
+            undo_possible: reverse_lag == Some(0),
             claimed_by: record.claimed_by.clone(),
             created_at: record.created_at,
             started_at: record.started_at,
@@ -169,6 +186,15 @@ impl Status {
         ));
         if let Some(lag) = self.lag {
             out.push_str(&format!("Lag: {lag} events\n"));
+        }
+        if self.reverse_replication {
+            out.push_str(&format!(
+                "Reverse replication: on (to {}), reverse lag: {}, undo possible: {}\n",
+                self.source_store_id,
+                self.reverse_lag
+                    .map_or_else(|| "unknown".to_owned(), |l| format!("{l} events")),
+                if self.undo_possible { "yes" } else { "no" }
+            ));
         }
         if !self.divergent_streams.is_empty() {
             out.push_str(&format!(
@@ -213,6 +239,26 @@ impl Status {
         }
         out
     }
+}
+
+/// The tenant's route when `record` cut over with reverse replication that still runs: normal
+/// on its target, with its source as the route's target.
+async fn reverse_route(
+    engine: &Engine,
+    record: &MigrationRecord,
+) -> Option<switchyard_store::RouteRecord> {
+    // A completed migration (`complete`: `finished_at`) keeps the store it left current no more.
+    if record.state != MigrationState::Migrated
+        || !record.reverse_replication()
+        || record.finished_at.is_some()
+    {
+        return None;
+    }
+    let route = engine.control.route(record.tenant_id).await.ok()??;
+    (route.migration_state == switchyard_store::RoutingState::Normal
+        && route.store_id == record.target_store_id
+        && route.target_store_id.as_deref() == Some(record.source_store_id.as_str()))
+    .then_some(route)
 }
 
 /// How long a foreground cleanup waits before trying again to take over a cleanup another

@@ -47,6 +47,7 @@ pub(super) async fn migrate(
                 max_rate: None,
                 reset_target: false,
                 cutover: CutoverMode::Manual,
+                no_reverse: false,
                 drive: true,
             },
             &note,

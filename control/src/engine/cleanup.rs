@@ -56,6 +56,9 @@ impl Engine {
                 record.state
             )));
         }
+        // Reverse replication ends first: the route no longer names the store the tenant left
+        // (which the cleanup's check requires), and that store's fence admits nobody.
+        self.end_reverse_replication(&record).await?;
         if cleanup && record.finished_at.is_none() {
             self.check_cleanup_allowed(&record, CleanupRole::Source)
                 .await?;

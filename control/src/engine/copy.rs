@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use switchyard_store::control::{Action, Progress};
 use switchyard_store::{
-    AuditNote, Divergence, Landing, MigrationRecord, MigrationState, PassWindow, StoredEvent,
+    AuditNote, Divergence, FenceState, Landing, MigrationRecord, MigrationState, PassWindow,
+    StoredEvent,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -19,7 +20,7 @@ const MAX_STUCK_BATCHES: u32 = 50;
 /// How a divergence recorded as a migration's error begins.
 const DIVERGENCE: &str = "divergence:";
 /// Most events one tail batch reads (the tail's passes are small; this bounds memory).
-const TAIL_BATCH: u32 = 2000;
+pub(super) const TAIL_BATCH: u32 = 2000;
 
 /// What one batch achieved.
 pub(super) struct Landed {
@@ -34,8 +35,8 @@ pub(super) struct Landed {
 }
 
 impl Engine {
-    /// pending → bulk_copy: opens the tenant's fences (source and target) and routes it
-    /// `bulk_copy`. The copy horizon is taken when the copy starts.
+    /// pending → bulk_copy: opens the tenant's fence in the source, admits only copiers in the
+    /// target's, and routes it `bulk_copy`. The copy horizon is taken when the copy starts.
     pub(super) async fn begin_copy(&self, record: &MigrationRecord) -> Result<(), EngineError> {
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
@@ -47,7 +48,10 @@ impl Engine {
             .fence(record.tenant_id)
             .await
             .map_err(EngineError::store(source.id()))?;
-        if let Some(("moved", moved_to)) = fence.as_ref().map(|(s, m)| (s.as_str(), m)) {
+        if let Some((_, moved_to)) = fence
+            .as_ref()
+            .filter(|(state, _)| FenceState::refuses_writers(state))
+        {
             let why = format!(
                 "the fence of tenant {} in source store {} is moved (to {}): the tenant's writes \
                  left that store, so it cannot be the source of a migration; check `routing get {}`",
@@ -74,8 +78,11 @@ impl Engine {
             .open_fence(record.tenant_id, record.revision)
             .await
             .map_err(EngineError::store(source.id()))?;
+        // The target is not authoritative until the cutover commits: only the copiers (copy,
+        // tail, mirror) may write the tenant there, and anyone else (a direct writer, a proxy
+        // cut off from control with an old route) is refused and sent to the source.
         target
-            .open_fence(record.tenant_id, record.revision)
+            .admit_copiers_only(record.tenant_id, record.revision, source.id())
             .await
             .map_err(EngineError::store(target.id()))?;
         let route = record.implied_route(MigrationState::BulkCopy);
@@ -156,7 +163,7 @@ impl Engine {
                 return Ok(true);
             };
             let (landed, next) = tokio::join!(
-                self.land(record.id, target, &batch),
+                self.land(Some(record.id), target, &batch),
                 source.read_window(
                     record.tenant_id,
                     window,
@@ -298,7 +305,7 @@ impl Engine {
             if batch.is_empty() {
                 break;
             }
-            let landed = self.land(record.id, target, &batch).await?;
+            let landed = self.land(Some(record.id), target, &batch).await?;
             copied += landed.inserted;
             if let Some((event, why)) = landed.diverged {
                 divergence = Some(divergence_message(&event, why));
@@ -357,7 +364,7 @@ impl Engine {
     /// Inserts a batch into the target and maps what landed; reports the landed prefix.
     pub(super) async fn land(
         &self,
-        id: Uuid,
+        id: Option<Uuid>,
         target: &switchyard_store::EventStore,
         batch: &[StoredEvent],
     ) -> Result<Landed, EngineError> {
@@ -370,7 +377,9 @@ impl Engine {
             .zip(&landings)
             .filter_map(|(e, l)| l.position().map(|p| (e.global_position, p, e.event_id)))
             .collect();
-        if !map.is_empty() {
+        // The position map translates source positions to target ones: the forward copy's
+        // only (reverse replication has none to keep).
+        if let (Some(id), false) = (id, map.is_empty()) {
             self.control.insert_position_map(id, &map).await?;
         }
         let prefix = landings

@@ -36,8 +36,8 @@ use crate::verify::{Level, Scope};
 use serde::Serialize;
 use switchyard_store::control::Action;
 use switchyard_store::{
-    AuditNote, Digesting, FenceLock, Landing, MigrationError, MigrationRecord, MigrationState,
-    PassWindow, StreamKey, FENCE_MARGIN,
+    AuditNote, Digesting, FenceLock, FenceState, Landing, MigrationError, MigrationRecord,
+    MigrationState, PassWindow, StreamKey, FENCE_MARGIN,
 };
 use uuid::Uuid;
 
@@ -422,6 +422,8 @@ impl Engine {
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
         steps.lap("4_failed_step", &mut lap);
         crash_point("before_rollback");
+        // The attempt may have opened the target's fence just before a move that failed.
+        self.close_target(&closed.record).await;
         let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
             serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
         );
@@ -566,7 +568,37 @@ impl Engine {
             return self.fence_still_open(record, abort).await;
         }
         let bound = deadline - now + FENCE_MARGIN;
-        let moved = tokio::time::timeout(bound, lock.move_to(&record.target_store_id, epoch)).await;
+        // The target opens to the tenant's writers just before the source's fence moves: an
+        // append that meets the moved fence follows it there at once and must find it open.
+        // Nobody is routed to the target before the move commits, and a rollback closes it
+        // again (`Engine::close_target`).
+        let opened = match self.store(&record.target_store_id) {
+            Ok(target) => {
+                match tokio::time::timeout(bound, target.open_fence(record.tenant_id, epoch)).await
+                {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("opening the fence in {}: {e}", target.id())),
+                    Err(_) => Err(format!(
+                        "opening the fence in {}: no answer within {} ms",
+                        target.id(),
+                        bound.as_millis()
+                    )),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(message) = opened {
+            let _ = lock.release().await;
+            let abort = Abort {
+                message,
+                blocked_writers: blocked,
+            };
+            return self.fence_still_open(record, abort).await;
+        }
+        crash_point("after_target_opened");
+        let after = Self::fence_after_move(record);
+        let moved =
+            tokio::time::timeout(bound, lock.move_to(&record.target_store_id, epoch, after)).await;
         steps.lap("4_move_fence", lap);
         let message = match moved {
             Ok(Ok(())) => return Settled::Forward { delta, blocked },
@@ -579,7 +611,8 @@ impl Engine {
         tracing::warn!(migration.id = %record.id, error = %message, "the fence move got no clear answer; reading the fence");
         match self.read_back_fence(record).await {
             Ok((state, moved_to, lock)) => {
-                if state == "moved" && moved_to.as_deref() == Some(record.target_store_id.as_str())
+                if FenceState::refuses_writers(&state)
+                    && moved_to.as_deref() == Some(record.target_store_id.as_str())
                 {
                     let _ = lock.release().await;
                     Settled::Forward { delta, blocked }
@@ -638,7 +671,7 @@ impl Engine {
             return Settled::Back { abort, held: None };
         };
         match source.fence(record.tenant_id).await {
-            Ok(Some((state, moved_to))) if state == "moved" => {
+            Ok(Some((state, moved_to))) if FenceState::refuses_writers(&state) => {
                 if moved_to.as_deref() == Some(record.target_store_id.as_str()) {
                     Settled::Forward {
                         delta: 0,
@@ -874,7 +907,7 @@ impl Engine {
                 if batch.is_empty() {
                     break;
                 }
-                let landed = self.land(record.id, target, &batch).await?;
+                let landed = self.land(Some(record.id), target, &batch).await?;
                 if landed.prefix < batch.len() {
                     return Ok(fallback());
                 }
@@ -1094,8 +1127,39 @@ impl Engine {
                 Some(&route),
             )
             .await;
+        if to != MigrationState::Migrated {
+            // The attempt may have opened the target before it died: copiers only again.
+            self.close_target(record).await;
+        }
         let _ = lock.release().await;
         Ok(applied.map(|done| done.record))
+    }
+
+    /// Admits only copiers to the tenant in `record`'s target again, refusing everyone else
+    /// to the source (a cutover attempt that did not move the source's fence may have opened
+    /// it). A failure is only logged: routing names the source again, so no proxy that
+    /// knows sends the tenant there, and copiers write there either way.
+    pub(super) async fn close_target(&self, record: &MigrationRecord) {
+        let closed = match self.store(&record.target_store_id) {
+            Ok(target) => target
+                .admit_copiers_only(record.tenant_id, record.revision, &record.source_store_id)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(error) = closed {
+            tracing::warn!(migration.id = %record.id, %error, "could not close the target's fence to writers again");
+        }
+    }
+
+    /// What the source's fence admits once it moved: copiers only while reverse replication
+    /// keeps it current, nobody otherwise.
+    fn fence_after_move(record: &MigrationRecord) -> FenceState {
+        if record.reverse_replication() {
+            FenceState::Copiers
+        } else {
+            FenceState::Moved
+        }
     }
 
     /// The budget the current cutover attempt of `record` was given (its `cutover` audit
@@ -1130,7 +1194,7 @@ fn settled(
     target: &str,
     otherwise: (Action, MigrationState),
 ) -> (Action, MigrationState) {
-    if fence_state == "moved" && moved_to == Some(target) {
+    if FenceState::refuses_writers(fence_state) && moved_to == Some(target) {
         (Action::CutoverDone, MigrationState::Migrated)
     } else {
         otherwise

@@ -14,6 +14,9 @@ pub struct EngineMetrics {
     pub copy_events: IntCounter,
     pub copy_rate: GaugeVec,
     pub lag: IntGaugeVec,
+    /// Events of a tenant under reverse replication in its new store not (yet) in the store
+    /// it left, per tenant (label `tenant`; only tenants under reverse replication).
+    pub reverse_lag: IntGaugeVec,
     /// Streams whose events can never land in the target (divergence), per migration.
     pub divergent_streams: IntGaugeVec,
     pub progress: GaugeVec,
@@ -63,6 +66,14 @@ impl EngineMetrics {
                 "Source events of the tenant not yet in the target (during the bulk copy: events of its snapshot still to copy).",
             ),
             labels,
+        )
+        .expect("valid metric");
+        let reverse_lag = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_control_reverse_lag_events",
+                "Events of a tenant in the store it lives in that are not yet in the store it left (reverse replication after a cutover; 0: an undo loses nothing).",
+            ),
+            &["tenant"],
         )
         .expect("valid metric");
         let divergent_streams = IntGaugeVec::new(
@@ -192,6 +203,7 @@ impl EngineMetrics {
             Box::new(copy_events.clone()),
             Box::new(copy_rate.clone()),
             Box::new(lag.clone()),
+            Box::new(reverse_lag.clone()),
             Box::new(divergent_streams.clone()),
             Box::new(progress.clone()),
             Box::new(migrations_driven.clone()),
@@ -207,6 +219,7 @@ impl EngineMetrics {
             copy_events,
             copy_rate,
             lag,
+            reverse_lag,
             divergent_streams,
             progress,
             migrations_driven,

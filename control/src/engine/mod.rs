@@ -12,6 +12,7 @@ mod cutover;
 mod metrics;
 mod ops;
 mod proxies;
+mod reverse;
 mod verify;
 
 use std::collections::HashMap;
@@ -72,6 +73,9 @@ pub struct MigrationOptions {
     pub max_rate: u64,
     pub cutover: CutoverMode,
     pub reset_target: bool,
+    /// Reverse replication after the cutover (absent in migrations started before it: off).
+    #[serde(default)]
+    pub reverse: bool,
 }
 
 impl MigrationOptions {
@@ -81,6 +85,7 @@ impl MigrationOptions {
             max_rate: defaults.max_rate,
             cutover: CutoverMode::Manual,
             reset_target: false,
+            reverse: false,
         })
     }
 }
@@ -167,6 +172,10 @@ pub struct Engine {
     pub metrics: EngineMetrics,
     /// Tells live proxies of the cutover's routing changes directly (with `proxy.admin_token`).
     proxy_caller: proxies::ProxyCaller,
+    /// Where each tenant's reverse tail stands in the store the tenant lives in, per route epoch
+    /// (`reverse.rs`); a process that starts without one makes a first pass over the whole
+    /// tenant.
+    reverse_horizons: std::sync::Mutex<HashMap<(Uuid, i64), i64>>,
 }
 
 impl Engine {
@@ -189,6 +198,7 @@ impl Engine {
             worker,
             metrics: EngineMetrics::new(),
             proxy_caller: proxies::ProxyCaller::new(&config.proxy.admin_token),
+            reverse_horizons: std::sync::Mutex::default(),
         })
     }
 

@@ -52,6 +52,9 @@ pub struct StartRequest {
     pub max_rate: Option<u64>,
     pub reset_target: bool,
     pub cutover: CutoverMode,
+    /// `--no-reverse`: no reverse replication after the cutover, whatever
+    /// `control.reverse_replication` says.
+    pub no_reverse: bool,
     /// The caller drives the migration itself right away (a foreground `migrate start`): it is
     /// created claimed by this engine's worker, so no `serve` replica takes it first.
     pub drive: bool,
@@ -145,11 +148,28 @@ impl Engine {
         if batch_size == 0 {
             return Err(EngineError::Refused("--batch-size must be > 0".to_owned()));
         }
+        // The tenant's last migration may still keep the store it left current (its route
+        // `normal` with that store as target): the proxies' reverse mirror and the reverse tail
+        // write there with copier rights. A new migration must not run beside them (its
+        // `--reset-target` would delete what they keep writing, and their writes would meet its
+        // copy): that reverse replication ends first, audited, as `complete` ends it.
+        let route_epoch = match &route {
+            Some(r) if r.target_store_id.is_some() => {
+                self.end_previous_reverse_replication(r, note).await?;
+                self.control
+                    .route(request.tenant_id)
+                    .await
+                    .map_err(EngineError::store("control"))?
+                    .map_or(0, |r| r.epoch)
+            }
+            _ => route_epoch,
+        };
         let options = MigrationOptions {
             batch_size,
             max_rate: request.max_rate.unwrap_or(self.settings.max_rate),
             cutover: request.cutover,
             reset_target: request.reset_target,
+            reverse: self.settings.reverse_replication && !request.no_reverse,
         };
         let record = self
             .control

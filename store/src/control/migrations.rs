@@ -201,11 +201,22 @@ impl MigrationRecord {
     /// target once migrated, `normal` on the source before it starts and after it failed or
     /// rolled back, and otherwise the state's routing on the source with the target and this
     /// migration named.
+    /// Whether the migration keeps the store the tenant left current after its cutover
+    /// (`reverse` in its options, written by `migrate start` unless `--no-reverse`).
+    pub fn reverse_replication(&self) -> bool {
+        self.config.get("reverse") == Some(&Value::Bool(true))
+    }
+
     pub fn implied_route(&self, state: MigrationState) -> RouteUpdate {
         match state.routing_state() {
-            RoutingState::Normal if state == MigrationState::Migrated => {
-                RouteUpdate::normal(self.tenant_id, &self.target_store_id)
-            }
+            // With reverse replication, the route keeps the store the tenant left as its
+            // target: proxies mirror the tenant's appends back to it, as copiers.
+            RoutingState::Normal if state == MigrationState::Migrated => RouteUpdate {
+                target_store_id: self
+                    .reverse_replication()
+                    .then(|| self.source_store_id.clone()),
+                ..RouteUpdate::normal(self.tenant_id, &self.target_store_id)
+            },
             RoutingState::Normal => RouteUpdate::normal(self.tenant_id, &self.source_store_id),
             routing => RouteUpdate {
                 tenant_id: self.tenant_id,

@@ -121,6 +121,19 @@ impl ControlDb {
         })
     }
 
+    /// The routes under reverse replication: `normal`, with the store the tenant left as
+    /// their target (written when a migration with reverse replication cut over).
+    pub async fn reverse_routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tenant_routing
+              WHERE migration_state = 'normal' AND target_store_id IS NOT NULL"
+        );
+        on_backend!(self, |pool, _d| {
+            let rows = sqlx::query(&sql).fetch_all(pool).await?;
+            rows.iter().map(decode).collect()
+        })
+    }
+
     /// One tenant's route, if it has a row.
     pub async fn route(&self, tenant_id: Uuid) -> Result<Option<RouteRecord>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM tenant_routing WHERE tenant_id = $1");

@@ -28,7 +28,7 @@ use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
 use super::verify::{Digesting, StreamDigest, StreamKey};
-use super::{Backend, EventStore};
+use super::{Backend, EventStore, FenceState};
 use crate::dialect::{on_backend, Lite, Pg};
 use crate::event::{format_timestamp, StoreError, StoredEvent};
 
@@ -165,10 +165,14 @@ macro_rules! pg_land_batch {
     };
 }
 
-/// [`pg_land_batch`]'s `heads` and `landing` CTEs (after `batch`).
+/// [`pg_land_batch`]'s `copier`, `heads` and `landing` CTEs (after `batch`).
 macro_rules! pg_land_ctes {
     () => {
-        "heads AS MATERIALIZED (
+        "copier AS MATERIALIZED (
+    -- This statement is a copier: a fence that admits copiers only lets its rows in
+    -- (the fence trigger reads the setting; transaction-local, so it ends with the statement).
+    SELECT set_config('switchyard.copier', 'on', true) AS copier
+), heads AS MATERIALIZED (
     SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
            coalesce((SELECT max(e.version) FROM events e
                       WHERE e.aggregate_id = s.aggregate_id
@@ -184,7 +188,8 @@ macro_rules! pg_land_ctes {
     SELECT b.*, h.head,
            row_number() OVER (PARTITION BY b.aggregate_id, b.aggregate_type ORDER BY b.version) AS rn
       FROM batch b JOIN heads h USING (aggregate_id, aggregate_type, tenant_id)
-     WHERE b.version > h.head AND NOT h.foreign_stream
+           CROSS JOIN copier c
+     WHERE b.version > h.head AND c.copier = 'on' AND NOT h.foreign_stream
        AND NOT EXISTS (SELECT 1 FROM events x WHERE x.event_id = b.event_id)
 )"
     };
@@ -692,21 +697,69 @@ impl EventStore {
     /// Makes sure the tenant's fence here exists and is open (a store the tenant once left
     /// still carries a moved fence). `epoch` records which migration opened it.
     pub async fn open_fence(&self, tenant: Uuid, epoch: i64) -> Result<(), StoreError> {
-        on_backend!(self, |pool, d| {
-            let sql = format!(
-                "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
-                 VALUES ($1, 'open', $2, NULL, {stamp})
-                 ON CONFLICT (tenant_id) DO UPDATE
-                    SET state = 'open', epoch = excluded.epoch, moved_to = NULL, updated_at = {stamp}
-                  WHERE switchyard_fences.state <> 'open'",
-                stamp = d.fence_stamp()
-            );
-            sqlx::query(&sql)
-                .bind(d.id(tenant))
+        self.set_fence(tenant, epoch, FenceState::Open, None).await
+    }
+
+    /// Prepares the tenant's fence here for a store that is not (or no longer) authoritative
+    /// for it: only Switchyard's copiers may write the tenant here, and everyone else is
+    /// refused as if moved, to `lives_in` (the store the tenant lives in). `epoch` records
+    /// which migration set it.
+    pub async fn admit_copiers_only(
+        &self,
+        tenant: Uuid,
+        epoch: i64,
+        lives_in: &str,
+    ) -> Result<(), StoreError> {
+        self.set_fence(tenant, epoch, FenceState::Copiers, Some(lives_in))
+            .await
+    }
+
+    /// Creates the tenant's fence here in `state`, or sets it so (the epoch and time only
+    /// change when the state or `moved_to` does).
+    async fn set_fence(
+        &self,
+        tenant: Uuid,
+        epoch: i64,
+        state: FenceState,
+        moved_to: Option<&str>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
+                     VALUES ($1, $3, $2, $4, now())
+                     ON CONFLICT (tenant_id) DO UPDATE
+                        SET state = EXCLUDED.state, epoch = EXCLUDED.epoch,
+                            moved_to = EXCLUDED.moved_to, updated_at = now()
+                      WHERE switchyard_fences.state <> EXCLUDED.state
+                         OR switchyard_fences.moved_to IS DISTINCT FROM EXCLUDED.moved_to",
+                )
+                .bind(tenant)
                 .bind(epoch)
+                .bind(state.as_str())
+                .bind(moved_to)
                 .execute(pool)
                 .await?;
-        });
+            }
+            Backend::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO switchyard_fences (tenant_id, state, epoch, moved_to, updated_at)
+                     VALUES (?1, ?4, ?2, ?5, ?3)
+                     ON CONFLICT (tenant_id) DO UPDATE
+                        SET state = excluded.state, epoch = excluded.epoch,
+                            moved_to = excluded.moved_to, updated_at = excluded.updated_at
+                      WHERE switchyard_fences.state <> excluded.state
+                         OR switchyard_fences.moved_to IS NOT excluded.moved_to",
+                )
+                .bind(tenant.to_string())
+                .bind(epoch)
+                .bind(format_timestamp(&Utc::now()))
+                .bind(state.as_str())
+                .bind(moved_to)
+                .execute(pool)
+                .await?;
+            }
+        }
         Ok(())
     }
 
@@ -1038,6 +1091,11 @@ async fn land_sqlite(
     tx: &mut sqlx::SqliteConnection,
     events: &[StoredEvent],
 ) -> Result<Vec<Landing>, StoreError> {
+    // This transaction is a copier: a fence that admits copiers only lets its rows in (the
+    // row is gone again before the transaction commits, so no other writer ever sees it).
+    sqlx::query("INSERT INTO switchyard_copier (id) VALUES (1)")
+        .execute(&mut *tx)
+        .await?;
     let mut heads = SqliteHeads::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {
@@ -1075,5 +1133,8 @@ async fn land_sqlite(
             None => Landing::Waiting,
         });
     }
+    sqlx::query("DELETE FROM switchyard_copier")
+        .execute(&mut *tx)
+        .await?;
     Ok(out)
 }

@@ -14,12 +14,14 @@
 
 use std::time::Duration;
 
+use chrono::Utc;
+
 use sqlx::{PgPool, Postgres, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{Backend, EventStore};
 use crate::dialect::{Lite, Pg};
-use crate::event::StoreError;
+use crate::event::{format_timestamp, StoreError};
 
 /// What a fence transaction may run or sit idle past its budget before PostgreSQL ends it
 /// (`statement_timeout`, `idle_in_transaction_session_timeout`): room for the move and its
@@ -30,6 +32,35 @@ pub const FENCE_MARGIN: Duration = Duration::from_millis(1000);
 /// wrote it) a transaction may have begun and still have written without seeing the row: the
 /// writing statement's own duration, generously.
 const FENCE_ROW_SETTLE_SECS: u32 = 1;
+
+/// What a tenant's fence in a store admits (DESIGN.md invariant 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceState {
+    /// Everyone: the store the tenant lives in.
+    Open,
+    /// Switchyard's copiers only (a migration's target before its cutover commits, a store
+    /// the tenant left while reverse replication keeps it current); everyone else is refused
+    /// as if moved, to `moved_to`.
+    Copiers,
+    /// Nobody: the tenant went to `moved_to`.
+    Moved,
+}
+
+impl FenceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Copiers => "copiers",
+            Self::Moved => "moved",
+        }
+    }
+
+    /// Whether a fence in `state` (as stored) refuses the tenant's writers (everyone but a
+    /// copier): `moved` and `copiers` both name, in `moved_to`, where the tenant lives.
+    pub fn refuses_writers(state: &str) -> bool {
+        state == Self::Moved.as_str() || state == Self::Copiers.as_str()
+    }
+}
 
 /// An open source transaction holding a tenant's fence.
 #[derive(Debug)]
@@ -318,24 +349,45 @@ impl FenceLock {
     }
 
     /// Marks the fence moved to `target` under `epoch` and commits: from now on no append of
-    /// the tenant lands in this store.
-    pub async fn move_to(self, target: &str, epoch: i64) -> Result<(), StoreError> {
-        on_tx!(self.tx, |tx, d| {
-            let mut tx = tx;
-            let sql = format!(
-                "UPDATE switchyard_fences
-                    SET state = 'moved', moved_to = $2, epoch = $3, updated_at = {}
-                  WHERE tenant_id = $1",
-                d.fence_stamp()
-            );
-            sqlx::query(&sql)
-                .bind(d.id(self.tenant))
+    /// the tenant lands in this store. `after` is what the fence admits from then on:
+    /// [`FenceState::Copiers`] (reverse replication keeps this store current) or
+    /// [`FenceState::Moved`] (nobody).
+    pub async fn move_to(
+        self,
+        target: &str,
+        epoch: i64,
+        after: FenceState,
+    ) -> Result<(), StoreError> {
+        debug_assert!(after != FenceState::Open, "a move never opens the fence");
+        match self.tx {
+            Tx::Postgres(mut tx) => {
+                sqlx::query(
+                    "UPDATE switchyard_fences SET state = $4, moved_to = $2, epoch = $3, updated_at = now()
+                     WHERE tenant_id = $1",
+                )
+                .bind(self.tenant)
                 .bind(target)
                 .bind(epoch)
+                .bind(after.as_str())
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-        });
+                tx.commit().await?;
+            }
+            Tx::Sqlite(mut tx) => {
+                sqlx::query(
+                    "UPDATE switchyard_fences SET state = ?5, moved_to = ?2, epoch = ?3, updated_at = ?4
+                     WHERE tenant_id = ?1",
+                )
+                .bind(self.tenant.to_string())
+                .bind(target)
+                .bind(epoch)
+                .bind(format_timestamp(&Utc::now()))
+                .bind(after.as_str())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
@@ -347,7 +399,7 @@ impl FenceLock {
 }
 
 impl EventStore {
-    /// Opens a moved fence again (emergency stop: the tenant stays on this store). Takes the
+    /// Opens a moved (or copiers-only) fence again (emergency stop: the tenant stays on this store). Takes the
     /// fence first, so a cutover holding it commits or rolls back before the fence is read
     /// (an `UPDATE … WHERE state = 'moved'` alone would skip a row the cutover holds, then
     /// the cutover would move it); gives up after `wait` naming the holder
@@ -355,7 +407,7 @@ impl EventStore {
     pub async fn reopen_fence(&self, tenant: Uuid, wait: Duration) -> Result<bool, StoreError> {
         let mut lock = self.lock_fence(tenant, wait).await?;
         let (state, _) = lock.state().await?;
-        if state != "moved" {
+        if !FenceState::refuses_writers(&state) {
             lock.release().await?;
             return Ok(false);
         }

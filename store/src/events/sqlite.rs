@@ -19,7 +19,7 @@ const EVENTSOURCE_DDL: &str = include_str!("../../sql/eventsource-py/events-sqli
 const SWITCHYARD_DDL: &str = include_str!("../../sql/store-sqlite.sql");
 
 /// The `switchyard_schema` version `store-sqlite.sql` records; raise both together.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub(super) async fn ensure_schema(pool: &SqlitePool) -> Result<(), StoreError> {
     crate::url::ensure_sqlite_schema(
@@ -63,7 +63,8 @@ pub(super) async fn append(
             .fetch_optional(&mut *tx)
             .await?;
     if let Some((state, moved_to)) = fence {
-        if state == "moved" {
+        // An append is never a copier's: a copiers-only fence refuses it as a moved one.
+        if super::FenceState::refuses_writers(&state) {
             return Err(Attempt::Failed(AppendError::Fenced {
                 moved_to: moved_to.unwrap_or_default(),
             }));

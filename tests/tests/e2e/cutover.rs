@@ -239,7 +239,8 @@ async fn direct_writers_are_held_then_refused_by_the_fence_on_sqlite() -> Result
     let held = tokio::spawn(direct(tenant));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "the direct insert waits for the fence");
-    lock.move_to("dedicated", 2).await?;
+    lock.move_to("dedicated", 2, switchyard_store::FenceState::Moved)
+        .await?;
     let err = held.await??.expect_err("refused once the fence moved");
     assert!(err.to_string().contains("has moved"), "{err}");
     let err = direct(tenant).await?.expect_err("fenced");
@@ -290,7 +291,8 @@ async fn direct_writers_are_held_then_refused_by_the_fence() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    lock.move_to("dedicated", 2).await?;
+    lock.move_to("dedicated", 2, switchyard_store::FenceState::Moved)
+        .await?;
     let result = held.await??;
     let err = result.expect_err("the held insert is refused once the fence moved");
     let message = err.to_string();
@@ -511,7 +513,8 @@ async fn crashed_after_fence(backend: Backend) -> Result<CrashedAfterFence> {
     let source = switchyard_store::EventStore::connect("s", env.store_url("shared"), 1)?;
     assert_eq!(
         source.fence(tenant).await?,
-        Some(("moved".to_owned(), Some("dedicated".to_owned()))),
+        // Reverse replication (the default) admits copiers only: moved for everyone else.
+        Some(("copiers".to_owned(), Some("dedicated".to_owned()))),
         "the cutover crashed after its fence move: {}",
         out.stderr
     );
@@ -629,8 +632,8 @@ async fn stop_after_fence(backend: Backend) -> Result<()> {
     );
     assert_eq!(
         source.fence(tenant).await?.map(|f| f.0),
-        Some("moved".to_owned()),
-        "the source fence stays moved"
+        Some("copiers".to_owned()),
+        "the source fence stays moved (copiers only: reverse replication)"
     );
     writers_end_on_target(&env, &http, &proxy, tenant, writers).await?;
     append_lands_on(&http, &proxy, tenant, "dedicated").await?;
@@ -994,7 +997,7 @@ async fn the_documented_sql_emergency_stop_works() -> Result<()> {
     store
         .lock_fence(tenant, Duration::from_secs(5))
         .await?
-        .move_to("dedicated", 9)
+        .move_to("dedicated", 9, switchyard_store::FenceState::Moved)
         .await?;
 
     let mut control = sqlx::PgConnection::connect(&env.control_url).await?;

@@ -122,7 +122,7 @@ fn body_ids(body: &Value) -> Vec<Uuid> {
 }
 
 /// Waits until the proxy's route of `tenant` has `key` = `value`.
-async fn route_is(
+pub(crate) async fn route_is(
     http: &Http,
     proxy: &ProxyProcess,
     tenant: Uuid,
@@ -148,14 +148,14 @@ fn contains_all(target: &[EventRow], source: &[EventRow]) {
 }
 
 /// `verify ID --level hash` exits 0 and reports consistent.
-fn verify_hash(env: &Env, id: &str) -> Result<Value> {
+pub(crate) fn verify_hash(env: &Env, id: &str) -> Result<Value> {
     let report = env.control_json(&["verify", id, "--level", "hash"])?;
     ensure!(report["consistent"] == true, "verify: {report}");
     Ok(report)
 }
 
 /// `verify --level hash` consistent, then a `cutover` through the CLI that succeeds.
-async fn cut_over(env: &Env, id: &str) -> Result<()> {
+pub(crate) async fn cut_over(env: &Env, id: &str) -> Result<()> {
     verify_hash(env, id)?;
     let cut = control_off_thread(env, &["--json", "cutover", id], &[]).await?;
     assert_eq!(
@@ -169,7 +169,7 @@ async fn cut_over(env: &Env, id: &str) -> Result<()> {
 }
 
 /// The actions of migration `id`'s audit log, oldest first, and its last entry.
-fn audit(env: &Env, id: &str) -> Result<(Vec<String>, Value)> {
+pub(crate) fn audit(env: &Env, id: &str) -> Result<(Vec<String>, Value)> {
     let log = env.control_json(&["audit", id])?;
     let entries = log.as_array().cloned().unwrap_or_default();
     let actions = entries
@@ -192,7 +192,7 @@ async fn hold_fence(url: &str, tenant: Uuid) -> Result<sqlx::PgConnection> {
 }
 
 /// Runs a control command off the runtime's threads (it may take seconds).
-async fn control_off_thread(
+pub(crate) async fn control_off_thread(
     env: &Env,
     args: &[&str],
     vars: &[(&str, &str)],
@@ -212,7 +212,7 @@ async fn control_off_thread(
 }
 
 /// Two stores and a control database on the shared server, `init` done.
-async fn two_stores(extra: &str) -> Result<Env> {
+pub(crate) async fn two_stores(extra: &str) -> Result<Env> {
     let env = Env::new(Backend::Postgres, &["shared", "dedicated"], extra).await?;
     env.control_json(&["init"])?;
     Ok(env)
@@ -860,13 +860,25 @@ async fn cut_over_onto_dedicated(
     proxy: &ProxyProcess,
     tenant: Uuid,
 ) -> Result<()> {
+    cut_over_until_routed(env, http, proxy, tenant, id, "dedicated").await
+}
+
+/// Cuts migration `id` over and waits until `proxy` routes the tenant to `store`.
+pub(crate) async fn cut_over_until_routed(
+    env: &Env,
+    http: &Http,
+    proxy: &ProxyProcess,
+    tenant: Uuid,
+    id: &str,
+    store: &str,
+) -> Result<()> {
     cut_over(env, id).await?;
     route_is(
         http,
         proxy,
         tenant,
         "store_id",
-        "dedicated",
+        store,
         Duration::from_secs(10),
     )
     .await
@@ -1120,10 +1132,12 @@ async fn a_proxy_killed_with_appends_in_flight_commits_each_whole_or_not_at_all(
 
 /// The step boundaries of the cutover where the control process can die, in protocol order,
 /// with what recovery must make of it.
-const CRASH_POINTS: [(&str, &str); 6] = [
+const CRASH_POINTS: [(&str, &str); 7] = [
     ("after_gate_closed", "dual_write"),
     ("after_fence_taken", "dual_write"),
     ("after_delta_verified", "dual_write"),
+    // The target's fence opened, the source's not moved: rolled back, the target closed again.
+    ("after_target_opened", "dual_write"),
     // The attempt failed (the budget ran out waiting for the fence) and dies before rolling back.
     ("before_rollback", "dual_write"),
     ("after_fence", "migrated"),
@@ -1154,7 +1168,7 @@ async fn a_control_crash_at_every_cutover_step_is_finished_or_rolled_back() -> R
     load.progress(20, Duration::from_secs(20)).await?;
 
     for (point, outcome) in CRASH_POINTS {
-        if fence(env.store_url(source), tenant).await?.as_deref() == Some("moved") {
+        if fence(env.store_url(source), tenant).await?.as_deref() == Some("copiers") {
             // The last point migrated the tenant: migrate it back for the next one.
             (source, target) = (target, source);
             id = migrate_to_dual_write(&env, tenant, target, &["--reset-target"]).await?;
@@ -1304,16 +1318,22 @@ async fn crash_at(
     )
     .await
     .with_context(|| format!("not {outcome} after the crash"))?;
-    let fence_now = fence(env.store_url(&source), tenant).await?;
-    let expected_fence = if outcome == "migrated" {
-        "moved"
+    // The source's fence moved only if the cutover went forward; the target admits writers
+    // only once its cutover committed (invariant 8).
+    let target = record["target_store_id"].as_str().unwrap_or_default();
+    let expected = if outcome == "migrated" {
+        // Moved for writers; copiers only, for reverse replication (the default).
+        [(source.as_str(), "copiers"), (target, "open")]
     } else {
-        "open"
+        [(source.as_str(), "open"), (target, "copiers")]
     };
-    ensure!(
-        fence_now.as_deref() == Some(expected_fence),
-        "the source fence is {fence_now:?}, expected {expected_fence}"
-    );
+    for (store, state) in expected {
+        let now = fence(env.store_url(store), tenant).await?;
+        ensure!(
+            now.as_deref() == Some(state),
+            "the fence in {store} is {now:?}, expected {state}"
+        );
+    }
     load.progress(5, Duration::from_secs(10)).await?;
     println!(
         "{point}: {outcome} ({} appends acknowledged meanwhile)",
@@ -1497,7 +1517,7 @@ async fn a_fence_move_whose_commit_answer_is_lost_goes_forward() -> Result<()> {
     assert_eq!(report["state"], "migrated", "{report}");
     assert_eq!(
         fence(env.store_url("shared"), tenant).await?.as_deref(),
-        Some("moved")
+        Some("copiers")
     );
     route_is(
         &http,

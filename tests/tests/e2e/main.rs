@@ -29,4 +29,5 @@ mod proxy_lifecycle;
 mod python_client;
 mod routing;
 mod soak;
+mod undo;
 mod verify;
