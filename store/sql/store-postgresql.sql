@@ -58,7 +58,8 @@ CREATE TRIGGER switchyard_txid
 --            the store the tenant left while reverse replication keeps it current); everyone
 --            else is refused as if moved, to `moved_to` (the store the tenant lives in);
 --   moved    nobody may (`moved_to` names where the tenant went).
--- A copier says so with the transaction-local setting `switchyard.copier = on`.
+-- A copier says so with the transaction-local setting `switchyard.copier`, naming the fence
+-- row versions its statement's snapshot saw (it is refused if the fence changed since).
 CREATE TABLE IF NOT EXISTS switchyard_fences (
     tenant_id  UUID PRIMARY KEY,
     state      TEXT NOT NULL CHECK (state IN ('open', 'moved', 'copiers')),
@@ -216,13 +217,15 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
     v_fence RECORD;
     v_checked TEXT := current_setting('switchyard.fenced_tenant', true);
-    v_copier  BOOLEAN := coalesce(current_setting('switchyard.copier', true), '') = 'on';
+    -- A copier's statement names the fence row versions its snapshot saw ('tenant@xmin,' each;
+    -- see the store's landing statement): it computed its stream heads from that snapshot.
+    v_copier  TEXT := coalesce(current_setting('switchyard.copier', true), '');
 BEGIN
     -- Lock every fence row of the tenants inserted, open or moved: holding FOR SHARE until
     -- commit is what makes a cutover's FOR UPDATE wait for this writer (and its final
     -- catch-up see these rows), or this writer wait for the cutover and then fail.
     FOR v_fence IN
-        SELECT f.tenant_id, f.state, f.moved_to
+        SELECT f.tenant_id, f.state, f.moved_to, f.xmin::text AS version
           FROM switchyard_fences f
          WHERE f.tenant_id IN (SELECT DISTINCT n.tenant_id FROM switchyard_new_rows n
                                 WHERE n.tenant_id IS NOT NULL
@@ -230,7 +233,15 @@ BEGIN
          ORDER BY f.tenant_id
            FOR SHARE
     LOOP
-        IF v_fence.state = 'moved' OR (v_fence.state = 'copiers' AND NOT v_copier) THEN
+        -- A copiers-only fence admits a copier only if the fence is still the row version
+        -- its statement's snapshot saw: a fence that changed meanwhile (moved, the tenant's
+        -- rows deleted, copiers admitted again) means its heads may count rows that are gone,
+        -- and what it inserts could sit above a missing version. It is refused; it copies
+        -- again from a fresh snapshot.
+        IF v_fence.state = 'moved'
+           OR (v_fence.state = 'copiers'
+               AND position(v_fence.tenant_id::text || '@' || v_fence.version || ',' IN v_copier) = 0)
+        THEN
             RAISE EXCEPTION 'switchyard: tenant % has moved to store %; write through the Switchyard proxy or to the new store',
                   v_fence.tenant_id, v_fence.moved_to
                   USING ERRCODE = 'SWF01', DETAIL = coalesce(v_fence.moved_to, ''),

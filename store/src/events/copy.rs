@@ -169,9 +169,15 @@ macro_rules! pg_land_batch {
 macro_rules! pg_land_ctes {
     () => {
         "copier AS MATERIALIZED (
-    -- This statement is a copier: a fence that admits copiers only lets its rows in
-    -- (the fence trigger reads the setting; transaction-local, so it ends with the statement).
-    SELECT set_config('switchyard.copier', 'on', true) AS copier
+    -- This statement is a copier: a fence that admits copiers only lets its rows in if it is
+    -- still the row version this statement's snapshot saw (the heads below come from that
+    -- snapshot). The fence trigger reads the setting, 'tenant@xmin,' per fence row;
+    -- transaction-local, so it ends with the transaction.
+    SELECT set_config('switchyard.copier',
+                      coalesce((SELECT string_agg(f.tenant_id::text || '@' || f.xmin::text || ',', '')
+                                  FROM switchyard_fences f
+                                 WHERE f.tenant_id IN (SELECT tenant_id FROM batch)), ''),
+                      true) AS copier
 ), heads AS MATERIALIZED (
     SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
            coalesce((SELECT max(e.version) FROM events e
@@ -189,7 +195,7 @@ macro_rules! pg_land_ctes {
            row_number() OVER (PARTITION BY b.aggregate_id, b.aggregate_type ORDER BY b.version) AS rn
       FROM batch b JOIN heads h USING (aggregate_id, aggregate_type, tenant_id)
            CROSS JOIN copier c
-     WHERE b.version > h.head AND c.copier = 'on' AND NOT h.foreign_stream
+     WHERE b.version > h.head AND c.copier IS NOT NULL AND NOT h.foreign_stream
        AND NOT EXISTS (SELECT 1 FROM events x WHERE x.event_id = b.event_id)
 )"
     };

@@ -4,7 +4,7 @@
 use chrono::Utc;
 use serde_json::value::RawValue;
 use sqlx::Connection;
-use switchyard_store::{EventStore, NewEvent, PassWindow, StoredEvent, StreamRef};
+use switchyard_store::{EventStore, FenceState, NewEvent, PassWindow, StoredEvent, StreamRef};
 use switchyard_tests::{for_each_backend, Backend, Env, Result};
 use uuid::Uuid;
 
@@ -619,5 +619,102 @@ async fn another_databases_open_transaction_never_holds_a_pass_back() -> Result<
     let read = source.read_window(tenant, first, 0, 10).await?;
     assert_eq!(read.len(), 1, "the committed row is in the first pass");
     sqlx::query("ROLLBACK").execute(&mut elsewhere).await?;
+    Ok(())
+}
+
+/// Issue 19: a copier whose statement began before the tenant's rows in the target were
+/// deleted (`migrate start --reset-target` in the store the tenant left, whose fence goes
+/// from `copiers` to `moved`, is emptied, and admits copiers again for the new migration)
+/// computed its stream heads from rows that are gone. Its fence check runs at the end of the
+/// statement and sees `copiers` again: it must be refused there, not land a version above a
+/// missing one (the gap left the next migration's copy waiting for ever on version 1: seen
+/// once in `fault_scenarios::a_control_crash_at_every_cutover_step_is_finished_or_rolled_back`).
+/// The copier is held mid-statement by an uncommitted row at the same stream version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copier_racing_a_reset_of_the_target_never_leaves_a_gap() -> Result<()> {
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let (source, target) = stores(&env).await?;
+    let tenant = Uuid::new_v4();
+    let aggregate_id = Uuid::new_v4();
+    let stream = StreamRef {
+        tenant_id: tenant,
+        aggregate_type: "Cart",
+        aggregate_id,
+    };
+    let events: Vec<NewEvent> = (0..5).map(|_| event("E")).collect::<Result<_>>()?;
+    source.append(stream, Some(0), &events).await?;
+    let stored = source.read_stream(stream, 1, 10).await?;
+    target.admit_copiers_only(tenant, 1, "shared").await?;
+    let landed = target.insert_copied(&stored[..4]).await?;
+    assert!(landed.iter().all(Option::is_some), "{landed:?}");
+
+    // Another transaction holds version 5 of the stream, uncommitted (triggers off, so it
+    // holds no fence row): the copier's insert of version 5 waits for it mid-statement.
+    let mut blocker = sqlx::PgConnection::connect(env.store_url("dedicated")).await?;
+    sqlx::query("BEGIN").execute(&mut blocker).await?;
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut blocker)
+        .await?;
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id,
+                             version, timestamp, payload, created_at)
+         VALUES ($1, $2, 'Cart', 'Held', $3, 5, now(), '{}', now())",
+    )
+    .bind(Uuid::new_v4())
+    .bind(aggregate_id)
+    .bind(tenant)
+    .execute(&mut blocker)
+    .await?;
+    let copier = {
+        let target = target.clone();
+        let last = copy_of(&stored[4]);
+        tokio::spawn(async move { target.insert_copied(&[last]).await })
+    };
+    let watch = sqlx::PgPool::connect(env.store_url("dedicated")).await?;
+    switchyard_tests::wait_for_every(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || {
+            let watch = watch.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'
+                        AND query LIKE '%switchyard.copier%'",
+                )
+                .fetch_one(&watch)
+                .await?;
+                Ok(waiting > 0)
+            }
+        },
+    )
+    .await?;
+
+    // Meanwhile: the fence moves, the tenant's rows go, copiers are admitted again.
+    let lock = target
+        .lock_fence(tenant, std::time::Duration::from_secs(5))
+        .await?;
+    lock.move_to("shared", 2, FenceState::Moved).await?;
+    assert_eq!(target.delete_tenant(tenant).await?, 4);
+    target.admit_copiers_only(tenant, 3, "shared").await?;
+    sqlx::query("ROLLBACK").execute(&mut blocker).await?;
+
+    let answer = copier.await?;
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM events WHERE aggregate_id = $1 ORDER BY version")
+            .bind(aggregate_id)
+            .fetch_all(&watch)
+            .await?;
+    assert!(
+        versions
+            .iter()
+            .copied()
+            .eq(1..=i32::try_from(versions.len())?),
+        "the target holds versions {versions:?} of the stream (the copier answered {answer:?})"
+    );
+    // A copier starting now lands the whole stream.
+    let all: Vec<StoredEvent> = stored.iter().map(copy_of).collect();
+    let landed = target.insert_copied(&all).await?;
+    assert!(landed.iter().all(Option::is_some), "{landed:?}");
     Ok(())
 }
