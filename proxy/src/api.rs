@@ -749,7 +749,10 @@ pub(crate) async fn read_store(
 /// ([`crate::routing::Routes::note_moved`]): the tenant's next appends and reads go there
 /// directly (one atomic load while no move is known), past a `cutover_paused` gate of the same
 /// move. An append that followed a fence is never mirrored: it is on the authoritative store.
-/// Any other moved fence (to a store this proxy lacks, or not the route's target) reloads
+/// The target's fence opens to writers only after the source's moved (never both open), so a
+/// followed store may still send the append back, naming the store it came from: the append
+/// then goes back and forth with a short backoff ([`TargetOpening`], bounded by the gate's
+/// limit) until one of the two takes it. Any other moved fence (to a store this proxy lacks, or not the route's target) reloads
 /// routing and waits for a newer open route.
 async fn append(
     state: &AppState,
@@ -764,6 +767,11 @@ async fn append(
     let mut slot = None;
     // The store a moved fence named, when the append follows it rather than its route.
     let mut follow = followed_store(state, tenant, &route);
+    // The store the append followed a moved fence from (see `opening` below).
+    let mut followed_from = follow.map(|_| route.store);
+    // Set once a followed store's fence sent the append back to the store it came from (the
+    // cutover opens the target right after the source's fence moved): bounds the retries.
+    let mut opening: Option<TargetOpening> = None;
     loop {
         if slot.is_none() {
             slot = state.fairness.request_slot(&route)?;
@@ -817,6 +825,25 @@ async fn append(
             Err(AppendError::Fenced { moved_to }) => {
                 state.metrics.fence_rejections.inc();
                 let next = state.store_index(&moved_to);
+                if follow == Some(to) && next.is_some() && next == followed_from {
+                    // The store a moved fence named sends the append back where it came from.
+                    // Either the cutover moved that fence and opens this one right after (this
+                    // one admits copiers only until then), or the tenant moved back since the
+                    // note this proxy followed. After a short wait the append goes back; the
+                    // store that is open takes it, and the two fences are never both open.
+                    let waiting = opening.get_or_insert_with(|| {
+                        TargetOpening::new(
+                            tokio::time::Instant::now() + state.config.proxy.gate_wait,
+                        )
+                    });
+                    if waiting.wait().await {
+                        (follow, followed_from) = (next, Some(to));
+                        continue;
+                    }
+                    tracing::warn!(tenant.id = %tenant, store.id = store.id(), %moved_to,
+                        "the store a moved fence named did not open to writers in time");
+                    return Err(ApiError::WritesPaused { retry_after_s: 1 });
+                }
                 // The first hop only to the route's own migration target; later hops along the
                 // fences of stores this proxy has.
                 let expected = next.is_some() && (follow.is_some() || next == route.target);
@@ -838,6 +865,7 @@ async fn append(
                         "fence moved; following it with the append");
                     // Routing catches up in the background (the append does not wait for it).
                     state.reload_now.notify_one();
+                    followed_from = Some(to);
                     follow = next;
                     continue;
                 }
@@ -846,9 +874,38 @@ async fn append(
                 let _ = crate::watcher::reload(state, "fence").await;
                 route = gate::wait(state, tenant, Until::OpenAfter { epoch: route.epoch }).await?;
                 follow = followed_store(state, tenant, &route);
+                followed_from = follow.map(|_| route.store);
             }
             Err(other) => return Err(ApiError::from_append(store.id(), other)),
         }
+    }
+}
+
+/// An append's retries between the store a moved fence named and the store it came from, until
+/// the cutover opens the first to writers (it does so right after the source's fence moved):
+/// a backoff from 2 ms doubling up to 50 ms, until `until` (the gate's limit).
+struct TargetOpening {
+    until: tokio::time::Instant,
+    backoff: std::time::Duration,
+}
+
+impl TargetOpening {
+    fn new(until: tokio::time::Instant) -> Self {
+        Self {
+            until,
+            backoff: std::time::Duration::from_millis(2),
+        }
+    }
+
+    /// Sleeps before the next try; false when the limit is reached (no try left).
+    async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= self.until {
+            return false;
+        }
+        tokio::time::sleep(self.backoff.min(self.until - now)).await;
+        self.backoff = (self.backoff * 2).min(std::time::Duration::from_millis(50));
+        true
     }
 }
 
@@ -939,6 +996,112 @@ mod tests {
         let response = e.into_response();
         let status = response.status().as_u16();
         (status, format!("{response:?}"))
+    }
+
+    /// A proxy that noted the tenant's fence moved from its default store to the other one
+    /// (SQLite stores): both fences admit copiers only, each naming the other, as between a
+    /// cutover's move and its opening of the target. Returns (app, tenant, from, to).
+    async fn between_move_and_open(
+        gate_wait: std::time::Duration,
+    ) -> anyhow::Result<(crate::testing::TestApp, Uuid, StoreIdx, StoreIdx)> {
+        let test = crate::testing::TestApp::start(|c| c.proxy.gate_wait = gate_wait).await?;
+        let state = Arc::clone(test.state());
+        let from = state.default_store;
+        let to = (0..StoreIdx::try_from(state.stores.len())?)
+            .find(|&i| i != from)
+            .expect("the default config has two stores");
+        state
+            .routes
+            .store(crate::routing::RoutingTable::empty(from));
+        let tenant = Uuid::new_v4();
+        let (source, target) = (state.store(from)?, state.store(to)?);
+        source.admit_copiers_only(tenant, 1, target.id()).await?;
+        target.admit_copiers_only(tenant, 1, source.id()).await?;
+        state
+            .routes
+            .note_moved(tenant, Moved { from, to, epoch: 0 });
+        Ok((test, tenant, from, to))
+    }
+
+    fn one_event() -> anyhow::Result<AppendCommand> {
+        Ok(AppendCommand {
+            expected_version: Some(0),
+            stream_exists: false,
+            events: vec![NewEvent::new(
+                Uuid::new_v4(),
+                "Placed",
+                RawValue::from_string("{}".to_owned())?,
+                None,
+                None,
+            )],
+            generated_ids: false,
+        })
+    }
+
+    /// Issue 19: the target's fence opens only after the source's moved. An append that
+    /// follows the moved fence meanwhile is sent back by the target (copiers only, naming the
+    /// source) and by the source again; it waits with a short backoff instead of failing, and
+    /// lands in the target once the target opens (in it only).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_following_a_moved_fence_waits_until_the_target_opens() -> anyhow::Result<()>
+    {
+        let (test, tenant, from, to) =
+            between_move_and_open(std::time::Duration::from_secs(10)).await?;
+        let state = Arc::clone(test.state());
+        let opener = {
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                state.store(to)?.open_fence(tenant, 2).await?;
+                anyhow::Ok(())
+            })
+        };
+        let aggregate_id = Uuid::new_v4();
+        let stream = StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Order",
+            aggregate_id,
+        };
+        let reply = append(&state, stream, one_event()?).await;
+        opener.await??;
+        let reply = reply.map_err(|e| anyhow::anyhow!("{:?}", code(e)))?;
+        assert_eq!(reply.status(), StatusCode::CREATED);
+        assert_eq!(state.store(to)?.read_stream(stream, 1, 10).await?.len(), 1);
+        assert!(state
+            .store(from)?
+            .read_stream(stream, 1, 10)
+            .await?
+            .is_empty());
+        Ok(())
+    }
+
+    /// The wait is bounded by the gate's limit: a target that never opens gives the client
+    /// 503 `writes_paused` (retry later), and nothing lands anywhere.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_following_a_moved_fence_gives_up_at_the_gate_limit() -> anyhow::Result<()> {
+        let (test, tenant, from, to) =
+            between_move_and_open(std::time::Duration::from_millis(200)).await?;
+        let state = Arc::clone(test.state());
+        let stream = StreamRef {
+            tenant_id: tenant,
+            aggregate_type: "Order",
+            aggregate_id: Uuid::new_v4(),
+        };
+        match append(&state, stream, one_event()?).await {
+            Err(e @ ApiError::WritesPaused { .. }) => {
+                assert_eq!(code(e).0, 503);
+            }
+            Err(e) => panic!("expected writes_paused, got {:?}", code(e)),
+            Ok(reply) => panic!("the append landed: {}", reply.status()),
+        }
+        for idx in [from, to] {
+            assert!(state
+                .store(idx)?
+                .read_stream(stream, 1, 10)
+                .await?
+                .is_empty());
+        }
+        Ok(())
     }
 
     #[test]
