@@ -7,8 +7,9 @@
 //! real component cannot produce on demand. The points, in protocol order: `after_gate_closed`
 //! (routing `cutover_paused`), `after_fence_taken` (the source fence held `FOR UPDATE`),
 //! `after_delta_verified` (final delta copied and verified, fence not yet moved),
-//! `after_target_opened` (the target's fence opened to writers, the source's not moved), `after_fence`
-//! (fence moved and committed), `after_routing_flipped` (routing `normal` on the target, state
+//! `after_source_moved` (the source's fence moved and committed, the target's still admitting
+//! copiers only), `after_fence` (the target's fence opened to writers as well),
+//! `after_routing_flipped` (routing `normal` on the target, state
 //! migrated, nothing reported yet); on the rollback path, `before_rollback` (the attempt failed,
 //! routing still `cutover_paused`). A cleanup (`complete --cleanup`, `cleanup`) has
 //! `cleanup_after_batch` (a batch of the tenant's rows deleted, its count not yet recorded).

@@ -240,6 +240,9 @@ impl Engine {
                 "reverse_replication_hours": hours,
                 "cutover_at": record.completed_at,
             }));
+            // As `complete` does: reverse replication ends first (the route loses the store the
+            // tenant left, whose fence then admits nobody), or it would go on after the end.
+            self.end_reverse_replication(&record).await?;
             if self.control.finish_migration(record.id, &note).await?.1 {
                 done.push(record.id);
             }

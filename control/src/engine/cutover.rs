@@ -362,9 +362,20 @@ impl Engine {
         };
         let (failure, held) = match settled {
             Settled::Forward { delta, blocked } => {
+                crash_point("after_source_moved");
+                // 5. The source's fence moved: only forward from here. The target opens to
+                // writers before routing names it (a failure leaves routing cutover_paused for
+                // the recoverer, which opens it and finishes).
+                if let Err(e) = self.open_target(&closed.record, epoch).await {
+                    let _ = told_closed.await;
+                    return Err(EngineError::Refused(format!(
+                        "migration {id}: the fence moved (the tenant's writes are held) but the target could \
+                         not be opened to them: {e}; `switchyard-control serve` or the next `status {id}` finishes it"
+                    )));
+                }
                 crash_point("after_fence");
-                // 5. The fence moved: only forward from here. Every live proxy is told at once
-                // (its writers released from the gate go straight to the target).
+                // Every live proxy is told at once (its writers released from the gate go
+                // straight to the target).
                 let finished = self.finish_cutover(&closed.record, note).await;
                 // The pause as DESIGN.md counts it ends with routing normal on the target; the
                 // calls below only bring that to the proxies sooner than NOTIFY would, and
@@ -422,7 +433,8 @@ impl Engine {
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
         steps.lap("4_failed_step", &mut lap);
         crash_point("before_rollback");
-        // The attempt may have opened the target's fence just before a move that failed.
+        // The target opens only after the source's move, which did not happen; admitting
+        // copiers only there again is a no-op kept as a guard: never both open.
         self.close_target(&closed.record).await;
         let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
             serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
@@ -568,34 +580,10 @@ impl Engine {
             return self.fence_still_open(record, abort).await;
         }
         let bound = deadline - now + FENCE_MARGIN;
-        // The target opens to the tenant's writers just before the source's fence moves: an
-        // append that meets the moved fence follows it there at once and must find it open.
-        // Nobody is routed to the target before the move commits, and a rollback closes it
-        // again (`Engine::close_target`).
-        let opened = match self.store(&record.target_store_id) {
-            Ok(target) => {
-                match tokio::time::timeout(bound, target.open_fence(record.tenant_id, epoch)).await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(format!("opening the fence in {}: {e}", target.id())),
-                    Err(_) => Err(format!(
-                        "opening the fence in {}: no answer within {} ms",
-                        target.id(),
-                        bound.as_millis()
-                    )),
-                }
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(message) = opened {
-            let _ = lock.release().await;
-            let abort = Abort {
-                message,
-                blocked_writers: blocked,
-            };
-            return self.fence_still_open(record, abort).await;
-        }
-        crash_point("after_target_opened");
+        // Only the source's fence moves here; the target opens to the tenant's writers after
+        // this move committed (`Engine::open_target`), so no moment has both stores open to
+        // writers. An append meeting the moved fence in between finds the target still
+        // admitting copiers only and waits briefly there (the proxy's follow step).
         let after = Self::fence_after_move(record);
         let moved =
             tokio::time::timeout(bound, lock.move_to(&record.target_store_id, epoch, after)).await;
@@ -1116,6 +1104,18 @@ impl Engine {
             &record.target_store_id,
             otherwise,
         );
+        if to == MigrationState::Migrated {
+            // The source's fence moved; the attempt may have died before it opened the target.
+            // It opens before routing names it; if it cannot, nothing changes and the next
+            // recovery tries again (writers wait at the gate meanwhile).
+            if let Err(e) = self.open_target(record, record.revision).await {
+                let _ = lock.release().await;
+                return Err(EngineError::Refused(format!(
+                    "migration {}: the fence moved but the target could not be opened: {e}",
+                    record.id
+                )));
+            }
+        }
         let route = record.implied_route(to);
         let applied = self
             .control
@@ -1128,11 +1128,38 @@ impl Engine {
             )
             .await;
         if to != MigrationState::Migrated {
-            // The attempt may have opened the target before it died: copiers only again.
+            // The source's fence is open: the target admits copiers only (a no-op unless an
+            // older version of the cutover opened it first).
             self.close_target(record).await;
         }
         let _ = lock.release().await;
         Ok(applied.map(|done| done.record))
+    }
+
+    /// Opens the tenant's fence in `record`'s target to every writer, once the source's fence
+    /// moved there (never before: both would be open). A few tries, backing off: a proxy's
+    /// append that followed the moved fence waits at the target until then.
+    async fn open_target(&self, record: &MigrationRecord, epoch: i64) -> Result<(), String> {
+        let target = self
+            .store(&record.target_store_id)
+            .map_err(|e| e.to_string())?;
+        let mut last = String::new();
+        for attempt in 0..4u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+            }
+            match tokio::time::timeout(
+                self.settings.cutover_timeout + FENCE_MARGIN,
+                target.open_fence(record.tenant_id, epoch),
+            )
+            .await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = format!("opening the fence in {}: {e}", target.id()),
+                Err(_) => last = format!("opening the fence in {}: no answer", target.id()),
+            }
+        }
+        Err(last)
     }
 
     /// Admits only copiers to the tenant in `record`'s target again, refusing everyone else

@@ -440,9 +440,10 @@ async fn budget_missed(backend: Backend) -> Result<()> {
 }
 
 /// A tenant in dual-write with 4 writers through one proxy (which waits at its gate up to
-/// 20 s), whose cutover's control process died (abort, like kill -9) right after the fence
-/// move committed (`after_fence`): routing still `cutover_paused`, the source fence moved to
-/// `dedicated`, and no `serve` running to finish it.
+/// 20 s), whose cutover's control process died (abort, like kill -9) right after the source's
+/// fence move committed (`after_source_moved`): routing still `cutover_paused`, the source
+/// fence moved to `dedicated`, the target's still admitting copiers only (it opens to writers
+/// only after the move: never both open), and no `serve` running to finish it.
 /// `(env, http, proxy, tenant, migration id, writers)`.
 type CrashedAfterFence = (
     Env,
@@ -493,19 +494,19 @@ async fn crashed_after_fence(backend: Backend) -> Result<CrashedAfterFence> {
         run_control(
             &env.config_path,
             &["cutover", &id],
-            &[("SWITCHYARD_CRASH_AT", "after_fence")],
+            &[("SWITCHYARD_CRASH_AT", "after_source_moved")],
         )
     };
     let mut out = crash()?;
     for _ in 0..4 {
-        if out.stderr.contains("crashing at after_fence") {
+        if out.stderr.contains("crashing at after_source_moved") {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         out = crash()?;
     }
     assert!(
-        out.stderr.contains("crashing at after_fence"),
+        out.stderr.contains("crashing at after_source_moved"),
         "the control process died after the fence moved: {}{}",
         out.stdout,
         out.stderr
@@ -518,12 +519,18 @@ async fn crashed_after_fence(backend: Backend) -> Result<CrashedAfterFence> {
         "the cutover crashed after its fence move: {}",
         out.stderr
     );
+    let target = switchyard_store::EventStore::connect("t", env.store_url("dedicated"), 1)?;
+    assert_eq!(
+        target.fence(tenant).await?,
+        Some(("copiers".to_owned(), Some("shared".to_owned()))),
+        "the target opens to writers only after the source's fence moved, and not yet"
+    );
     Ok((env, http, proxy, tenant, id, writers))
 }
 
-/// The control process dies (abort, like kill -9) right after the fence committed and before
-/// routing moved: writers wait at their gates, the next command finishes the cutover, nothing
-/// is lost.
+/// The control process dies (abort, like kill -9) right after the source's fence move
+/// committed, before the target opened and routing moved: writers wait at their gates, the
+/// next command opens the target and finishes the cutover, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_crash_after_the_fence_is_finished_on_restart() -> Result<()> {
     for_each_backend(crash_after_fence).await
@@ -578,8 +585,9 @@ async fn writers_end_on_target(
 }
 
 /// An emergency stop that meets a cutover whose fence move committed (its control process died
-/// right after, at `after_fence`, routing still `cutover_paused`) finishes the cutover forward
-/// under the fence instead of failing it: the tenant stays on the target, where appends may
+/// right after, at `after_source_moved`, routing still `cutover_paused`, the target not yet
+/// open) finishes the cutover forward under the fence instead of failing it, opening the
+/// target: the tenant stays on the target, where appends may
 /// already have been acknowledged (a proxy follows a moved fence there), and the stop says so.
 /// Failing it would route the tenant back to its source and reopen the fence there: every
 /// append acknowledged on the target would vanish from the tenant's view.
@@ -634,6 +642,12 @@ async fn stop_after_fence(backend: Backend) -> Result<()> {
         source.fence(tenant).await?.map(|f| f.0),
         Some("copiers".to_owned()),
         "the source fence stays moved (copiers only: reverse replication)"
+    );
+    let target = switchyard_store::EventStore::connect("t", env.store_url("dedicated"), 1)?;
+    assert_eq!(
+        target.fence(tenant).await?.map(|f| f.0),
+        Some("open".to_owned()),
+        "the stop opened the target"
     );
     writers_end_on_target(&env, &http, &proxy, tenant, writers).await?;
     append_lands_on(&http, &proxy, tenant, "dedicated").await?;
