@@ -1023,6 +1023,15 @@ mod tests {
         Ok((test, tenant, from, to))
     }
 
+    /// How many events of `stream` store `idx` holds.
+    async fn events_in(
+        state: &AppState,
+        idx: StoreIdx,
+        stream: StreamRef<'_>,
+    ) -> anyhow::Result<usize> {
+        Ok(state.store(idx)?.read_stream(stream, 1, 10).await?.len())
+    }
+
     fn one_event() -> anyhow::Result<AppendCommand> {
         Ok(AppendCommand {
             expected_version: Some(0),
@@ -1066,12 +1075,8 @@ mod tests {
         opener.await??;
         let reply = reply.map_err(|e| anyhow::anyhow!("{:?}", code(e)))?;
         assert_eq!(reply.status(), StatusCode::CREATED);
-        assert_eq!(state.store(to)?.read_stream(stream, 1, 10).await?.len(), 1);
-        assert!(state
-            .store(from)?
-            .read_stream(stream, 1, 10)
-            .await?
-            .is_empty());
+        assert_eq!(events_in(&state, to, stream).await?, 1);
+        assert_eq!(events_in(&state, from, stream).await?, 0);
         Ok(())
     }
 
@@ -1095,11 +1100,7 @@ mod tests {
             Ok(reply) => panic!("the append landed: {}", reply.status()),
         }
         for idx in [from, to] {
-            assert!(state
-                .store(idx)?
-                .read_stream(stream, 1, 10)
-                .await?
-                .is_empty());
+            assert_eq!(events_in(&state, idx, stream).await?, 0);
         }
         Ok(())
     }

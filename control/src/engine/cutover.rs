@@ -433,9 +433,6 @@ impl Engine {
         // Roll back: the source transaction is gone (dropped or rolled back), the fence is open.
         steps.lap("4_failed_step", &mut lap);
         crash_point("before_rollback");
-        // The target opens only after the source's move, which did not happen; admitting
-        // copiers only there again is a no-op kept as a guard: never both open.
-        self.close_target(&closed.record).await;
         let rollback_note = note.clone().with_reason(format!("automatic rollback: {}", failure.message)).with_details(
             serde_json::json!({ "blocked_writers": failure.blocked_writers, "budget_ms": budget.as_millis() }),
         );
@@ -1127,11 +1124,6 @@ impl Engine {
                 Some(&route),
             )
             .await;
-        if to != MigrationState::Migrated {
-            // The source's fence is open: the target admits copiers only (a no-op unless an
-            // older version of the cutover opened it first).
-            self.close_target(record).await;
-        }
         let _ = lock.release().await;
         Ok(applied.map(|done| done.record))
     }
@@ -1160,23 +1152,6 @@ impl Engine {
             }
         }
         Err(last)
-    }
-
-    /// Admits only copiers to the tenant in `record`'s target again, refusing everyone else
-    /// to the source (a cutover attempt that did not move the source's fence may have opened
-    /// it). A failure is only logged: routing names the source again, so no proxy that
-    /// knows sends the tenant there, and copiers write there either way.
-    pub(super) async fn close_target(&self, record: &MigrationRecord) {
-        let closed = match self.store(&record.target_store_id) {
-            Ok(target) => target
-                .admit_copiers_only(record.tenant_id, record.revision, &record.source_store_id)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(error) = closed {
-            tracing::warn!(migration.id = %record.id, %error, "could not close the target's fence to writers again");
-        }
     }
 
     /// What the source's fence admits once it moved: copiers only while reverse replication

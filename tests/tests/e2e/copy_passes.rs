@@ -26,6 +26,15 @@ async fn stores(env: &Env) -> Result<(EventStore, EventStore)> {
     Ok((source, target))
 }
 
+/// A new `Cart` stream of `tenant`.
+fn new_cart(tenant: Uuid) -> StreamRef<'static> {
+    StreamRef {
+        tenant_id: tenant,
+        aggregate_type: "Cart",
+        aggregate_id: Uuid::new_v4(),
+    }
+}
+
 /// Copies one pass window into the target; returns how many rows it read.
 async fn copy_pass(
     source: &EventStore,
@@ -160,12 +169,7 @@ async fn the_target_never_gets_a_gap() -> Result<()> {
         let env = Env::new(backend, &["shared", "dedicated"], "").await?;
         let (source, target) = stores(&env).await?;
         let tenant = Uuid::new_v4();
-        let aggregate_id = Uuid::new_v4();
-        let stream = StreamRef {
-            tenant_id: tenant,
-            aggregate_type: "Cart",
-            aggregate_id,
-        };
+        let stream = new_cart(tenant);
         let ts = Utc::now();
         let events = vec![
             NewEvent::new(
@@ -635,12 +639,8 @@ async fn a_copier_racing_a_reset_of_the_target_never_leaves_a_gap() -> Result<()
     let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
     let (source, target) = stores(&env).await?;
     let tenant = Uuid::new_v4();
-    let aggregate_id = Uuid::new_v4();
-    let stream = StreamRef {
-        tenant_id: tenant,
-        aggregate_type: "Cart",
-        aggregate_id,
-    };
+    let stream = new_cart(tenant);
+    let aggregate_id = stream.aggregate_id;
     let events: Vec<NewEvent> = (0..5).map(|_| event("E")).collect::<Result<_>>()?;
     source.append(stream, Some(0), &events).await?;
     let stored = source.read_stream(stream, 1, 10).await?;

@@ -94,7 +94,9 @@ async fn under_load(backend: Backend) -> Result<()> {
     seed_tenant(&env, tenant, events).await?;
     let http = Http::new();
     let _serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    // No reverse replication: the check below that no append acknowledged by the target is in
+    // the source is about the fence (with it, the target's appends are copied back).
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &["--no-reverse"]).await?;
     // The third proxy is started in dual_write and then hears nothing: no NOTIFY, no poll,
     // and the cutover's direct call is refused (its admin token is not the config's).
     let deaf_token = "not-the-configured-token";
@@ -819,8 +821,9 @@ async fn emergency_stop(backend: Backend) -> Result<()> {
                 .into_iter()
                 .map(|e| e.event_id)
                 .collect();
+            // The seed, and with reverse replication (the default) the appends copied back.
             let source = tenant_events(env.store_url("shared"), tenant).await?;
-            assert_eq!(source.len(), 100);
+            assert!(source.len() >= 100, "{}", source.len());
             assert!(source.iter().all(|e| target.contains(&e.event_id)));
         }
         if store == "shared" || row["finished_migration"] == id.as_str() {

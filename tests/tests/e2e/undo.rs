@@ -250,3 +250,47 @@ async fn a_new_migration_ends_the_reverse_replication_of_the_last_one_first() ->
     );
     Ok(())
 }
+
+/// `serve`'s grace-period completion (`control.reverse_replication_hours`) ends reverse
+/// replication as `complete` does: once the migration is finished, the tenant's route no
+/// longer names the store it left (proxies stop mirroring back, the reverse tail stops) and
+/// that store's fence admits nobody (`moved`, not `copiers`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
+    // 0.0005 h = 1.8 s.
+    let env = two_stores(
+        "[proxy]\nrouting_poll_ms = 100\n[control]\nreverse_replication_hours = 0.0005\n",
+    )
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 10).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    cut_over(&env, &id).await?;
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { Ok(env.control_json(&["status", &id])?["finished_at"].is_string()) },
+    )
+    .await
+    .map_err(|e| e.context(format!("serve log:\n{}", serve.log())))?;
+    let route = env.control_json(&["routing", "get", &tenant.to_string()])?;
+    assert_eq!(
+        (
+            route["store_id"].as_str(),
+            route["migration_state"].as_str(),
+            &route["target_store_id"]
+        ),
+        (Some("dedicated"), Some("normal"), &serde_json::Value::Null),
+        "{route}"
+    );
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("moved")
+    );
+    assert_eq!(
+        env.control_json(&["status", &id])?["reverse_replication"],
+        false
+    );
+    Ok(())
+}

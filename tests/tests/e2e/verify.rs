@@ -111,6 +111,12 @@ async fn each_level_names_the_corruption_it_should_see() -> Result<()> {
         let at = |stream: Uuid, v: i32| format!("aggregate_id = '{stream}' AND version = {v}");
         assert_eq!(exec(target, &format!("DELETE FROM events WHERE {}", at(missing, 5))).await?, 1);
         let new_id = Uuid::new_v4();
+        // The target admits copiers only before its cutover: the corrupting insert is a hand
+        // edit past the fence (opened for it, then closed again).
+        let fence_to = |state: &str| {
+            format!("UPDATE switchyard_fences SET state = '{state}' WHERE tenant_id = '{tenant}'")
+        };
+        assert_eq!(exec(target, &fence_to("open")).await?, 1);
         assert_eq!(
             exec(
                 target,
@@ -125,6 +131,7 @@ async fn each_level_names_the_corruption_it_should_see() -> Result<()> {
             .await?,
             1
         );
+        assert_eq!(exec(target, &fence_to("copiers")).await?, 1);
         assert_eq!(
             exec(
                 target,
@@ -233,7 +240,11 @@ async fn a_cutover_whose_delta_versions_differ_rolls_back_under_the_fence() -> R
         source.append(stream, Some(4), &[event("Late")?]).await?;
         let late = source.read_stream(stream, 5, 5).await?;
         target.insert_copied(&late).await?;
+        // The target admits copiers only before its cutover: opened for the stray append,
+        // as a writer bypassing Switchyard might find it, then closed again.
+        target.open_fence(tenant, 0).await?;
         target.append(stream, Some(5), &[event("Stray")?]).await?;
+        target.admit_copiers_only(tenant, 0, "shared").await?;
         source.close().await;
         target.close().await;
 
