@@ -7,13 +7,33 @@
 
 pub mod args;
 pub mod report;
+pub mod writer;
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sqlx::{Connection, PgConnection};
+use switchyard_client::AdminClient;
 use uuid::Uuid;
+
+/// Polls a proxy's `/readyz` until it answers ready (routing loaded, stores reachable), for at
+/// most 30 s.
+pub async fn wait_ready(admin: &AdminClient) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if admin.ready().await.is_ok_and(|r| r.ready) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the proxy at {} did not become ready within 30 s",
+                admin.base()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// Versions per seeded stream.
 pub const SEED_STREAM_LEN: u64 = 100;
