@@ -26,6 +26,40 @@ pub struct WriterResult {
     pub sent: u64,
 }
 
+impl WriterResult {
+    /// Nothing done yet.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            latencies_us: latencies()?,
+            count: 0,
+            sent: 0,
+        })
+    }
+
+    /// Counts an append of one event at `version`, sent at `started` and acknowledged now with
+    /// the stream at `landed`, which must be `version + 1` (anything else ends the run).
+    pub fn acknowledged(
+        &mut self,
+        window: &Window,
+        started: Instant,
+        version: u64,
+        landed: i64,
+    ) -> Result<()> {
+        let finished = Instant::now();
+        if u64::try_from(landed).ok() != Some(version + 1) {
+            bail!(
+                "an append landed at version {landed} instead of {}",
+                version + 1
+            );
+        }
+        self.sent += 1;
+        if window.record(started, finished, &mut self.latencies_us) {
+            self.count += 1;
+        }
+        Ok(())
+    }
+}
+
 /// One writer: where it appends and what.
 #[derive(Debug, Clone)]
 pub struct StreamWriter {
@@ -51,11 +85,7 @@ impl StreamWriter {
         window: Window,
         payload: impl Fn(usize, u64) -> Value,
     ) -> Result<WriterResult> {
-        let mut result = WriterResult {
-            latencies_us: latencies()?,
-            count: 0,
-            sent: 0,
-        };
+        let mut result = WriterResult::new()?;
         let mut version: u64 = 0;
         let mut next_send = self.pace.map(|(_, offset)| Instant::now() + offset);
         loop {
@@ -76,20 +106,10 @@ impl StreamWriter {
                 .append(&self.stream, ExpectedVersion::Exact(version), &[event])
                 .await
                 .with_context(|| format!("append, writer {}, version {version}", self.writer))?;
-            let finished = Instant::now();
-            if u64::try_from(appended.last_version).ok() != Some(version + 1) {
-                bail!(
-                    "writer {}'s append landed at version {} instead of {}",
-                    self.writer,
-                    appended.last_version,
-                    version + 1
-                );
-            }
+            result
+                .acknowledged(&window, started, version, appended.last_version)
+                .with_context(|| format!("writer {}", self.writer))?;
             version += 1;
-            result.sent += 1;
-            if window.record(started, finished, &mut result.latencies_us) {
-                result.count += 1;
-            }
         }
     }
 }

@@ -189,11 +189,7 @@ fn new_stream() -> (Uuid, Uuid) {
 }
 
 async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Result<WriterResult> {
-    let mut result = WriterResult {
-        latencies_us: latencies()?,
-        count: 0,
-        sent: 0,
-    };
+    let mut result = WriterResult::new()?;
     let (tenant_id, aggregate_id) = new_stream();
     let stream = StreamRef {
         tenant_id,
@@ -219,19 +215,10 @@ async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Resu
             .append(stream, Some(expected), &events)
             .await
             .with_context(|| format!("direct append, writer {writer}, version {version}"))?;
-        let finished = Instant::now();
-        if appended.last_version != expected + 1 {
-            bail!(
-                "direct append landed at version {} instead of {}",
-                appended.last_version,
-                expected + 1
-            );
-        }
+        result
+            .acknowledged(&window, started, version, appended.last_version.into())
+            .with_context(|| format!("direct writer {writer}"))?;
         version += 1;
-        result.sent += 1;
-        if window.record(started, finished, &mut result.latencies_us) {
-            result.count += 1;
-        }
     }
 }
 

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, round1, round3, Window};
 use switchyard_benches::writer::StreamWriter;
-use switchyard_benches::{redact, toml_string, wait_ready, with_database};
+use switchyard_benches::{counters, redact, toml_string, wait_ready, with_database};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -41,9 +41,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
-use switchyard_client::{
-    metric_by_label, percent_encode, AdminClient, DataClient, Protocol, StreamId, Transport,
-};
+use switchyard_client::{percent_encode, AdminClient, DataClient, Protocol, StreamId, Transport};
 use switchyard_config::Config;
 use switchyard_proxy::App;
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
@@ -226,17 +224,7 @@ async fn seed_history(url: &str, tenant: Uuid, events: u64) -> Result<()> {
 
 /// `switchyard_proxy_mirror_writes_total` by outcome, from the proxy's `/metrics`.
 async fn mirror_counters(admin: &AdminClient) -> Result<BTreeMap<String, u64>> {
-    let text = admin.metrics().await.context("reading /metrics")?;
-    Ok(
-        metric_by_label(&text, "switchyard_proxy_mirror_writes_total", "outcome")
-            .into_iter()
-            // Prometheus counters print as floats; these are whole event counts.
-            .map(|(outcome, n)| {
-                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                (outcome, n as u64)
-            })
-            .collect(),
-    )
+    counters(admin, "switchyard_proxy_mirror_writes_total", "outcome").await
 }
 
 /// Everything a phase needs.

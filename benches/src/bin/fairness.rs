@@ -35,9 +35,9 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, record_latency};
-use switchyard_benches::{toml_string, Databases, InProcessProxy};
+use switchyard_benches::{counters, toml_string, Databases, InProcessProxy};
 use switchyard_client::{
-    metric_by_label, AdminClient, ClientError, DataClient, ExpectedVersion, NewEvent, Protocol,
+    AdminClient, ClientError, DataClient, ExpectedVersion, NewEvent, Protocol,
     RoutingState as ClientRoutingState, StreamId, Transport,
 };
 use switchyard_config::Config;
@@ -241,17 +241,7 @@ async fn hot_writer(
 
 /// `switchyard_proxy_shed_requests_total` by reason.
 async fn shed_counters(admin: &AdminClient) -> Result<BTreeMap<String, u64>> {
-    let text = admin.metrics().await.context("reading /metrics")?;
-    Ok(
-        metric_by_label(&text, "switchyard_proxy_shed_requests_total", "reason")
-            .into_iter()
-            // Counters print as floats; these are whole request counts.
-            .map(|(reason, n)| {
-                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                (reason, n as u64)
-            })
-            .collect(),
-    )
+    counters(admin, "switchyard_proxy_shed_requests_total", "reason").await
 }
 
 struct Harness {
