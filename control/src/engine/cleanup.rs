@@ -204,6 +204,7 @@ impl Engine {
                 .await
                 .map_err(EngineError::store(store.id()))?;
             crash_point("cleanup_after_batch");
+            self.metrics.cleanup_rows_deleted.inc_by(n);
             deleted += i64::try_from(n).unwrap_or(i64::MAX);
             // Fewer than a batch: the tenant had no more rows there when it ran.
             let done = n < u64::from(batch);

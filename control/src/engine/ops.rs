@@ -97,7 +97,10 @@ impl Engine {
         }
         // A cleanup still deleting the tenant's rows from either store would delete what this
         // migration copies (or reads): let it finish first.
-        let running = self.control.running_cleanups(request.tenant_id).await?;
+        let running = self
+            .control
+            .running_cleanups(Some(request.tenant_id))
+            .await?;
         if let Some(c) = running
             .iter()
             .find(|c| c.store_id == source_id || c.store_id == request.target_store_id)

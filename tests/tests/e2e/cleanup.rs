@@ -231,7 +231,7 @@ async fn a_control_killed_mid_cleanup_is_resumed_by_serve() -> Result<()> {
         "one batch went"
     );
 
-    let _serve = ServeProcess::spawn(&m.env.config_path, "resumer", &[])?;
+    let serve = ServeProcess::spawn(&m.env.config_path, "resumer", &[])?;
     wait_for_every(
         Duration::from_secs(60),
         Duration::from_millis(200),
@@ -244,6 +244,29 @@ async fn a_control_killed_mid_cleanup_is_resumed_by_serve() -> Result<()> {
     assert_eq!(count_events(shared, Some(m.a)).await?, 0);
     assert_eq!(ids(shared, m.b).await?, b_before);
     assert_eq!(fence(shared, m.a).await?.as_deref(), Some("moved"));
+
+    // Its metrics: serve deleted the 260 rows the crashed run left, and the fleet view (read
+    // from the control database every 2 s) shows no cleanup running with nothing left.
+    let metric = |text: &str, name: &str| switchyard_client::metric_sum(text, name);
+    let scrape = || async {
+        let reply = m.http.get(&format!("{}/metrics", serve.admin)).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8(reply.body.to_vec())?)
+    };
+    wait_for(Duration::from_secs(20), || async {
+        Ok(metric(&scrape().await?, "switchyard_control_cleanups_running") == Some(0.0))
+    })
+    .await?;
+    let text = scrape().await?;
+    assert_eq!(
+        metric(&text, "switchyard_control_cleanup_rows_deleted_total"),
+        Some(260.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "switchyard_control_cleanup_rows_left"),
+        Some(0.0),
+        "{text}"
+    );
     Ok(())
 }
 
