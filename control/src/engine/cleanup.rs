@@ -199,6 +199,7 @@ impl Engine {
             }
             // Again before every batch: a route or a migration may have come back meanwhile.
             self.check_cleanup_allowed(&record, cleanup.role).await?;
+            crate::fault::pause_point("cleanup_before_delete").await;
             let n = store
                 .delete_tenant_batch(record.tenant_id, batch)
                 .await
