@@ -176,7 +176,7 @@ mod tests {
         }
         store.ensure_schema().await?;
         control.ensure_schema().await?;
-        for (name, version) in [("store.db", 2), ("control.db", 3)] {
+        for (name, version) in [("store.db", 3), ("control.db", 3)] {
             let mut c = sqlx::SqliteConnection::connect(&url(name)).await?;
             let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM switchyard_schema")
                 .fetch_all(&mut c)
