@@ -19,7 +19,9 @@
  *   4  no append reaches a store whose fence moved;
  *   5  the cutover is all or nothing, and no writer is blocked forever: every execution ends,
  *      and it ends with every writer acknowledged, every gate open (checked in init, and by
- *      spin's end-state check: a writer stuck at a gate is an invalid end state).
+ *      spin's end-state check: a writer stuck at a gate is an invalid end state);
+ *   8  the target admits writers only once the source's fence moved (issue 19: until then its
+ *      fence admits copiers only), so the two stores are never both open to writers.
  *
  * Mutants (each must make spin report a violation; see scripts/check-model.sh):
  *   OLD_EMERGENCY_STOP            the emergency stop of 0645b7a (issue 14 item 1): both of
@@ -41,6 +43,9 @@
  *   FOLLOW_HELD_FENCE             a writer follows a fence whose move has not committed (the
  *                                 cutover holds it), e.g. a proxy that takes a fence wait for a
  *                                 move
+ *   OPEN_TARGET_FIRST             the undo patch's order (issue 19): the cutover opens the
+ *                                 target's fence just before it moves the source's, and a
+ *                                 rollback closes it again
  *
  * NO_FOLLOW leaves out the writers' follow step (issue 17: an append that meets the source's
  * fence moved to its route's target goes there at once), to show what it changes.
@@ -72,6 +77,10 @@ mtype = { M_DUAL_WRITE, M_CUTOVER, M_MIGRATED, M_FAILED, M_ROLLED_BACK }; /* ten
 bit  moved[2];
 byte locker[2];
 byte has[2];
+/* The target's fence admits writers (`open`); 0: copiers only (`copiers`, naming S), as from
+ * the migration's start until the cutover opens it. The copiers themselves (the final delta's
+ * copy) are not writers. */
+bit  topen;
 
 /* The control database: the tenant's routing row and its migration. */
 mtype rstate = DUAL_WRITE;
@@ -97,6 +106,13 @@ bit crashed;   /* the cutover driver crashed (at most once) */
 #define AUTH (moved[S] -> T : S)
 #define ALL_ACKED_IN(s) ((acked & has[s]) == acked)
 #define DELTA_COPIED ((has[S] & has[T]) == has[S])
+/* Invariant 8: never both stores open to writers. */
+#ifdef NO_INV8
+/* Only to let a mutant that reopens the source run past INV8 to the violation it stands for. */
+#define INV8 true
+#else
+#define INV8 (!topen || moved[S])
+#endif
 #ifdef NO_INV1
 /* Only to let a mutant run past its first violation of INV1 to a later one. */
 #define INV1 true
@@ -146,7 +162,7 @@ inline recover(me, may_give_up) {
 #ifdef RECOVER_WITHOUT_LOCK
         atomic {
             if
-            :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+            :: mstate == M_CUTOVER && moved[S] -> topen = 1; mstate = M_MIGRATED; set_route(NORMAL, T)
             :: mstate == M_CUTOVER && !moved[S] -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
             :: else -> skip
             fi
@@ -156,7 +172,7 @@ inline recover(me, may_give_up) {
         :: take_fence(S, me);
             atomic {
                 if
-                :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+                :: mstate == M_CUTOVER && moved[S] -> topen = 1; mstate = M_MIGRATED; set_route(NORMAL, T)
                 :: mstate == M_CUTOVER && !moved[S] -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
                 :: else -> skip
                 fi;
@@ -210,6 +226,9 @@ proctype Control() {
     :: true -> release_fence(S, CUTTER); goto rollback
     fi;
     CRASH_POINT;                                    /* after_delta_verified */
+#ifdef OPEN_TARGET_FIRST
+    topen = 1;
+#endif
     /* 4: move the fence and commit. */
     if
     :: atomic { moved[S] = 1; assert(DELTA_COPIED); release_fence(S, CUTTER); printf("MSC: fence moved\n") }; goto forward
@@ -234,11 +253,14 @@ ambiguous:
     fi;
 #endif
 forward:
+    CRASH_POINT;                                    /* after_source_moved */
+    /* 5: the target opens to writers, only now that the source's fence moved. */
+    topen = 1;
     CRASH_POINT;                                    /* after_fence */
     /* 5: routing normal on the target; gates open onto it. Someone may have finished it. */
     atomic {
         if
-        :: mstate == M_CUTOVER -> mstate = M_MIGRATED; set_route(NORMAL, T)
+        :: mstate == M_CUTOVER -> topen = 1; mstate = M_MIGRATED; set_route(NORMAL, T)
         :: else -> skip     /* finished by a recoverer or the stop (else: an error, see init) */
         fi
     }
@@ -250,7 +272,10 @@ rollback:
         if
         :: mstate == M_CUTOVER -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
         :: else -> skip
-        fi
+        fi;
+#ifdef OPEN_TARGET_FIRST
+        topen = 0;
+#endif
     }
     goto over;
 crash:
@@ -353,7 +378,7 @@ proctype Stop() {
         take_fence(S, STOPPER);
         atomic {
             if
-            :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+            :: mstate == M_CUTOVER && moved[S] -> topen = 1; mstate = M_MIGRATED; set_route(NORMAL, T)
             :: mstate == M_CUTOVER && !moved[S] -> mstate = M_FAILED; set_route(NORMAL, S)
             :: else -> skip     /* StateChanged: read again */
             fi;
@@ -462,7 +487,7 @@ again:
     if
     :: atomic { locker[sto] == NOBODY && moved[sto] -> printf("MSC: writer %d refused by the moved fence of store %d\n", w, sto) }; goto fenced
     :: atomic {
-        locker[sto] == NOBODY && !moved[sto] ->
+        locker[sto] == NOBODY && !moved[sto] && (sto == S || topen) ->
             assert(sto == AUTH);                    /* invariant 1 */
             has[sto] = has[sto] | (1 << w); acked = acked | (1 << w);
             if
@@ -501,9 +526,11 @@ fenced:
     od;
     goto again;
 follow:
-    /* The append on T, in T's own fence transaction (T's fence stays open in this model). */
+    /* The append on T, in T's own fence transaction. Until the cutover opens T (just after the
+     * move), T sends it back to S, whose fence sends it to T again: the proxy retries between
+     * the two with a backoff, which is waiting here. */
     atomic {
-        locker[T] == NOBODY && !moved[T] ->
+        locker[T] == NOBODY && !moved[T] && topen ->
             assert(T == AUTH);                      /* invariant 1 */
             has[T] = has[T] | (1 << w); acked = acked | (1 << w);
             printf("MSC: writer %d acknowledged by store %d, following the moved fence\n", w, T)
@@ -516,7 +543,7 @@ done:
 proctype Invariants() {
 end:
     do
-    :: atomic { !(INV1 && INV2) -> assert(INV1); assert(INV2) }
+    :: atomic { !(INV1 && INV2 && INV8) -> assert(INV1); assert(INV2); assert(INV8) }
     od
 }
 
@@ -554,6 +581,9 @@ init {
     assert(rstate != CUTOVER_PAUSED);               /* 5: every gate open */
     assert(!moved[rstore]);                         /* 1: routing names a writable store */
     assert(ALL_ACKED_IN(rstore));                   /* 2: nothing acknowledged is lost */
+#ifndef NO_INV8
+    assert(topen == moved[S]);                      /* 8: the target open iff the tenant moved */
+#endif
     /* 5: all or nothing */
     assert((moved[S] && rstore == T && rstate == NORMAL && mstate == M_MIGRATED) ||
            (!moved[S] && rstore == S && mstate != M_MIGRATED && mstate != M_CUTOVER))
