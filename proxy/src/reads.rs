@@ -8,7 +8,9 @@
 use chrono::{DateTime, Utc};
 use http::{Response, StatusCode};
 use serde::Serialize;
-use switchyard_store::{CategoryStart, FeedStart, MigrationError, StreamRange, StreamRef};
+use switchyard_store::{
+    CategoryStart, FeedStart, MigrationError, RoutingState, StreamRange, StreamRef,
+};
 use uuid::Uuid;
 
 use crate::api::{percent_decode, read_reply, read_store, DEFAULT_READ_LIMIT, MAX_READ_LIMIT};
@@ -282,8 +284,11 @@ pub async fn feed(state: &AppState, tenant: Uuid, query: &str) -> Result<Respons
 }
 
 /// The first position of `to_store` a feed cursor at `position` of `from_store` may not have
-/// seen; 422 `cursor_not_translatable` when no migration of the tenant leads there, 503 when
-/// the control database does not answer.
+/// seen; 503 when the control database does not answer. No migration of the tenant leading
+/// there: 503 `route_stale` (retryable) when the control database routes the tenant
+/// elsewhere than `to_store`, or is cutting it over to `from_store` — the cursor came from a
+/// proxy that saw the move, this one has not yet (its routing reload is woken) — else 422
+/// `cursor_not_translatable`.
 async fn translate_cursor(
     state: &AppState,
     tenant: Uuid,
@@ -291,24 +296,40 @@ async fn translate_cursor(
     position: i64,
     to_store: &str,
 ) -> Result<i64, ApiError> {
+    let control_error = |e: MigrationError| match e {
+        MigrationError::Store(e) => ApiError::from_store("control", e),
+        other => ApiError::Internal(Box::new(other)),
+    };
     let translated = state
         .control
         .translate_feed_cursor(tenant, from_store, position, to_store)
         .await
-        .map_err(|e| match e {
-            MigrationError::Store(e) => ApiError::from_store("control", e),
-            other => ApiError::Internal(Box::new(other)),
-        })?;
-    translated.ok_or_else(|| {
-        ApiError::invalid(
-            "cursor_not_translatable",
-            format!(
-                "the cursor's store {from_store:?} is not one this tenant was migrated from to \
-                 {to_store:?} (where it now reads): its position {position} cannot be translated; \
-                 read the feed from the start, or give a cursor of {to_store:?}"
-            ),
-        )
-    })
+        .map_err(control_error)?;
+    if let Some(first) = translated {
+        return Ok(first);
+    }
+    let route = state
+        .control
+        .route(tenant)
+        .await
+        .map_err(|e| control_error(MigrationError::Store(e)))?;
+    let behind = route.is_some_and(|r| {
+        r.store_id != to_store
+            || (r.migration_state == RoutingState::CutoverPaused
+                && r.target_store_id.as_deref() == Some(from_store))
+    });
+    if behind {
+        state.reload_now.notify_one();
+        return Err(ApiError::RouteStale);
+    }
+    Err(ApiError::invalid(
+        "cursor_not_translatable",
+        format!(
+            "the cursor's store {from_store:?} is not one this tenant was migrated from to \
+             {to_store:?} (where it now reads): its position {position} cannot be translated; \
+             read the feed from the start, or give a cursor of {to_store:?}"
+        ),
+    ))
 }
 
 #[derive(Serialize)]

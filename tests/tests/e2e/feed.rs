@@ -499,3 +499,73 @@ async fn a_cursor_of_a_store_the_tenant_never_left_is_refused() -> Result<()> {
     assert_eq!(ids_of(&own.json), ids_of(&body));
     Ok(())
 }
+
+/// A cursor of the store the tenant moved to, read through a proxy that has not heard of the
+/// move (no NOTIFY, no poll), is answered 503 `route_stale` — retryable, and it wakes that
+/// proxy's routing reload — never 422: the retry reads on from the new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_the_new_store_through_a_proxy_behind_the_move_is_retried_not_refused(
+) -> Result<()> {
+    let config = "[proxy]\nrouting_poll_ms = 100\n";
+    let (env, proxy, http) =
+        started(Backend::Sqlite, &["shared", "dedicated"], config, &[]).await?;
+    let deaf = env.proxy(&[
+        ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
+        ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "600000"),
+        ("SWITCHYARD_PROXY_ADMIN_TOKEN", "not-the-configured-token"),
+    ])?;
+    deaf.wait_ready(&http).await?;
+    let tenant = Uuid::new_v4();
+    append_new_stream(&http, &proxy.data, tenant, 3, "Placed").await?;
+    let _serve = switchyard_tests::ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = start_migration(&env, tenant, "dedicated", &["--cutover", "auto"])?;
+    switchyard_tests::wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+    )
+    .await?;
+    let (later, _) = append_new_stream(&http, &proxy.data, tenant, 2, "Later").await?;
+    let page = http
+        .get(&format!("{}?limit=4", feed_url(&proxy.data, tenant)))
+        .await?;
+    assert_eq!(page.json["store_id"], "dedicated", "{:?}", page.json);
+    let cursor = &page.json["next"];
+    assert!(cursor.is_i64(), "{:?}", page.json);
+
+    let url = format!(
+        "{}?after_position={cursor}&after_store=dedicated",
+        feed_url(&deaf.data, tenant)
+    );
+    let behind = http.get(&url).await?;
+    assert_eq!(
+        (
+            behind.status,
+            &behind.json["error"],
+            &behind.json["retryable"]
+        ),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("route_stale"),
+            &json!(true)
+        ),
+        "{:?}",
+        behind.json
+    );
+    let retried = std::sync::Mutex::new(Value::Null);
+    switchyard_tests::wait_for_every(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let reply = http.get(&url).await?;
+            let ok = reply.status == StatusCode::OK;
+            *retried.lock().expect("reply lock") = reply.json;
+            Ok(ok)
+        },
+    )
+    .await?;
+    let retried = retried.into_inner().expect("reply lock");
+    assert_eq!(retried["store_id"], "dedicated");
+    assert_eq!(ids_of(&retried), ids_of(&later)[1..]);
+    Ok(())
+}
