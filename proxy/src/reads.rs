@@ -305,7 +305,15 @@ async fn translate_cursor(
         .translate_feed_cursor(tenant, from_store, position, to_store)
         .await
         .map_err(control_error)?;
+    let outcome = |name: &str| {
+        state
+            .metrics
+            .feed_cursor_translations
+            .with_label_values(&[name])
+            .inc();
+    };
     if let Some(first) = translated {
+        outcome("translated");
         return Ok(first);
     }
     let route = state
@@ -319,9 +327,11 @@ async fn translate_cursor(
                 && r.target_store_id.as_deref() == Some(from_store))
     });
     if behind {
+        outcome("route_stale");
         state.reload_now.notify_one();
         return Err(ApiError::RouteStale);
     }
+    outcome("not_translatable");
     Err(ApiError::invalid(
         "cursor_not_translatable",
         format!(

@@ -169,6 +169,17 @@ async fn stored_holding(url: &str, tenant: Uuid, acked: &[Acked]) -> Result<BTre
     Ok(stored)
 }
 
+/// The proxy's `switchyard_proxy_feed_cursor_translations_total` of one `outcome`.
+async fn cursor_translations(http: &Http, admin: &str, outcome: &str) -> Result<f64> {
+    let metrics = http.get(&format!("{admin}/metrics")).await?;
+    let series =
+        format!("switchyard_proxy_feed_cursor_translations_total{{outcome=\"{outcome}\"}} ");
+    Ok(String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
 fn ids_of(body: &Value) -> Vec<Uuid> {
     body["events"]
         .as_array()
@@ -459,6 +470,8 @@ async fn cursor_through_a_cutover(backend: Backend) -> Result<()> {
             "{name}: events given twice that it had not before the cutover: {beyond:?}"
         );
     }
+    // Each consumer's cursor was translated once at least (its first read past the cutover).
+    assert!(cursor_translations(&http, &proxy.admin, "translated").await? >= 2.0);
     Ok(())
 }
 
@@ -493,6 +506,10 @@ async fn a_cursor_of_a_store_the_tenant_never_left_is_refused() -> Result<()> {
         .await?;
     assert_eq!(from_start.status, StatusCode::OK, "{:?}", from_start.json);
     assert_eq!(ids_of(&from_start.json), ids_of(&body));
+    assert_eq!(
+        cursor_translations(&http, &proxy.admin, "not_translatable").await?,
+        1.0
+    );
     let own = http
         .get(&format!("{url}?after_position=0&after_store=shared"))
         .await?;
@@ -551,6 +568,10 @@ async fn a_cursor_of_the_new_store_through_a_proxy_behind_the_move_is_retried_no
         ),
         "{:?}",
         behind.json
+    );
+    assert_eq!(
+        cursor_translations(&http, &deaf.admin, "route_stale").await?,
+        1.0
     );
     let retried = std::sync::Mutex::new(Value::Null);
     switchyard_tests::wait_for_every(
