@@ -28,21 +28,23 @@ from switchyard_eventsource import SwitchyardEventStore
 
 class Projection:
     """A projection as eventsource-py runs one: reads the feed from its checkpoint, handles
-    each event (records its id), checkpoints the event's position."""
+    each event (records its id), checkpoints the event's position — persisted as text
+    (`Position.to_str`), as a checkpoint store keeps it, and read back before each catch-up."""
 
     def __init__(self, store: SwitchyardEventStore, tenant: UUID) -> None:
         self.store, self.tenant = store, tenant
-        self.checkpoint: Position | None = None
+        self.checkpoint: str | None = None
         self.seen: list[UUID] = []
         self.checkpoint_stores: list[str] = []
         self.stopping = False
 
     async def catch_up(self) -> None:
         options = FeedReadOptions(tenant_id=self.tenant)
-        async for envelope in self.store.read_all(self.checkpoint, options):
+        start = None if self.checkpoint is None else Position.from_str(self.checkpoint)
+        async for envelope in self.store.read_all(start, options):
             self.seen.append(envelope.event.event_id)
-            self.checkpoint = envelope.position
             assert envelope.position is not None
+            self.checkpoint = envelope.position.to_str()
             if self.checkpoint_stores[-1:] != [envelope.position.store_id]:
                 self.checkpoint_stores.append(envelope.position.store_id)
 

@@ -7,9 +7,13 @@ from uuid import uuid4
 
 import httpx
 import pytest
-from eventsource.ports import FeedReadOptions, Position, collect
+from eventsource.ports import ExpectedVersion, FeedReadOptions, Position, collect
 from eventsource.ports.exceptions import PositionForeignError
-from eventsource.testing.conformance_ports._fixtures import make_conformance_registry
+from eventsource.testing.conformance_ports._fixtures import (
+    make_conformance_registry,
+    make_event,
+    make_stream,
+)
 
 from switchyard_eventsource import SwitchyardEventStore
 
@@ -52,3 +56,18 @@ async def test_a_position_of_a_store_the_adapter_cannot_name_raises_position_for
                 FeedReadOptions(),
             )
         )
+
+
+async def test_a_position_persisted_as_text_continues_the_feed_after_its_event(
+    adapter: SwitchyardEventStore,
+) -> None:
+    stream = make_stream()
+    events = [make_event(stream.aggregate_id) for _ in range(4)]
+    await adapter.append(stream, events, ExpectedVersion.no_stream())
+    feed = await collect(adapter.read_all())
+    checkpoint = feed[1].position
+    assert checkpoint is not None and checkpoint.store_id.startswith("switchyard:")
+    restored = Position.from_str(checkpoint.to_str())
+    assert restored == checkpoint
+    rest = await collect(adapter.read_all(restored))
+    assert [e.event.event_id for e in rest] == [e.event_id for e in events[2:]]
