@@ -7,13 +7,51 @@
 
 pub mod args;
 pub mod report;
+pub mod writer;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sqlx::{Connection, PgConnection};
+use switchyard_client::{metric_by_label, AdminClient};
 use uuid::Uuid;
+
+/// Polls a proxy's `/readyz` until it answers ready (routing loaded, stores reachable), for at
+/// most 30 s.
+pub async fn wait_ready(admin: &AdminClient) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if admin.ready().await.is_ok_and(|r| r.ready) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the proxy at {} did not become ready within 30 s",
+                admin.base()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A counter of a proxy's `/metrics` by the value of `label` (whole counts).
+pub async fn counters(
+    admin: &AdminClient,
+    metric: &str,
+    label: &str,
+) -> Result<BTreeMap<String, u64>> {
+    let text = admin.metrics().await.context("reading /metrics")?;
+    Ok(metric_by_label(&text, metric, label)
+        .into_iter()
+        .map(|(value, n)| {
+            // Prometheus prints counters as floats; these count events or requests.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            (value, n as u64)
+        })
+        .collect())
+}
 
 /// Versions per seeded stream.
 pub const SEED_STREAM_LEN: u64 = 100;

@@ -1,6 +1,7 @@
 //! A proxy's admin port (docs/openapi/admin.yaml): readiness, the routing table and one
 //! tenant's route, the Prometheus metrics text, and a routing reload.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -119,6 +120,49 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
         })
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// A metric's samples in Prometheus text by the value of one label, summed over its other
+/// labels (a sample without that label counts under `""`).
+///
+/// ```
+/// let text = "m_total{outcome=\"ok\",x=\"1\"} 2\nm_total{outcome=\"ok\",x=\"2\"} 3\n\
+///             m_total{outcome=\"failed\"} 1\nm_totals{outcome=\"ok\"} 9\n";
+/// let by = switchyard_client::metric_by_label(text, "m_total", "outcome");
+/// assert_eq!(by.get("ok"), Some(&5.0));
+/// assert_eq!(by.get("failed"), Some(&1.0));
+/// assert_eq!(by.len(), 2);
+/// ```
+pub fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = if let Some(labelled) = rest.strip_prefix('{') {
+            let Some((labels, value)) = labelled.rsplit_once('}') else {
+                continue;
+            };
+            (labels, value)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue;
+        };
+        let Some(Ok(value)) = value.split_whitespace().next().map(str::parse::<f64>) else {
+            continue;
+        };
+        let key = labels
+            .split(',')
+            .find_map(|l| {
+                l.strip_prefix(label)?
+                    .strip_prefix("=\"")?
+                    .strip_suffix('"')
+            })
+            .unwrap_or_default();
+        *out.entry(key.to_owned()).or_insert(0.0) += value;
+    }
+    out
 }
 
 /// The admin calls against one proxy's admin port (e.g. `http://127.0.0.1:7071`); give the

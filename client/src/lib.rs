@@ -41,7 +41,8 @@ mod load;
 mod transport;
 
 pub use admin::{
-    metric_sum, AdminClient, Readiness, Route, RouteDetail, RouteList, RoutingState, StoreHealth,
+    metric_by_label, metric_sum, AdminClient, Readiness, Route, RouteDetail, RouteList,
+    RoutingState, StoreHealth,
 };
 pub use data::{
     percent_encode, Appended, CategoryCursor, CategoryPage, CategoryQuery, DataClient, Direction,

@@ -12,6 +12,12 @@
 //! routing still `cutover_paused`). A cleanup (`complete --cleanup`, `cleanup`) has
 //! `cleanup_after_batch` (a batch of the tenant's rows deleted, its count not yet recorded).
 //! docs/reliability.md lists what recovery must give at each.
+//!
+//! `SWITCHYARD_PAUSE_AT=<point>:<ms>` holds the process that long at a pause point instead, so
+//! a test can interleave two operators' commands in the one order that matters (a real race
+//! too narrow to hit on demand), the first time the process gets there: `migrate_start_before_insert` (the preflight checks passed,
+//! the migration not yet recorded) and `cleanup_before_delete` (a batch's checks passed, its
+//! rows not yet deleted).
 
 /// The variable naming the point to crash at.
 pub const CRASH_AT_VAR: &str = "SWITCHYARD_CRASH_AT";
@@ -40,6 +46,33 @@ pub(crate) fn crash_point(point: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub(crate) fn crash_point(_point: &str) {}
+
+/// The variable naming the point to pause at, and for how long (`<point>:<ms>`).
+pub const PAUSE_AT_VAR: &str = "SWITCHYARD_PAUSE_AT";
+
+/// Sleeps as long as `SWITCHYARD_PAUSE_AT` says if it names `point`, the first time the
+/// process reaches it (a cleanup's later batches go on unheld).
+#[cfg(feature = "fault-injection")]
+pub(crate) async fn pause_point(point: &str) {
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(spec) = std::env::var(PAUSE_AT_VAR) else {
+        return;
+    };
+    let Some((at, ms)) = spec.split_once(':') else {
+        return;
+    };
+    if at == point && !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if let Ok(ms) = ms.parse::<u64>() {
+            eprintln!("switchyard: pausing at {point} for {ms} ms ({PAUSE_AT_VAR})");
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+/// Without the feature a pause point is nothing.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) async fn pause_point(_point: &str) {}
 
 /// The line to print at startup when `SWITCHYARD_CRASH_AT` is set: armed, or ignored because
 /// this build has no crash points (so nobody debugs a crash that silently never happens).

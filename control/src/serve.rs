@@ -155,8 +155,8 @@ async fn resume_cleanups(
 /// reports every 2 s while alive).
 const PROXY_FORGOTTEN_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-/// The fleet-view metrics: migrations by state and the routing epoch, from the control
-/// database (every replica exports the same view; dashboards take the max).
+/// The fleet-view metrics: migrations by state, the routing epoch and the running cleanups,
+/// from the control database (every replica exports the same view; dashboards take the max).
 async fn refresh_fleet(engine: &Engine) {
     match engine.control.prune_proxies(PROXY_FORGOTTEN_AFTER).await {
         Ok(0) => {}
@@ -169,6 +169,10 @@ async fn refresh_fleet(engine: &Engine) {
         (Ok(all), Ok(epoch)) => engine.metrics.observe_fleet(&all, epoch),
         (Err(e), _) => tracing::warn!(error = %e, "cannot list migrations for the metrics"),
         (_, Err(e)) => tracing::warn!(error = %e, "cannot read the routing epoch for the metrics"),
+    }
+    match engine.control.running_cleanups(None).await {
+        Ok(running) => engine.metrics.observe_cleanups(&running),
+        Err(e) => tracing::warn!(error = %e, "cannot list cleanups for the metrics"),
     }
 }
 

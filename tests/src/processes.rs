@@ -42,10 +42,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Runs `switchyard-control` with `args` and the extra variables `env`, to its end.
 pub fn run_control(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<CommandOutput> {
-    if env
-        .iter()
-        .any(|(k, _)| *k == switchyard_control::fault::CRASH_AT_VAR)
-    {
+    if env.iter().any(|(k, _)| {
+        *k == switchyard_control::fault::CRASH_AT_VAR
+            || *k == switchyard_control::fault::PAUSE_AT_VAR
+    }) {
         require_fault_injection()?;
     }
     let mut command = Command::new(bin("switchyard-control"));

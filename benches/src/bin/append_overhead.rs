@@ -18,20 +18,16 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, round1, Window};
-use switchyard_benches::{redact, toml_string, with_database};
+use switchyard_benches::{redact, toml_string, wait_ready, with_database};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
+use switchyard_benches::writer::{StreamWriter, WriterResult};
+use switchyard_client::{AdminClient, DataClient, StreamId, Transport};
 use switchyard_config::Config;
 use switchyard_proxy::App;
 use switchyard_store::{ControlDb, EventStore, NewEvent, StreamRef};
@@ -174,14 +170,8 @@ impl Outcome {
     }
 }
 
-/// What a writer did in one run of one mode.
-struct WriterResult {
-    latencies_us: Histogram<u64>,
-    count: u64,
-}
-
 /// A JSON object of about 230 bytes, different per event.
-fn payload(writer: usize, seq: u64) -> String {
+fn payload(writer: usize, seq: u64) -> Value {
     json!({
         "order_id": Uuid::new_v4(),
         "customer": format!("customer-{writer:04}"),
@@ -191,7 +181,6 @@ fn payload(writer: usize, seq: u64) -> String {
         "items": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
         "note": "benchmark payload padding.....",
     })
-    .to_string()
 }
 
 /// The stream a writer appends to in one run: new each run, so versions start at 1.
@@ -200,10 +189,7 @@ fn new_stream() -> (Uuid, Uuid) {
 }
 
 async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Result<WriterResult> {
-    let mut result = WriterResult {
-        latencies_us: latencies()?,
-        count: 0,
-    };
+    let mut result = WriterResult::new()?;
     let (tenant_id, aggregate_id) = new_stream();
     let stream = StreamRef {
         tenant_id,
@@ -219,7 +205,8 @@ async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Resu
         let events = [NewEvent::new(
             Uuid::now_v7(),
             EVENT_TYPE,
-            RawValue::from_string(payload(writer, version)).context("payload is JSON")?,
+            RawValue::from_string(payload(writer, version).to_string())
+                .context("payload is JSON")?,
             Some(ACTOR.to_owned()),
             None,
         )];
@@ -228,73 +215,10 @@ async fn direct_writer(store: EventStore, writer: usize, window: Window) -> Resu
             .append(stream, Some(expected), &events)
             .await
             .with_context(|| format!("direct append, writer {writer}, version {version}"))?;
-        let finished = Instant::now();
-        if appended.last_version != expected + 1 {
-            bail!(
-                "direct append landed at version {} instead of {}",
-                appended.last_version,
-                expected + 1
-            );
-        }
+        result
+            .acknowledged(&window, started, version, appended.last_version.into())
+            .with_context(|| format!("direct writer {writer}"))?;
         version += 1;
-        if window.record(started, finished, &mut result.latencies_us) {
-            result.count += 1;
-        }
-    }
-}
-
-async fn proxy_writer(
-    client: Client<HttpConnector, Full<Bytes>>,
-    base: String,
-    writer: usize,
-    window: Window,
-) -> Result<WriterResult> {
-    let mut result = WriterResult {
-        latencies_us: latencies()?,
-        count: 0,
-    };
-    let (tenant_id, aggregate_id) = new_stream();
-    let uri =
-        format!("{base}/v1/tenants/{tenant_id}/streams/{AGGREGATE_TYPE}/{aggregate_id}/events");
-    let mut version: u64 = 0;
-    loop {
-        let started = Instant::now();
-        if started >= window.end {
-            return Ok(result);
-        }
-        let body = format!(
-            r#"{{"expected_version":{version},"events":[{{"event_id":"{}","event_type":"{EVENT_TYPE}","payload":{},"actor_id":"{ACTOR}"}}]}}"#,
-            Uuid::now_v7(),
-            payload(writer, version),
-        );
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(&uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .context("building the request")?;
-        let response = client
-            .request(request)
-            .await
-            .with_context(|| format!("proxy append, writer {writer}, version {version}"))?;
-        let status = response.status();
-        let reply = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the reply")?
-            .to_bytes();
-        let finished = Instant::now();
-        if status != StatusCode::CREATED {
-            bail!(
-                "proxy append, writer {writer}, version {version}: {status} {}",
-                String::from_utf8_lossy(&reply)
-            );
-        }
-        version += 1;
-        if window.record(started, finished, &mut result.latencies_us) {
-            result.count += 1;
-        }
     }
 }
 
@@ -302,8 +226,7 @@ async fn proxy_writer(
 struct Harness {
     args: Args,
     direct: EventStore,
-    client: Client<HttpConnector, Full<Bytes>>,
-    proxy_base: String,
+    proxy: DataClient,
 }
 
 impl Harness {
@@ -321,12 +244,16 @@ impl Harness {
                     tasks.spawn(direct_writer(self.direct.clone(), writer, window));
                 }
                 Mode::Proxy => {
-                    tasks.spawn(proxy_writer(
-                        self.client.clone(),
-                        self.proxy_base.clone(),
+                    let (tenant_id, aggregate_id) = new_stream();
+                    let writer = StreamWriter {
+                        proxy: self.proxy.clone(),
+                        stream: StreamId::new(tenant_id, AGGREGATE_TYPE, aggregate_id),
                         writer,
-                        window,
-                    ));
+                        event_type: EVENT_TYPE,
+                        actor: ACTOR,
+                        pace: None,
+                    };
+                    tasks.spawn(writer.run(window, payload));
                 }
             }
         }
@@ -366,26 +293,6 @@ fn proxy_config(db_url: &str, pool_size: u32) -> Result<Config> {
     Config::from_parts(Some(&text), None, &[]).context("benchmark proxy config")
 }
 
-/// Polls the admin port's `/readyz` until it answers 200 (routing loaded, store reachable).
-async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let uri = format!("{admin}/readyz");
-    loop {
-        let request = Request::get(&uri)
-            .body(Full::new(Bytes::new()))
-            .context("building the readiness request")?;
-        if let Ok(response) = client.request(request).await {
-            if response.status() == StatusCode::OK {
-                return Ok(());
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("the proxy did not become ready within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Starts the proxy, runs every round, stops the proxy. The database exists already.
 /// Fills the new store with `events` events through a pool that is closed afterwards, then
 /// refreshes the planner's statistics, so that no measured connection ever plans against a
@@ -415,7 +322,8 @@ async fn seed(db_url: &str, events: u32, plans: AppendPlans) -> Result<()> {
                 Ok(NewEvent::new(
                     Uuid::now_v7(),
                     EVENT_TYPE,
-                    RawValue::from_string(payload(0, u64::from(i))).context("payload is JSON")?,
+                    RawValue::from_string(payload(0, u64::from(i)).to_string())
+                        .context("payload is JSON")?,
                     Some(ACTOR.to_owned()),
                     None,
                 ))
@@ -457,18 +365,14 @@ async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
         let _ = stopped.await;
     }));
 
-    let mut connector = HttpConnector::new();
-    // What any latency-minded client does; the proxy sets it on its side too.
-    connector.set_nodelay(true);
-    let admin_client = Client::builder(TokioExecutor::new()).build(connector.clone());
-    wait_ready(&admin_client, &admin_base).await?;
-    let client = match args.protocol {
-        Protocol::H1 => Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(args.writers.max(1))
-            .build(connector),
-        Protocol::H2c => Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector),
+    // TCP_NODELAY, as any latency-minded client (the proxy sets it on its side too).
+    wait_ready(&AdminClient::new(&admin_base)).await?;
+    let transport = match args.protocol {
+        Protocol::H1 => Transport::with_pool(
+            switchyard_client::Protocol::Http1,
+            Some(args.writers.max(1)),
+        ),
+        Protocol::H2c => Transport::new(switchyard_client::Protocol::H2c),
     };
 
     let direct = EventStore::connect("shared", db_url, args.pool_size).context("direct pool")?;
@@ -476,8 +380,7 @@ async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
     let harness = Harness {
         args,
         direct,
-        client,
-        proxy_base,
+        proxy: DataClient::with_transport(transport, &proxy_base),
     };
     let mut direct_outcome = Outcome::new()?;
     let mut proxy_outcome = Outcome::new()?;
@@ -504,7 +407,7 @@ async fn measure(args: Args, db_url: &str) -> Result<(Outcome, Outcome)> {
     }
 
     let _ = stop.send(());
-    drop(harness.client);
+    drop(harness.proxy);
     harness.direct.close().await;
     match tokio::time::timeout(Duration::from_secs(15), proxy).await {
         Ok(Ok(())) => {}

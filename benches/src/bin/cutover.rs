@@ -35,7 +35,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, load_averages, quantile};
-use switchyard_benches::{toml_string, with_database};
+use switchyard_benches::{toml_string, wait_ready, with_database};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -239,19 +239,6 @@ async fn control_ok(bin: &PathBuf, config: &PathBuf, args: &[&str]) -> Result<Va
         bail!("switchyard-control {} failed: {value}", args.join(" "));
     }
     Ok(value)
-}
-
-async fn wait_ready(admin: &AdminClient) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if admin.ready().await.is_ok_and(|r| r.ready) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("a proxy did not become ready within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the proxy's route for `tenant` is `state`.

@@ -32,20 +32,16 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, round1, round3, Window};
-use switchyard_benches::{redact, toml_string, with_database};
+use switchyard_benches::writer::StreamWriter;
+use switchyard_benches::{counters, redact, toml_string, wait_ready, with_database};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
+use switchyard_client::{percent_encode, AdminClient, DataClient, Protocol, StreamId, Transport};
 use switchyard_config::Config;
 use switchyard_proxy::App;
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
@@ -60,8 +56,6 @@ const EVENT_TYPE: &str = "OrderPlaced";
 const ACTOR: &str = "dual-write-bench";
 /// How long the mirror may take to catch up after a dual phase before the run fails.
 const MIRROR_DRAIN_LIMIT: Duration = Duration::from_secs(120);
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Measures append latency and throughput through the proxy with the mirror on versus off.
 #[derive(Debug, Clone, Parser)]
@@ -178,15 +172,8 @@ impl Outcome {
     }
 }
 
-/// What a writer did in one phase.
-struct WriterResult {
-    latencies_us: Histogram<u64>,
-    count: u64,
-    sent: u64,
-}
-
 /// A JSON object of about 200 bytes, different per event.
-fn payload(writer: usize, seq: u64) -> String {
+fn payload(writer: usize, seq: u64) -> Value {
     json!({
         "order_id": Uuid::new_v4(),
         "customer": format!("customer-{writer:04}"),
@@ -196,75 +183,6 @@ fn payload(writer: usize, seq: u64) -> String {
         "items": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
         "note": "benchmark payload padding.....",
     })
-    .to_string()
-}
-
-/// One writer: appends to a new stream of `tenant` until the window ends.
-async fn writer(
-    client: HttpClient,
-    base: String,
-    tenant: Uuid,
-    writer: usize,
-    window: Window,
-    pace: Option<(Duration, Duration)>,
-) -> Result<WriterResult> {
-    let mut result = WriterResult {
-        latencies_us: latencies()?,
-        count: 0,
-        sent: 0,
-    };
-    // A new stream every phase, so its versions start at 1 and the mirror can land them.
-    let aggregate_id = Uuid::new_v4();
-    let uri = format!("{base}/v1/tenants/{tenant}/streams/{AGGREGATE_TYPE}/{aggregate_id}/events");
-    let mut version: u64 = 0;
-    // Paced writers start spread over one interval (`pace.1` is this one's offset), so their
-    // appends do not arrive in bursts.
-    let mut next_send = pace.map(|(_, offset)| Instant::now() + offset);
-    loop {
-        if let (Some(at), Some((p, _))) = (next_send.as_mut(), pace) {
-            tokio::time::sleep_until((*at).into()).await;
-            // Behind schedule (a slow append): carry on from now rather than burst.
-            *at = (*at + p).max(Instant::now());
-        }
-        let started = Instant::now();
-        if started >= window.end {
-            return Ok(result);
-        }
-        let body = format!(
-            r#"{{"expected_version":{version},"events":[{{"event_id":"{}","event_type":"{EVENT_TYPE}","payload":{},"actor_id":"{ACTOR}"}}]}}"#,
-            Uuid::now_v7(),
-            payload(writer, version),
-        );
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(&uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .context("building the request")?;
-        let response = client
-            .request(request)
-            .await
-            .with_context(|| format!("append, writer {writer}, version {version}"))?;
-        let status = response.status();
-        let reply = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the reply")?
-            .to_bytes();
-        let finished = Instant::now();
-        if status != StatusCode::CREATED {
-            bail!(
-                "append, writer {writer}, version {version}: {status} {}",
-                String::from_utf8_lossy(&reply)
-            );
-        }
-        version += 1;
-        result.sent += 1;
-        if window.record(started, finished, &mut result.latencies_us) {
-            result.count += 1;
-        }
-    }
 }
 
 /// Writes the same `events` events of `tenant` (streams of 100 versions, identical ids and
@@ -304,66 +222,16 @@ async fn seed_history(url: &str, tenant: Uuid, events: u64) -> Result<()> {
     Ok(())
 }
 
-/// `GET uri`, answering status and body.
-async fn get(client: &HttpClient, uri: &str) -> Result<(StatusCode, Bytes)> {
-    let request = Request::get(uri)
-        .body(Full::new(Bytes::new()))
-        .context("building a GET")?;
-    let response = client.request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
-}
-
-/// Polls `/readyz` until it answers 200 (routing loaded, stores reachable).
-async fn wait_ready(client: &HttpClient, admin: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let uri = format!("{admin}/readyz");
-    loop {
-        if let Ok((StatusCode::OK, _)) = get(client, &uri).await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("the proxy did not become ready within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `switchyard_proxy_mirror_writes_total` by outcome, from the proxy's `/metrics`.
-async fn mirror_counters(client: &HttpClient, admin: &str) -> Result<BTreeMap<String, u64>> {
-    let (status, body) = get(client, &format!("{admin}/metrics")).await?;
-    if status != StatusCode::OK {
-        bail!("/metrics answered {status}");
-    }
-    let text = String::from_utf8_lossy(&body);
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("switchyard_proxy_mirror_writes_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once('}') else {
-            continue;
-        };
-        let outcome = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("outcome=\""))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(labels);
-        let value: f64 = value.trim().parse().unwrap_or(0.0);
-        // Prometheus counters print as floats; these are whole event counts.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        out.insert(outcome.to_owned(), value as u64);
-    }
-    Ok(out)
+async fn mirror_counters(admin: &AdminClient) -> Result<BTreeMap<String, u64>> {
+    counters(admin, "switchyard_proxy_mirror_writes_total", "outcome").await
 }
 
 /// Everything a phase needs.
 struct Harness {
     args: Args,
-    client: HttpClient,
-    proxy_base: String,
-    admin_base: String,
+    proxy: DataClient,
+    admin: AdminClient,
     control: ControlDb,
     tenant: Uuid,
 }
@@ -387,13 +255,14 @@ impl Harness {
             .set_route(&update)
             .await
             .context("writing the route")?;
-        let uri = format!("{}/admin/routes/{}", self.admin_base, self.tenant);
         let deadline = started + Duration::from_secs(10);
+        let state = match routing {
+            Routing::Normal => switchyard_client::RoutingState::Normal,
+            Routing::Dual => switchyard_client::RoutingState::DualWrite,
+        };
         loop {
-            let (status, body) = get(&self.client, &uri).await?;
-            if status == StatusCode::OK {
-                let route: Value = serde_json::from_slice(&body)?;
-                if route["state"] == routing.name() && route["epoch"].as_i64() >= Some(epoch) {
+            if let Ok(detail) = self.admin.route(self.tenant).await {
+                if detail.route.state == state && detail.route.epoch >= epoch {
                     return Ok(started.elapsed());
                 }
             }
@@ -420,14 +289,16 @@ impl Harness {
             .then(|| Duration::from_secs_f64(self.args.writers as f64 / self.args.rate));
         let mut tasks = tokio::task::JoinSet::new();
         for w in 0..self.args.writers {
-            tasks.spawn(writer(
-                self.client.clone(),
-                self.proxy_base.clone(),
-                self.tenant,
-                w,
-                window,
-                pace.map(|p| (p, p.mul_f64(w as f64 / self.args.writers as f64))),
-            ));
+            // A new stream every phase, so its versions start at 1 and the mirror can land them.
+            let writer = StreamWriter {
+                proxy: self.proxy.clone(),
+                stream: StreamId::new(self.tenant, AGGREGATE_TYPE, Uuid::new_v4()),
+                writer: w,
+                event_type: EVENT_TYPE,
+                actor: ACTOR,
+                pace: pace.map(|p| (p, p.mul_f64(w as f64 / self.args.writers as f64))),
+            };
+            tasks.spawn(writer.run(window, payload));
         }
         while let Some(joined) = tasks.join_next().await {
             let result = joined.context("writer task panicked")??;
@@ -454,7 +325,7 @@ impl Harness {
     async fn wait_mirror(&self, expected: u64) -> Result<Duration> {
         let started = Instant::now();
         loop {
-            let counters = mirror_counters(&self.client, &self.admin_base).await?;
+            let counters = mirror_counters(&self.admin).await?;
             let handled: u64 = counters.values().sum();
             if handled >= expected {
                 return Ok(started.elapsed());
@@ -487,19 +358,6 @@ fn process_cpu() -> f64 {
     };
     // Clock ticks of 1/100 s (`getconf CLK_TCK` on Linux).
     (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
-/// `s` percent-encoded for a URL query value.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
 }
 
 fn proxy_config(source_url: &str, target_url: &str, pool_size: u32) -> Result<Config> {
@@ -592,18 +450,14 @@ async fn measure(args: Args, source_url: &str, target_url: &str) -> Result<Measu
         let _ = stopped.await;
     }));
 
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.writers.max(1) + 2)
-        .build(connector);
-    wait_ready(&client, &admin_base).await?;
+    let transport = Transport::with_pool(Protocol::Http1, Some(args.writers.max(1) + 2));
+    let admin = AdminClient::with_transport(transport.clone(), &admin_base);
+    wait_ready(&admin).await?;
 
     let harness = Harness {
         args: args.clone(),
-        client,
-        proxy_base,
-        admin_base,
+        proxy: DataClient::with_transport(transport, &proxy_base),
+        admin,
         control,
         tenant,
     };
@@ -611,9 +465,12 @@ async fn measure(args: Args, source_url: &str, target_url: &str) -> Result<Measu
 
     let _ = stop.send(());
     let Harness {
-        client, control, ..
+        proxy: data,
+        admin,
+        control,
+        ..
     } = harness;
-    drop(client);
+    drop((data, admin));
     match tokio::time::timeout(Duration::from_secs(15), proxy).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => eprintln!("the proxy task ended abnormally: {e}"),
@@ -664,7 +521,7 @@ async fn phases(harness: &Harness, rounds: usize) -> Result<Measured> {
             }
         }
     }
-    measured.mirror = mirror_counters(&harness.client, &harness.admin_base).await?;
+    measured.mirror = mirror_counters(&harness.admin).await?;
     Ok(measured)
 }
 

@@ -28,19 +28,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use switchyard_benches::args::Common;
 use switchyard_benches::report::{block_on, latencies, load_averages, record_latency};
-use switchyard_benches::{toml_string, Databases, InProcessProxy};
+use switchyard_benches::{counters, toml_string, Databases, InProcessProxy};
+use switchyard_client::{
+    AdminClient, ClientError, DataClient, ExpectedVersion, NewEvent, Protocol,
+    RoutingState as ClientRoutingState, StreamId, Transport,
+};
 use switchyard_config::Config;
 use switchyard_store::{ControlDb, EventStore, RouteUpdate, RoutingState};
 use tokio::sync::{watch, Mutex};
@@ -48,8 +47,6 @@ use uuid::Uuid;
 
 /// The issue's target: the other tenant's p99 within 20 % of its baseline.
 const TARGET_P99_RATIO: f64 = 1.20;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Measures another tenant's appends at baseline and during a hot tenant's cutover.
 #[derive(Debug, Clone, Parser)]
@@ -151,36 +148,30 @@ impl Outcome {
     }
 }
 
-/// `POST uri` with `body`, answering the status and the error code (empty on success).
-async fn post(client: &HttpClient, uri: &str, body: String) -> Result<(StatusCode, String)> {
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .context("building the request")?;
-    let response = client.request(request).await?;
-    let status = response.status();
-    let reply = response.into_body().collect().await?.to_bytes();
-    let code = serde_json::from_slice::<Value>(&reply)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_default();
-    Ok((status, code))
-}
-
-fn one_event(expected_version: Option<u64>) -> String {
-    let expected = expected_version.map_or_else(|| "null".to_owned(), |v| v.to_string());
-    format!(
-        r#"{{"expected_version":{expected},"events":[{{"event_id":"{}","event_type":"Deposited","payload":{{"amount_cents":1234,"note":"fairness bench"}}}}]}}"#,
-        Uuid::now_v7()
-    )
+/// Appends one event to `stream` (at `expected`, or at any version), answering the status and
+/// the error code (empty on success). No answer at all ends the run.
+async fn append_one(
+    proxy: &DataClient,
+    stream: &StreamId,
+    expected: Option<u64>,
+) -> Result<(StatusCode, String)> {
+    let mut event = NewEvent::new(
+        "Deposited",
+        json!({"amount_cents": 1234, "note": "fairness bench"}),
+    );
+    event.event_id = Uuid::now_v7();
+    let expected = expected.map_or(ExpectedVersion::Any, ExpectedVersion::Exact);
+    match proxy.append(stream, expected, &[event]).await {
+        Ok(_) => Ok((StatusCode::CREATED, String::new())),
+        Err(ClientError::Api(refused)) => Ok((refused.status, refused.code.as_str().to_owned())),
+        Err(e) => Err(e).context("append"),
+    }
 }
 
 /// One writer of the other tenant, for one phase: its latencies and failures.
 async fn other_writer(
-    client: HttpClient,
-    uri: String,
+    proxy: DataClient,
+    stream: StreamId,
     measure_from: Instant,
     end: Instant,
 ) -> Result<(Histogram<u64>, BTreeMap<String, u64>)> {
@@ -198,7 +189,7 @@ async fn other_writer(
         let started = *first_try.get_or_insert(now);
         // After a 503 (nothing written) the retry carries a new event id; one that did write
         // would end in a 409 on the next try, and the harness stops.
-        let (status, code) = post(&client, &uri, one_event(Some(version))).await?;
+        let (status, code) = append_one(&proxy, &stream, Some(version)).await?;
         let finished = Instant::now();
         let measured = finished >= measure_from && finished <= end;
         if status == StatusCode::CREATED {
@@ -225,13 +216,13 @@ async fn other_writer(
 
 /// One hot writer: appends until `stop`, counting answers by status and code.
 async fn hot_writer(
-    client: HttpClient,
-    uri: String,
+    proxy: DataClient,
+    stream: StreamId,
     mut stop: watch::Receiver<bool>,
     answers: Arc<Mutex<BTreeMap<String, u64>>>,
 ) -> Result<()> {
     while !*stop.borrow() {
-        let sent = post(&client, &uri, one_event(None));
+        let sent = append_one(&proxy, &stream, None);
         let (status, code) = tokio::select! {
             answered = sent => answered?,
             _ = stop.changed() => return Ok(()),
@@ -249,31 +240,13 @@ async fn hot_writer(
 }
 
 /// `switchyard_proxy_shed_requests_total` by reason.
-async fn shed_counters(client: &HttpClient, admin: &str) -> Result<BTreeMap<String, u64>> {
-    let request = Request::get(format!("{admin}/metrics")).body(Full::new(Bytes::new()))?;
-    let response = client.request(request).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    let mut out = BTreeMap::new();
-    for line in String::from_utf8_lossy(&body).lines() {
-        let Some(rest) = line.strip_prefix("switchyard_proxy_shed_requests_total{reason=\"") else {
-            continue;
-        };
-        if let Some((reason, value)) = rest.split_once("\"} ") {
-            // Counters print as floats; these are whole request counts.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            out.insert(
-                reason.to_owned(),
-                value.trim().parse::<f64>().unwrap_or(0.0) as u64,
-            );
-        }
-    }
-    Ok(out)
+async fn shed_counters(admin: &AdminClient) -> Result<BTreeMap<String, u64>> {
+    counters(admin, "switchyard_proxy_shed_requests_total", "reason").await
 }
 
 struct Harness {
     args: Args,
-    client: HttpClient,
-    proxy_base: String,
+    proxy: DataClient,
     source_url: String,
     hot: Uuid,
     other: Uuid,
@@ -304,15 +277,9 @@ impl Harness {
         let mut hot_tasks = tokio::task::JoinSet::new();
         if phase == Phase::Cutover || self.args.hot_in_baseline {
             for _ in 0..self.args.hot_writers {
-                let uri = format!(
-                    "{}/v1/tenants/{}/streams/BenchAccount/{}/events",
-                    self.proxy_base,
-                    self.hot,
-                    Uuid::new_v4()
-                );
                 hot_tasks.spawn(hot_writer(
-                    self.client.clone(),
-                    uri,
+                    self.proxy.clone(),
+                    StreamId::new(self.hot, "BenchAccount", Uuid::new_v4()),
                     hot_stopped.clone(),
                     Arc::clone(&self.hot_answers),
                 ));
@@ -323,13 +290,8 @@ impl Harness {
         let end = measure_from + Duration::from_secs_f64(self.args.seconds);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..self.args.writers {
-            let uri = format!(
-                "{}/v1/tenants/{}/streams/BenchAccount/{}/events",
-                self.proxy_base,
-                self.other,
-                Uuid::new_v4()
-            );
-            tasks.spawn(other_writer(self.client.clone(), uri, measure_from, end));
+            let stream = StreamId::new(self.other, "BenchAccount", Uuid::new_v4());
+            tasks.spawn(other_writer(self.proxy.clone(), stream, measure_from, end));
         }
         while let Some(done) = tasks.join_next().await {
             let (latencies, failures) = done??;
@@ -419,19 +381,13 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
     )?)
     .await?;
     let (proxy_base, admin_base) = (proxy.data.clone(), proxy.admin.clone());
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.writers + args.hot_writers + 2)
-        .build(connector);
+    let transport =
+        Transport::with_pool(Protocol::Http1, Some(args.writers + args.hot_writers + 2));
+    let admin = AdminClient::with_transport(transport.clone(), &admin_base);
     let ready_by = Instant::now() + Duration::from_secs(30);
     loop {
-        let request = Request::get(format!("{admin_base}/admin/routes/{hot}"))
-            .body(Full::new(Bytes::new()))?;
-        if let Ok(response) = client.request(request).await {
-            let body = response.into_body().collect().await?.to_bytes();
-            let route: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if route["state"] == "dual_write" {
+        if let Ok(detail) = admin.route(hot).await {
+            if detail.route.state == ClientRoutingState::DualWrite {
                 break;
             }
         }
@@ -443,8 +399,7 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
 
     let harness = Harness {
         args: args.clone(),
-        client: client.clone(),
-        proxy_base,
+        proxy: DataClient::with_transport(transport, &proxy_base),
         source_url: shared_url.clone(),
         hot,
         other,
@@ -470,10 +425,8 @@ async fn measure(args: &Args, dbs: &mut Databases) -> Result<Measured> {
         }
     }
     measured.hot = harness.hot_answers.lock().await.clone();
-    measured.shed = shed_counters(&client, &admin_base)
-        .await
-        .unwrap_or_default();
-    drop(client);
+    measured.shed = shed_counters(&admin).await.unwrap_or_default();
+    drop((harness, admin));
     proxy.stop().await;
     result.map(|()| measured)
 }

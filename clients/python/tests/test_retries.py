@@ -15,6 +15,7 @@ from eventsource.testing.conformance_ports._fixtures import (
 )
 
 from switchyard_eventsource import SwitchyardEventStore
+from switchyard_eventsource.store import SwitchyardError
 
 
 def adapter_answering(replies: list[httpx.Response], seen: list[dict]) -> SwitchyardEventStore:
@@ -65,4 +66,36 @@ async def test_a_conflict_is_not_retried() -> None:
     with pytest.raises(OptimisticLockError) as raised:
         await store.append(stream, [make_event(stream.aggregate_id)], ExpectedVersion.no_stream())
     assert raised.value.actual_version == 3
+    assert len(seen) == 1
+
+
+async def test_a_gateway_error_that_is_not_the_proxys_is_retried_then_named() -> None:
+    # What a load balancer in front of the proxy answers: HTML, not the proxy's JSON error.
+    gateway = httpx.Response(502, text="<html><body>502 Bad Gateway</body></html>")
+    done = httpx.Response(
+        201,
+        json={"store_id": "shared", "first_version": 1, "last_version": 1,
+              "global_positions": [3]},
+    )
+    seen: list[dict] = []
+    store = adapter_answering([gateway, done], seen)
+    stream = make_stream()
+    events = [make_event(stream.aggregate_id)]
+
+    result = await store.append(stream, events, ExpectedVersion.no_stream())
+
+    assert result.new_version == 1
+    assert len(seen) == 2 and seen[0]["events"] == seen[1]["events"]
+
+
+async def test_a_reply_that_is_not_json_is_a_clear_error() -> None:
+    teapot = httpx.Response(418, text="I'm a teapot")
+    seen: list[dict] = []
+    store = adapter_answering([teapot], seen)
+    stream = make_stream()
+    with pytest.raises(SwitchyardError) as raised:
+        await store.append(stream, [make_event(stream.aggregate_id)], ExpectedVersion.no_stream())
+    assert raised.value.status == 418
+    assert raised.value.code == "unexpected_reply"
+    assert "I'm a teapot" in str(raised.value)
     assert len(seen) == 1

@@ -199,11 +199,13 @@ impl Engine {
             }
             // Again before every batch: a route or a migration may have come back meanwhile.
             self.check_cleanup_allowed(&record, cleanup.role).await?;
+            crate::fault::pause_point("cleanup_before_delete").await;
             let n = store
                 .delete_tenant_batch(record.tenant_id, batch)
                 .await
                 .map_err(EngineError::store(store.id()))?;
             crash_point("cleanup_after_batch");
+            self.metrics.cleanup_rows_deleted.inc_by(n);
             deleted += i64::try_from(n).unwrap_or(i64::MAX);
             // Fewer than a batch: the tenant had no more rows there when it ran.
             let done = n < u64::from(batch);

@@ -6,7 +6,7 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-use switchyard_store::MigrationRecord;
+use switchyard_store::{CleanupRecord, MigrationRecord};
 
 #[derive(Clone, Debug)]
 pub struct EngineMetrics {
@@ -33,6 +33,11 @@ pub struct EngineMetrics {
     pub migration_info: IntGaugeVec,
     /// Fleet view: the control database's routing epoch (what proxies should have loaded).
     pub routing_epoch: IntGauge,
+    /// Fleet view: cleanups still deleting, and the rows they have left to delete.
+    pub cleanups_running: IntGauge,
+    pub cleanup_rows_left: IntGauge,
+    /// Rows of tenants deleted by cleanups run by this process.
+    pub cleanup_rows_deleted: IntCounter,
 }
 
 /// Cutover pause buckets: 1 ms to 10 s.
@@ -180,8 +185,26 @@ impl EngineMetrics {
             "The control database's routing epoch: proxies below it are stale.",
         )
         .expect("valid metric");
+        let cleanups_running = IntGauge::new(
+            "switchyard_control_cleanups_running",
+            "Cleanups still deleting a tenant's rows from a store it left (control database).",
+        )
+        .expect("valid metric");
+        let cleanup_rows_left = IntGauge::new(
+            "switchyard_control_cleanup_rows_left",
+            "Rows those cleanups have left to delete (counted when each started, less what it recorded deleted).",
+        )
+        .expect("valid metric");
+        let cleanup_rows_deleted = IntCounter::new(
+            "switchyard_control_cleanup_rows_deleted_total",
+            "Rows of tenants deleted by cleanups run by this process.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(cutovers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cleanups_running.clone()),
+            Box::new(cleanup_rows_left.clone()),
+            Box::new(cleanup_rows_deleted.clone()),
             Box::new(cutover_pause.clone()),
             Box::new(migrations.clone()),
             Box::new(migration_info.clone()),
@@ -219,6 +242,9 @@ impl EngineMetrics {
             migrations,
             migration_info,
             routing_epoch,
+            cleanups_running,
+            cleanup_rows_left,
+            cleanup_rows_deleted,
         }
     }
 
@@ -301,6 +327,18 @@ impl EngineMetrics {
             self.migrations.with_label_values(&[&state]).set(n);
         }
         self.routing_epoch.set(routing_epoch);
+    }
+
+    /// Replaces the cleanups' fleet view with the cleanups running now.
+    pub fn observe_cleanups(&self, running: &[CleanupRecord]) {
+        self.cleanups_running
+            .set(i64::try_from(running.len()).unwrap_or(i64::MAX));
+        self.cleanup_rows_left.set(
+            running
+                .iter()
+                .map(|c| (c.rows_total - c.rows_deleted).max(0))
+                .sum(),
+        );
     }
 
     pub fn render(&self) -> String {

@@ -97,21 +97,11 @@ impl Engine {
         }
         // A cleanup still deleting the tenant's rows from either store would delete what this
         // migration copies (or reads): let it finish first.
-        let running = self.control.running_cleanups(request.tenant_id).await?;
-        if let Some(c) = running
-            .iter()
-            .find(|c| c.store_id == source_id || c.store_id == request.target_store_id)
+        if let Some(why) = self
+            .cleanup_in_the_way(request.tenant_id, &source_id, &request.target_store_id)
+            .await?
         {
-            return Err(EngineError::Refused(format!(
-                "tenant {}'s rows in store {} are being deleted by the cleanup of migration {} \
-                 ({} of {} deleted); start again when it is done (`switchyard-control status {}`)",
-                request.tenant_id,
-                c.store_id,
-                c.migration_id,
-                c.rows_deleted,
-                c.rows_total,
-                c.migration_id
-            )));
+            return Err(EngineError::Refused(why));
         }
         let existing = target
             .count_tenant(request.tenant_id)
@@ -151,6 +141,7 @@ impl Engine {
             cutover: request.cutover,
             reset_target: request.reset_target,
         };
+        crate::fault::pause_point("migrate_start_before_insert").await;
         let record = self
             .control
             .create_migration(
@@ -167,6 +158,28 @@ impl Engine {
                 note,
             )
             .await?;
+        // Again now that the migration is recorded: a cleanup recorded after the check above
+        // checked for migrations before this one existed, and may be about to delete a batch
+        // from the target this migration copies into. Recording first and checking second on
+        // both sides means at least one of the two sees the other; this one stands down.
+        if let Some(why) = self
+            .cleanup_in_the_way(
+                request.tenant_id,
+                &record.source_store_id,
+                &record.target_store_id,
+            )
+            .await?
+        {
+            let note = note
+                .clone()
+                .with_details(serde_json::json!({ "reason": why }));
+            self.change(&record, Action::Abort, MigrationState::RolledBack, &note)
+                .await?;
+            return Err(EngineError::Refused(format!(
+                "{why} (it started while migration {} was being recorded, which is rolled back)",
+                record.id
+            )));
+        }
         if existing > 0 {
             // Only now: the migration row makes sure nobody else is using this tenant's target.
             let deleted = target
@@ -184,6 +197,28 @@ impl Engine {
                 .await?;
         }
         Ok(record)
+    }
+
+    /// Why a cleanup running now keeps a migration of `tenant` from `source` to `target` from
+    /// going on: it is deleting the tenant's rows from one of the two stores.
+    async fn cleanup_in_the_way(
+        &self,
+        tenant: Uuid,
+        source: &str,
+        target: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let running = self.control.running_cleanups(Some(tenant)).await?;
+        Ok(running
+            .iter()
+            .find(|c| c.store_id == source || c.store_id == target)
+            .map(|c| {
+                format!(
+                    "tenant {tenant}'s rows in store {} are being deleted by the cleanup of \
+                     migration {} ({} of {} deleted); start again when it is done \
+                     (`switchyard-control status {}`)",
+                    c.store_id, c.migration_id, c.rows_deleted, c.rows_total, c.migration_id
+                )
+            }))
     }
 
     /// bulk_copy or dual_write → paused. The copy or tail stops at its next batch boundary;

@@ -256,18 +256,26 @@ impl ControlDb {
         }))
     }
 
-    /// The tenant's cleanups that are still deleting (of any of its migrations).
+    /// The cleanups that are still deleting: of `tenant_id`'s migrations, or of every tenant.
     pub async fn running_cleanups(
         &self,
-        tenant_id: Uuid,
+        tenant_id: Option<Uuid>,
     ) -> Result<Vec<CleanupRecord>, MigrationError> {
+        let tenant = if tenant_id.is_some() {
+            "AND tenant_id = $1"
+        } else {
+            ""
+        };
         let sql = format!(
             "SELECT {CLEANUP_COLUMNS} FROM migration_cleanups
-             WHERE tenant_id = $1 AND state = 'running' ORDER BY started_at"
+             WHERE state = 'running' {tenant} ORDER BY started_at"
         );
         Ok(on_backend!(self, |pool, d| {
-            sqlx::query(&sql)
-                .bind(d.id(tenant_id))
+            let mut query = sqlx::query(&sql);
+            if let Some(tenant_id) = tenant_id {
+                query = query.bind(d.id(tenant_id));
+            }
+            query
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -485,12 +493,23 @@ mod tests {
         ));
         let part = control.record_cleanup(m.id, "w1", 3, false, &note).await?;
         assert_eq!((part.rows_deleted, part.rows_left()), (3, 4));
-        assert_eq!(control.running_cleanups(record.tenant_id).await?.len(), 1);
+        assert_eq!(
+            control
+                .running_cleanups(Some(record.tenant_id))
+                .await?
+                .len(),
+            1
+        );
+        assert_eq!(control.running_cleanups(None).await?.len(), 1);
         let done = control.record_cleanup(m.id, "w1", 7, true, &note).await?;
         assert_eq!((done.state, done.rows_left()), (CleanupState::Done, 0));
         assert!(done.finished_at.is_some() && done.claimed_by.is_none());
         assert!(!control.claim_cleanup(m.id, "w1", lease).await?);
-        assert!(control.running_cleanups(record.tenant_id).await?.is_empty());
+        assert!(control
+            .running_cleanups(Some(record.tenant_id))
+            .await?
+            .is_empty());
+        assert!(control.running_cleanups(None).await?.is_empty());
         let actions: Vec<String> = control
             .audit_log(m.id)
             .await?

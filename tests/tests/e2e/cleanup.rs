@@ -231,7 +231,7 @@ async fn a_control_killed_mid_cleanup_is_resumed_by_serve() -> Result<()> {
         "one batch went"
     );
 
-    let _serve = ServeProcess::spawn(&m.env.config_path, "resumer", &[])?;
+    let serve = ServeProcess::spawn(&m.env.config_path, "resumer", &[])?;
     wait_for_every(
         Duration::from_secs(60),
         Duration::from_millis(200),
@@ -244,6 +244,29 @@ async fn a_control_killed_mid_cleanup_is_resumed_by_serve() -> Result<()> {
     assert_eq!(count_events(shared, Some(m.a)).await?, 0);
     assert_eq!(ids(shared, m.b).await?, b_before);
     assert_eq!(fence(shared, m.a).await?.as_deref(), Some("moved"));
+
+    // Its metrics: serve deleted the 260 rows the crashed run left, and the fleet view (read
+    // from the control database every 2 s) shows no cleanup running with nothing left.
+    let metric = |text: &str, name: &str| switchyard_client::metric_sum(text, name);
+    let scrape = || async {
+        let reply = m.http.get(&format!("{}/metrics", serve.admin)).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8(reply.body.to_vec())?)
+    };
+    wait_for(Duration::from_secs(20), || async {
+        Ok(metric(&scrape().await?, "switchyard_control_cleanups_running") == Some(0.0))
+    })
+    .await?;
+    let text = scrape().await?;
+    assert_eq!(
+        metric(&text, "switchyard_control_cleanup_rows_deleted_total"),
+        Some(260.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "switchyard_control_cleanup_rows_left"),
+        Some(0.0),
+        "{text}"
+    );
     Ok(())
 }
 
@@ -354,5 +377,87 @@ async fn serve_completes_after_the_grace_period_and_cleanup_is_refused_where_rou
         100,
         "nothing deleted"
     );
+    Ok(())
+}
+
+/// A second operator's `migrate start` back into the store a cleanup is emptying, in the one
+/// order that loses rows unless one of them stands down: the migration's preflight passes
+/// before the cleanup is recorded, the cleanup's batch check passes before the migration is
+/// recorded, and the batch is deleted after the migration copied the tenant there (pause points
+/// hold each side at its step). Whatever the outcome, a migration that went on holds every
+/// event of its source in its target, checked by id with the harness's own SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_racing_a_cleanup_of_its_target_never_loses_a_batch() -> Result<()> {
+    use switchyard_control::fault::PAUSE_AT_VAR;
+    let m = migrated(THROTTLED, 300, 100).await?;
+    let (shared, dedicated) = (m.env.store_url("shared"), m.env.store_url("dedicated"));
+    let tenant = m.a.to_string();
+
+    // Operator 2 moves the tenant back to shared (where its old rows still are), held for 6 s
+    // once its preflight passed.
+    let held = m.env.dir.path.join("migrate-back.stderr");
+    let back = std::process::Command::new(bin("switchyard-control"))
+        .arg("--config")
+        .arg(&m.env.config_path)
+        .args(["--json", "migrate", "start", "--tenant", &tenant])
+        .args(["--to", "shared", "--reset-target"])
+        .env(PAUSE_AT_VAR, "migrate_start_before_insert:6000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&held)?)
+        .spawn()?;
+    wait_for(Duration::from_secs(30), || async {
+        Ok(std::fs::read_to_string(&held)?.contains("pausing at migrate_start_before_insert"))
+    })
+    .await?;
+
+    // Operator 1 completes the first migration with a cleanup of shared, whose first batch is
+    // held for 12 s after its check: the migration is recorded and copies meanwhile.
+    let config = m.env.config_path.clone();
+    let id = m.id.clone();
+    let cleanup = tokio::task::spawn_blocking(move || {
+        run_control(
+            &config,
+            &["--json", "complete", &id, "--cleanup"],
+            &[(PAUSE_AT_VAR, "cleanup_before_delete:12000")],
+        )
+    });
+    let back = tokio::task::spawn_blocking(move || back.wait_with_output()).await??;
+    let cleanup = cleanup.await??;
+    let back_said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&back.stdout),
+        std::fs::read_to_string(&held)?
+    );
+
+    if back.status.success() {
+        // The migration went on: its target must hold every event of its source.
+        let source_ids: HashSet<Uuid> = tenant_events(dedicated, m.a)
+            .await?
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        let target_ids: HashSet<Uuid> = tenant_events(shared, m.a)
+            .await?
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        let missing = source_ids.difference(&target_ids).count();
+        assert_eq!(
+            missing,
+            0,
+            "the migration back reached dual_write, yet {missing} of its {} events are not in \
+             its target: the cleanup deleted them after the copy (cleanup said: {}{})",
+            source_ids.len(),
+            cleanup.stdout,
+            cleanup.stderr
+        );
+    } else {
+        assert!(
+            back_said.contains("cleanup"),
+            "the migration back stood down naming the cleanup: {back_said}"
+        );
+    }
+    assert_eq!(ids(shared, m.b).await?.len(), 100, "b's rows untouched");
     Ok(())
 }

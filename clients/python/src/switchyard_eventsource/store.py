@@ -43,6 +43,10 @@ PAGE = 10_000
 REMEMBERED_STREAMS = 100_000
 
 
+#: Statuses an intermediary in front of the proxy answers when it could not reach it.
+GATEWAY_ERRORS = frozenset({502, 503, 504})
+
+
 class SwitchyardError(EventStoreConnectionError):
     """A reply of the proxy that is none of eventsource-py's own errors."""
 
@@ -157,7 +161,18 @@ class SwitchyardEventStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            body: dict[str, Any] = response.json() if response.content else {}
+            try:
+                body: dict[str, Any] = response.json() if response.content else {}
+            except ValueError:
+                # Not the proxy's JSON: an intermediary (a load balancer, an ingress) answered.
+                body = {"error": "unexpected_reply", "message": response.text[:500]}
+                if response.status_code in GATEWAY_ERRORS and time.monotonic() + delay <= deadline:
+                    # As a lost connection: the request may not have reached the proxy, and
+                    # sending it again is safe (an append carries its event ids).
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise SwitchyardError(response.status_code, body) from None
             if response.is_success:
                 return body
             if body.get("retryable") and body.get("may_have_committed") is not True:
