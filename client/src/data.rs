@@ -228,10 +228,28 @@ pub struct StreamQuery {
 pub struct FeedQuery {
     /// Events after this global position.
     pub after_position: Option<i64>,
+    /// The store `after_position` belongs to (the `store_id` of the page that gave it): when
+    /// the tenant has since been migrated elsewhere, the proxy translates the cursor to its
+    /// current store (never skipping an event; some near the cursor may come again). Without
+    /// it the position is taken as one of the tenant's current store.
+    pub after_store: Option<String>,
     /// Only events of this aggregate type.
     pub aggregate_type: Option<String>,
     /// At most this many events.
     pub limit: Option<u32>,
+}
+
+impl FeedQuery {
+    /// This query continued after `page` (its `next`, a position of the store that served
+    /// it), or `None` when `page` was the last.
+    #[must_use]
+    pub fn continued_after(&self, page: &EventPage) -> Option<Self> {
+        page.next.map(|next| Self {
+            after_position: Some(next),
+            after_store: Some(page.store_id.clone()),
+            ..self.clone()
+        })
+    }
 }
 
 /// What part of a category to read; the default is from its first event.
@@ -446,6 +464,7 @@ impl DataClient {
             self.feed_url(tenant),
             query(&[
                 ("after_position", q.after_position.map(|v| v.to_string())),
+                ("after_store", q.after_store.clone()),
                 ("aggregate_type", q.aggregate_type.clone()),
                 ("limit", q.limit.map(|v| v.to_string())),
             ])
@@ -507,6 +526,28 @@ mod tests {
             "?a=1%2B2&c=x"
         );
         assert_eq!(query(&[("a", None)]), "");
+    }
+
+    #[test]
+    fn a_continued_feed_query_carries_the_pages_store_with_its_next() {
+        let query = FeedQuery {
+            aggregate_type: Some("Order".into()),
+            limit: Some(2),
+            ..FeedQuery::default()
+        };
+        let page = |next| EventPage {
+            store_id: "dedicated".into(),
+            events: Vec::new(),
+            next,
+        };
+        let next = query.continued_after(&page(Some(9))).expect("a next page");
+        assert_eq!(next.after_position, Some(9));
+        assert_eq!(next.after_store.as_deref(), Some("dedicated"));
+        assert_eq!(
+            (next.aggregate_type, next.limit),
+            (query.aggregate_type.clone(), Some(2))
+        );
+        assert_eq!(query.continued_after(&page(None)), None);
     }
 
     #[test]

@@ -60,6 +60,7 @@ error_codes! {
     EventIdConflict => "event_id_conflict",
     RetryOrderMismatch => "retry_order_mismatch",
     StreamNotFound => "stream_not_found",
+    CursorNotTranslatable => "cursor_not_translatable",
     WritesPaused => "writes_paused",
     StoreUnavailable => "store_unavailable",
     RoutingNotLoaded => "routing_not_loaded",

@@ -33,6 +33,9 @@ pub struct ProxyMetrics {
     /// Appends acknowledged by the store a moved fence named, reached by following it rather
     /// than the route (`api::append`).
     pub appends_followed: IntCounter,
+    /// Feed cursors of another store than the tenant's (`after_store`), by outcome:
+    /// `translated`, `not_translatable` (422), `route_stale` (503, this proxy behind a move).
+    pub feed_cursor_translations: IntCounterVec,
     pub routing_epoch: IntGauge,
     pub routing_tenants: IntGauge,
     pub routing_reloads: IntCounterVec,
@@ -145,6 +148,15 @@ impl ProxyMetrics {
              fence rather than the route (never mirrored).",
         )
         .expect("valid metric");
+        let feed_cursor_translations = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_feed_cursor_translations_total",
+                "Feed cursors of a store the tenant left, translated to its current store's \
+                 positions or refused, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let routing_epoch = IntGauge::new(
             "switchyard_proxy_routing_epoch",
             "Routing epoch of the table in use.",
@@ -232,6 +244,7 @@ impl ProxyMetrics {
             Box::new(mirror_queue_bytes.clone()),
             Box::new(fence_rejections.clone()),
             Box::new(appends_followed.clone()),
+            Box::new(feed_cursor_translations.clone()),
             Box::new(routing_epoch.clone()),
             Box::new(routing_tenants.clone()),
             Box::new(routing_reloads.clone()),
@@ -260,6 +273,7 @@ impl ProxyMetrics {
             mirror_queue_bytes,
             fence_rejections,
             appends_followed,
+            feed_cursor_translations,
             routing_epoch,
             routing_tenants,
             routing_reloads,

@@ -8,7 +8,9 @@
 use chrono::{DateTime, Utc};
 use http::{Response, StatusCode};
 use serde::Serialize;
-use switchyard_store::{CategoryStart, StreamRange, StreamRef};
+use switchyard_store::{
+    CategoryStart, FeedStart, MigrationError, RoutingState, StreamRange, StreamRef,
+};
 use uuid::Uuid;
 
 use crate::api::{percent_decode, read_reply, read_store, DEFAULT_READ_LIMIT, MAX_READ_LIMIT};
@@ -244,22 +246,100 @@ pub async fn category(
     Ok(json_response(StatusCode::OK, &reply))
 }
 
-/// `GET /v1/tenants/{t}/events?after_position&aggregate_type&limit`: the commit-safe feed
-/// (`switchyard_store`'s `read_feed`); `next` is the last event's position.
+/// `GET /v1/tenants/{t}/events?after_position&after_store&aggregate_type&limit`: the
+/// commit-safe feed (`switchyard_store`'s `read_feed`); `next` is the last event's position.
+///
+/// `after_store` names the store the cursor's position belongs to (the `store_id` of the
+/// reply that gave it). When it is not the store the tenant now reads from, the tenant was
+/// migrated since: the cursor is translated through the migrations' position maps in the
+/// control database ([`switchyard_store::ControlDb::translate_feed_cursor`]) to the first
+/// position the consumer may not have seen, and the feed continues from there — every event
+/// it has not seen is delivered, some it has may come again. A cursor no migration of the
+/// tenant leads from is 422 `cursor_not_translatable`, never a silent restart.
 pub async fn feed(state: &AppState, tenant: Uuid, query: &str) -> Result<Response<Body>, ApiError> {
-    let query = Query::parse(query, &["after_position", "aggregate_type", "limit"])?;
+    let query = Query::parse(
+        query,
+        &["after_position", "after_store", "aggregate_type", "limit"],
+    )?;
     let after = query.number::<i64>("after_position")?.unwrap_or(0);
+    let after_store = query.text("after_store", state.config.proxy.max_field_bytes)?;
     let aggregate_type = query.text("aggregate_type", state.config.proxy.max_field_bytes)?;
     let limit = query.limit()?;
     let (store, _slot) = read_store(state, tenant).await?;
+    let start = match after_store {
+        // Position 0 is the start in every store.
+        Some(from) if from != store.id() && after > 0 => {
+            FeedStart::From(translate_cursor(state, tenant, from, after, store.id()).await?)
+        }
+        _ => FeedStart::After(after),
+    };
     let events = store
-        .read_feed(tenant, after, aggregate_type, limit)
+        .read_feed(tenant, start, aggregate_type, limit)
         .await
         .map_err(|e| ApiError::from_store(store.id(), e))?;
     let next = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.global_position))
         .flatten();
     Ok(read_reply(store.id(), &events, next))
+}
+
+/// The first position of `to_store` a feed cursor at `position` of `from_store` may not have
+/// seen; 503 when the control database does not answer. No migration of the tenant leading
+/// there: 503 `route_stale` (retryable) when the control database routes the tenant
+/// elsewhere than `to_store`, or is cutting it over to `from_store` — the cursor came from a
+/// proxy that saw the move, this one has not yet (its routing reload is woken) — else 422
+/// `cursor_not_translatable`.
+async fn translate_cursor(
+    state: &AppState,
+    tenant: Uuid,
+    from_store: &str,
+    position: i64,
+    to_store: &str,
+) -> Result<i64, ApiError> {
+    let control_error = |e: MigrationError| match e {
+        MigrationError::Store(e) => ApiError::from_store("control", e),
+        other => ApiError::Internal(Box::new(other)),
+    };
+    let translated = state
+        .control
+        .translate_feed_cursor(tenant, from_store, position, to_store)
+        .await
+        .map_err(control_error)?;
+    let outcome = |name: &str| {
+        state
+            .metrics
+            .feed_cursor_translations
+            .with_label_values(&[name])
+            .inc();
+    };
+    if let Some(first) = translated {
+        outcome("translated");
+        return Ok(first);
+    }
+    let route = state
+        .control
+        .route(tenant)
+        .await
+        .map_err(|e| control_error(MigrationError::Store(e)))?;
+    let behind = route.is_some_and(|r| {
+        r.store_id != to_store
+            || (r.migration_state == RoutingState::CutoverPaused
+                && r.target_store_id.as_deref() == Some(from_store))
+    });
+    if behind {
+        outcome("route_stale");
+        state.reload_now.notify_one();
+        return Err(ApiError::RouteStale);
+    }
+    outcome("not_translatable");
+    Err(ApiError::invalid(
+        "cursor_not_translatable",
+        format!(
+            "the cursor's store {from_store:?} is not one this tenant was migrated from to \
+             {to_store:?} (where it now reads): its position {position} cannot be translated; \
+             read the feed from the start, or give a cursor of {to_store:?}"
+        ),
+    ))
 }
 
 #[derive(Serialize)]

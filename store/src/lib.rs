@@ -22,6 +22,6 @@ pub use control::{
 pub use error::{ErrorKind, StoreError};
 pub use event::{AppendError, Appended, NewEvent, StoredEvent, StreamRef};
 pub use events::{
-    CategoryStart, Digesting, Divergence, EventStore, FenceLock, FenceState, Landing, OlderWriter,
-    PassWindow, SchemaStatus, StreamDigest, StreamKey, StreamRange, FENCE_MARGIN,
+    CategoryStart, Digesting, Divergence, EventStore, FeedStart, FenceLock, FenceState, Landing,
+    OlderWriter, PassWindow, SchemaStatus, StreamDigest, StreamKey, StreamRange, FENCE_MARGIN,
 };

@@ -134,8 +134,17 @@ pub async fn converged(source: &str, target: &str, tenant: Uuid) -> Result<Vec<E
     }
 }
 
-/// The tenant's fence state in a PostgreSQL store (`open`, `moved`), if it has a fence row.
+/// The tenant's fence state in a store (`open`, `moved`), if it has a fence row.
 pub async fn fence(url: &str, tenant: Uuid) -> Result<Option<String>> {
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await?;
+        let state = sqlx::query_scalar("SELECT state FROM switchyard_fences WHERE tenant_id = ?1")
+            .bind(tenant.to_string())
+            .fetch_optional(&mut conn)
+            .await?;
+        conn.close().await?;
+        return Ok(state);
+    }
     let mut conn = sqlx::PgConnection::connect(url).await?;
     let state = sqlx::query_scalar("SELECT state FROM switchyard_fences WHERE tenant_id = $1")
         .bind(tenant)

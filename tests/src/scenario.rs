@@ -1,6 +1,6 @@
 //! Scenario setup: writers appending through proxies while a test runs ([`Writers`], recording
 //! each acknowledged append as [`Acked`]), tenants seeded straight into a store, and a
-//! migration driven to dual-write.
+//! migration started, or driven to dual-write.
 
 use std::time::Duration;
 
@@ -95,23 +95,29 @@ impl Writers {
 }
 
 /// Starts a migration of `tenant` to `to` (`--detach`, left to `serve`; `extra` arguments
-/// added) and waits for dual-write at lag 0; answers its id.
-pub async fn migrate_to_dual_write(
-    env: &Env,
-    tenant: Uuid,
-    to: &str,
-    extra: &[&str],
-) -> Result<String> {
+/// added, e.g. `--cutover auto`); answers its id.
+pub fn start_migration(env: &Env, tenant: Uuid, to: &str, extra: &[&str]) -> Result<String> {
     let tenant = tenant.to_string();
     let mut args = vec![
         "migrate", "start", "--tenant", &tenant, "--to", to, "--detach",
     ];
     args.extend_from_slice(extra);
     let started = env.control_json(&args)?;
-    let id = started["id"]
+    Ok(started["id"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no id in {started}"))?
-        .to_owned();
+        .to_owned())
+}
+
+/// Starts a migration of `tenant` to `to` ([`start_migration`]) and waits for dual-write at
+/// lag 0; answers its id.
+pub async fn migrate_to_dual_write(
+    env: &Env,
+    tenant: Uuid,
+    to: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let id = start_migration(env, tenant, to, extra)?;
     caught_up(env, &id, Duration::from_secs(300)).await?;
     Ok(id)
 }

@@ -1,6 +1,9 @@
 //! `positions translate MIGRATION --source-position P`: a subscription checkpoint's position
 //! in the target: just before the first target position of an event past P, so a subscriber
-//! may see some events again but never misses one (target positions follow landing order).
+//! reading in position order (eventsource-py's own stores, SQL) may see some events again but
+//! never misses one (target positions follow landing order). A consumer of the proxy's tenant
+//! feed, which is in `(txid, position)` order, keeps its old cursor and sends `after_store`
+//! instead (docs/architecture.md, "The tenant feed").
 
 use serde_json::json;
 use uuid::Uuid;

@@ -11,6 +11,9 @@ use uuid::Uuid;
 use super::DemoError;
 use crate::engine::{CutoverMode, CutoverOutcome, Driven, Engine, Report, StartRequest};
 
+/// How long the demo, once dual-writing, waits for a reported lag of 0 before it cuts over on
+/// the state alone.
+const CAUGHT_UP_PATIENCE: Duration = Duration::from_secs(30);
 /// How many times a refused cutover is tried, a second apart.
 const REFUSALS_RETRIED: u32 = 20;
 
@@ -78,17 +81,26 @@ pub(super) async fn migrate(
             engine.drive(id, &stop_rx, &report).await
         })
     };
-    // Dual-write reached: with writers writing, the tail always has a little to copy, so
-    // "caught up" is the state (the cutover samples the lag itself and refuses if it is over
-    // cutover_max_lag_events), or a reported lag of 0, whichever comes first.
+    // Caught up: dual-writing with a reported lag of 0, as an operator checks (`status`, `lag`)
+    // before a cutover. Right after the bulk copy the tail still has what the writers wrote
+    // during it to copy, and a cutover started then spends its time waiting for that. If no
+    // report says 0 for a while (a machine too busy for the tail to keep up), the state is
+    // enough: the cutover samples the lag itself and refuses if it is over
+    // cutover_max_lag_events.
     let dual_write = async {
+        let mut dual_since = None;
         loop {
             tokio::select! {
                 _ = caught_up.wait_for(|c| *c) => return true,
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
             match engine.control.migration(id).await {
-                Ok(r) if r.state == MigrationState::DualWrite => return true,
+                Ok(r) if r.state == MigrationState::DualWrite => {
+                    let since = *dual_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= CAUGHT_UP_PATIENCE {
+                        return true;
+                    }
+                }
                 Ok(r) if r.state.is_terminal() => return false,
                 _ => {}
             }

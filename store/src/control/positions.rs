@@ -170,3 +170,95 @@ impl ControlDb {
         Ok(n > 0)
     }
 }
+
+/// The most migrations a feed cursor is translated through (a tenant moved on and on, or back
+/// and forth); past it the cursor is not translated.
+const MAX_CURSOR_HOPS: usize = 16;
+
+impl ControlDb {
+    /// Where a feed cursor at `position` of store `from_store` continues in `to_store`, the
+    /// store the tenant now reads from: the first position there that the cursor's consumer
+    /// may not have seen, to be read with `FeedStart::From` (every event of the tenant at or
+    /// past it is delivered, so none is skipped; some seen before may come again). Follows the
+    /// tenant's migrations from `from_store` on (the latest one in `cutover` or `migrated`
+    /// leaving each store: a cutover moves the fence only after its position map is
+    /// complete), translating through each one's map ([`Self::first_unseen_target`]). `None`
+    /// when no such chain of migrations leads from `from_store` to `to_store`.
+    pub async fn translate_feed_cursor(
+        &self,
+        tenant_id: Uuid,
+        from_store: &str,
+        position: i64,
+        to_store: &str,
+    ) -> Result<Option<i64>, MigrationError> {
+        let mut store = from_store.to_owned();
+        // "Every event at or past `first` may be unseen" in `store`'s positions.
+        let mut first = position.saturating_add(1);
+        for _ in 0..MAX_CURSOR_HOPS {
+            if store == to_store {
+                return Ok(Some(first));
+            }
+            let Some((migration, target)) = self.moved_from(tenant_id, &store).await? else {
+                return Ok(None);
+            };
+            first = self.first_unseen_target(migration, first - 1).await?;
+            store = target;
+        }
+        Ok((store == to_store).then_some(first))
+    }
+
+    /// The tenant's latest migration off `store` whose fence moved or may have moved (its
+    /// position map is then complete), with its target.
+    async fn moved_from(
+        &self,
+        tenant_id: Uuid,
+        store: &str,
+    ) -> Result<Option<(Uuid, String)>, MigrationError> {
+        let found: Option<(String, String)> = on_backend!(self, |pool, d| {
+            sqlx::query_as(
+                "SELECT CAST(id AS TEXT), target_store_id FROM tenant_migrations
+                  WHERE tenant_id = $1 AND source_store_id = $2
+                    AND state IN ('cutover', 'migrated')
+                  ORDER BY created_at DESC, id DESC LIMIT 1",
+            )
+            .bind(d.id(tenant_id))
+            .bind(store)
+            .fetch_optional(pool)
+            .await?
+        });
+        found
+            .map(|(id, target)| {
+                let id = Uuid::parse_str(&id).map_err(|e| {
+                    MigrationError::Store(StoreError::Corrupt(format!("migration id: {e}")))
+                })?;
+                Ok((id, target))
+            })
+            .transpose()
+    }
+
+    /// The first target position a consumer that saw the source up to `source_position` may
+    /// not have seen: the smallest target position of the migration's events past it, else
+    /// (it saw them all) one past the largest mapped target position — the tenant's events
+    /// appended to the target after the cutover come after every copied one — else (nothing
+    /// was copied) 0. Every event the consumer has not seen is at or past it in the target.
+    pub async fn first_unseen_target(
+        &self,
+        migration_id: Uuid,
+        source_position: i64,
+    ) -> Result<i64, MigrationError> {
+        Ok(on_backend!(self, |pool, d| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce(
+                     (SELECT min(target_position) FROM migration_position_map
+                       WHERE migration_id = $1 AND source_position > $2),
+                     (SELECT max(target_position) + 1 FROM migration_position_map
+                       WHERE migration_id = $1),
+                     0)",
+            )
+            .bind(d.id(migration_id))
+            .bind(source_position)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+}

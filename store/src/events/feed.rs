@@ -30,7 +30,10 @@
 //! `(txid, P)`. A `P` the tenant has no row at (0, or a checkpoint translated to a position
 //! just below a copied event) continues from the first row, in feed order, of those past `P`:
 //! nothing past `P` is skipped, and a row at or below `P` committed later may come again (at
-//! least once). SQLite holds its write lock from a writer's first insert to its commit, so
+//! least once). [`FeedStart::From`] continues from the first row, in feed order, of those at or
+//! past a position whether or not the tenant has a row just below it: a cursor translated
+//! across a migration names the first position it may not have seen (the proxy's feed with
+//! `after_store`). SQLite holds its write lock from a writer's first insert to its commit, so
 //! positions commit in order there and the feed is in position order.
 
 use uuid::Uuid;
@@ -45,11 +48,11 @@ const PG_COLUMNS: &str = "e.global_position, e.event_id, e.aggregate_type, e.agg
 use super::copy::PG_HORIZON;
 
 /// The feed page: `$1` tenant, `$2` the cursor position, `$3` the aggregate type or NULL,
-/// `$4` the horizon, `$5` the limit.
+/// `$4` the horizon, `$5` the limit, `$6` true to ignore a row at `$2` ([`FeedStart::From`]).
 const PG_PAGE: &str = "
 WITH exact AS (
     SELECT coalesce(txid, '0'::xid8) AS tx, global_position AS pos
-      FROM events WHERE tenant_id = $1 AND global_position = $2),
+      FROM events WHERE tenant_id = $1 AND global_position = $2 AND NOT $6),
 cursor AS (
     SELECT tx, pos FROM exact
     UNION ALL
@@ -68,16 +71,31 @@ SELECT {columns} FROM events e
  ORDER BY coalesce(e.txid, '0'::xid8), e.global_position
  LIMIT $5";
 
+/// Where a feed page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedStart {
+    /// After the tenant's event at this position in feed order (a cursor the feed gave), or,
+    /// without an event there, from the first in feed order of those past it.
+    After(i64),
+    /// From the first event in feed order of those at or past this position, whatever event
+    /// is just below it: every event at or past it is delivered (a translated cursor).
+    From(i64),
+}
+
 impl EventStore {
-    /// The tenant's events after the one at `after_position` in feed order (see the module
-    /// docs), of `aggregate_type` when given, at most `limit`.
+    /// The tenant's events from `start` in feed order (see the module docs), of
+    /// `aggregate_type` when given, at most `limit`.
     pub async fn read_feed(
         &self,
         tenant_id: Uuid,
-        after_position: i64,
+        start: FeedStart,
         aggregate_type: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (after_position, past_only) = match start {
+            FeedStart::After(p) => (p, false),
+            FeedStart::From(p) => (p.saturating_sub(1), true),
+        };
         match &self.backend {
             Backend::Postgres(pool) => {
                 let horizon: String = sqlx::query_scalar(PG_HORIZON).fetch_one(pool).await?;
@@ -88,6 +106,7 @@ impl EventStore {
                     .bind(aggregate_type)
                     .bind(horizon)
                     .bind(i64::from(limit))
+                    .bind(past_only)
                     .fetch_all(pool)
                     .await?;
                 rows.iter().map(super::postgres::decode).collect()

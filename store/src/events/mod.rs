@@ -13,6 +13,7 @@ mod sqlite;
 mod verify;
 
 pub use copy::{pg_insert_copied_from, Divergence, Landing, PassWindow};
+pub use feed::FeedStart;
 pub use fence::{FenceLock, FenceState, OlderWriter, FENCE_MARGIN};
 pub use reads::{CategoryStart, StreamRange};
 pub use verify::{canonical_json, json_equal, Digesting, StreamDigest, StreamKey};

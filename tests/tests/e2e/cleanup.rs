@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde_json::Value;
 use switchyard_tests::*;
 use uuid::Uuid;
@@ -26,11 +27,27 @@ struct Migrated {
 }
 
 async fn migrated(extra: &str, a_events: i64, b_events: i64) -> Result<Migrated> {
-    let (env, proxy, http) =
-        started(Backend::Postgres, &["shared", "dedicated"], extra, &[]).await?;
+    migrated_on(Backend::Postgres, extra, a_events, b_events).await
+}
+
+/// [`migrated`] on `backend` (on SQLite, events are seeded in streams of 50).
+async fn migrated_on(
+    backend: Backend,
+    extra: &str,
+    a_events: i64,
+    b_events: i64,
+) -> Result<Migrated> {
+    let (env, proxy, http) = started(backend, &["shared", "dedicated"], extra, &[]).await?;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    seed_sql(env.store_url("shared"), a, a_events).await?;
-    seed_sql(env.store_url("shared"), b, b_events).await?;
+    for (tenant, events) in [(a, a_events), (b, b_events)] {
+        match backend {
+            Backend::Postgres => seed_sql(env.store_url("shared"), tenant, events).await?,
+            Backend::Sqlite => {
+                let streams = usize::try_from(events / 50)?;
+                seed(env.store_url("shared"), tenant, streams, 50).await?;
+            }
+        }
+    }
     let done = env.control_json(&[
         "migrate",
         "start",
@@ -123,11 +140,21 @@ fn p99(latencies: &mut [Duration]) -> Duration {
 /// while another tenant of that store keeps appending: every row of the other tenant (seeded
 /// before, acknowledged during) is still there, by id; the tenant's fence row stays `moved`;
 /// the target is untouched; `status` and the audit log show it; a second `complete` is a no-op.
-/// The other tenant's p99 append latency before and during is printed, not asserted.
+/// The other tenant's p99 append latency before and during is printed, not asserted. On both
+/// backends (on SQLite every batch and every append take the one write lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_cleanup_deletes_only_the_tenants_rows_beside_another_tenants_writers(
 ) -> Result<()> {
-    let m = migrated(THROTTLED, 400, 200).await?;
+    for backend in Backend::ALL {
+        cleanup_beside_writers(backend)
+            .await
+            .with_context(|| format!("on {backend:?}"))?;
+    }
+    Ok(())
+}
+
+async fn cleanup_beside_writers(backend: Backend) -> Result<()> {
+    let m = migrated_on(backend, THROTTLED, 400, 200).await?;
     let (shared, dedicated) = (m.env.store_url("shared"), m.env.store_url("dedicated"));
     let b_before = ids(shared, m.b).await?;
     assert_eq!(b_before.len(), 200);
@@ -151,7 +178,7 @@ async fn complete_cleanup_deletes_only_the_tenants_rows_beside_another_tenants_w
     let (acked_during, mut lat_during) = during.await??;
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     println!(
-        "other tenant's appends: p99 {:?} over {} before, p99 {:?} over {} during the cleanup",
+        "{backend:?}: other tenant's appends: p99 {:?} over {} before, p99 {:?} over {} during the cleanup",
         p99(&mut lat_before),
         lat_before.len(),
         p99(&mut lat_during),

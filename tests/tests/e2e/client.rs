@@ -238,6 +238,45 @@ async fn every_call_answers_its_typed_reply_or_error() -> Result<()> {
             )
             .await?;
         assert_eq!(after.events.len(), 1);
+        // Pages of 2 continued with their store: the whole feed, in order.
+        let mut query = FeedQuery {
+            limit: Some(2),
+            ..FeedQuery::default()
+        };
+        let mut paged = Vec::new();
+        loop {
+            let page = data.read_feed(tenant, &query).await?;
+            paged.extend(page.events.iter().map(|e| e.event_id));
+            match query.continued_after(&page) {
+                Some(next) => {
+                    assert_eq!(next.after_store.as_deref(), Some(page.store_id.as_str()));
+                    query = next;
+                }
+                None => break,
+            }
+        }
+        assert_eq!(
+            paged,
+            feed.events.iter().map(|e| e.event_id).collect::<Vec<_>>()
+        );
+        // A cursor of a store the tenant never left is a typed, non-retryable refusal.
+        let refused = data
+            .read_feed(
+                tenant,
+                &FeedQuery {
+                    after_position: Some(1),
+                    after_store: Some("elsewhere".into()),
+                    ..FeedQuery::default()
+                },
+            )
+            .await
+            .expect_err("a foreign cursor is refused");
+        assert_eq!(
+            refused.code(),
+            Some(&ErrorCode::CursorNotTranslatable),
+            "{refused}"
+        );
+        assert!(!refused.is_retryable());
 
         // Position: the tenant's last event, none for a tenant without events.
         let position = data.position(tenant).await?;

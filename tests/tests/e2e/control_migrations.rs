@@ -766,3 +766,78 @@ async fn progress_writes_stop_when_the_lease_runs_out() -> Result<()> {
     })
     .await
 }
+
+/// A feed cursor of a store the tenant left is translated through each migration's map to the
+/// first position of the current store its consumer may not have seen: the smallest target
+/// position of the events past it (events that landed out of source order come again, none is
+/// skipped), past every copied event when it saw them all, hop by hop through a chain of
+/// migrations; not through a migration whose fence has not moved, and not from a store the
+/// tenant never left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_cursor_is_translated_through_every_migration_to_the_current_store() -> Result<()> {
+    on_every_backend(|db| async move {
+        let tenant = Uuid::new_v4();
+        let first = create(&db, tenant).await?;
+        // Source 20 landed after source 30 (the mirror and the copier land concurrently).
+        let map = [(10, 1), (20, 3), (30, 2), (40, 4)].map(|(s, t)| (s, t, Uuid::new_v4()));
+        db.insert_position_map(first.id, &map).await?;
+        step(&db, first.id, Action::StartCopy).await?;
+        step(&db, first.id, Action::CopyDone).await?;
+        // Dual-writing: the fence has not moved, the map may be partial.
+        assert_eq!(
+            db.translate_feed_cursor(tenant, "shared", 20, "dedicated")
+                .await?,
+            None
+        );
+        step(&db, first.id, Action::Cutover).await?;
+        step(&db, first.id, Action::CutoverDone).await?;
+        let to_dedicated = |p: i64| db.translate_feed_cursor(tenant, "shared", p, "dedicated");
+        assert_eq!(to_dedicated(20).await?, Some(2));
+        assert_eq!(to_dedicated(25).await?, Some(2));
+        assert_eq!(to_dedicated(30).await?, Some(4));
+        assert_eq!(to_dedicated(5).await?, Some(1));
+        // Saw every copied event: the events appended after the cutover.
+        assert_eq!(to_dedicated(40).await?, Some(5));
+        assert_eq!(to_dedicated(1_000).await?, Some(5));
+
+        let second = db
+            .create_migration(
+                &NewMigration {
+                    source_store_id: "dedicated".to_owned(),
+                    target_store_id: "archive".to_owned(),
+                    ..new_migration(tenant)
+                },
+                &operator(),
+            )
+            .await?;
+        let map =
+            [(1, 101), (2, 102), (3, 103), (4, 104), (7, 105)].map(|(s, t)| (s, t, Uuid::new_v4()));
+        db.insert_position_map(second.id, &map).await?;
+        for action in [
+            Action::StartCopy,
+            Action::CopyDone,
+            Action::Cutover,
+            Action::CutoverDone,
+        ] {
+            step(&db, second.id, action).await?;
+        }
+        let other = Uuid::new_v4();
+        for (tenant, from, position, to, expected) in [
+            // shared 20 → dedicated from 2 → archive from 102 (dedicated's 2 is unseen).
+            (tenant, "shared", 20, "archive", Some(102)),
+            (tenant, "dedicated", 4, "archive", Some(105)),
+            // Its own store: just past the cursor.
+            (tenant, "archive", 7, "archive", Some(8)),
+            (tenant, "nowhere", 7, "archive", None),
+            (other, "shared", 20, "dedicated", None),
+        ] {
+            assert_eq!(
+                db.translate_feed_cursor(tenant, from, position, to).await?,
+                expected,
+                "{from} {position} -> {to}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}

@@ -2,7 +2,9 @@
 //! PostgreSQL positions come from a sequence at insert time while transactions commit in any
 //! order, so a consumer following `next` past a position whose transaction is still open must
 //! still be given that event once it commits. On SQLite the writer holds the write lock from
-//! its first insert to its commit, so the same tests pass there with positions alone.
+//! its first insert to its commit, so the same tests pass there with positions alone. And a
+//! consumer's cursor survives its tenant's migration: sent with its store (`after_store`), it
+//! is translated to the new store's positions, skipping nothing.
 //!
 //! Verdicts are by event id, read with the harness's own SQL, never through the feed's code.
 
@@ -10,18 +12,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sqlx::Connection;
 use switchyard_tests::{
-    events_body, feed_url, for_each_backend, started, stream_url, Backend, Http, Result, Writers,
+    events_body, feed_url, for_each_backend, start_migration, started, stream_url, Acked, Backend,
+    Http, Result, Writers,
 };
 use uuid::Uuid;
 
 /// A consumer of the tenant feed that keeps its own cursor: the position of the last event it
-/// was given, as a projection checkpoints it (eventsource-py's `Position` holds just that).
+/// was given, as a projection checkpoints it (eventsource-py's `Position` holds just that),
+/// and — when it sends the cursor's store — the store that position belongs to.
 struct Consumer {
     url: String,
     cursor: i64,
+    /// The `store_id` of the reply that gave `cursor`, sent as `after_store` when `Some`.
+    store: Option<String>,
+    sends_store: bool,
     seen: Vec<Uuid>,
 }
 
@@ -30,7 +37,17 @@ impl Consumer {
         Self {
             url: feed_url(base, tenant),
             cursor: 0,
+            store: None,
+            sends_store: false,
             seen: Vec::new(),
+        }
+    }
+
+    /// A consumer that sends its cursor's store with it (`after_store`).
+    fn sending_store(base: &str, tenant: Uuid) -> Self {
+        Self {
+            sends_store: true,
+            ..Self::new(base, tenant)
         }
     }
 
@@ -42,14 +59,21 @@ impl Consumer {
     /// [`Consumer::drain`], but stops after `pages` pages.
     async fn read_pages(&mut self, http: &Http, limit: u32, pages: usize) -> Result<()> {
         for _ in 0..pages {
+            let store = match (&self.store, self.sends_store) {
+                (Some(store), true) => format!("&after_store={store}"),
+                _ => String::new(),
+            };
             let reply = http
                 .get(&format!(
-                    "{}?after_position={}&limit={limit}",
+                    "{}?after_position={}{store}&limit={limit}",
                     self.url, self.cursor
                 ))
                 .await?;
             anyhow::ensure!(reply.status == StatusCode::OK, "{:?}", reply.json);
             let events = reply.json["events"].as_array().cloned().unwrap_or_default();
+            if !events.is_empty() {
+                self.store = reply.json["store_id"].as_str().map(str::to_owned);
+            }
             for event in &events {
                 let id = event["event_id"].as_str().unwrap_or_default();
                 self.seen.push(Uuid::parse_str(id)?);
@@ -110,6 +134,50 @@ async fn stored_ids(url: &str, tenant: Uuid) -> Result<BTreeSet<Uuid>> {
                 .collect(),
         )
     }
+}
+
+/// Appends `n` events of `event_type` to a new `Order` stream of `tenant` through the proxy at
+/// `base`; answers the request body (its events' ids: [`ids_of`]) and the reply.
+async fn append_new_stream(
+    http: &Http,
+    base: &str,
+    tenant: Uuid,
+    n: usize,
+    event_type: &str,
+) -> Result<(Value, switchyard_tests::Reply)> {
+    let body = events_body(Some(0), n, event_type);
+    let reply = http
+        .post(&stream_url(base, tenant, "Order", Uuid::new_v4()), &body)
+        .await?;
+    anyhow::ensure!(reply.status == StatusCode::CREATED, "{:?}", reply.json);
+    Ok((body, reply))
+}
+
+/// The tenant's event ids in a store ([`stored_ids`]), having checked that every
+/// acknowledged append is among them.
+async fn stored_holding(url: &str, tenant: Uuid, acked: &[Acked]) -> Result<BTreeSet<Uuid>> {
+    let stored = stored_ids(url, tenant).await?;
+    let missing: Vec<Uuid> = acked
+        .iter()
+        .flat_map(|a| a.event_ids.iter().copied())
+        .filter(|id| !stored.contains(id))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "acknowledged events not stored: {missing:?}"
+    );
+    Ok(stored)
+}
+
+/// The proxy's `switchyard_proxy_feed_cursor_translations_total` of one `outcome`.
+async fn cursor_translations(http: &Http, admin: &str, outcome: &str) -> Result<f64> {
+    let metrics = http.get(&format!("{admin}/metrics")).await?;
+    let series =
+        format!("switchyard_proxy_feed_cursor_translations_total{{outcome=\"{outcome}\"}} ");
+    Ok(String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 fn ids_of(body: &Value) -> Vec<Uuid> {
@@ -261,12 +329,7 @@ async fn a_consumer_paging_beside_concurrent_writers_gets_every_event_exactly_on
         }
         consumer.drain(&http, 3).await?;
 
-        let stored = stored_ids(env.store_url("shared"), tenant).await?;
-        let acked: BTreeSet<Uuid> = acked.iter().flat_map(|a| a.event_ids.clone()).collect();
-        assert!(
-            acked.is_subset(&stored),
-            "an acknowledged event is not stored"
-        );
+        let stored = stored_holding(env.store_url("shared"), tenant, &acked).await?;
         let (duplicated, missing) = consumer.compare(&stored);
         assert!(
             duplicated.is_empty() && missing.is_empty(),
@@ -294,14 +357,7 @@ async fn another_databases_open_transaction_never_delays_the_feed() -> Result<()
         .await?;
     assert!(!xid.is_empty());
 
-    let body = events_body(Some(0), 2, "Fresh");
-    let reply = http
-        .post(
-            &stream_url(&proxy.data, tenant, "Order", Uuid::new_v4()),
-            &body,
-        )
-        .await?;
-    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let (body, reply) = append_new_stream(&http, &proxy.data, tenant, 2, "Fresh").await?;
     let mut consumer = Consumer::new(&proxy.data, tenant);
     consumer.drain(&http, 10).await?;
     assert_eq!(consumer.seen, ids_of(&body));
@@ -310,5 +366,227 @@ async fn another_databases_open_transaction_never_delays_the_feed() -> Result<()
         .await?;
     assert_eq!(position.json["position"], reply.json["global_positions"][1]);
     elsewhere.rollback().await?;
+    Ok(())
+}
+
+/// A projection's checkpoint survives its tenant's migration (issue 18): writers append
+/// throughout; one consumer pages part of the feed on the source and stops, another keeps
+/// paging; the tenant is migrated to another store and cut over; both continue from their
+/// cursors, each sent with its store (`after_store`), and end with every stored event of the
+/// tenant (by id). An event comes twice only if the consumer had it before the cutover (the
+/// translation's boundary delivers again, never skips). Another tenant writes in the source
+/// too, so the same event's source and target positions differ. Before `after_store` the
+/// proxy refused the parameter (400); a cursor sent without it was read as a target position
+/// and skipped the events between (a projection losing events silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_cursor_of_the_source_continues_after_the_cutover_without_losing_an_event(
+) -> Result<()> {
+    for_each_backend(cursor_through_a_cutover).await
+}
+
+async fn cursor_through_a_cutover(backend: Backend) -> Result<()> {
+    let config = "[proxy]\nrouting_poll_ms = 100\n";
+    let (env, proxy, http) = started(backend, &["shared", "dedicated"], config, &[]).await?;
+    let tenant = Uuid::new_v4();
+    // Another tenant's events in the source, before and between the tenant's, so source
+    // and target positions of the same event differ (as they do in production).
+    let neighbour = Uuid::new_v4();
+    switchyard_tests::seed(env.store_url("shared"), neighbour, 3, 100).await?;
+    let neighbours = Writers::start(
+        &http,
+        std::slice::from_ref(&proxy.data),
+        neighbour,
+        2,
+        2,
+        Duration::from_millis(20),
+    );
+    let writers = Writers::start(
+        &http,
+        std::slice::from_ref(&proxy.data),
+        tenant,
+        4,
+        2,
+        Duration::from_millis(20),
+    );
+    let mut stopped = Consumer::sending_store(&proxy.data, tenant);
+    let mut steady = Consumer::sending_store(&proxy.data, tenant);
+    while stopped.seen.len() < 40 {
+        stopped.read_pages(&http, 5, 4).await?;
+    }
+    anyhow::ensure!(stopped.store.as_deref() == Some("shared"));
+
+    let _serve = switchyard_tests::ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = start_migration(&env, tenant, "dedicated", &["--cutover", "auto"])?;
+    // The steady consumer pages all along, through the cutover.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while env.control_json(&["status", &id])?["state"] != "migrated" {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not migrated: {}",
+            env.control_json(&["status", &id])?
+        );
+        steady.read_pages(&http, 5, 4).await?;
+    }
+    let steady_before: BTreeSet<Uuid> = steady.seen.iter().copied().collect();
+    // Appends into the target after the cutover.
+    let acked_at_cutover = writers.acked();
+    switchyard_tests::wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async { Ok(writers.acked() >= acked_at_cutover + 20) },
+    )
+    .await?;
+    let acked = writers.stop().await?;
+    neighbours.stop().await?;
+    let stopped_before: BTreeSet<Uuid> = stopped.seen.iter().copied().collect();
+    stopped.drain(&http, 7).await?;
+    steady.drain(&http, 7).await?;
+
+    let stored = stored_holding(env.store_url("dedicated"), tenant, &acked).await?;
+    for (name, consumer, before) in [
+        ("stopped", &stopped, &stopped_before),
+        ("steady", &steady, &steady_before),
+    ] {
+        assert_eq!(consumer.store.as_deref(), Some("dedicated"), "{name}");
+        let (duplicated, missing) = consumer.compare(&stored);
+        assert!(
+            missing.is_empty(),
+            "{name}: {} stored, {} seen, missing {missing:?}",
+            stored.len(),
+            consumer.seen.len()
+        );
+        println!(
+            "{name}: {} stored, {} seen, {} given twice",
+            stored.len(),
+            consumer.seen.len(),
+            duplicated.len()
+        );
+        let beyond: Vec<&Uuid> = duplicated
+            .iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        assert!(
+            beyond.is_empty(),
+            "{name}: events given twice that it had not before the cutover: {beyond:?}"
+        );
+    }
+    // Each consumer's cursor was translated once at least (its first read past the cutover).
+    assert!(cursor_translations(&http, &proxy.admin, "translated").await? >= 2.0);
+    Ok(())
+}
+
+/// A cursor naming a store the tenant was never migrated from is refused with 422
+/// `cursor_not_translatable`, never read as a position of the current store; position 0 is
+/// the start in any store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_a_store_the_tenant_never_left_is_refused() -> Result<()> {
+    let (_env, proxy, http) = started(Backend::Sqlite, &["shared", "dedicated"], "", &[]).await?;
+    let tenant = Uuid::new_v4();
+    let (body, _) = append_new_stream(&http, &proxy.data, tenant, 3, "Placed").await?;
+    let url = feed_url(&proxy.data, tenant);
+    let refused = http
+        .get(&format!("{url}?after_position=1&after_store=dedicated"))
+        .await?;
+    assert_eq!(
+        (
+            refused.status,
+            &refused.json["error"],
+            &refused.json["retryable"]
+        ),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!("cursor_not_translatable"),
+            &json!(false)
+        ),
+        "{:?}",
+        refused.json
+    );
+    let from_start = http
+        .get(&format!("{url}?after_position=0&after_store=dedicated"))
+        .await?;
+    assert_eq!(from_start.status, StatusCode::OK, "{:?}", from_start.json);
+    assert_eq!(ids_of(&from_start.json), ids_of(&body));
+    assert_eq!(
+        cursor_translations(&http, &proxy.admin, "not_translatable").await?,
+        1.0
+    );
+    let own = http
+        .get(&format!("{url}?after_position=0&after_store=shared"))
+        .await?;
+    assert_eq!(ids_of(&own.json), ids_of(&body));
+    Ok(())
+}
+
+/// A cursor of the store the tenant moved to, read through a proxy that has not heard of the
+/// move (no NOTIFY, no poll), is answered 503 `route_stale` — retryable, and it wakes that
+/// proxy's routing reload — never 422: the retry reads on from the new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_the_new_store_through_a_proxy_behind_the_move_is_retried_not_refused(
+) -> Result<()> {
+    let config = "[proxy]\nrouting_poll_ms = 100\n";
+    let (env, proxy, http) =
+        started(Backend::Sqlite, &["shared", "dedicated"], config, &[]).await?;
+    let deaf = env.proxy(&[
+        ("SWITCHYARD_PROXY_ROUTING_LISTEN", "false"),
+        ("SWITCHYARD_PROXY_ROUTING_POLL_MS", "600000"),
+        ("SWITCHYARD_PROXY_ADMIN_TOKEN", "not-the-configured-token"),
+    ])?;
+    deaf.wait_ready(&http).await?;
+    let tenant = Uuid::new_v4();
+    append_new_stream(&http, &proxy.data, tenant, 3, "Placed").await?;
+    let _serve = switchyard_tests::ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = start_migration(&env, tenant, "dedicated", &["--cutover", "auto"])?;
+    switchyard_tests::wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+    )
+    .await?;
+    let (later, _) = append_new_stream(&http, &proxy.data, tenant, 2, "Later").await?;
+    let page = http
+        .get(&format!("{}?limit=4", feed_url(&proxy.data, tenant)))
+        .await?;
+    assert_eq!(page.json["store_id"], "dedicated", "{:?}", page.json);
+    let cursor = &page.json["next"];
+    assert!(cursor.is_i64(), "{:?}", page.json);
+
+    let url = format!(
+        "{}?after_position={cursor}&after_store=dedicated",
+        feed_url(&deaf.data, tenant)
+    );
+    let behind = http.get(&url).await?;
+    assert_eq!(
+        (
+            behind.status,
+            &behind.json["error"],
+            &behind.json["retryable"]
+        ),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("route_stale"),
+            &json!(true)
+        ),
+        "{:?}",
+        behind.json
+    );
+    assert_eq!(
+        cursor_translations(&http, &deaf.admin, "route_stale").await?,
+        1.0
+    );
+    let retried = std::sync::Mutex::new(Value::Null);
+    switchyard_tests::wait_for_every(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let reply = http.get(&url).await?;
+            let ok = reply.status == StatusCode::OK;
+            *retried.lock().expect("reply lock") = reply.json;
+            Ok(ok)
+        },
+    )
+    .await?;
+    let retried = retried.into_inner().expect("reply lock");
+    assert_eq!(retried["store_id"], "dedicated");
+    assert_eq!(ids_of(&retried), ids_of(&later)[1..]);
     Ok(())
 }

@@ -252,6 +252,16 @@ async fn the_running_programs_answer_as_the_openapi_documents_say() -> Result<()
         .await?;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     data.check(&Method::GET, feed_path, &bad);
+    // A cursor of a store the tenant was never migrated from.
+    let foreign_cursor = http
+        .get(&format!(
+            "{}?after_position=2&after_store=dedicated",
+            feed_url(&base, tenant)
+        ))
+        .await?;
+    assert_eq!(foreign_cursor.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(foreign_cursor.json["error"], "cursor_not_translatable");
+    data.check(&Method::GET, feed_path, &foreign_cursor);
 
     // The reads and kinds a client library needs (issue 18).
     for expected in [

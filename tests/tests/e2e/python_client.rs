@@ -100,7 +100,11 @@ async fn eventsource_py_conformance_and_interop_pass_through_the_proxy() -> Resu
     let python = venv()?;
     for backend in Backend::ALL {
         let (env, proxy, _http) = started(backend, &["shared"], "", &[]).await?;
-        let mut files = vec!["tests/test_conformance.py", "tests/test_retries.py"];
+        let mut files = vec![
+            "tests/test_conformance.py",
+            "tests/test_retries.py",
+            "tests/test_positions.py",
+        ];
         if backend == Backend::Postgres {
             files.push("tests/test_interop.py");
         }

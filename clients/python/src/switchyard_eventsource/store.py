@@ -126,6 +126,17 @@ class SwitchyardEventStore:
     def _position(self, switchyard_store: str, global_position: int) -> Position:
         return Position(store_id=self._position_store(switchyard_store), key=(global_position,))
 
+    def _switchyard_store_of(self, position: Position) -> str | None:
+        """The Switchyard store a position of this adapter belongs to (the reverse of
+        `_position_store`), or None for a store id the adapter does not know."""
+        for switchyard_store, position_store in self._store_ids.items():
+            if position_store == position.store_id:
+                return switchyard_store
+        prefix = "switchyard:"
+        if position.store_id and position.store_id.startswith(prefix):
+            return position.store_id[len(prefix) :]
+        return None
+
     @staticmethod
     def _position_value(position: Position) -> int:
         if len(position.key) != 1 or not isinstance(position.key[0], int):
@@ -297,30 +308,57 @@ class SwitchyardEventStore:
     async def _read_all(
         self, from_position: Position | None, options: FeedReadOptions
     ) -> AsyncIterator[EventEnvelope]:
+        """The tenant feed from `from_position`. The position is sent with the Switchyard store
+        it belongs to (`after_store`), so after the tenant was migrated the proxy translates it
+        to the store the tenant now reads from (every event not yet seen is delivered; some
+        near the position may come again). A position of a store the adapter cannot name is
+        sent alone, and a reply from another store raises `PositionForeignError`, as does a
+        position the proxy cannot translate (`cursor_not_translatable`)."""
         tenant = self._tenant(options.tenant_id)
         params: dict[str, Any] = {
             "after_position": 0 if from_position is None else self._position_value(from_position)
         }
+        cursor_store = None if from_position is None else self._switchyard_store_of(from_position)
+        if cursor_store is not None:
+            params["after_store"] = cursor_store
         if options.aggregate_type is not None:
             params["aggregate_type"] = options.aggregate_type
+        # The store the next page's cursor (the reply's `next`) belongs to.
+        replied: dict[str, str] = {}
 
         def same_store(reply: Mapping[str, Any]) -> None:
+            first_page = not replied
+            replied["store"] = reply["store_id"]
             store = self._position_store(reply["store_id"])
-            if from_position is not None and store != from_position.store_id:
+            if (
+                first_page
+                and from_position is not None
+                and cursor_store is None
+                and store != from_position.store_id
+            ):
                 raise PositionForeignError(
-                    f"position belongs to {from_position.store_id!r}; tenant {tenant} now "
-                    f"reads from {store!r} (translate the checkpoint: switchyard-control "
-                    "checkpoints migrate)"
+                    f"position belongs to {from_position.store_id!r}, a store this adapter "
+                    f"cannot name to the proxy; tenant {tenant} reads from {store!r} (give "
+                    "SwitchyardEventStore store_ids= for it, or translate the checkpoint: "
+                    "switchyard-control checkpoints migrate)"
                 )
 
-        async for envelope in self._pages(
-            f"/v1/tenants/{tenant}/events",
-            params,
-            options.limit,
-            lambda p, nxt: {**p, "after_position": nxt},
-            same_store,
-        ):
-            yield envelope
+        try:
+            async for envelope in self._pages(
+                f"/v1/tenants/{tenant}/events",
+                params,
+                options.limit,
+                lambda p, nxt: {**p, "after_position": nxt, "after_store": replied["store"]},
+                same_store,
+            ):
+                yield envelope
+        except SwitchyardError as e:
+            if e.code == "cursor_not_translatable":
+                raise PositionForeignError(
+                    f"position {from_position!r} cannot be translated to the store tenant "
+                    f"{tenant} now reads from: {e.body.get('message', '')}"
+                ) from e
+            raise
 
     async def current_position(self) -> Position | None:
         tenant = self._tenant()
