@@ -139,8 +139,9 @@ WITH batch AS (
 }
 
 /// What the target holds for batch row `b` with `e` its row under the same event id (left
-/// joined): whether it is the same event, whether the stream holds another tenant's events,
-/// whether the version holds another event ([`seen_landing`]'s arguments after the position).
+/// joined) and `s` its stream's row of a per-stream CTE with `foreign_stream` ([`pg_streams_join`]):
+/// whether it is the same event, whether the stream holds another tenant's events, whether the
+/// version holds another event ([`seen_landing`]'s arguments after the position).
 macro_rules! pg_seen_columns {
     () => {
         "       coalesce(e.tenant_id IS NOT DISTINCT FROM b.tenant_id
@@ -148,12 +149,26 @@ macro_rules! pg_seen_columns {
                 AND e.version = b.version AND e.event_type = b.event_type
                 AND e.actor_id IS NOT DISTINCT FROM b.actor_id AND e.timestamp = b.ts
                 AND e.payload = b.payload::jsonb, false) AS same,
-       EXISTS (SELECT 1 FROM events f
-                WHERE f.aggregate_id = b.aggregate_id AND f.aggregate_type = b.aggregate_type
-                  AND f.tenant_id IS DISTINCT FROM b.tenant_id) AS foreign_stream,
+       s.foreign_stream,
        EXISTS (SELECT 1 FROM events v
                 WHERE v.aggregate_id = b.aggregate_id AND v.aggregate_type = b.aggregate_type
                   AND v.version = b.version AND v.event_id <> b.event_id) AS version_taken"
+    };
+}
+
+/// Joins batch row `b` to its stream's row `s` of a per-stream CTE (`heads`, or `streams` in
+/// [`PG_CLASSIFY`]). Whether a stream holds another tenant's events is a walk over all its
+/// versions, so it is asked once per stream of the batch, not once per row: a batch of a few
+/// thousand events of a few long streams (a busy account) made that thousands of walks of
+/// thousands of versions each, seconds per batch, and a copier that fell behind never caught up.
+macro_rules! pg_streams_join {
+    ($cte:literal) => {
+        concat!(
+            "  JOIN ",
+            $cte,
+            " s ON s.aggregate_id = b.aggregate_id AND s.aggregate_type = b.aggregate_type
+              AND s.tenant_id IS NOT DISTINCT FROM b.tenant_id"
+        )
     };
 }
 
@@ -258,6 +273,9 @@ SELECT 1, b.event_id, e.global_position,
        NULL, NULL, 0, 0
   FROM batch b
   LEFT JOIN events e ON e.event_id = b.event_id
+",
+    pg_streams_join!("heads"),
+    "
 UNION ALL
 SELECT 2, NULL, NULL, false, false, false, r.aggregate_type, r.aggregate_id,
        count(e.event_id), coalesce(max(e.version), 0)
@@ -273,15 +291,26 @@ SELECT 2, NULL, NULL, false, false, false, r.aggregate_type, r.aggregate_id,
 /// holds another event, and whether its stream holds another tenant's events.
 const PG_CLASSIFY: &str = concat!(
     "
+WITH b AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
+                         $7::int4[], $8::timestamptz[], $9::text[])
+           AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version,
+                ts, payload)
+), streams AS MATERIALIZED (
+    SELECT s.aggregate_id, s.aggregate_type, s.tenant_id,
+           EXISTS (SELECT 1 FROM events f
+                    WHERE f.aggregate_id = s.aggregate_id AND f.aggregate_type = s.aggregate_type
+                      AND f.tenant_id IS DISTINCT FROM s.tenant_id) AS foreign_stream
+      FROM (SELECT DISTINCT aggregate_id, aggregate_type, tenant_id FROM b) s
+)
 SELECT b.event_id, e.global_position,
 ",
     pg_seen_columns!(),
     "
-  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-              $7::int4[], $8::timestamptz[], $9::text[])
-       AS b(event_id, aggregate_id, aggregate_type, event_type, tenant_id, actor_id, version, ts,
-            payload)
-  LEFT JOIN events e ON e.event_id = b.event_id"
+  FROM b
+  LEFT JOIN events e ON e.event_id = b.event_id
+",
+    pg_streams_join!("streams"),
 );
 
 /// What copying one event into a target came to.
