@@ -676,7 +676,8 @@ impl Engine {
 
     /// Step 1's last check: waits (at most `budget`, nobody paused yet) for the sessions that
     /// may hold rows of the tenant written before its fence row existed
-    /// ([`switchyard_store::EventStore::writers_older_than_fence`]); refuses if they stay.
+    /// ([`switchyard_store::EventStore::writers_older_than_fence`]), after the fence row settled
+    /// ([`switchyard_store::EventStore::fence_settles_in`]); refuses if they stay.
     async fn wait_for_older_writers(
         &self,
         record: &MigrationRecord,
@@ -684,6 +685,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let source = self.store(&record.source_store_id)?;
         let until = tokio::time::Instant::now() + budget;
+        // A fence row written less than a second ago (the migration just started) makes every
+        // writer the fence will hold look older than it: let it settle first.
+        let settling = source
+            .fence_settles_in(record.tenant_id)
+            .await
+            .map_err(EngineError::store(source.id()))?;
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + settling)).await;
         loop {
             let older = source
                 .writers_older_than_fence(record.tenant_id)
