@@ -267,6 +267,15 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     cut_over(&env, &id).await?;
+    // serve's reverse lag of the tenant: there while the store it left is kept current, gone
+    // once that ends (a series left at its last value would say an undo is still possible).
+    let http = Http::new();
+    let series = format!("switchyard_control_reverse_lag_events{{tenant=\"{tenant}\"}}");
+    let exported = || async {
+        let reply = http.get(&format!("{}/metrics", serve.admin)).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&reply.body).contains(&series))
+    };
+    wait_for_every(Duration::from_secs(30), Duration::from_millis(50), exported).await?;
     wait_for_every(
         Duration::from_secs(30),
         Duration::from_millis(200),
@@ -274,6 +283,13 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     )
     .await
     .map_err(|e| e.context(format!("serve log:\n{}", serve.log())))?;
+    wait_for_every(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { Ok(!exported().await?) },
+    )
+    .await
+    .map_err(|e| e.context(format!("{series} is still exported after the completion")))?;
     let route = env.control_json(&["routing", "get", &tenant.to_string()])?;
     assert_eq!(
         (
