@@ -174,6 +174,23 @@ async fn reverse_replication_keeps_the_store_the_tenant_left_current_across_an_o
     );
     let status = env.control_json(&["status", &id])?;
     assert_eq!(status["reverse_replication"], true, "{status}");
+    // `list` says so too: the undo it can be undone with, and its reverse lag.
+    let listed = env.control_json(&["list"])?;
+    let entry = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|m| m["id"] == id.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("{id} not listed: {listed}"))?;
+    assert_eq!(
+        (&entry["reverse_replication"], &entry["reverse_lag"]),
+        (&serde_json::json!(true), &serde_json::json!(0)),
+        "{entry}"
+    );
+    let text = env.control(&["list"])?.stdout;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(id.as_str()) && l.ends_with("revert (reverse lag 0)")),
+        "{text}"
+    );
     assert_eq!(
         fence(env.store_url("shared"), tenant).await?.as_deref(),
         Some("copiers")
@@ -307,6 +324,19 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     assert_eq!(
         env.control_json(&["status", &id])?["reverse_replication"],
         false
+    );
+    let listed = env.control_json(&["list"])?;
+    assert_eq!(
+        listed[0]["reverse_replication"], false,
+        "no undo after the completion: {listed}"
+    );
+    assert!(
+        env.control(&["list"])?
+            .stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("\t-")),
+        "list's UNDO column after the completion"
     );
     Ok(())
 }
