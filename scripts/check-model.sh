@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the Promela model of the cutover protocol (docs/model/cutover.pml) with spin: an
 # exhaustive safety run (DESIGN.md invariants 1, 2, 4, 5, 8), an exhaustive termination run (no
-# execution runs forever, so with the end-state checks no writer is blocked forever), and
+# execution runs forever, so with the end-state checks no writer is blocked forever), the
+# reverse direction's safety runs (issue 19: reverse replication, revert, complete), and
 # every mutant, each of which spin must find a violation in. One line per check; exits
 # non-zero on any unexpected result. Installs spin (Debian package `spin`) when missing; the
 # verifier spin writes is C, built with `cc`. See docs/model/README.md.
@@ -113,5 +114,23 @@ verify "mutant STOP_REOPENS without INV1 (appends acknowledged on the target are
 # reopened), past the violations of INV1 and INV8 spin meets first.
 verify "mutant OLD_STOP_STALE_SOURCE without INV1 (the first race)" violation \
   "-DOLD_STOP_STALE_SOURCE -DNO_INV1 -DNO_INV8" "-DSAFETY" "-m200000 -w24"
+# Issue 19's reverse direction (REVERT): after M's cutover S → T, reverse replication and a
+# revert R (T → S, Engine::cutover with the roles swapped), with its failures, rollback, crashes
+# and recovery. Smaller configurations than the forward runs (see docs/model/README.md): 2 writers,
+# M's driver does not crash, and one of three settings each.
+verify "safety, revert: invariants 1, 2, 4, 5, 8 both ways (R's crashes; writer 1 appends again)" ok \
+  "-DREVERT -DWRITERS=2" "-DSAFETY -DCOLLAPSE" "-m200000 -w25"
+verify "safety, revert: M's driver and recoverer acting late, during R" ok \
+  "-DREVERT -DWRITERS=2 -DSTALE_FORWARD" "-DSAFETY -DCOLLAPSE" "-m200000 -w25"
+verify "safety, revert: complete racing revert (R's crashes)" ok \
+  "-DREVERT -DWRITERS=2 -DCOMPLETE -DSECOND_APPENDS=0" "-DSAFETY -DCOLLAPSE" "-m200000 -w25"
+for mutant in REVERT_OPENS_SOURCE_FIRST REVERSE_ADMITS_WRITERS; do
+  verify "mutant $mutant" violation "-DREVERT -DWRITERS=2 -D$mutant" "-DSAFETY" "-m200000 -w24"
+done
+verify "mutant REVERT_WITHOUT_DELTA (the reverse mirror and tail running)" violation \
+  "-DREVERT -DWRITERS=2 -DCOPIERS -DREVERT_WITHOUT_DELTA" "-DSAFETY" "-m200000 -w24"
+# open_fence as the code has it: a late forward driver or recoverer reopens T after R moved it.
+verify "mutant OPEN_TARGET_UNCONDITIONALLY (M's actors late)" violation \
+  "-DREVERT -DWRITERS=2 -DSTALE_FORWARD -DOPEN_TARGET_UNCONDITIONALLY" "-DSAFETY" "-m200000 -w24"
 echo "model: all checks took $(($(date +%s) - total_start)) s"
 exit "$failed"

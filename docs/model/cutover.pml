@@ -102,10 +102,49 @@ byte acked;
 
 bit crashed;   /* the cutover driver crashed (at most once) */
 
+#ifdef REVERT
+/* Issue 19's undo (the reverse direction): after the forward cutover M (S → T) has committed
+ * with reverse replication, S's fence is `copiers` naming T (moved[S], scop) and T's is open;
+ * routing is normal on T with S as its target. `revert` is a migration of its own, R (T → S),
+ * whose cutover is Engine::cutover with the roles swapped (Revert); `complete` ends the reverse
+ * replication (Complete). T's fence row is `topen` alone (open, or `copiers` naming S: before
+ * M's cutover opened it, and again once R's move committed): one row, so whoever opens it late
+ * opens the row R moved. moved[T] records that R's move committed (T's fence went to `copiers`
+ * by a move: the authoritative store is S again); it is the row's version, which a fence
+ * compare-and-set can see (the epoch R's move wrote). */
+mtype = { R_NONE, R_DUAL_WRITE, R_CUTOVER, R_MIGRATED, R_ROLLED_BACK };  /* R's migration */
+mtype rmst = R_NONE;
+bit   mfinished;  /* M's finished_at: complete ran (revert is refused from then on) */
+bit   rtgt;       /* the routing row's target (the other store): the mirror, the first follow hop */
+bit   ptgt[2];    /* each proxy's snapshot of it */
+bit   pmfrom[2];  /* the store a noted move left (Moved::from) */
+bit   scop = 1;   /* S's fence, once moved: `copiers` (1) or `moved` (0, after complete) */
+/* Without STALE_FORWARD, R starts only once M's driver and recoverer are done (ghosts): the
+ * state space. With it, they may still act, late, while R runs (a slow driver, a recoverer
+ * that read M before it migrated), and R's driver does not crash (R_CRASHES off). */
+bit   ctl_done;   /* M's driver (Control) ended */
+bit   rec_busy;   /* M's second recoverer passed its check and has not ended */
+#if !defined(STALE_FORWARD) && !defined(NO_R_CRASHES)
+#define R_CRASHES
+#endif
+#define RCUTTER    6   /* R's cutover driver's transaction on T's fence */
+#define RRECOVERER 7   /* a serve replica's recover_cutover for R */
+#define RRESTARTED 8   /* R's restarted driver (revert run again) */
+#endif
+
 /* The store whose fence says it holds the tenant's history: the source until its fence moves. */
+#ifdef REVERT
+/* S until its fence moves, then T until R moves T's fence, then S again. */
+#define AUTH (moved[T] -> S : (moved[S] -> T : S))
+/* A store's fence admits writers (appends, proxies, direct writers). */
+#define WRITABLE(s) (s == S -> !moved[S] : topen)
+#else
 #define AUTH (moved[S] -> T : S)
+#endif
 #define ALL_ACKED_IN(s) ((acked & has[s]) == acked)
 #define DELTA_COPIED ((has[S] & has[T]) == has[S])
+/* S holds every event T holds: R's move needs it. */
+#define REVERSE_DELTA_COPIED ((has[S] & has[T]) == has[T])
 /* Invariant 8: never both stores open to writers. */
 #ifdef NO_INV8
 /* Only to let a mutant that reopens the source run past INV8 to the violation it stands for. */
@@ -117,25 +156,47 @@ bit crashed;   /* the cutover driver crashed (at most once) */
 /* Only to let a mutant run past its first violation of INV1 to a later one. */
 #define INV1 true
 #else
+#ifdef REVERT
+#define INV1 (rstate == CUTOVER_PAUSED || WRITABLE(rstore))
+#else
 #define INV1 (rstate == CUTOVER_PAUSED || !moved[rstore])
+#endif
 #endif
 #define INV2 ALL_ACKED_IN(AUTH)
 
+#ifdef REVERT
+/* The route's target: a migrating route's, or reverse replication's (normal on T keeping S
+ * current; normal on S keeping T current after R). */
+inline set_route_to(st, sto, tg) {
+    rstate = st; rstore = sto; rtgt = tg; repoch++;
+    printf("MSC: %d: migration %e, revert %e, routing %e on store %d, target %d (epoch %d)\n", _pid, mstate, rmst, rstate, rstore, rtgt, repoch)
+}
+/* M's routes: dual_write and cutover_paused on S name T; normal on T keeps S current. */
+#define set_route(st, sto) set_route_to(st, sto, (st != NORMAL || sto == T))
+#else
 inline set_route(st, sto) {
     rstate = st; rstore = sto; repoch++;
     printf("MSC: %d: migration %e, routing %e on store %d (epoch %d)\n", _pid, mstate, rstate, rstore, repoch)
 }
+#endif
 
 /* Moved::contradicts: the proxy's route is still the stale one a noted move of S → T
  * contradicts (it names S, and routing has not changed since, or only to the same move's
  * cutover_paused). */
+#ifdef REVERT
+#define STALE(p, st, sto, ep) (pmoved[p] != 0 && sto == pmfrom[p] && (ep <= pmoved[p] || st == CUTOVER_PAUSED))
+#else
 #define STALE(p, st, sto, ep) (pmoved[p] != 0 && sto == S && (ep <= pmoved[p] || st == CUTOVER_PAUSED))
+#endif
 
 /* watcher::reload: the proxy's table becomes what the control database says now; a noted move
  * the new route no longer contradicts is forgotten (Routes::store). */
 inline reload(p) {
     atomic {
         pstate[p] = rstate; pstore[p] = rstore; pepoch[p] = repoch;
+#ifdef REVERT
+        ptgt[p] = rtgt;
+#endif
         if
         :: !STALE(p, pstate[p], pstore[p], pepoch[p]) -> pmoved[p] = 0
         :: else -> skip
@@ -153,6 +214,18 @@ inline release_fence(s, me) {
     assert(locker[s] == me); locker[s] = NOBODY
 }
 
+#ifdef REVERT
+/* Engine::open_target (an UPDATE of T's fence row: it waits for a FOR UPDATE holder). The
+ * code's open_fence sets the row open whatever it is (OPEN_TARGET_UNCONDITIONALLY); the fixed
+ * protocol opens only the `copiers` row M's start wrote, never the one R's move wrote (a
+ * compare-and-set on the row's epoch): a forward driver or recoverer that acts late leaves it. */
+#ifdef OPEN_TARGET_UNCONDITIONALLY
+#define OPEN_TARGET atomic { locker[T] == NOBODY -> topen = 1 }
+#else
+#define OPEN_TARGET atomic { locker[T] == NOBODY -> if :: !moved[T] -> topen = 1 :: else -> skip fi }
+#endif
+#endif
+
 /* recover_cutover: under the fence (or without it: a serve replica may time out on the lock and
  * leave), the fence is the truth: moved → migrated on the target; open → back to dual_write. */
 inline recover(me, may_give_up) {
@@ -167,6 +240,32 @@ inline recover(me, may_give_up) {
             :: else -> skip
             fi
         }
+#elif defined(REVERT)
+        /* Engine::settle_under_fence: under the lock, a moved fence → open the target
+         * (open_target), then the compare-and-set from cutover, which a migration that moved on
+         * meanwhile (its record was read before the lock) fails. */
+        if
+        :: take_fence(S, me);
+            if
+            :: moved[S] ->
+                if
+                :: OPEN_TARGET
+                /* open_target times out while R's cutover or recoverer holds T's fence (which
+                 * may wait for S's, held here): M moved on, and the transition below fails. */
+                :: locker[T] != NOBODY -> assert(mstate != M_CUTOVER)
+                fi
+            :: else -> skip
+            fi;
+            atomic {
+                if
+                :: mstate == M_CUTOVER && moved[S] -> mstate = M_MIGRATED; set_route(NORMAL, T)
+                :: mstate == M_CUTOVER && !moved[S] -> mstate = M_DUAL_WRITE; set_route(DUAL_WRITE, S)
+                :: else -> skip
+                fi;
+                release_fence(S, me)
+            }
+        :: may_give_up -> skip
+        fi
 #else
         if
         :: take_fence(S, me);
@@ -185,7 +284,14 @@ inline recover(me, may_give_up) {
 }
 
 /* A crash point of the cutover driver (SWITCHYARD_CRASH_AT in cutover.rs): at most one crash. */
+#if defined(REVERT) && !defined(FORWARD_CRASHES)
+/* Under REVERT, M's driver does not crash (its crash points are checked by the runs without
+ * REVERT; the Recoverer still acts at any moment, so a stale recoverer and a slow driver
+ * meet the revert): R's driver may, once. */
+#define CRASH_POINT skip
+#else
 #define CRASH_POINT if :: !crashed -> crashed = 1; goto crash :: true -> skip fi
+#endif
 
 proctype Control() {
     bit fenced = 0;
@@ -233,7 +339,9 @@ proctype Control() {
     if
     :: atomic { moved[S] = 1; assert(DELTA_COPIED); release_fence(S, CUTTER); printf("MSC: fence moved\n") }; goto forward
     :: locker[S] = ORPHAN; goto ambiguous          /* COMMIT failed or timed out: did it apply? */
+#if !defined(REVERT) || defined(FORWARD_CRASHES)
     :: !crashed -> atomic { crashed = 1; locker[S] = ORPHAN }; goto crash   /* died after COMMIT */
+#endif
     fi;
 ambiguous:
 #if defined(AMBIGUOUS_COMMIT_AS_ROLLBACK)
@@ -255,7 +363,11 @@ ambiguous:
 forward:
     CRASH_POINT;                                    /* after_source_moved */
     /* 5: the target opens to writers, only now that the source's fence moved. */
+#ifdef REVERT
+    OPEN_TARGET;
+#else
     topen = 1;
+#endif
     CRASH_POINT;                                    /* after_fence */
     /* 5: routing normal on the target; gates open onto it. Someone may have finished it. */
     atomic {
@@ -289,16 +401,26 @@ crash:
     }
     recover(RESTARTED, false);
 over:
+#ifdef REVERT
+    ctl_done = 1
+#else
     skip
+#endif
 }
 
 /* Another serve replica: its "abandoned" check (age past budget + margin) may pass while the
  * driver is only slow, so it may act at any moment of a cutover, or time out on the lock. */
 proctype Recoverer() {
 end:
+#ifdef REVERT
+    if
+    :: atomic { mstate == M_CUTOVER -> rec_busy = 1 }; recover(RECOVERER, true); rec_busy = 0
+    fi
+#else
     if
     :: mstate == M_CUTOVER -> recover(RECOVERER, true)
     fi
+#endif
 }
 
 /* switchyard-control emergency-stop for the tenant, at any moment (or never). */
@@ -433,8 +555,208 @@ end:
             fi;
             locker[S] = NOBODY
         }
+#ifdef REVERT
+    :: atomic {
+        locker[T] == ORPHAN ->
+            if
+            :: topen = 0; moved[T] = 1; assert(REVERSE_DELTA_COPIED); printf("MSC: R's orphaned COMMIT applied: T's fence moved\n")
+            :: printf("MSC: R's orphaned COMMIT did not apply\n")
+            fi;
+            locker[T] = NOBODY
+        }
+#endif
     od
 }
+
+#ifdef REVERT
+/* recover_cutover for R (its source is T, its target S): the same code, the roles swapped. */
+inline rrecover(me, may_give_up) {
+    if
+    :: rmst != R_CUTOVER -> skip
+    :: else ->
+        if
+        :: take_fence(T, me);
+            if
+            :: moved[T] -> atomic { locker[S] == NOBODY -> moved[S] = 0 }   /* open_target: S */
+            :: else -> skip
+            fi;
+            atomic {
+                if
+                :: rmst == R_CUTOVER && moved[T] -> rmst = R_MIGRATED; set_route_to(NORMAL, S, 1)
+                :: rmst == R_CUTOVER && !moved[T] -> rmst = R_DUAL_WRITE; set_route_to(DUAL_WRITE, T, 1)
+                :: else -> skip
+                fi;
+                release_fence(T, me)
+            }
+        :: may_give_up -> skip
+        fi
+    fi
+}
+
+/* R's crash points: at most one crash per run, M's driver's or R's (the state space). */
+#ifdef R_CRASHES
+#define RCRASH_POINT if :: !crashed -> crashed = 1; goto crash :: true -> skip fi
+#else
+#define RCRASH_POINT skip
+#endif
+
+/* switchyard-control revert M (control/src/engine/revert.rs): refused unless M migrated, not
+ * completed, and routing still M's reverse replication; then R, a migration of its own from T
+ * back to S, whose copy and tail are abstracted (routing bulk_copy, then dual_write, on T with
+ * target S: appends on T, mirrored to S by a copier; the lag gate may refuse), and whose cutover
+ * is Engine::cutover with T as the source and S as the target: the steps of Control, with its
+ * crash points, ambiguous commit and recovery. A failure before T's move commits rolls R back to
+ * dual_write and aborts it: routing is M's reverse replication again (normal on T, target S). */
+proctype Revert() {
+    bit fenced = 0;
+end:
+#ifdef STALE_FORWARD
+    (mstate == M_MIGRATED);
+#else
+    (mstate == M_MIGRATED && ctl_done && !rec_busy);
+#endif
+    atomic {
+        if
+        :: !mfinished && rmst == R_NONE && rstate == NORMAL && rstore == T && rtgt ->
+            rmst = R_DUAL_WRITE; set_route_to(DUAL_WRITE, T, 1)
+        :: else -> goto over                        /* refused (complete ran) */
+        fi
+    }
+    /* The lag gate refuses: R is rolled back before any gate closed. */
+    if
+    :: goto aborted
+    :: skip
+    fi;
+    /* Steps 2 and 3 at once, on T's fence. */
+    if
+    :: take_fence(T, RCUTTER); fenced = 1
+    :: skip
+    fi;
+    atomic {
+        if
+        :: rmst == R_DUAL_WRITE -> rmst = R_CUTOVER; set_route_to(CUTOVER_PAUSED, T, 1)
+        :: else ->
+            if
+            :: fenced -> release_fence(T, RCUTTER)
+            :: else -> skip
+            fi;
+            goto over
+        fi
+    }
+    RCRASH_POINT;                                   /* after_gate_closed */
+    if
+    :: fenced -> skip
+    :: !fenced -> take_fence(T, RCUTTER)
+    :: !fenced -> goto rollback
+    fi;
+    if
+    :: rmst != R_CUTOVER -> release_fence(T, RCUTTER); goto rollback
+    :: else -> skip
+    fi;
+    RCRASH_POINT;                                   /* after_fence_taken */
+    /* The final delta T → S (or fail). */
+    if
+    :: has[S] = has[S] | has[T]
+#ifdef REVERT_WITHOUT_DELTA
+    :: skip                                         /* trusting the reverse mirror and tail */
+#endif
+    :: true -> release_fence(T, RCUTTER); goto rollback
+    fi;
+    RCRASH_POINT;                                   /* after_delta_verified */
+#ifdef REVERT_OPENS_SOURCE_FIRST
+    atomic { locker[S] == NOBODY -> moved[S] = 0 };
+#endif
+    /* T's fence moves to `copiers`, naming S, and commits. */
+    if
+    :: atomic { topen = 0; moved[T] = 1; assert(REVERSE_DELTA_COPIED); release_fence(T, RCUTTER); printf("MSC: T's fence moved\n") }; goto forward
+    :: locker[T] = ORPHAN; goto ambiguous
+#ifdef R_CRASHES
+    :: !crashed -> atomic { crashed = 1; locker[T] = ORPHAN }; goto crash
+#endif
+    fi;
+ambiguous:
+    take_fence(T, RCUTTER);
+    if
+    :: atomic { moved[T] -> release_fence(T, RCUTTER) }; goto forward
+    :: atomic { !moved[T] -> release_fence(T, RCUTTER) }; goto rollback
+    fi;
+forward:
+    RCRASH_POINT;                                   /* after_source_moved */
+    atomic { locker[S] == NOBODY -> moved[S] = 0 }  /* open_target: S opens to writers */
+    RCRASH_POINT;                                   /* after_fence */
+    atomic {
+        if
+        :: rmst == R_CUTOVER -> rmst = R_MIGRATED; set_route_to(NORMAL, S, 1)
+        :: else -> skip
+        fi
+    }
+    goto over;                                      /* M finished (reverted_by R): not modeled */
+rollback:
+    RCRASH_POINT;                                   /* before_rollback */
+    atomic {
+        if
+        :: rmst == R_CUTOVER -> rmst = R_DUAL_WRITE; set_route_to(DUAL_WRITE, T, 1)
+        :: else -> skip
+        fi
+    }
+aborted:
+    /* R aborted: its route is M's reverse replication again (implied_route of a revert). */
+    atomic {
+        if
+        :: rmst == R_DUAL_WRITE -> rmst = R_ROLLED_BACK; set_route_to(NORMAL, T, 1)
+        :: else -> skip
+        fi
+    }
+    goto over;
+crash:
+    atomic {
+        if
+        :: locker[T] == RCUTTER -> locker[T] = NOBODY
+        :: else -> skip
+        fi
+    }
+    /* revert M run again settles R's cutover from T's fence (then would try the cutover again:
+     * one attempt here, so R may end in dual_write). */
+    rrecover(RRESTARTED, false);
+over:
+    skip
+}
+
+/* Another serve replica's recoverer for R. */
+proctype RRecoverer() {
+end:
+    if
+    :: rmst == R_CUTOVER -> rrecover(RRECOVERER, true)
+    fi
+}
+
+/* switchyard-control complete M: refused while R is active or done; otherwise M finished,
+ * routing loses its target, then S's fence goes `copiers` → `moved` (the copiers stop). */
+proctype Complete() {
+end:
+    (mstate == M_MIGRATED);
+    atomic {
+        if
+        :: !mfinished && (rmst == R_NONE || rmst == R_ROLLED_BACK) && rstate == NORMAL && rstore == T ->
+            mfinished = 1; set_route_to(NORMAL, T, 0)
+        :: else -> goto over                        /* refused */
+        fi
+    }
+    atomic { locker[S] == NOBODY -> scop = 0 };
+over:
+    skip
+}
+
+/* Reverse replication's copiers (the proxies' reverse mirror, the reverse tail): T's events into
+ * S while S's fence admits copiers. Events are copied whole (identity, versions and order are
+ * not modeled, nor the copier's fence-version check: copying only adds what T holds). */
+proctype Copier() {
+end:
+    do
+    :: atomic { locker[S] == NOBODY && moved[S] && scop && (has[T] & ~has[S]) != 0 -> has[S] = has[S] | has[T] }
+    od
+}
+#endif
 
 /* The gate's recheck (gate.rs RECHECK): while writers wait, the proxy re-reads routing. */
 #ifdef GATE_WITHOUT_RECHECK
@@ -450,28 +772,80 @@ end:
  * the append there at once (the follow step), and the proxy notes the move, which its later
  * appends follow straight away, past the gate of a stale cutover_paused route; any other moved
  * fence reloads routing and waits for a newer open route. */
+#ifdef REVERT
+/* Under REVERT the writers in SECOND_APPENDS (a bit per writer) append a second event,
+ * w + WRITERS, once M's cutover is over, and the route's target (tg) decides the first follow hop:
+ * a fence moved to the route's own target (`next == route.target`). */
+#define EVBIT (1 << ev)
+/* The second append waits until M's cutover is over (migrated, or rolled back to dual_write
+ * after the gates closed: epoch past 1), to keep the state space small: the forward cutover is
+ * checked with every writer appending at any moment by the runs without REVERT. */
+#define FORWARD_OVER (mstate == M_MIGRATED || (mstate == M_DUAL_WRITE && repoch > 1))
+#ifndef SECOND_APPENDS
+#ifdef STALE_FORWARD
+#define SECOND_APPENDS 0
+#else
+#define SECOND_APPENDS 2   /* writer 1, behind the deaf proxy */
+#endif
+#endif
+#define SNAPSHOT(p) st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; tg = ptgt[p]; fol = STALE(p, st, sto, ep)
+#else
+#define EVBIT (1 << w)
+#define SNAPSHOT(p) st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep)
+#endif
+
 proctype Writer(byte w; byte p) {
     mtype st;
     bit sto;
     byte ep;
     byte reroutes = 0;
     bit fol;    /* following a move: to T, never mirrored */
-    atomic { st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep) }
+#ifdef REVERT
+    bit tg;     /* the route has a target (the other store) */
+    bit fs;     /* the store the append follows a moved fence to */
+    byte ev = w;
+#endif
+    atomic { SNAPSHOT(p) }
 again:
     if
     :: !fol && st == CUTOVER_PAUSED ->
         /* gate::wait(Until::Open); the gate's recheck reloads while writers wait. */
         do
-        :: atomic { pstate[p] != CUTOVER_PAUSED -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep); break }
+        :: atomic { pstate[p] != CUTOVER_PAUSED -> SNAPSHOT(p); break }
         :: GATE_RECHECK(p)
         od
     :: else -> skip
     fi;
     if
+#ifdef REVERT
+    :: fol -> fs = !sto; goto follow
+#else
     :: fol -> goto follow
+#endif
     :: else -> skip
     fi;
-#ifdef APPEND_WITHOUT_FENCE_LOCK
+#ifdef REVERT
+    /* switchyard_append on the route's store: FOR SHARE waits for a FOR UPDATE holder; a fence
+     * that admits copiers only (or nobody) refuses, naming the other store. */
+#ifdef REVERSE_ADMITS_WRITERS
+#define ADMITS(s) (WRITABLE(s) || (s == S && moved[S] && scop))
+#else
+#define ADMITS(s) WRITABLE(s)
+#endif
+    if
+    :: atomic { locker[sto] == NOBODY && !ADMITS(sto) -> printf("MSC: writer %d (event %d) refused by the fence of store %d\n", w, ev, sto) }; goto fenced
+    :: atomic {
+        locker[sto] == NOBODY && ADMITS(sto) ->
+            assert(sto == AUTH);                    /* invariant 1 */
+            has[sto] = has[sto] | EVBIT; acked = acked | EVBIT;
+            if
+            :: pmoved[p] != 0 && pmfrom[p] == sto -> pmoved[p] = 0   /* forget_moved */
+            :: else -> skip
+            fi;
+            printf("MSC: writer %d (event %d) acknowledged by store %d\n", w, ev, sto)
+        }; goto done
+    fi;
+#elif defined(APPEND_WITHOUT_FENCE_LOCK)
     if
     :: moved[sto] -> goto fenced
     :: else -> skip
@@ -504,7 +878,21 @@ again:
 fenced:
     reroutes++;
     assert(reroutes <= MAX_REROUTES);               /* else 503 writes_paused */
-#ifndef NO_FOLLOW
+#if defined(REVERT)
+    /* The fence names the other store (moved_to): the route's own target when it has one. */
+    if
+    :: tg ->
+        atomic {
+            if
+            :: pstore[p] == sto && (pepoch[p] <= ep || pstate[p] == CUTOVER_PAUSED) -> pmoved[p] = ep; pmfrom[p] = sto   /* note_moved */
+            :: else -> skip
+            fi
+        };
+        fs = !sto;
+        goto follow
+    :: else -> skip
+    fi;
+#elif !defined(NO_FOLLOW)
     /* The fence names T (moved_to): the route's own target, a store this proxy has. */
     if
     :: sto == S && st != NORMAL ->
@@ -521,11 +909,31 @@ fenced:
     reload(p);
     /* gate::wait(Until::OpenAfter { epoch }): a route newer than the one the fence refused. */
     do
-    :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> st = pstate[p]; sto = pstore[p]; ep = pepoch[p]; fol = STALE(p, st, sto, ep); break }
+    :: atomic { pstate[p] != CUTOVER_PAUSED && pepoch[p] > ep -> SNAPSHOT(p); break }
     :: GATE_RECHECK(p)
     od;
     goto again;
 follow:
+#ifdef REVERT
+    /* The append on fs, in its own fence transaction. Until a cutover opens fs (just after the
+     * other's move), or once the tenant moved back, fs sends it back to the store it came from,
+     * whose fence may send it to fs again: the proxy retries between the two with a backoff
+     * (TargetOpening) until one of them takes it, which is waiting here until one is open. */
+    if
+    :: atomic {
+        locker[fs] == NOBODY && WRITABLE(fs) ->
+            assert(fs == AUTH);                     /* invariant 1 */
+            has[fs] = has[fs] | EVBIT; acked = acked | EVBIT;
+            printf("MSC: writer %d (event %d) acknowledged by store %d, following the moved fence\n", w, ev, fs)
+        }
+    :: atomic {
+        locker[fs] == NOBODY && !WRITABLE(fs) && locker[!fs] == NOBODY && WRITABLE(!fs) ->
+            assert(!fs == AUTH);                    /* invariant 1 */
+            has[!fs] = has[!fs] | EVBIT; acked = acked | EVBIT;
+            printf("MSC: writer %d (event %d) acknowledged by store %d, sent back by the fence of %d\n", w, ev, !fs, fs)
+        }
+    fi;
+#else
     /* The append on T, in T's own fence transaction. Until the cutover opens T (just after the
      * move), T sends it back to S, whose fence sends it to T again: the proxy retries between
      * the two with a backoff, which is waiting here. */
@@ -535,7 +943,15 @@ follow:
             has[T] = has[T] | (1 << w); acked = acked | (1 << w);
             printf("MSC: writer %d acknowledged by store %d, following the moved fence\n", w, T)
     };
+#endif
 done:
+#ifdef REVERT
+    /* The writer's second event, with a fresh route snapshot. */
+    if
+    :: ev < WRITERS && (SECOND_APPENDS & (1 << w)) -> atomic { FORWARD_OVER -> ev = ev + WRITERS; reroutes = 0; SNAPSHOT(p) }; goto again
+    :: else -> skip
+    fi;
+#endif
     skip
 }
 
@@ -559,7 +975,21 @@ init {
         run Pg();
         run Control();
         run Recoverer();
-#ifdef STOP_AND_ABORT
+#ifdef REVERT
+        run Revert();
+#ifdef R_RECOVERER
+        run RRecoverer();
+#endif
+#ifdef COPIERS
+        run Copier();
+#endif
+#ifdef COMPLETE
+        if
+        :: run Complete()
+        :: skip
+        fi;
+#endif
+#elif defined(STOP_AND_ABORT)
         run Stop();
         run Abort();
 #else
@@ -577,6 +1007,18 @@ init {
     }
     /* Nothing else can move: every process ended or waits for good. */
     timeout;
+#ifdef REVERT
+    assert(acked == (((1 << WRITERS) - 1) | (SECOND_APPENDS << WRITERS)));   /* 5: every event acknowledged */
+    assert(rstate != CUTOVER_PAUSED);               /* 5: every gate open */
+    assert(WRITABLE(rstore));                       /* 1: routing names a writable store */
+    assert(ALL_ACKED_IN(rstore));                   /* 2: nothing acknowledged is lost */
+    assert(WRITABLE(S) != WRITABLE(T));             /* 8: exactly one store open to writers */
+    /* 5: all or nothing, both ways: M rolled back; M migrated (R never ran, refused, rolled
+     * back, or left in dual_write); or R migrated. */
+    assert((!moved[S] && !moved[T] && rstore == S && mstate != M_MIGRATED && mstate != M_CUTOVER && rmst == R_NONE) ||
+           (moved[S] && !moved[T] && rstore == T && mstate == M_MIGRATED && rmst != R_CUTOVER && rmst != R_MIGRATED) ||
+           (!moved[S] && moved[T] && rstore == S && rstate == NORMAL && rmst == R_MIGRATED))
+#else
     assert(acked == (1 << WRITERS) - 1);            /* 5: every writer acknowledged */
     assert(rstate != CUTOVER_PAUSED);               /* 5: every gate open */
     assert(!moved[rstore]);                         /* 1: routing names a writable store */
@@ -587,4 +1029,5 @@ init {
     /* 5: all or nothing */
     assert((moved[S] && rstore == T && rstate == NORMAL && mstate == M_MIGRATED) ||
            (!moved[S] && rstore == S && mstate != M_MIGRATED && mstate != M_CUTOVER))
+#endif
 }
