@@ -49,6 +49,23 @@
  *
  * NO_FOLLOW leaves out the writers' follow step (issue 17: an append that meets the source's
  * fence moved to its route's target goes there at once), to show what it changes.
+ *
+ * REVERT (issue 19, the reverse direction): once M's cutover committed and finished, reverse
+ * replication (S's fence `copiers`, routing normal on T with target S), then `revert` (Revert:
+ * R, a migration from T back to S whose cutover is Control's steps with the roles swapped) and,
+ * with COMPLETE, `complete` racing it; writers in SECOND_APPENDS append again once M's cutover is
+ * over, and follow T's moved fence back to S. The invariants hold across both directions: the
+ * authoritative store is S again exactly when T's fence moves (AUTH). Options: STALE_FORWARD (M's
+ * driver and recoverer may act late, during R; R does not crash), COPIERS (the reverse mirror and
+ * tail), R_RECOVERER (a second serve replica recovering R; not in the script: state space).
+ * Mutants under REVERT:
+ *   REVERT_OPENS_SOURCE_FIRST     R opens S to writers before T's move commits
+ *   REVERSE_ADMITS_WRITERS        S's `copiers` fence admits a stale proxy's append
+ *   REVERT_WITHOUT_DELTA          R moves T's fence without the final delta, trusting the
+ *                                 reverse mirror and tail (run with COPIERS)
+ *   OPEN_TARGET_UNCONDITIONALLY   open_target sets T's fence open whatever row it finds (the code
+ *                                 at 22e2924): a late M driver or recoverer reopens T after R
+ *                                 moved it (run with STALE_FORWARD)
  */
 
 #ifndef WRITERS
