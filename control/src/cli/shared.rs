@@ -248,9 +248,15 @@ impl Status {
             });
         }
         if let Some(finished) = self.finished_at {
+            let reverted = self.reverted_by_state == Some(MigrationState::Migrated);
             out.push_str(&format!(
-                "Finished: {} (the undo window is closed)\n",
-                finished.to_rfc3339()
+                "Finished: {} ({})\n",
+                finished.to_rfc3339(),
+                if reverted {
+                    "reverted"
+                } else {
+                    "the undo window is closed"
+                }
             ));
         }
         if let Some(c) = &self.cleanup {
