@@ -61,6 +61,9 @@ const EVENT_TYPE: &str = "Deposited";
 const ACTOR: &str = "cutover-bench";
 /// Appends completing in the first this-long of a run are warm-up (not in the "before" rate).
 const WARMUP: Duration = Duration::from_secs(1);
+/// Cutover attempts per run before the run is reported as failed (a rolled-back attempt leaves
+/// the migration dual-writing, so the next run could not start).
+const CUTOVER_ATTEMPTS: usize = 5;
 /// How long `migrate start` may take to reach dual_write with lag 0.
 const MIGRATION_LIMIT: Duration = Duration::from_secs(1800);
 
@@ -409,7 +412,9 @@ struct RunResult {
     migration_s: f64,
     cutover: Value,
     cutover_ok: bool,
-    /// The cutover command's wall-clock window, µs since the run's origin.
+    /// Attempts before the last that rolled back (their `cutover --json` reports).
+    rolled_back: Vec<Value>,
+    /// The cutover commands' wall-clock window (every attempt), µs since the run's origin.
     window_us: (u64, u64),
     /// Writing stopped, µs since the run's origin.
     end_us: u64,
@@ -502,7 +507,26 @@ impl Setup {
         let load = Load::start(&self.proxies, plan, self.args.writers);
         tokio::time::sleep(Duration::from_secs_f64(self.args.steady_seconds)).await;
         let window_start = origin.elapsed();
-        let outcome = control(&self.bin, &self.config, &["cutover", &id]).await;
+        // As an operator would: an attempt that rolled back (budget, lag) leaves the migration
+        // dual-writing, and is tried again while the writers go on; each is reported.
+        let mut rolled_back = Vec::new();
+        let outcome = loop {
+            let outcome = control(&self.bin, &self.config, &["cutover", &id]).await;
+            let Ok((false, attempt)) = &outcome else {
+                break outcome;
+            };
+            let (_, status) = control(&self.bin, &self.config, &["status", &id]).await?;
+            if status["state"] != "dual_write" || rolled_back.len() + 1 >= CUTOVER_ATTEMPTS {
+                break outcome;
+            }
+            eprintln!(
+                "run {}: cutover attempt rolled back ({}); trying again",
+                index + 1,
+                attempt["error"]
+            );
+            rolled_back.push(attempt.clone());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let window_end = origin.elapsed();
         tokio::time::sleep(Duration::from_secs_f64(self.args.after_seconds)).await;
         let report = load.stop().await;
@@ -546,6 +570,7 @@ impl Setup {
             migration_s,
             cutover,
             cutover_ok,
+            rolled_back,
             window_us: (micros(window_start), micros(window_end)),
             end_us: micros(end),
             samples,
@@ -683,6 +708,7 @@ fn report(
             "migration_to_dual_write_lag0_s": (r.migration_s * 10.0).round() / 10.0,
             "cutover": c,
             "cutover_exit_ok": r.cutover_ok,
+            "cutover_attempts_rolled_back": r.rolled_back,
             "cutover_window_ms": ms(r.window_us.1 - r.window_us.0),
             "appends_per_s": {"before": f.before_rate.round(), "during": f.during_rate.round(), "after": f.after_rate.round()},
             "latency_ms": {"p50": ms(f.overall[0]), "p99": ms(f.overall[1]), "p999": ms(f.overall[2]), "max": ms(f.overall[3])},
@@ -704,7 +730,11 @@ fn report(
             "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             i + 1,
             r.direction,
-            c["success"],
+            if r.rolled_back.is_empty() {
+                c["success"].to_string()
+            } else {
+                format!("{} ({} rolled back first)", c["success"], r.rolled_back.len())
+            },
             c["duration_ms"],
             c["pause_ms"],
             c["delta_events"],

@@ -279,7 +279,7 @@ impl Status {
 
 /// The tenant's route when `record` cut over with reverse replication that still runs: normal
 /// on its target, with its source as the route's target.
-async fn reverse_route(
+pub(super) async fn reverse_route(
     engine: &Engine,
     record: &MigrationRecord,
 ) -> Option<switchyard_store::RouteRecord> {

@@ -79,7 +79,8 @@ pub struct CutoverOutcome {
 
 /// The cutover's step durations, keyed by protocol step: `1_check_lag`, `1_verify_below_delta`,
 /// `1_older_writers` (waiting for sessions older than the fence row), `1_last_tail_pass` (the
-/// tail pass just before the pause), `1_warm` (opening a connection to every live proxy),
+/// tail pass just before the pause), `1_warm` (opening a connection to every live proxy and
+/// reading how far the streams the delta may touch hold only the tenant's rows in the target),
 /// `2_close_gates` (routing → `cutover_paused` and the fence taken, at once), `3_take_fence`
 /// (the checks under the fence), `4_copy_delta`, `4_verify_delta`, `4_move_fence`,
 /// `5_open_gates` (routing → `normal` on the target, every live proxy told); a failed attempt
@@ -129,6 +130,10 @@ struct Fenced {
 struct DeltaStart {
     from: Option<i64>,
     touched: BTreeSet<StreamKey>,
+    /// Per stream with versions past the tail horizon, the version through which the target
+    /// holds only the tenant's rows, asked before the pause ([`switchyard_store::EventStore::owned_heads`]):
+    /// the fenced copy's check for another tenant's rows walks only the versions past it.
+    owned: HashMap<StreamKey, i32>,
 }
 
 /// Where an attempt ended, from what the source fence says.
@@ -254,15 +259,26 @@ impl Engine {
         self.wait_for_older_writers(&record, budget).await?;
         steps.lap("1_older_writers", &mut lap);
         // One more tail pass while writers still write (the fenced delta starts where it
-        // ended) and, meanwhile, what the pause will use opened beforehand: a connection to
-        // every live proxy.
+        // ended) and, meanwhile, what the pause will use made ready beforehand: a connection
+        // to every live proxy, and how far each stream the delta may touch holds only the
+        // tenant's rows in the target (its walk, which grows with the stream, stays out of the
+        // pause; best effort: a stream not answered is walked whole under the fence).
         let warm = async {
             let live = self.live_proxies().await;
-            self.proxy_caller.warm(&live).await;
-            live
+            let streams: Vec<StreamKey> = below.iter().flat_map(|b| b.keys().cloned()).collect();
+            let (_, owned) = tokio::join!(
+                self.proxy_caller.warm(&live),
+                target.owned_heads(record.tenant_id, &streams)
+            );
+            let owned = owned.unwrap_or_else(|e| {
+                tracing::info!(migration.id = %record.id, error = %e, "reading the target's streams before the pause failed; the fenced copy walks them whole");
+                HashMap::new()
+            });
+            (live, owned)
         };
         let pass = async { (self.last_tail_pass(&record, budget).await, Instant::now()) };
-        let ((delta_start, passed), live) = tokio::join!(pass, warm);
+        let ((mut delta_start, passed), (live, owned)) = tokio::join!(pass, warm);
+        delta_start.owned = owned;
         steps.lap_until("1_last_tail_pass", &mut lap, passed);
         // `1_warm`: how much longer than the pass the warming took (usually nothing).
         steps.lap("1_warm", &mut lap);
@@ -676,7 +692,8 @@ impl Engine {
 
     /// Step 1's last check: waits (at most `budget`, nobody paused yet) for the sessions that
     /// may hold rows of the tenant written before its fence row existed
-    /// ([`switchyard_store::EventStore::writers_older_than_fence`]); refuses if they stay.
+    /// ([`switchyard_store::EventStore::writers_older_than_fence`]), after the fence row settled
+    /// ([`switchyard_store::EventStore::fence_settles_in`]); refuses if they stay.
     async fn wait_for_older_writers(
         &self,
         record: &MigrationRecord,
@@ -684,6 +701,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let source = self.store(&record.source_store_id)?;
         let until = tokio::time::Instant::now() + budget;
+        // A fence row written less than a second ago (the migration just started) makes every
+        // writer the fence will hold look older than it: let it settle first.
+        let settling = source
+            .fence_settles_in(record.tenant_id)
+            .await
+            .map_err(EngineError::store(source.id()))?;
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + settling)).await;
         loop {
             let older = source
                 .writers_older_than_fence(record.tenant_id)
@@ -755,7 +779,12 @@ impl Engine {
                 Some(below) if !more => {
                     let ranges = compared_ranges(&touched, below);
                     let (landed, source_counts) = tokio::join!(
-                        target.copy_in_counting(record.tenant_id, &batch, &ranges),
+                        target.copy_in_counting(
+                            record.tenant_id,
+                            &batch,
+                            &ranges,
+                            &delta_start.owned
+                        ),
                         source.range_digests(record.tenant_id, &ranges, Digesting::Count)
                     );
                     let (landings, target_counts) =
@@ -864,6 +893,7 @@ impl Engine {
         let fallback = || DeltaStart {
             from: record.tail_horizon,
             touched: BTreeSet::new(),
+            owned: HashMap::new(),
         };
         let pass = async {
             let source = self.store(&record.source_store_id)?;
@@ -909,6 +939,7 @@ impl Engine {
             Ok::<_, EngineError>(DeltaStart {
                 from: Some(window.to),
                 touched,
+                owned: HashMap::new(),
             })
         };
         match tokio::time::timeout(bound, pass).await {

@@ -23,15 +23,37 @@ impl Engine {
             }
         };
         let mut copied = 0;
-        for route in routes {
-            match self.reverse_pass(&route).await {
+        for route in &routes {
+            match self.reverse_pass(route).await {
                 Ok(n) => copied += n,
                 Err(e) => {
                     tracing::warn!(tenant.id = %route.tenant_id, error = %e, "reverse replication pass failed; retrying");
                 }
             }
         }
+        self.forget_reverse_lags(&routes);
         copied
+    }
+
+    /// Drops the reverse lag of every tenant no longer under reverse replication (completed,
+    /// moved on): a series left at its last value would say an undo is still possible.
+    fn forget_reverse_lags(&self, routes: &[RouteRecord]) {
+        use prometheus::core::Collector;
+        let live: std::collections::HashSet<String> =
+            routes.iter().map(|r| r.tenant_id.to_string()).collect();
+        let stale: Vec<String> = self
+            .metrics
+            .reverse_lag
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .flat_map(|m| m.get_label())
+            .filter(|l| l.name() == "tenant" && !live.contains(l.value()))
+            .map(|l| l.value().to_owned())
+            .collect();
+        for tenant in stale {
+            let _ = self.metrics.reverse_lag.remove_label_values(&[&tenant]);
+        }
     }
 
     /// Copies the tenant's events of the store it lives in past the reverse horizon into the

@@ -180,10 +180,24 @@ macro_rules! pg_land_batch {
     };
 }
 
-/// [`pg_land_batch`]'s `copier`, `heads` and `landing` CTEs (after `batch`).
+/// [`pg_land_batch`]'s `copier`, `heads` and `landing` CTEs (after `batch`). Without
+/// arguments each stream's foreign check walks all its versions; with `owned` (a join giving
+/// `k.owned`, the version through which the stream is known to hold only the tenant's rows,
+/// [`EventStore::owned_heads`]) it walks only the versions past that.
 macro_rules! pg_land_ctes {
     () => {
-        "copier AS MATERIALIZED (
+        pg_land_ctes!(floor = "0", join = "")
+    };
+    (owned) => {
+        pg_land_ctes!(
+            floor = "coalesce(k.owned, 0)",
+            join = "
+      LEFT JOIN unnest($16::text[], $17::uuid[], $18::int4[]) AS k(aggregate_type, aggregate_id, owned)
+             ON k.aggregate_type = s.aggregate_type AND k.aggregate_id = s.aggregate_id"
+        )
+    };
+    (floor = $floor:literal, join = $join:literal) => {
+        concat!("copier AS MATERIALIZED (
     -- This statement is a copier: a fence that admits copiers only lets its rows in if it is
     -- still the row version this statement's snapshot saw (the heads below come from that
     -- snapshot). The fence trigger reads the setting, 'tenant@xmin,' per fence row;
@@ -201,8 +215,9 @@ macro_rules! pg_land_ctes {
            EXISTS (SELECT 1 FROM events e
                     WHERE e.aggregate_id = s.aggregate_id
                       AND e.aggregate_type = s.aggregate_type
+                      AND e.version > ", $floor, "
                       AND e.tenant_id IS DISTINCT FROM s.tenant_id) AS foreign_stream
-      FROM (SELECT DISTINCT aggregate_id, aggregate_type, tenant_id FROM batch) s
+      FROM (SELECT DISTINCT aggregate_id, aggregate_type, tenant_id FROM batch) s", $join, "
 ), landing AS (
     -- A row whose event id the target already uses never lands (present or diverged), and
     -- a stream holding another tenant's events takes none of ours.
@@ -212,7 +227,7 @@ macro_rules! pg_land_ctes {
            CROSS JOIN copier c
      WHERE b.version > h.head AND c.copier IS NOT NULL AND NOT h.foreign_stream
        AND NOT EXISTS (SELECT 1 FROM events x WHERE x.event_id = b.event_id)
-)"
+)")
     };
 }
 
@@ -254,10 +269,13 @@ pub fn pg_insert_copied_from(batch_query: &str) -> String {
 /// snapshot saw it, before the insert ([`PG_CLASSIFY`]'s columns); `2` per listed range
 /// (`$11` types, `$12` ids, `$13` lows, `$14` highs) of tenant `$15`, its count and last
 /// version in that snapshot (the caller adds the rows inserted now). Nothing joins the batch
-/// back to the insert: the three parts are independent scans, so no plan is batch².
+/// back to the insert: the three parts are independent scans, so no plan is batch². Each
+/// stream's foreign check walks only its versions past the one it is known to hold only the
+/// tenant's rows through (`$16` types, `$17` ids, `$18` versions: [`EventStore::owned_heads`],
+/// asked before the pause), so the pause does not grow with the streams' length.
 const PG_LAND_AND_COUNT: &str = concat!(
     pg_batch_cte!(),
-    pg_land_ctes!(),
+    pg_land_ctes!(owned),
     ", ins AS (",
     pg_land_insert!(),
     ")
@@ -285,6 +303,18 @@ SELECT 2, NULL, NULL, false, false, false, r.aggregate_type, r.aggregate_id,
                     AND e.version BETWEEN r.lo AND r.hi AND e.tenant_id = $15
  GROUP BY r.aggregate_type, r.aggregate_id"
 );
+
+/// [`EventStore::owned_heads`]: per listed stream (`$1` types, `$2` ids), its last version
+/// when every version up to it is here and the tenant's (`$3`), in one snapshot.
+const PG_OWNED_HEADS: &str = "
+SELECT k.aggregate_type, k.aggregate_id, w.head
+  FROM unnest($1::text[], $2::uuid[]) AS k(aggregate_type, aggregate_id)
+  CROSS JOIN LATERAL (
+       SELECT max(e.version) AS head, count(*) AS n,
+              bool_or(e.tenant_id IS DISTINCT FROM $3) AS foreign_row
+         FROM events e
+        WHERE e.aggregate_id = k.aggregate_id AND e.aggregate_type = k.aggregate_type) w
+ WHERE w.head IS NOT NULL AND w.n = w.head AND NOT w.foreign_row";
 
 /// For each given event, what the target holds for it: the row with its event id (position,
 /// and whether tenant, stream, version and content are the same), whether its stream version
@@ -649,11 +679,18 @@ impl EventStore {
     /// snapshot cannot tell (a row neither inserted nor seen: another copier inserted it
     /// meanwhile, or it waits for its predecessor), those rows are classified again and the
     /// ranges counted again, as [`Self::copy_in`] and [`Self::range_digests`] would.
+    ///
+    /// `owned` is [`Self::owned_heads`] of (some of) the batch's streams, asked earlier: a
+    /// stream's check for another tenant's rows looks only past its version there. Rows are
+    /// never updated, and the tenant's rows in a migration's target are deleted only when no
+    /// copier runs (`--reset-target` before the copy, a cleanup after the migration), so what
+    /// held only the tenant's rows still does. SQLite's landing does not use it.
     pub async fn copy_in_counting(
         &self,
         tenant: Uuid,
         events: &[StoredEvent],
         ranges: &[(StreamKey, i32, i32)],
+        owned: &HashMap<StreamKey, i32>,
     ) -> Result<(Vec<Landing>, HashMap<StreamKey, StreamDigest>), StoreError> {
         if events.is_empty() || !events.is_sorted_by_key(|e| e.global_position) {
             let landed = self.copy_in(events).await?;
@@ -662,7 +699,8 @@ impl EventStore {
         }
         let (landed, mut counts) = match &self.backend {
             Backend::Postgres(pool) => {
-                let Some(done) = land_and_count_pg(pool, tenant, events, ranges).await? else {
+                let Some(done) = land_and_count_pg(pool, tenant, events, ranges, owned).await?
+                else {
                     let landed = self.copy_in(events).await?;
                     let counts = self.range_digests(tenant, ranges, Digesting::Count).await?;
                     return Ok((landed, counts));
@@ -686,6 +724,34 @@ impl EventStore {
         };
         super::verify::report_empty(ranges.iter().map(|(k, _, _)| k), &mut counts);
         Ok((landed, counts))
+    }
+
+    /// For each of `streams` that holds only `tenant`'s rows here, versions 1 to its last
+    /// without a gap, that last version (streams with another tenant's row or a gap are left
+    /// out; so are streams not here). One walk of each stream, before the cutover's pause, so
+    /// that the copy of the final delta ([`Self::copy_in_counting`]) need not walk them again
+    /// inside it. Empty on SQLite, whose landing has no use for it.
+    pub async fn owned_heads(
+        &self,
+        tenant: Uuid,
+        streams: &[StreamKey],
+    ) -> Result<HashMap<StreamKey, i32>, StoreError> {
+        let Backend::Postgres(pool) = &self.backend else {
+            return Ok(HashMap::new());
+        };
+        if streams.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, Uuid, i32)> = sqlx::query_as(PG_OWNED_HEADS)
+            .bind(streams.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+            .bind(streams.iter().map(|k| k.1).collect::<Vec<_>>())
+            .bind(tenant)
+            .fetch_all(pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, id, head)| ((t, id), head))
+            .collect())
     }
 
     /// [`Self::copy_in`], answering only where each input is here (inserted or present).
@@ -915,6 +981,7 @@ async fn land_and_count_pg(
     tenant: Uuid,
     events: &[StoredEvent],
     ranges: &[(StreamKey, i32, i32)],
+    owned: &HashMap<StreamKey, i32>,
 ) -> Result<Option<LandedAndCounted>, StoreError> {
     type Row = (
         i32,
@@ -933,6 +1000,12 @@ async fn land_and_count_pg(
     let ids: Vec<Uuid> = ranges.iter().map(|r| r.0 .1).collect();
     let los: Vec<i32> = ranges.iter().map(|r| r.1).collect();
     let his: Vec<i32> = ranges.iter().map(|r| r.2).collect();
+    let (mut owned_types, mut owned_ids, mut owned_heads) = (Vec::new(), Vec::new(), Vec::new());
+    for ((t, id), head) in owned {
+        owned_types.push(t.as_str());
+        owned_ids.push(*id);
+        owned_heads.push(*head);
+    }
     let rows: Vec<Row> = b
         .bind_all(sqlx::query_as(PG_LAND_AND_COUNT))
         .bind(&types)
@@ -940,6 +1013,9 @@ async fn land_and_count_pg(
         .bind(&los)
         .bind(&his)
         .bind(tenant)
+        .bind(owned_types)
+        .bind(owned_ids)
+        .bind(owned_heads)
         .fetch_all(pool)
         .await?;
     let mut inserted: HashMap<Uuid, i64> = HashMap::new();

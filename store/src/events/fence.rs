@@ -132,6 +132,11 @@ impl std::fmt::Display for OlderWriter {
 /// which no fence held), or whose snapshot predates the row (a repeatable-read transaction
 /// that would not see the fence when it inserts). Their rows would commit behind a moved
 /// fence, never copied. Run on `exec`, excluding its own session.
+///
+/// A snapshot's `backend_xmin` is the oldest transaction running anywhere on the server when it
+/// was taken: a transaction open in another database since before the fence row puts every
+/// session's below the row. So a snapshot counts as predating the row only if its transaction
+/// also began before the row settled.
 const OLDER_WRITERS_SQL: &str = "
     SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
            a.xact_start::text
@@ -141,7 +146,8 @@ const OLDER_WRITERS_SQL: &str = "
        AND a.pid <> pg_backend_pid()
        AND a.backend_type = 'client backend'
        AND a.xact_start IS NOT NULL
-       AND (age(a.backend_xmin) >= age(f.xmin)
+       AND ((age(a.backend_xmin) >= age(f.xmin)
+             AND a.xact_start < f.updated_at + make_interval(secs => $2))
             OR (EXISTS (SELECT 1 FROM pg_locks l
                          WHERE l.pid = a.pid AND l.relation = 'events'::regclass
                            AND l.mode = 'RowExclusiveLock' AND l.granted)
@@ -301,6 +307,29 @@ impl EventStore {
             )),
             Backend::Sqlite(_) => Ok(Vec::new()),
         }
+    }
+
+    /// How long until the tenant's fence row is settled: until then a transaction that began
+    /// after the row's last write counts as older than the fence once it writes `events`
+    /// ([`Self::writers_older_than_fence`]: it may not have seen the row), and so does every
+    /// writer the fence holds. A cutover taking the fence within that second after the
+    /// migration opened it refused every time its writers queued on it. By the store's own
+    /// clock; zero for a row settled long ago, for no row, and on SQLite.
+    pub async fn fence_settles_in(&self, tenant: Uuid) -> Result<Duration, StoreError> {
+        let Backend::Postgres(pool) = &self.backend else {
+            return Ok(Duration::ZERO);
+        };
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM f.updated_at + make_interval(secs => $2) - clock_timestamp())::float8
+               FROM switchyard_fences f WHERE f.tenant_id = $1",
+        )
+        .bind(tenant)
+        .bind(f64::from(FENCE_ROW_SETTLE_SECS))
+        .fetch_optional(pool)
+        .await?;
+        Ok(secs
+            .filter(|s| *s > 0.0)
+            .map_or(Duration::ZERO, Duration::from_secs_f64))
     }
 }
 

@@ -544,7 +544,10 @@ async fn the_copy_of_the_delta_answers_identity_and_the_landed_counts_at_once() 
             (("Cart".to_owned(), a), 2, i32::MAX),
             (("Cart".to_owned(), b), 1, i32::MAX),
         ];
-        let (landed, counts) = target.copy_in_counting(tenant, &delta, &ranges).await?;
+        let no_hint = std::collections::HashMap::new();
+        let (landed, counts) = target
+            .copy_in_counting(tenant, &delta, &ranges, &no_hint)
+            .await?;
         for (e, landing) in delta.iter().zip(&landed) {
             let expected = match (e.aggregate_id == a, e.version) {
                 (true, 1) => "present",
@@ -568,7 +571,9 @@ async fn the_copy_of_the_delta_answers_identity_and_the_landed_counts_at_once() 
             .range_digests(tenant, &ranges, switchyard_store::Digesting::Count)
             .await?;
         assert_eq!(counts, after);
-        let (again, counts_again) = target.copy_in_counting(tenant, &delta, &ranges).await?;
+        let (again, counts_again) = target
+            .copy_in_counting(tenant, &delta, &ranges, &no_hint)
+            .await?;
         assert!(
             again
                 .iter()
@@ -580,6 +585,83 @@ async fn the_copy_of_the_delta_answers_identity_and_the_landed_counts_at_once() 
         Ok(())
     })
     .await
+}
+
+/// The cutover reads, before its pause, how far each stream holds only the tenant's rows in the
+/// target (`owned_heads`), so that the fenced copy looks for another tenant's rows only past
+/// that. A stream with another tenant's row or a gap is not answered; and another tenant's row
+/// written right past the answer (by a direct writer: Switchyard's own append refuses a stream
+/// of another tenant) still keeps the delta out of that stream. PostgreSQL only: SQLite's
+/// landing takes no such answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_row_past_what_the_tenant_owned_still_keeps_the_delta_out() -> Result<()> {
+    use switchyard_store::{Divergence, Landing};
+    let env = Env::new(Backend::Postgres, &["shared", "dedicated"], "").await?;
+    let (source, target) = stores(&env).await?;
+    let mut db = sqlx::PgConnection::connect(env.store_url("dedicated")).await?;
+    let (ours, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    let (kept, mixed, gapped) = (new_cart(ours), new_cart(ours), new_cart(ours));
+    for s in [kept, mixed, gapped] {
+        source
+            .append(s, Some(0), &[event("1")?, event("2")?, event("3")?])
+            .await?;
+    }
+    let window = PassWindow::first(source.horizon().await?);
+    copy_pass(&source, &target, ours, window).await?;
+    // A direct writer's row of another tenant at the next version of a stream.
+    let theirs_at = |s: StreamRef<'static>, version: i32| {
+        sqlx::query(
+            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, tenant_id, \
+             version, timestamp, payload) VALUES ($1, $2, 'Cart', 'Theirs', $3, $4, now(), '{}')",
+        )
+        .bind(Uuid::new_v4())
+        .bind(s.aggregate_id)
+        .bind(theirs)
+        .bind(version)
+    };
+    theirs_at(mixed, 4).execute(&mut db).await?;
+    // A gap: version 2 of `gapped` is gone from the target.
+    sqlx::query("DELETE FROM events WHERE aggregate_id = $1 AND version = 2")
+        .bind(gapped.aggregate_id)
+        .execute(&mut db)
+        .await?;
+    let key = |s: StreamRef<'static>| (s.aggregate_type.to_owned(), s.aggregate_id);
+    let absent = new_cart(ours);
+    let owned = target
+        .owned_heads(ours, &[key(kept), key(mixed), key(gapped), key(absent)])
+        .await?;
+    assert_eq!(
+        owned,
+        [(key(kept), 3)].into_iter().collect(),
+        "only the stream wholly the tenant's, without a gap"
+    );
+
+    // Another tenant's row lands right past what `kept` was owned through; then the tenant's
+    // next two versions, the final delta.
+    theirs_at(kept, 4).execute(&mut db).await?;
+    source
+        .append(kept, Some(3), &[event("4")?, event("5")?])
+        .await?;
+    let delta: Vec<StoredEvent> = source
+        .read_tenant(ours, 0, 100)
+        .await?
+        .into_iter()
+        .filter(|e| e.aggregate_id == kept.aggregate_id && e.version > 3)
+        .collect();
+    let ranges = vec![(key(kept), 4, i32::MAX)];
+    let (landed, counts) = target
+        .copy_in_counting(ours, &delta, &ranges, &owned)
+        .await?;
+    assert_eq!(
+        landed,
+        vec![
+            Landing::Diverged(Divergence::ForeignStream),
+            Landing::Diverged(Divergence::ForeignStream)
+        ],
+        "the tenant's versions 4 and 5 on a stream another tenant wrote version 4 of"
+    );
+    assert_eq!(counts[&key(kept)].count, 0, "none of ours past version 3");
+    Ok(())
 }
 
 /// A transaction open in another database of the same server (another store, the control

@@ -359,6 +359,17 @@ async fn metrics_move_as_documented_while_a_migration_runs() -> Result<()> {
     })
     .await?;
     remember(&last);
+    // Reverse replication (the default) keeps the store the tenant left current: serve's
+    // reverse tail reports its lag per tenant.
+    let reversing = poll_scrape(&http, &serve.admin, Duration::from_secs(20), |s| {
+        s.value(
+            "switchyard_control_reverse_lag_events",
+            &[("tenant", &tenant.to_string())],
+        )
+        .is_some()
+    })
+    .await?;
+    remember(&reversing);
     let control_epoch = last
         .value("switchyard_control_routing_epoch", &[])
         .unwrap_or(0.0);

@@ -174,6 +174,23 @@ async fn reverse_replication_keeps_the_store_the_tenant_left_current_across_an_o
     );
     let status = env.control_json(&["status", &id])?;
     assert_eq!(status["reverse_replication"], true, "{status}");
+    // `list` says so too: the undo it can be undone with, and its reverse lag.
+    let listed = env.control_json(&["list"])?;
+    let entry = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|m| m["id"] == id.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("{id} not listed: {listed}"))?;
+    assert_eq!(
+        (&entry["reverse_replication"], &entry["reverse_lag"]),
+        (&serde_json::json!(true), &serde_json::json!(0)),
+        "{entry}"
+    );
+    let text = env.control(&["list"])?.stdout;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(id.as_str()) && l.ends_with("revert (reverse lag 0)")),
+        "{text}"
+    );
     assert_eq!(
         fence(env.store_url("shared"), tenant).await?.as_deref(),
         Some("copiers")
@@ -267,6 +284,15 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
     let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     cut_over(&env, &id).await?;
+    // serve's reverse lag of the tenant: there while the store it left is kept current, gone
+    // once that ends (a series left at its last value would say an undo is still possible).
+    let http = Http::new();
+    let series = format!("switchyard_control_reverse_lag_events{{tenant=\"{tenant}\"}}");
+    let exported = || async {
+        let reply = http.get(&format!("{}/metrics", serve.admin)).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&reply.body).contains(&series))
+    };
+    wait_for_every(Duration::from_secs(30), Duration::from_millis(50), exported).await?;
     wait_for_every(
         Duration::from_secs(30),
         Duration::from_millis(200),
@@ -274,6 +300,13 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     )
     .await
     .map_err(|e| e.context(format!("serve log:\n{}", serve.log())))?;
+    wait_for_every(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { Ok(!exported().await?) },
+    )
+    .await
+    .map_err(|e| e.context(format!("{series} is still exported after the completion")))?;
     let route = env.control_json(&["routing", "get", &tenant.to_string()])?;
     assert_eq!(
         (
@@ -291,6 +324,19 @@ async fn the_grace_period_completion_ends_reverse_replication() -> Result<()> {
     assert_eq!(
         env.control_json(&["status", &id])?["reverse_replication"],
         false
+    );
+    let listed = env.control_json(&["list"])?;
+    assert_eq!(
+        listed[0]["reverse_replication"], false,
+        "no undo after the completion: {listed}"
+    );
+    assert!(
+        env.control(&["list"])?
+            .stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("\t-")),
+        "list's UNDO column after the completion"
     );
     Ok(())
 }
