@@ -16,7 +16,7 @@ use switchyard_tests::{
 use uuid::Uuid;
 
 use crate::fault_scenarios::{
-    audit, control_off_thread, cut_over, hold_fence, route_is, two_stores, Load,
+    audit, control_off_thread, cut_over, hold_fence, route_is, two_stores, verify_hash, Load,
 };
 
 /// The shared test PostgreSQL server, which the gates forward to.
@@ -197,7 +197,13 @@ async fn a_revert_under_16_writers_through_2_proxies_loses_nothing() -> Result<(
     let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     let proxies = [a.data.clone(), b.data.clone()];
     let writers = Writers::start(&http, &proxies, tenant, 16, 2, Duration::from_millis(10));
-    cut_over(&env, &id).await?;
+    verify_hash(&env, &id)?;
+    let cut = first_json(
+        &control_off_thread(&env, &["--json", "cutover", &id], &[])
+            .await?
+            .stdout,
+    )?;
+    assert_eq!(cut["success"], true, "{cut}");
     more_acked(&writers, 100).await?;
 
     let outcome = reverted(&env, &id, &[])
@@ -209,6 +215,10 @@ async fn a_revert_under_16_writers_through_2_proxies_loses_nothing() -> Result<(
         .to_owned();
     assert_eq!(outcome["store_id"], "shared", "{outcome}");
     assert_eq!(outcome["kept_current"], "dedicated", "{outcome}");
+    println!(
+        "16 writers, 2 proxies: cutover pause {} ms (whole {} ms), revert pause {} ms (whole cutover back {} ms)",
+        cut["pause_ms"], cut["duration_ms"], outcome["cutover"]["pause_ms"], outcome["cutover"]["duration_ms"]
+    );
     for proxy in [&a, &b] {
         route_is(
             &http,
