@@ -348,6 +348,51 @@ async fn a_revert_is_refused_after_complete_and_without_reverse_replication() ->
     Ok(())
 }
 
+/// `serve`'s grace-period completion (`control.reverse_replication_hours`) comes due while the
+/// migration is being reverted (the revert held before its cutover, past the grace period): it
+/// leaves the migration to its revert (ending its reverse replication would close the store the
+/// revert moves the tenant back to, to the revert's own copiers), and the revert succeeds and
+/// finishes it as reverted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_period_completion_leaves_a_migration_being_reverted_alone() -> Result<()> {
+    // 0.001 h = 3.6 s.
+    let env = two_stores(
+        "[proxy]\nrouting_poll_ms = 100\n[control]\nreverse_replication_hours = 0.001\n",
+    )
+    .await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 10).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    cut_over(&env, &id).await?;
+    let out = revert(
+        &env,
+        &id,
+        &[],
+        &[("SWITCHYARD_PAUSE_AT", "revert_before_cutover:6000")],
+    )
+    .await?;
+    let outcome = first_json(&out.stdout)?;
+    ensure!(
+        out.code == 0 && outcome["success"] == true,
+        "exit {}: {}{}\nserve log:\n{}",
+        out.code,
+        out.stdout,
+        out.stderr,
+        serve.log()
+    );
+    let back = outcome["revert_migration_id"].as_str().unwrap_or_default();
+    let status = env.control_json(&["status", &id])?;
+    assert_eq!(status["reverted_by"], back, "{status}");
+    let (_, last) = audit(&env, &id)?;
+    assert_eq!(last["details"]["reverted_by"], back, "{last}");
+    assert_eq!(
+        fence(env.store_url("shared"), tenant).await?.as_deref(),
+        Some("open")
+    );
+    Ok(())
+}
+
 /// The crash points of the revert (its own and its cutover's), in protocol order.
 const CRASH_POINTS: [&str; 10] = [
     "revert_after_start",
