@@ -11,14 +11,19 @@
 //! copiers only), `after_fence` (the target's fence opened to writers as well),
 //! `after_routing_flipped` (routing `normal` on the target, state
 //! migrated, nothing reported yet); on the rollback path, `before_rollback` (the attempt failed,
-//! routing still `cutover_paused`). A cleanup (`complete --cleanup`, `cleanup`) has
+//! routing still `cutover_paused`). A revert (`revert`) adds `revert_after_start` (its migration
+//! recorded, or found), `revert_before_cutover` (caught up, dual-writing), `revert_before_rollback`
+//! (its cutover rolled back to dual_write, the revert migration not yet aborted) and
+//! `revert_after_cutover` (the revert migrated, the reverted migration not yet finished); its
+//! cutover passes the cutover's points. A cleanup (`complete --cleanup`, `cleanup`) has
 //! `cleanup_after_batch` (a batch of the tenant's rows deleted, its count not yet recorded).
 //! docs/reliability.md lists what recovery must give at each.
 //!
 //! `SWITCHYARD_PAUSE_AT=<point>:<ms>` holds the process that long at a pause point instead, so
 //! a test can interleave two operators' commands in the one order that matters (a real race
 //! too narrow to hit on demand), the first time the process gets there: `migrate_start_before_insert` (the preflight checks passed,
-//! the migration not yet recorded) and `cleanup_before_delete` (a batch's checks passed, its
+//! the migration not yet recorded), `revert_before_cutover` (a revert caught up, its cutover not
+//! yet begun) and `cleanup_before_delete` (a batch's checks passed, its
 //! rows not yet deleted).
 
 /// The variable naming the point to crash at.

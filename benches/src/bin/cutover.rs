@@ -1,6 +1,7 @@
 // Run: cargo build --release -p switchyard-control && cargo run --release -p switchyard-benches --bin cutover -- --events 1000000 --writers 16 --proxies 2 --runs 1
 // Paced: cargo run --release -p switchyard-benches --bin cutover -- --events 100000 --writers 8 --runs 5 --rate 800
 // Smoke: cargo run --release -p switchyard-benches --bin cutover -- --smoke [--rate 200]
+// Revert: cargo run --release -p switchyard-benches --bin cutover -- --events 100000 --runs 4 --revert
 
 //! The write pause of a cutover under load (issue 4, "Performance"): a tenant of `--events`
 //! events is migrated from the store `shared` to the store `dedicated` by the real
@@ -61,6 +62,9 @@ const EVENT_TYPE: &str = "Deposited";
 const ACTOR: &str = "cutover-bench";
 /// Appends completing in the first this-long of a run are warm-up (not in the "before" rate).
 const WARMUP: Duration = Duration::from_secs(1);
+/// Cutover attempts per run before the run is reported as failed (a rolled-back attempt leaves
+/// the migration dual-writing, so the next run could not start).
+const CUTOVER_ATTEMPTS: usize = 5;
 /// How long `migrate start` may take to reach dual_write with lag 0.
 const MIGRATION_LIMIT: Duration = Duration::from_secs(1800);
 
@@ -80,6 +84,11 @@ struct Args {
     /// Cutovers (run 2 migrates back to `shared` with --reset-target, and so on).
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Runs after the first undo the last one with `revert` (issue 19: the cutover back to the
+    /// store the tenant left, kept current by reverse replication) instead of migrating back
+    /// with `--reset-target`: its pause beside the forward cutover's, same scenario.
+    #[arg(long)]
+    revert: bool,
     /// Streams each writer appends to, round robin.
     #[arg(long, default_value_t = 3)]
     streams_per_writer: usize,
@@ -120,7 +129,7 @@ impl Args {
         if self.common.smoke {
             self.events = 20_000;
             self.writers = 4;
-            self.runs = 1;
+            self.runs = if self.revert { 2 } else { 1 };
             self.steady_seconds = 2.0;
             self.after_seconds = 2.0;
         }
@@ -409,7 +418,9 @@ struct RunResult {
     migration_s: f64,
     cutover: Value,
     cutover_ok: bool,
-    /// The cutover command's wall-clock window, µs since the run's origin.
+    /// Attempts before the last that rolled back (their `cutover --json` reports).
+    rolled_back: Vec<Value>,
+    /// The cutover commands' wall-clock window (every attempt), µs since the run's origin.
     window_us: (u64, u64),
     /// Writing stopped, µs since the run's origin.
     end_us: u64,
@@ -439,27 +450,62 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Setup {
-    async fn run(&self, index: usize) -> Result<RunResult> {
+    /// Run `index`: migrates the tenant (back) and cuts over under load; with `undo`, reverts
+    /// that migration instead (`revert` is then the command measured).
+    async fn run(&self, index: usize, undo: Option<&str>) -> Result<RunResult> {
         let (to, from) = if index.is_multiple_of(2) {
             ("dedicated", "shared")
         } else {
             ("shared", "dedicated")
         };
+        let began = Instant::now();
+        let id = match undo {
+            Some(undo) => {
+                eprintln!(
+                    "run {}: reverting migration {undo} ({from} → {to})",
+                    index + 1
+                );
+                undo.to_owned()
+            }
+            None => self.start(index, from, to).await?,
+        };
+        if undo.is_none() {
+            self.until_dual_write(index, &id, began).await?;
+        }
+        let migration_s = began.elapsed().as_secs_f64();
+        for admin in &self.admins {
+            let state = if undo.is_some() {
+                RoutingState::Normal
+            } else {
+                RoutingState::DualWrite
+            };
+            wait_route(admin, self.tenant, state).await?;
+        }
+        self.cut_over_under_load(index, (from, to), &id, undo.is_some(), migration_s)
+            .await
+    }
+
+    /// `migrate start` of the tenant to `to` (with `--reset-target` after the first run).
+    async fn start(&self, index: usize, from: &str, to: &str) -> Result<String> {
         let tenant = self.tenant.to_string();
         let mut start_args = vec!["migrate", "start", "--tenant", &tenant, "--to", to];
         if index > 0 {
             start_args.push("--reset-target");
         }
         start_args.push("--detach");
-        let began = Instant::now();
         let started = control_ok(&self.bin, &self.config, &start_args).await?;
         let id = started["id"]
             .as_str()
             .ok_or_else(|| anyhow!("migrate start answered no id: {started}"))?
             .to_owned();
         eprintln!("run {}: migration {id} {from} → {to} started", index + 1);
+        Ok(id)
+    }
+
+    /// Waits for migration `id` to dual-write with lag 0.
+    async fn until_dual_write(&self, index: usize, id: &str, began: Instant) -> Result<()> {
         loop {
-            let (_, status) = control(&self.bin, &self.config, &["status", &id]).await?;
+            let (_, status) = control(&self.bin, &self.config, &["status", id]).await?;
             if status["state"] == "dual_write" && status["lag"] == 0 {
                 break;
             }
@@ -471,14 +517,25 @@ impl Setup {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let migration_s = began.elapsed().as_secs_f64();
         eprintln!(
-            "run {}: dual_write, lag 0 after {migration_s:.1} s",
-            index + 1
+            "run {}: dual_write, lag 0 after {:.1} s",
+            index + 1,
+            began.elapsed().as_secs_f64()
         );
-        for admin in &self.admins {
-            wait_route(admin, self.tenant, RoutingState::DualWrite).await?;
-        }
+        Ok(())
+    }
+
+    /// Starts the writers, runs the cutover (or, `reverting`, `revert` of migration `id`)
+    /// after `steady_seconds`, stops them `after_seconds` later, and checks every acknowledged
+    /// id in the store the tenant ends in.
+    async fn cut_over_under_load(
+        &self,
+        index: usize,
+        (from, to): (&str, &str),
+        id: &str,
+        reverting: bool,
+        migration_s: f64,
+    ) -> Result<RunResult> {
         if self.args.vacuum_between_runs {
             for url in [&self.dbs.shared, &self.dbs.dedicated] {
                 let mut conn = PgConnection::connect(url).await?;
@@ -502,7 +559,42 @@ impl Setup {
         let load = Load::start(&self.proxies, plan, self.args.writers);
         tokio::time::sleep(Duration::from_secs_f64(self.args.steady_seconds)).await;
         let window_start = origin.elapsed();
-        let outcome = control(&self.bin, &self.config, &["cutover", &id]).await;
+        // As an operator would: an attempt that rolled back (budget, lag) leaves the migration
+        // dual-writing, and is tried again while the writers go on; each is reported.
+        let mut rolled_back = Vec::new();
+        let mut id = id.to_owned();
+        let outcome = loop {
+            if reverting {
+                // `revert` answers its own report; the cutover back's is inside it.
+                let reverted = control(
+                    &self.bin,
+                    &self.config,
+                    &["revert", &id, "--reason", "cutover benchmark"],
+                )
+                .await;
+                if let Ok((_, r)) = &reverted {
+                    if let Some(back) = r["revert_migration_id"].as_str() {
+                        id = back.to_owned();
+                    }
+                }
+                break reverted.map(|(ok, r)| (ok, r["cutover"].clone()));
+            }
+            let outcome = control(&self.bin, &self.config, &["cutover", &id]).await;
+            let Ok((false, attempt)) = &outcome else {
+                break outcome;
+            };
+            let (_, status) = control(&self.bin, &self.config, &["status", &id]).await?;
+            if status["state"] != "dual_write" || rolled_back.len() + 1 >= CUTOVER_ATTEMPTS {
+                break outcome;
+            }
+            eprintln!(
+                "run {}: cutover attempt rolled back ({}); trying again",
+                index + 1,
+                attempt["error"]
+            );
+            rolled_back.push(attempt.clone());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let window_end = origin.elapsed();
         tokio::time::sleep(Duration::from_secs_f64(self.args.after_seconds)).await;
         let report = load.stop().await;
@@ -541,11 +633,16 @@ impl Setup {
         let (found, duplicated) = count_ids(target_url, self.tenant, &ids).await?;
         let (in_source, _) = count_ids(source_url, self.tenant, &on_target).await?;
         Ok(RunResult {
-            direction: format!("{from}→{to}"),
+            direction: if reverting {
+                format!("{from}→{to} (revert)")
+            } else {
+                format!("{from}→{to}")
+            },
             migration_id: id,
             migration_s,
             cutover,
             cutover_ok,
+            rolled_back,
             window_us: (micros(window_start), micros(window_end)),
             end_us: micros(end),
             samples,
@@ -650,6 +747,8 @@ fn report(
          |---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut pauses = Vec::new();
+    // `--revert`: the reverts' pauses and longest writer pauses apart from the cutovers'.
+    let (mut revert_pauses, mut revert_longest) = (Vec::new(), Vec::new());
     let mut durations = Vec::new();
     let mut longest = Vec::new();
     let mut window_p99 = Vec::new();
@@ -659,7 +758,13 @@ fn report(
         let f = figures(r);
         let c = &r.cutover;
         let lost = r.acked.saturating_sub(r.found_in_target);
-        pauses.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
+        let reverted = r.direction.ends_with("(revert)");
+        if reverted {
+            revert_pauses.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
+            revert_longest.push(ms(f.window[3]));
+        } else {
+            pauses.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
+        }
         for (step, ms) in c["steps_ms"].as_object().into_iter().flatten() {
             steps
                 .entry(step.clone())
@@ -683,6 +788,7 @@ fn report(
             "migration_to_dual_write_lag0_s": (r.migration_s * 10.0).round() / 10.0,
             "cutover": c,
             "cutover_exit_ok": r.cutover_ok,
+            "cutover_attempts_rolled_back": r.rolled_back,
             "cutover_window_ms": ms(r.window_us.1 - r.window_us.0),
             "appends_per_s": {"before": f.before_rate.round(), "during": f.during_rate.round(), "after": f.after_rate.round()},
             "latency_ms": {"p50": ms(f.overall[0]), "p99": ms(f.overall[1]), "p999": ms(f.overall[2]), "max": ms(f.overall[3])},
@@ -704,7 +810,11 @@ fn report(
             "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             i + 1,
             r.direction,
-            c["success"],
+            if r.rolled_back.is_empty() {
+                c["success"].to_string()
+            } else {
+                format!("{} ({} rolled back first)", c["success"], r.rolled_back.len())
+            },
             c["duration_ms"],
             c["pause_ms"],
             c["delta_events"],
@@ -744,6 +854,9 @@ fn report(
         "load_average_after": load.1,
         "seed_s": (seed_s * 10.0).round() / 10.0,
         "pause_ms": stats(&pauses),
+        "revert": args.revert,
+        "revert_pause_ms": stats(&revert_pauses),
+        "revert_longest_writer_pause_ms": stats(&revert_longest),
         "cutover_duration_ms": stats(&durations),
         "longest_writer_pause_ms": stats(&longest),
         "window_p99_ms": stats(&window_p99),
@@ -896,9 +1009,13 @@ async fn measure(
         admins,
         tenant,
     };
-    let mut runs = Vec::new();
+    let mut runs: Vec<RunResult> = Vec::new();
     for i in 0..args.runs.max(1) {
-        runs.push(setup.run(i).await?);
+        let undo = runs
+            .last()
+            .filter(|_| args.revert)
+            .map(|r| r.migration_id.clone());
+        runs.push(setup.run(i, undo.as_deref()).await?);
     }
     Ok((seed_s, runs))
 }

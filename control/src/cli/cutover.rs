@@ -9,32 +9,45 @@ use uuid::Uuid;
 use super::shared::operator_note;
 use super::{emit, CliError};
 use crate::context::Context;
+use crate::engine::Engine;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     pub migration: Uuid,
+    #[command(flatten)]
+    pub budget: Budget,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// The cutover's force flag and budget (`cutover`, and `revert`'s cutover back).
+#[derive(Debug, clap::Args)]
+pub struct Budget {
     /// Skip the lag gate and the verification (the final delta is still copied and fenced).
     #[arg(long)]
     pub force: bool,
     /// The budget of the whole sequence (default: control.cutover_timeout_ms).
     #[arg(long)]
     pub timeout_ms: Option<u64>,
-    /// Why, for the audit log.
-    #[arg(long)]
-    pub reason: Option<String>,
+}
+
+impl Budget {
+    /// `--timeout-ms`, or the configured budget; between 1 ms and 10 minutes.
+    pub(super) fn duration(&self, engine: &Engine) -> Duration {
+        self.timeout_ms
+            .map_or(engine.settings.cutover_timeout, Duration::from_millis)
+            .clamp(Duration::from_millis(1), Duration::from_secs(600))
+    }
 }
 
 pub(super) async fn run(ctx: &mut Context, args: &Args, json: bool) -> Result<(), CliError> {
     let engine = ctx.engine().await?;
-    let budget = args
-        .timeout_ms
-        .map_or(engine.settings.cutover_timeout, Duration::from_millis)
-        .clamp(Duration::from_millis(1), Duration::from_secs(600));
     let outcome = engine
         .cutover(
             args.migration,
-            args.force,
-            budget,
+            args.budget.force,
+            args.budget.duration(&engine),
             &operator_note(args.reason.as_deref()),
         )
         .await?;

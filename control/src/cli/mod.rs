@@ -17,6 +17,7 @@ mod migrate;
 mod pause;
 mod positions;
 mod resume;
+mod revert;
 mod routing;
 mod serve;
 mod shared;
@@ -99,6 +100,9 @@ pub enum Command {
     Audit(audit::Args),
     /// Cut a dual-writing migration over to its target (automatic rollback on failure).
     Cutover(cutover::Args),
+    /// Undo a cutover: cut the tenant back over to the store a migrated migration left (kept
+    /// current by its reverse replication), with automatic rollback on failure.
+    Revert(revert::Args),
     /// End a migrated migration's undo window; with --cleanup, delete the tenant's rows from
     /// the store it left.
     Complete(complete::Args),
@@ -212,6 +216,7 @@ async fn dispatch(ctx: &mut Context, command: Command, json: bool) -> Result<(),
         Command::Checkpoints(command) => checkpoints::run(ctx, command, json).await,
         Command::Audit(args) => audit::run(ctx, &args, json).await,
         Command::Cutover(args) => cutover::run(ctx, &args, json).await,
+        Command::Revert(args) => revert::run(ctx, &args, json).await,
         Command::Complete(args) => complete::run(ctx, &args, json).await,
         Command::Cleanup(args) => cleanup::run(ctx, &args, json).await,
         Command::EmergencyStop(args) => emergency_stop::run(ctx, &args, json).await,

@@ -73,6 +73,12 @@ pub(super) struct Status {
     pub finished_at: Option<DateTime<Utc>>,
     /// The deletion of the tenant's rows from the store it no longer uses, once started.
     pub cleanup: Option<CleanupStatus>,
+    /// This migration is the revert of that migrated one (`revert`): it moves the tenant back.
+    pub reverts: Option<Uuid>,
+    /// The migration that reverted this one (migrated) or is reverting it now (active).
+    pub reverted_by: Option<Uuid>,
+    /// That revert's state.
+    pub reverted_by_state: Option<MigrationState>,
 }
 
 /// What `status` shows of a cleanup.
@@ -119,6 +125,11 @@ impl Status {
             None => None,
         };
         let divergent_streams = report.map(|r| r.divergent_streams).unwrap_or_default();
+        let reverted_by = if record.state == MigrationState::Migrated {
+            engine.revert_of(&record).await.ok().flatten()
+        } else {
+            None
+        };
         // Only an ended migration can have one; a control database that cannot say leaves it out.
         let cleanup = if record.is_active() {
             None
@@ -163,6 +174,9 @@ impl Status {
             updated_at: record.updated_at,
             finished_at: record.finished_at,
             cleanup: cleanup.map(CleanupStatus::from),
+            reverts: record.reverts(),
+            reverted_by_state: reverted_by.as_ref().map(|r| r.state),
+            reverted_by: reverted_by.map(|r| r.id),
         }
     }
 
@@ -217,10 +231,32 @@ impl Status {
             opt(self.started_at),
             opt(self.completed_at)
         ));
-        if let Some(finished) = self.finished_at {
+        if let Some(reverts) = self.reverts {
             out.push_str(&format!(
-                "Finished: {} (the undo window is closed)\n",
-                finished.to_rfc3339()
+                "Reverts: migration {reverts} (moves the tenant back to {})\n",
+                self.target_store_id
+            ));
+        }
+        if let (Some(by), Some(state)) = (self.reverted_by, self.reverted_by_state) {
+            out.push_str(&if state == MigrationState::Migrated {
+                format!(
+                    "Reverted by: migration {by} (the tenant lives in {} again)\n",
+                    self.source_store_id
+                )
+            } else {
+                format!("Being reverted by: migration {by} ({state})\n")
+            });
+        }
+        if let Some(finished) = self.finished_at {
+            let reverted = self.reverted_by_state == Some(MigrationState::Migrated);
+            out.push_str(&format!(
+                "Finished: {} ({})\n",
+                finished.to_rfc3339(),
+                if reverted {
+                    "reverted"
+                } else {
+                    "the undo window is closed"
+                }
             ));
         }
         if let Some(c) = &self.cleanup {

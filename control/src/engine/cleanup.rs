@@ -42,6 +42,15 @@ impl Engine {
         note: &AuditNote,
     ) -> Result<(MigrationRecord, bool), EngineError> {
         let record = self.control.migration(id).await?;
+        // A reverted migration's store is the tenant's again (its revert's reverse replication
+        // keeps the other current); one being reverted is its revert's until that ends.
+        if record.state == MigrationState::Migrated {
+            if let Some(revert) = self.revert_of(&record).await? {
+                return Err(EngineError::Refused(super::revert::reverted_refusal(
+                    &record, &revert,
+                )));
+            }
+        }
         if record.state != MigrationState::Migrated {
             let hint = match record.state {
                 MigrationState::RolledBack | MigrationState::Failed => format!(
@@ -242,6 +251,14 @@ impl Engine {
                 "reverse_replication_hours": hours,
                 "cutover_at": record.completed_at,
             }));
+            // A reverted migration is finished by its revert; one being reverted is left to it
+            // (ending reverse replication would close the revert's target to its copiers).
+            if let Some(revert) = self.revert_of(&record).await? {
+                if revert.state == MigrationState::Migrated {
+                    self.finish_reverted(&record, &revert, &note).await?;
+                }
+                continue;
+            }
             // As `complete` does: reverse replication ends first (the route loses the store the
             // tenant left, whose fence then admits nobody), or it would go on after the end.
             self.end_reverse_replication(&record).await?;

@@ -13,6 +13,7 @@ mod metrics;
 mod ops;
 mod proxies;
 mod reverse;
+mod revert;
 mod verify;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub use self::cleanup::CleanupDriven;
 pub use self::cutover::CutoverOutcome;
 pub use self::metrics::EngineMetrics;
 pub use self::ops::{StartRequest, Stopped};
+pub use self::revert::RevertOutcome;
 
 /// How long a driver's claim lasts without renewal; another worker takes over after it.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(5);
@@ -76,6 +78,10 @@ pub struct MigrationOptions {
     /// Reverse replication after the cutover (absent in migrations started before it: off).
     #[serde(default)]
     pub reverse: bool,
+    /// The migration this one reverts (`revert MIGRATION`): it moves the tenant back to the
+    /// store that migration left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<Uuid>,
 }
 
 impl MigrationOptions {
@@ -86,6 +92,7 @@ impl MigrationOptions {
             cutover: CutoverMode::Manual,
             reset_target: false,
             reverse: false,
+            reverts: None,
         })
     }
 }

@@ -160,6 +160,7 @@ impl Engine {
             cutover: request.cutover,
             reset_target: request.reset_target,
             reverse: self.settings.reverse_replication && !request.no_reverse,
+            reverts: None,
         };
         crate::fault::pause_point("migrate_start_before_insert").await;
         let record = self
@@ -221,7 +222,7 @@ impl Engine {
 
     /// Why a cleanup running now keeps a migration of `tenant` from `source` to `target` from
     /// going on: it is deleting the tenant's rows from one of the two stores.
-    async fn cleanup_in_the_way(
+    pub(super) async fn cleanup_in_the_way(
         &self,
         tenant: Uuid,
         source: &str,
@@ -271,6 +272,17 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             record = self.control.migration(id).await?;
+        }
+        if record.state == MigrationState::Migrated
+            && record.reverse_replication()
+            && record.finished_at.is_none()
+        {
+            return Err(EngineError::Refused(format!(
+                "migration {id} is migrated: the tenant lives in {} now; to move it back to {} \
+                 (kept current by reverse replication until `complete`), use \
+                 `switchyard-control revert {id} --reason …`",
+                record.target_store_id, record.source_store_id
+            )));
         }
         if record.state == MigrationState::Migrated {
             return Err(EngineError::Refused(format!(

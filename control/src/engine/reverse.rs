@@ -146,7 +146,8 @@ impl Engine {
             .await
             .map_err(EngineError::store("control"))?;
         let reversing = route.is_some_and(|r| {
-            r.store_id == record.target_store_id
+            r.migration_state == switchyard_store::RoutingState::Normal
+                && r.store_id == record.target_store_id
                 && r.target_store_id.as_deref() == Some(record.source_store_id.as_str())
         });
         if reversing {

@@ -197,16 +197,26 @@ impl MigrationRecord {
         (self.events_copied as f64 * 100.0 / self.events_total as f64).clamp(0.0, 100.0)
     }
 
-    /// The route of this migration's tenant while the migration is in `state`: `normal` on the
-    /// target once migrated, `normal` on the source before it starts and after it failed or
-    /// rolled back, and otherwise the state's routing on the source with the target and this
-    /// migration named.
     /// Whether the migration keeps the store the tenant left current after its cutover
     /// (`reverse` in its options, written by `migrate start` unless `--no-reverse`).
     pub fn reverse_replication(&self) -> bool {
         self.config.get("reverse") == Some(&Value::Bool(true))
     }
 
+    /// The migration this one reverts (`revert MIGRATION`: `reverts` in its options), if any.
+    pub fn reverts(&self) -> Option<Uuid> {
+        self.config
+            .get("reverts")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok())
+    }
+
+    /// The route of this migration's tenant while the migration is in `state`: `normal` on the
+    /// target once migrated, `normal` on the source before it starts and after it failed or
+    /// rolled back, and otherwise the state's routing on the source with the target and this
+    /// migration named. A revert that ends without its cutover gives the tenant back the
+    /// reverse replication it interrupted: `normal` on its source with its target (the store
+    /// the reverted migration left) still kept current.
     pub fn implied_route(&self, state: MigrationState) -> RouteUpdate {
         match state.routing_state() {
             // With reverse replication, the route keeps the store the tenant left as its
@@ -217,6 +227,16 @@ impl MigrationRecord {
                     .then(|| self.source_store_id.clone()),
                 ..RouteUpdate::normal(self.tenant_id, &self.target_store_id)
             },
+            RoutingState::Normal
+                if matches!(state, MigrationState::RolledBack | MigrationState::Failed)
+                    && self.reverts().is_some()
+                    && self.reverse_replication() =>
+            {
+                RouteUpdate {
+                    target_store_id: Some(self.target_store_id.clone()),
+                    ..RouteUpdate::normal(self.tenant_id, &self.source_store_id)
+                }
+            }
             RoutingState::Normal => RouteUpdate::normal(self.tenant_id, &self.source_store_id),
             routing => RouteUpdate {
                 tenant_id: self.tenant_id,
@@ -775,6 +795,35 @@ mod tests {
             assert_eq!(back.migration_state, RoutingState::Normal);
             assert_eq!(back.target_store_id, None);
         }
+    }
+
+    #[test]
+    fn a_revert_that_ends_without_its_cutover_gives_back_the_reverse_replication() {
+        let mut r = record(MigrationState::DualWrite);
+        let reverted = Uuid::new_v4();
+        r.config = serde_json::json!({ "reverse": true, "reverts": reverted.to_string() });
+        assert_eq!(r.reverts(), Some(reverted));
+        for state in [MigrationState::RolledBack, MigrationState::Failed] {
+            let back = r.implied_route(state);
+            assert_eq!(back.store_id, "shared");
+            assert_eq!(back.migration_state, RoutingState::Normal);
+            assert_eq!(
+                back.target_store_id.as_deref(),
+                Some("dedicated"),
+                "the store the reverted migration left is kept current again"
+            );
+            assert_eq!(back.active_migration_id, None);
+        }
+        let migrated = r.implied_route(MigrationState::Migrated);
+        assert_eq!(migrated.store_id, "dedicated");
+        assert_eq!(migrated.target_store_id.as_deref(), Some("shared"));
+        // Not a revert: an abort ends every mirror.
+        r.config = serde_json::json!({ "reverse": true });
+        assert_eq!(r.reverts(), None);
+        assert_eq!(
+            r.implied_route(MigrationState::RolledBack).target_store_id,
+            None
+        );
     }
 
     #[test]

@@ -80,6 +80,35 @@ fn cutover_smoke_with_a_paced_open_loop_load() -> Result<()> {
     Ok(())
 }
 
+/// `--revert`: the second run undoes the first with `revert`, under the same load, and its
+/// pause is reported apart; every acknowledged append is in the store the tenant went back to.
+#[test]
+fn cutover_smoke_with_a_revert() -> Result<()> {
+    let s = smoke("cutover", &["--revert"])?;
+    let runs = s["per_run"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    assert_eq!(runs.len(), 2, "{s}");
+    assert_eq!(runs[1]["direction"], "dedicated→shared (revert)", "{s}");
+    assert_eq!(runs[1]["cutover"]["success"], true, "{s}");
+    assert_eq!(
+        (
+            runs[1]["lost"].as_u64(),
+            runs[1]["duplicated_in_target"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    assert!(runs[1]["acked"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert_eq!(
+        s["revert_pause_ms"]["values"].as_array().map(Vec::len),
+        Some(1),
+        "{s}"
+    );
+    Ok(())
+}
+
 #[test]
 fn fairness_smoke() -> Result<()> {
     let s = smoke("fairness", &[])?;

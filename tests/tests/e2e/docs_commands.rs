@@ -377,6 +377,7 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
     )?;
 
     let mut migrated = None;
+    let mut reverted = None;
     let mut seen = Vec::new();
     for block in &blocks {
         let number = block
@@ -392,22 +393,28 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
                 let id = dual_writing(&env, tenant, "dedicated").await?;
                 // The cutover is refused while the tail lags, as the section says: wait for it
                 // as an operator would (dual_write is entered before the tail's first pass).
-                wait_for_every(
-                    Duration::from_secs(30),
-                    Duration::from_millis(200),
-                    || async {
-                        let status = env.control_json(&["status", &id])?;
-                        Ok(status["state"] == "dual_write" && status["lag"] == 0)
-                    },
-                )
-                .await
-                .with_context(|| format!("migration {id} never caught up"))?;
+                caught_up(&env, &id).await?;
                 shell.export("ID", &id)?;
                 migrated = Some(id);
             }
             "8" if !seen.contains(&number) => {
                 // Moving back to `shared`, which still holds the tenant's old events.
                 shell.export("ID", &dual_writing(&env, tenant, "shared").await?)?;
+            }
+            "12" if !seen.contains(&number) => {
+                // Section 11 finished the migration and emptied `shared` of the tenant.
+                let id = migrated
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("section 5 did not run"))?;
+                section_11_finished(&env, tenant, id).await?;
+                // The tenant, on `dedicated`, migrates to `shared` and cuts over: the cutover
+                // the section undoes.
+                let id = dual_writing(&env, tenant, "shared").await?;
+                caught_up(&env, &id).await?;
+                let cut = env.control_json(&["cutover", &id])?;
+                assert_eq!(cut["success"], true, "{cut}");
+                shell.export("ID", &id)?;
+                reverted = Some(id);
             }
             "9" | "11" => shell.export(
                 "ID",
@@ -433,16 +440,26 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
         }
     }
     shell.save_capture("operations.md");
-    for section in ["1", "2", "3", "4", "5", "7", "8", "9", "11"] {
+    for section in ["1", "2", "3", "4", "5", "7", "8", "9", "11", "12"] {
         assert!(
             seen.iter().any(|s| s == section),
             "section {section} has no runnable block"
         );
     }
-    let id = migrated.ok_or_else(|| anyhow!("no cutover ran"))?;
+    // Section 12 reverted the cutover it started from: the tenant lives in `dedicated` again.
+    let id = reverted.ok_or_else(|| anyhow!("section 12 did not run"))?;
     let status = env.control_json(&["status", &id])?;
     assert_eq!(status["state"], "migrated", "{status}");
-    // Section 11 finished it and emptied the store it left of the tenant.
+    assert!(status["reverted_by"].is_string(), "{status}");
+    let route = env.control_json(&["routing", "get", &tenant.to_string()])?;
+    assert_eq!(route["store_id"], "dedicated", "{route}");
+    Ok(())
+}
+
+/// Section 11 finished migration `id` and emptied the store it left (`shared`) of the tenant.
+async fn section_11_finished(env: &Env, tenant: Uuid, id: &str) -> Result<()> {
+    let status = env.control_json(&["status", id])?;
+    assert_eq!(status["state"], "migrated", "{status}");
     assert!(status["finished_at"].is_string(), "{status}");
     assert_eq!(status["cleanup"]["state"], "done", "{status}");
     assert_eq!(
@@ -451,6 +468,20 @@ async fn the_operations_procedures_run_as_written() -> Result<()> {
         "{status}"
     );
     Ok(())
+}
+
+/// Waits until migration `id` is dual-writing at lag 0, as an operator would before a cutover.
+async fn caught_up(env: &Env, id: &str) -> Result<()> {
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let status = env.control_json(&["status", id])?;
+            Ok(status["state"] == "dual_write" && status["lag"] == 0)
+        },
+    )
+    .await
+    .with_context(|| format!("migration {id} never caught up"))
 }
 
 /// The README's embedded-default block: no config, SQLite files in a fresh folder; only the

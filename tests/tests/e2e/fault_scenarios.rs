@@ -30,19 +30,19 @@ type Try = switchyard_client::Attempt;
 
 /// What writers saw: every acknowledged append and every attempt.
 #[derive(Debug, Default)]
-struct Record {
-    acked: Vec<Acked>,
+pub(crate) struct Record {
+    pub(crate) acked: Vec<Acked>,
     tries: Vec<Try>,
 }
 
 impl Record {
     /// The longest a single request took.
-    fn slowest(&self) -> Duration {
+    pub(crate) fn slowest(&self) -> Duration {
         self.tries.iter().map(|t| t.took).max().unwrap_or_default()
     }
 
     /// Failed attempts by `"<status> <code>"`.
-    fn failures(&self) -> BTreeMap<String, usize> {
+    pub(crate) fn failures(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for t in self.tries.iter().filter(|t| t.status != 201) {
             *out.entry(format!("{} {}", t.status, t.code)).or_insert(0) += 1;
@@ -57,13 +57,13 @@ impl Record {
 
 /// Writers appending until stopped (the harness's [`Writers`] plan, two streams each, 10 ms
 /// apart: `switchyard_client`'s load writer), every attempt timed.
-struct Load {
+pub(crate) struct Load {
     load: switchyard_client::Load,
 }
 
 impl Load {
     /// `n` writers for `tenant`, writer `i` through `proxies[i % len]`, two streams each.
-    fn start(http: &Http, proxies: &[String], tenant: Uuid, n: usize) -> Self {
+    pub(crate) fn start(http: &Http, proxies: &[String], tenant: Uuid, n: usize) -> Self {
         let plan = switchyard_client::LoadPlan {
             record_attempts: true,
             ..load_plan(tenant, 2, Duration::from_millis(10))
@@ -75,12 +75,12 @@ impl Load {
     }
 
     /// Appends acknowledged so far.
-    fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         usize::try_from(self.load.acked()).unwrap_or(usize::MAX)
     }
 
     /// Waits until `more` appends beyond those acknowledged now are acknowledged.
-    async fn progress(&self, more: usize, timeout: Duration) -> Result<()> {
+    pub(crate) async fn progress(&self, more: usize, timeout: Duration) -> Result<()> {
         let goal = self.acked() + more;
         wait_for(timeout, || async { Ok(self.acked() >= goal) })
             .await
@@ -88,7 +88,7 @@ impl Load {
     }
 
     /// Stops the writers; an append refused for good fails it.
-    async fn stop(self) -> Result<Record> {
+    pub(crate) async fn stop(self) -> Result<Record> {
         let report = self.load.stop().await;
         if let Some(failure) = report.failed.first() {
             bail!("append refused: {}", failure.error);
@@ -181,7 +181,7 @@ pub(crate) fn audit(env: &Env, id: &str) -> Result<(Vec<String>, Value)> {
 
 /// A session holding the tenant's fence in the source as an append in flight would
 /// (`FOR SHARE`), so a cutover waits for it at step 3.
-async fn hold_fence(url: &str, tenant: Uuid) -> Result<sqlx::PgConnection> {
+pub(crate) async fn hold_fence(url: &str, tenant: Uuid) -> Result<sqlx::PgConnection> {
     let mut c = sqlx::PgConnection::connect(url).await?;
     sqlx::query("BEGIN").execute(&mut c).await?;
     sqlx::query("SELECT 1 FROM switchyard_fences WHERE tenant_id = $1 FOR SHARE")

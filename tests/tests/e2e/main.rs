@@ -27,6 +27,7 @@ mod openapi;
 mod pg_tls;
 mod proxy_lifecycle;
 mod python_client;
+mod revert;
 mod routing;
 mod soak;
 mod undo;
