@@ -64,7 +64,7 @@
  *   REVERT_WITHOUT_DELTA          R moves T's fence without the final delta, trusting the
  *                                 reverse mirror and tail (run with COPIERS)
  *   OPEN_TARGET_UNCONDITIONALLY   open_target sets T's fence open whatever row it finds (the code
- *                                 at 22e2924): a late M driver or recoverer reopens T after R
+ *                                 on main at c667e33): a late M driver or recoverer reopens T after R
  *                                 moved it (run with STALE_FORWARD)
  */
 
