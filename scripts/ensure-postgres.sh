@@ -12,13 +12,43 @@ answers() {
     psql -h "$PGHOST" -p "$PGPORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1
 }
 
-if answers; then
-  exit 0
-fi
-
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
+
+# The end-to-end tests run two at a time, each starting proxies, serve and control processes
+# with a pool per store: PostgreSQL's default of 100 connections ran out ("too many clients",
+# seen by a test as a pool timeout). Raised once; the setting needs a restart.
+CONNECTIONS=300
+enough_connections() {
+  local have
+  have=$(psql -h "$PGHOST" -p "$PGPORT" -U postgres -d postgres -Atqc 'show max_connections')
+  if [ "$have" -ge "$CONNECTIONS" ]; then
+    return 0
+  fi
+  echo "ensure-postgres: raising max_connections from $have to $CONNECTIONS (restarts PostgreSQL)" >&2
+  psql -h "$PGHOST" -p "$PGPORT" -U postgres -d postgres -Atqc "ALTER SYSTEM SET max_connections = $CONNECTIONS" >/dev/null
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$version" ] || ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    echo "ensure-postgres: cannot restart this PostgreSQL (not a Debian cluster): restart it to apply max_connections" >&2
+    return 0
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  for _ in $(seq 1 60); do
+    if answers; then
+      return 0
+    fi
+    sleep 1
+  done
+  echo "ensure-postgres: PostgreSQL did not come back after the restart" >&2
+  return 1
+}
+
+if answers; then
+  enough_connections
+  exit 0
+fi
 
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
   echo "ensure-postgres: installing postgresql from the distribution" >&2
@@ -43,6 +73,7 @@ as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/nul
 for _ in $(seq 1 60); do
   if answers; then
     echo "ensure-postgres: PostgreSQL $version is up on $PGHOST:$PGPORT" >&2
+    enough_connections
     exit 0
   fi
   sleep 1
