@@ -22,6 +22,7 @@ pub use control::{
 pub use error::{ErrorKind, StoreError};
 pub use event::{AppendError, Appended, NewEvent, StoredEvent, StreamRef};
 pub use events::{
-    CategoryStart, Digesting, Divergence, EventStore, FeedStart, FenceLock, FenceState, Landing,
-    OlderWriter, PassWindow, SchemaStatus, StreamDigest, StreamKey, StreamRange, FENCE_MARGIN,
+    fence_token, CategoryStart, Digesting, Divergence, EventStore, FeedStart, FenceLock,
+    FenceState, Landing, OlderWriter, PassWindow, SchemaStatus, StreamDigest, StreamKey,
+    StreamRange, FENCE_MARGIN,
 };

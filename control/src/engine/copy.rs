@@ -82,7 +82,11 @@ impl Engine {
         // tail, mirror) may write the tenant there, and anyone else (a direct writer, a proxy
         // cut off from control with an old route) is refused and sent to the source.
         target
-            .admit_copiers_only(record.tenant_id, record.revision, source.id())
+            .admit_copiers_only(
+                record.tenant_id,
+                switchyard_store::fence_token(record.id),
+                source.id(),
+            )
             .await
             .map_err(EngineError::store(target.id()))?;
         let route = record.implied_route(MigrationState::BulkCopy);

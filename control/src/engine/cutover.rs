@@ -136,6 +136,23 @@ struct DeltaStart {
     owned: HashMap<StreamKey, i32>,
 }
 
+/// Why the target's fence was not opened to writers.
+#[derive(Debug)]
+enum OpenTarget {
+    /// It could not be reached or said no (the next recovery tries again).
+    Failed(String),
+    /// It is no longer this migration's `copiers` fence: never opened again.
+    Superseded(String),
+}
+
+impl std::fmt::Display for OpenTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Failed(why) | Self::Superseded(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Where an attempt ended, from what the source fence says.
 enum Settled {
     /// The fence moved to the target: only forward.
@@ -256,6 +273,20 @@ impl Engine {
         steps.lap("1_verify_below_delta", &mut lap);
         let source = self.store(&record.source_store_id)?;
         let target = self.store(&record.target_store_id)?;
+        // The target opens only if its fence still is the one this migration's start wrote
+        // (`open_target`): find out now, with nobody paused, rather than after the move.
+        if !target
+            .is_target_fence_of(record.tenant_id, switchyard_store::fence_token(record.id))
+            .await
+            .map_err(EngineError::store(target.id()))?
+        {
+            return Err(EngineError::Refused(format!(
+                "migration {id} cannot cut over: the tenant's fence in target {} is not the one this migration's \
+                 start wrote (changed since, or written by a release before fence tokens), so the target could \
+                 not be opened after the move; nothing was paused. Abort the migration and start it again",
+                target.id()
+            )));
+        }
         self.wait_for_older_writers(&record, budget).await?;
         steps.lap("1_older_writers", &mut lap);
         // One more tail pass while writers still write (the fenced delta starts where it
@@ -379,15 +410,26 @@ impl Engine {
         let (failure, held) = match settled {
             Settled::Forward { delta, blocked } => {
                 crash_point("after_source_moved");
+                crate::fault::pause_point("before_open_target").await;
                 // 5. The source's fence moved: only forward from here. The target opens to
                 // writers before routing names it (a failure leaves routing cutover_paused for
                 // the recoverer, which opens it and finishes).
-                if let Err(e) = self.open_target(&closed.record, epoch).await {
-                    let _ = told_closed.await;
-                    return Err(EngineError::Refused(format!(
-                        "migration {id}: the fence moved (the tenant's writes are held) but the target could \
-                         not be opened to them: {e}; `switchyard-control serve` or the next `status {id}` finishes it"
-                    )));
+                match self.open_target(&closed.record).await {
+                    Ok(()) => {}
+                    Err(OpenTarget::Superseded(why)) => {
+                        let _ = told_closed.await;
+                        return Err(EngineError::Refused(format!(
+                            "migration {id}: the fence moved, but this cutover took too long and was finished \
+                             without it: {why}; see `switchyard-control status {id}`"
+                        )));
+                    }
+                    Err(OpenTarget::Failed(e)) => {
+                        let _ = told_closed.await;
+                        return Err(EngineError::Refused(format!(
+                            "migration {id}: the fence moved (the tenant's writes are held) but the target could \
+                             not be opened to them: {e}; `switchyard-control serve` or the next `status {id}` finishes it"
+                        )));
+                    }
                 }
                 crash_point("after_fence");
                 // Every live proxy is told at once (its writers released from the gate go
@@ -700,14 +742,15 @@ impl Engine {
         budget: Duration,
     ) -> Result<(), EngineError> {
         let source = self.store(&record.source_store_id)?;
-        let until = tokio::time::Instant::now() + budget;
         // A fence row written less than a second ago (the migration just started) makes every
-        // writer the fence will hold look older than it: let it settle first.
+        // writer the fence will hold look older than it: let it settle first (at most that
+        // second, nobody paused), then wait for the older ones within the budget.
         let settling = source
             .fence_settles_in(record.tenant_id)
             .await
             .map_err(EngineError::store(source.id()))?;
-        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + settling)).await;
+        tokio::time::sleep(settling).await;
+        let until = tokio::time::Instant::now() + budget;
         loop {
             let older = source
                 .writers_older_than_fence(record.tenant_id)
@@ -1136,7 +1179,7 @@ impl Engine {
             // The source's fence moved; the attempt may have died before it opened the target.
             // It opens before routing names it; if it cannot, nothing changes and the next
             // recovery tries again (writers wait at the gate meanwhile).
-            if let Err(e) = self.open_target(record, record.revision).await {
+            if let Err(e) = self.open_target(record).await {
                 let _ = lock.release().await;
                 return Err(EngineError::Refused(format!(
                     "migration {}: the fence moved but the target could not be opened: {e}",
@@ -1162,10 +1205,11 @@ impl Engine {
     /// Opens the tenant's fence in `record`'s target to every writer, once the source's fence
     /// moved there (never before: both would be open). A few tries, backing off: a proxy's
     /// append that followed the moved fence waits at the target until then.
-    async fn open_target(&self, record: &MigrationRecord, epoch: i64) -> Result<(), String> {
+    async fn open_target(&self, record: &MigrationRecord) -> Result<(), OpenTarget> {
         let target = self
             .store(&record.target_store_id)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OpenTarget::Failed(e.to_string()))?;
+        let token = switchyard_store::fence_token(record.id);
         let mut last = String::new();
         for attempt in 0..4u32 {
             if attempt > 0 {
@@ -1173,16 +1217,31 @@ impl Engine {
             }
             match tokio::time::timeout(
                 self.settings.cutover_timeout + FENCE_MARGIN,
-                target.open_fence(record.tenant_id, epoch),
+                target.open_target_fence(record.tenant_id, token),
             )
             .await
             {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(true)) => return Ok(()),
+                // Not this migration's copiers fence any more: someone finished this cutover
+                // and the tenant has moved on since (a revert); opening it would leave two
+                // stores open.
+                Ok(Ok(false)) => {
+                    let fence = target.fence(record.tenant_id).await.ok().flatten();
+                    return Err(OpenTarget::Superseded(format!(
+                        "the tenant's fence in {} is no longer this migration's ({}), so it was left as it is: \
+                         the cutover was finished meanwhile and the tenant has moved on",
+                        target.id(),
+                        fence.map_or_else(
+                            || "none".to_owned(),
+                            |(state, to)| format!("{state}, to {}", to.unwrap_or_default())
+                        )
+                    )));
+                }
                 Ok(Err(e)) => last = format!("opening the fence in {}: {e}", target.id()),
                 Err(_) => last = format!("opening the fence in {}: no answer", target.id()),
             }
         }
-        Err(last)
+        Err(OpenTarget::Failed(last))
     }
 
     /// What the source's fence admits once it moved: copiers only while reverse replication

@@ -343,6 +343,15 @@ SELECT b.event_id, e.global_position,
     pg_streams_join!("streams"),
 );
 
+/// The fence token of migration `id`: what its start records as the epoch of its target's
+/// `copiers` fence, and what its cutover (or the recoverer finishing it) must still find there to
+/// open that fence ([`EventStore::open_target_fence`]). The low 63 bits of the id (random in a
+/// UUIDv7), so no other migration's token, nor a routing epoch, plausibly equals it.
+pub fn fence_token(id: Uuid) -> i64 {
+    let low = u64::try_from(id.as_u128() & u128::from(u64::MAX)).unwrap_or_default();
+    i64::try_from(low & (i64::MAX as u64)).unwrap_or_default()
+}
+
 /// What copying one event into a target came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Landing {
@@ -815,8 +824,72 @@ impl EventStore {
             .await
     }
 
+    /// Opens the tenant's fence here to writers as the target of the migration whose fence
+    /// token is `token` ([`fence_token`], which [`Self::admit_copiers_only`] recorded when that
+    /// migration began), only while the fence still is that migration's `copiers` fence: a
+    /// compare-and-set. A store a later migration moved the tenant out of again (a revert's move
+    /// sets it `copiers` under its own epoch) is never reopened by a late driver or recoverer of
+    /// the earlier one (DESIGN.md invariant 8; found by the model's `OPEN_TARGET_UNCONDITIONALLY`).
+    /// `true`: open now, or already opened by that migration; `false`: left as it is.
+    pub async fn open_target_fence(&self, tenant: Uuid, token: i64) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => Ok(sqlx::query_scalar(
+                "WITH opened AS (
+                     UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = now()
+                      WHERE tenant_id = $1 AND state = 'copiers' AND epoch = $2
+                     RETURNING 1)
+                 SELECT EXISTS (SELECT 1 FROM opened)
+                     OR EXISTS (SELECT 1 FROM switchyard_fences
+                                 WHERE tenant_id = $1 AND state = 'open' AND epoch = $2)",
+            )
+            .bind(tenant)
+            .bind(token)
+            .fetch_one(pool)
+            .await?),
+            Backend::Sqlite(pool) => {
+                let mut tx = crate::dialect::begin_immediate(pool).await?;
+                let id = tenant.to_string();
+                sqlx::query(
+                    "UPDATE switchyard_fences SET state = 'open', moved_to = NULL, updated_at = ?3
+                      WHERE tenant_id = ?1 AND state = 'copiers' AND epoch = ?2",
+                )
+                .bind(&id)
+                .bind(token)
+                .bind(format_timestamp(&Utc::now()))
+                .execute(&mut *tx)
+                .await?;
+                let open: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM switchyard_fences
+                                     WHERE tenant_id = ?1 AND state = 'open' AND epoch = ?2)",
+                )
+                .bind(&id)
+                .bind(token)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(open)
+            }
+        }
+    }
+
+    /// Whether the tenant's fence here is the `copiers` fence of the migration whose token is
+    /// `token` ([`Self::open_target_fence`] would open it).
+    pub async fn is_target_fence_of(&self, tenant: Uuid, token: i64) -> Result<bool, StoreError> {
+        on_backend!(self, |pool, d| {
+            Ok(sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM switchyard_fences
+                                 WHERE tenant_id = $1 AND state = 'copiers' AND epoch = $2)",
+            )
+            .bind(d.id(tenant))
+            .bind(token)
+            .fetch_one(pool)
+            .await?)
+        })
+    }
+
     /// Creates the tenant's fence here in `state`, or sets it so (the epoch and time only
-    /// change when the state or `moved_to` does).
+    /// change when the state or `moved_to` does, or the epoch of a `copiers` fence: it is the
+    /// token of the migration whose target it is, [`Self::open_target_fence`]).
     async fn set_fence(
         &self,
         tenant: Uuid,
@@ -833,7 +906,8 @@ impl EventStore {
                         SET state = EXCLUDED.state, epoch = EXCLUDED.epoch,
                             moved_to = EXCLUDED.moved_to, updated_at = now()
                       WHERE switchyard_fences.state <> EXCLUDED.state
-                         OR switchyard_fences.moved_to IS DISTINCT FROM EXCLUDED.moved_to",
+                         OR switchyard_fences.moved_to IS DISTINCT FROM EXCLUDED.moved_to
+                         OR (EXCLUDED.state = 'copiers' AND switchyard_fences.epoch <> EXCLUDED.epoch)",
                 )
                 .bind(tenant)
                 .bind(epoch)
@@ -850,7 +924,8 @@ impl EventStore {
                         SET state = excluded.state, epoch = excluded.epoch,
                             moved_to = excluded.moved_to, updated_at = excluded.updated_at
                       WHERE switchyard_fences.state <> excluded.state
-                         OR switchyard_fences.moved_to IS NOT excluded.moved_to",
+                         OR switchyard_fences.moved_to IS NOT excluded.moved_to
+                         OR (excluded.state = 'copiers' AND switchyard_fences.epoch <> excluded.epoch)",
                 )
                 .bind(tenant.to_string())
                 .bind(epoch)

@@ -12,7 +12,7 @@ mod reads;
 mod sqlite;
 mod verify;
 
-pub use copy::{pg_insert_copied_from, Divergence, Landing, PassWindow};
+pub use copy::{fence_token, pg_insert_copied_from, Divergence, Landing, PassWindow};
 pub use feed::FeedStart;
 pub use fence::{FenceLock, FenceState, OlderWriter, FENCE_MARGIN};
 pub use reads::{CategoryStart, StreamRange};

@@ -393,6 +393,53 @@ async fn the_grace_period_completion_leaves_a_migration_being_reverted_alone() -
     Ok(())
 }
 
+/// Found by the model (issue 19 item 5, mutant `OPEN_TARGET_UNCONDITIONALLY`): a cutover's driver
+/// that stalls between moving the source's fence and opening the target, past its budget, is
+/// finished by `serve`'s recoverer; the tenant is then reverted, and the revert's move sets that
+/// target's fence back to `copiers` and opens the store the tenant returned to. When the stalled
+/// driver goes on, its open must not reopen the store the tenant left: before, it set the fence
+/// `open` whatever it held, and both stores admitted writers (invariant 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_cutover_never_reopens_a_store_a_revert_moved_the_tenant_out_of() -> Result<()> {
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 10).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    let args = ["--json", "cutover", &id, "--timeout-ms", "1000"];
+    let vars = [("SWITCHYARD_PAUSE_AT", "before_open_target:25000")];
+    let stalled = control_off_thread(&env, &args, &vars);
+    let meanwhile = async {
+        // The recoverer finishes the abandoned cutover; then the tenant goes back.
+        wait_for_every(
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || async { Ok(env.control_json(&["status", &id])?["state"] == "migrated") },
+        )
+        .await
+        .map_err(|e| e.context(format!("serve log:\n{}", serve.log())))?;
+        reverted(&env, &id, &[]).await
+    };
+    let (stalled, outcome) = tokio::join!(stalled, meanwhile);
+    let outcome = outcome?;
+    let stalled = stalled?;
+    assert_eq!(outcome["store_id"], "shared", "{outcome}");
+    let fences = (
+        fence(env.store_url("shared"), tenant).await?,
+        fence(env.store_url("dedicated"), tenant).await?,
+    );
+    assert_eq!(
+        (fences.0.as_deref(), fences.1.as_deref()),
+        (Some("open"), Some("copiers")),
+        "the stalled cutover's late open (exit {}: {}{})",
+        stalled.code,
+        stalled.stdout,
+        stalled.stderr
+    );
+    assert_eq!(route(&env, tenant)?.0, "shared");
+    Ok(())
+}
+
 /// The crash points of the revert (its own and its cutover's), in protocol order.
 const CRASH_POINTS: [&str; 10] = [
     "revert_after_start",
