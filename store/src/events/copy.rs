@@ -65,6 +65,10 @@ impl PassWindow {
 pub(super) const PG_WINDOW: &str = "tenant_id = $1 AND global_position > $2
     AND ($3::text IS NULL AND (txid IS NULL OR txid < $4::text::xid8)
          OR txid >= $3::text::xid8 AND txid < $4::text::xid8)";
+/// The first position of a pass window with a lower bound (`$2`, `$3` its txid bounds): by the
+/// tenant's txid index, whatever the positions of the rows before it.
+const PG_WINDOW_START: &str = "SELECT min(global_position) FROM events
+    WHERE tenant_id = $1 AND txid >= $2::text::xid8 AND txid < $3::text::xid8";
 pub(super) const SQLITE_WINDOW: &str = "tenant_id = ?1 AND global_position > ?2
     AND global_position > coalesce(?3, 0) AND global_position <= ?4";
 
@@ -505,6 +509,28 @@ impl EventStore {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let millis = settled.map(|s| i64::try_from(s.as_millis()).unwrap_or(i64::MAX));
+        // The window's rows are read in position order, by the tenant's position index, from
+        // `after_position`. From 0 that walked every row of the tenant before the window (the
+        // positions of a tail window or the final delta are the newest): an empty delta of a
+        // 240,000-event tenant took 131 ms, inside the cutover's pause, and every tail pass as
+        // long. A window with a lower bound starts at its first row instead, found by the
+        // tenant's txid index; an empty window is not read at all.
+        let mut after_position = after_position;
+        if let (Backend::Postgres(pool), true, Some(_)) =
+            (&self.backend, after_position == 0, window.from)
+        {
+            let (from, to) = Pg.window_bounds(window);
+            let first: Option<i64> = sqlx::query_scalar(PG_WINDOW_START)
+                .bind(tenant)
+                .bind(from)
+                .bind(to)
+                .fetch_one(pool)
+                .await?;
+            match first {
+                Some(first) => after_position = first - 1,
+                None => return Ok(Vec::new()),
+            }
+        }
         on_backend!(self, |pool, d| {
             let settled = millis.map(|millis| d.settled_before("$5", millis));
             let (condition, limit_param) = match &settled {
