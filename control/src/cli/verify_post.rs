@@ -155,6 +155,11 @@ async fn checks(
             None => Err(format!("tenant {tenant} has no route")),
         }
     );
+    // Reverse replication (the default after a cutover) keeps the store the tenant left
+    // current: the test event is then copied back there, as it should be.
+    let reverse = route
+        .as_ref()
+        .is_some_and(|r| r.target_store_id.as_deref() == Some(record.source_store_id.as_str()));
     let epoch = route.map_or(0, |r| r.epoch);
 
     let now = Utc::now();
@@ -256,9 +261,13 @@ async fn checks(
     check!(
         "write",
         match append {
-            Ok(appended) => Ok(format!(
+            Ok(appended) if appended.store_id == record.target_store_id => Ok(format!(
                 "appended test event {event_id} at version {} via store {}",
                 appended.last_version, appended.store_id
+            )),
+            Ok(appended) => Err(format!(
+                "the test event was acknowledged by store {}, expected {}",
+                appended.store_id, record.target_store_id
             )),
             Err(e) => Err(format!("{base}: {e}")),
         }
@@ -275,6 +284,10 @@ async fn checks(
         match (in_source.is_empty(), in_target.get(&event_id)) {
             (true, Some(p)) => Ok(format!(
                 "in {} at global position {p}, not in {}",
+                record.target_store_id, record.source_store_id
+            )),
+            (false, Some(p)) if reverse => Ok(format!(
+                "in {} at global position {p}, and copied back to {} by reverse replication",
                 record.target_store_id, record.source_store_id
             )),
             (false, _) => Err(format!(

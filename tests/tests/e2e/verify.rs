@@ -241,10 +241,12 @@ async fn a_cutover_whose_delta_versions_differ_rolls_back_under_the_fence() -> R
         let late = source.read_stream(stream, 5, 5).await?;
         target.insert_copied(&late).await?;
         // The target admits copiers only before its cutover: opened for the stray append,
-        // as a writer bypassing Switchyard might find it, then closed again.
+        // as a writer bypassing Switchyard might find it, then closed again (as the
+        // migration's start left it, with its fence token).
         target.open_fence(tenant, 0).await?;
         target.append(stream, Some(5), &[event("Stray")?]).await?;
-        target.admit_copiers_only(tenant, 0, "shared").await?;
+        let token = switchyard_store::fence_token(id.parse()?);
+        target.admit_copiers_only(tenant, token, "shared").await?;
         source.close().await;
         target.close().await;
 
