@@ -194,18 +194,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let left = route.target_store_id.as_deref().unwrap_or_default();
         let previous = self
-            .control
-            .migrations(false)
-            .await?
-            .into_iter()
-            .rev()
-            .find(|m| {
-                m.tenant_id == route.tenant_id
-                    && m.state == switchyard_store::MigrationState::Migrated
+            .newest_migration_of(route.tenant_id, |m| {
+                m.state == switchyard_store::MigrationState::Migrated
                     && m.finished_at.is_none()
                     && m.source_store_id == left
                     && m.target_store_id == route.store_id
-            });
+            })
+            .await?;
         let Some(previous) = previous else {
             return Err(EngineError::Refused(format!(
                 "tenant {}'s route keeps store {left} current (normal on {}, target {left}) but no \

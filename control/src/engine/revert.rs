@@ -92,17 +92,26 @@ impl Engine {
         &self,
         record: &MigrationRecord,
     ) -> Result<Option<MigrationRecord>, EngineError> {
+        self.newest_migration_of(record.tenant_id, |m| {
+            m.reverts() == Some(record.id)
+                && !matches!(m.state, MigrationState::RolledBack | MigrationState::Failed)
+        })
+        .await
+    }
+
+    /// The newest migration of `tenant` that `matches`.
+    pub(super) async fn newest_migration_of(
+        &self,
+        tenant: Uuid,
+        matches: impl Fn(&MigrationRecord) -> bool,
+    ) -> Result<Option<MigrationRecord>, EngineError> {
         Ok(self
             .control
             .migrations(false)
             .await?
             .into_iter()
             .rev()
-            .find(|m| {
-                m.tenant_id == record.tenant_id
-                    && m.reverts() == Some(record.id)
-                    && !matches!(m.state, MigrationState::RolledBack | MigrationState::Failed)
-            }))
+            .find(|m| m.tenant_id == tenant && matches(m)))
     }
 
     /// Reverts migration `id` (see the module): starts its revert migration, or continues the
