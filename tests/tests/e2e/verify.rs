@@ -604,3 +604,68 @@ async fn checkpoints(url: &str) -> Result<Vec<(String, Option<i64>, Option<Uuid>
     .fetch_all(&mut c)
     .await?)
 }
+
+/// Found by the soak (seed 0x5eed0009, CI of 2026-12-08): a `verify` that chose what to compare
+/// while the migration dual-wrote, and compared after its cutover had committed, found the
+/// appends acknowledged on the target since then "in the target but not in the source", as if
+/// something had written into a store the tenant did not live in. They belong there: the
+/// tenant had moved. The report must compare what the tenant holds when it is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_overtaken_by_the_cutover_compares_what_the_tenant_then_holds() -> Result<()> {
+    let env = crate::fault_scenarios::two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 10).await?;
+    let http = Http::new();
+    let proxy = env.proxy(&[])?;
+    proxy.wait_ready(&http).await?;
+    let _serve = switchyard_tests::ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = switchyard_tests::migrate_to_dual_write(&env, tenant, "dedicated", &["--no-reverse"])
+        .await?;
+    let writers = Writers::start(
+        &http,
+        std::slice::from_ref(&proxy.data),
+        tenant,
+        2,
+        2,
+        Duration::from_millis(10),
+    );
+    let args = ["--json", "verify", &id, "--level", "hash"];
+    let held = [("SWITCHYARD_PAUSE_AT", "verify_before_compare:8000")];
+    let verify = crate::fault_scenarios::control_off_thread(&env, &args, &held);
+    let meanwhile = async {
+        // The verify holds with its scope chosen; the tenant moves and its writers go on there.
+        crate::fault_scenarios::cut_over_until_routed(
+            &env,
+            &http,
+            &proxy,
+            tenant,
+            &id,
+            "dedicated",
+        )
+        .await?;
+        let moved = writers.acked();
+        wait_for(Duration::from_secs(30), || async {
+            Ok(writers.acked() >= moved + 20)
+        })
+        .await?;
+        Result::<()>::Ok(())
+    };
+    let (verify, moved) = tokio::join!(verify, meanwhile);
+    moved?;
+    let verify = verify?;
+    writers.stop().await?;
+    let report = first_json(&verify.stdout)?;
+    assert_eq!(
+        (verify.code, &report["consistent"]),
+        (0, &Value::Bool(true)),
+        "{}{}",
+        verify.stdout,
+        verify.stderr
+    );
+    assert_eq!(
+        env.control_json(&["status", &id])?["state"],
+        "migrated",
+        "the cutover committed while the verify was held"
+    );
+    Ok(())
+}
