@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use http::StatusCode;
+use switchyard_tests::pgcluster::PgCluster;
 use switchyard_tests::{
     assert_all_acked, events_body, fence, migrate_to_dual_write, seed, seed_sql, stream_url,
-    tenant_events, wait_for_every, GateMode, Http, Result, ServeProcess, TcpGate, Writers,
+    tenant_events, wait_for_every, Backend, Env, GateMode, Http, Result, ServeProcess, TcpGate,
+    Writers,
 };
 use uuid::Uuid;
 
@@ -200,6 +202,96 @@ async fn reverse_replication_keeps_the_store_the_tenant_left_current_across_an_o
         format!("{:?}", direct.err()).contains("has moved to store dedicated"),
         "a direct writer into the store the tenant left"
     );
+    Ok(())
+}
+
+/// Reverse replication survives a real restart of the store the tenant left (issue 19's test
+/// list): `shared` is a private PostgreSQL cluster, restarted (`pg_ctl restart -m fast`) after
+/// the tenant cut over to `dedicated`, while 8 writers go on appending there through 2 proxies.
+/// The restart cuts every connection the proxies' reverse mirrors and `serve`'s reverse tail
+/// hold to it; once it is back, reverse replication completes it: reverse lag 0, and `shared`
+/// holds exactly the tenant's events of `dedicated`, by id, stream, version and content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_replication_survives_a_restart_of_the_store_the_tenant_left() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let shared = cluster.create_db("shared").await?;
+    let env = Env::new(
+        Backend::Postgres,
+        &["shared", "dedicated"],
+        "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 2000\n",
+    )
+    .await?;
+    let config = std::fs::read_to_string(&env.config_path)?.replace(
+        &format!("\"{}\"", env.store_url("shared")),
+        &format!("\"{shared}\""),
+    );
+    std::fs::write(&env.config_path, config)?;
+    env.control_json(&["init"])?;
+    let tenant = Uuid::new_v4();
+    seed(&shared, tenant, 3, 10).await?;
+    let http = Http::new();
+    let (a, b) = (env.proxy(&[])?, env.proxy(&[])?);
+    a.wait_ready(&http).await?;
+    b.wait_ready(&http).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    let writers = Writers::start(
+        &http,
+        &[a.data.clone(), b.data.clone()],
+        tenant,
+        8,
+        2,
+        Duration::from_millis(10),
+    );
+    cut_over(&env, &id).await?;
+    for proxy in [&a, &b] {
+        route_is(
+            &http,
+            proxy,
+            tenant,
+            "store_id",
+            "dedicated",
+            Duration::from_secs(10),
+        )
+        .await?;
+    }
+    let dedicated = env.store_url("dedicated");
+    let before = tenant_events(dedicated, tenant).await?.len();
+    let cluster =
+        tokio::task::spawn_blocking(move || cluster.restart().map(|()| cluster)).await??;
+    wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { Ok(tenant_events(dedicated, tenant).await?.len() >= before + 40) },
+    )
+    .await?;
+    let acked = writers.stop().await?;
+
+    wait_for_every(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let status = env.control_json(&["status", &id])?;
+            Ok(status["reverse_lag"] == 0 && status["undo_possible"] == true)
+        },
+    )
+    .await
+    .map_err(|e| {
+        e.context(format!(
+            "serve log:\n{}\nserver log:\n{}",
+            serve.log(),
+            cluster.log()
+        ))
+    })?;
+    let lives = tenant_events(dedicated, tenant).await?;
+    let left = tenant_events(&shared, tenant).await?;
+    assert_all_acked(&acked, &lives);
+    assert!(lives.len() >= before + 40, "the writers went on meanwhile");
+    assert_eq!(
+        left, lives,
+        "the store the tenant left holds exactly its events after its restart"
+    );
+    assert_eq!(fence(&shared, tenant).await?.as_deref(), Some("copiers"));
     Ok(())
 }
 
