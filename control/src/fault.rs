@@ -23,7 +23,8 @@
 //! a test can interleave two operators' commands in the one order that matters (a real race
 //! too narrow to hit on demand), the first time the process gets there: `before_open_target` (a
 //! cutover's source fence moved, the target not yet opened), `migrate_start_before_insert` (the preflight checks passed,
-//! the migration not yet recorded), `revert_before_cutover` (a revert caught up, its cutover not
+//! the migration not yet recorded), `revert_before_insert` (a revert's checks passed, its
+//! migration not yet recorded), `revert_before_cutover` (a revert caught up, its cutover not
 //! yet begun), `cleanup_before_delete` (a batch's checks passed, its
 //! rows not yet deleted) and `verify_before_compare` (a `verify` chose what to compare, nothing
 //! read yet).

@@ -129,23 +129,35 @@ impl Engine {
     ) -> Result<RevertOutcome, EngineError> {
         let reverted = self.control.migration(id).await?;
         let revert = match self.revert_of(&reverted).await? {
-            Some(revert) if revert.state == MigrationState::Migrated => {
-                if reverted.finished_at.is_some() {
-                    return Err(EngineError::Refused(reverted_refusal(&reverted, &revert)));
-                }
-                // A revert that died after its cutover: only M's record is left to finish.
-                self.finish_reverted(&reverted, &revert, note).await?;
-                let mut outcome = RevertOutcome::of(&reverted, &revert, None, None);
-                outcome.already_reverted = true;
-                return Ok(outcome);
-            }
             Some(revert) => {
                 tracing::info!(migration.id = %id, revert.id = %revert.id, state = %revert.state,
                     "continuing the revert a previous `revert` started");
                 revert
             }
-            None => self.begin_revert(&reverted, note).await?,
+            None => match self.begin_revert(&reverted, note).await {
+                Ok(revert) => revert,
+                // Another `revert` recorded one first (both passed their checks; this one's
+                // record was refused: an active migration, or the route it read changed): go
+                // on with it as a rerun would; one cutover wins, the other is told someone else
+                // changed the migration first.
+                Err(e) => {
+                    let revert = self.revert_of(&reverted).await?.ok_or(e)?;
+                    tracing::info!(migration.id = %id, revert.id = %revert.id,
+                        "continuing the revert another `revert` started just now");
+                    revert
+                }
+            },
         };
+        if revert.state == MigrationState::Migrated {
+            if reverted.finished_at.is_some() {
+                return Err(EngineError::Refused(reverted_refusal(&reverted, &revert)));
+            }
+            // A revert that died after its cutover: only M's record is left to finish.
+            self.finish_reverted(&reverted, &revert, note).await?;
+            let mut outcome = RevertOutcome::of(&reverted, &revert, None, None);
+            outcome.already_reverted = true;
+            return Ok(outcome);
+        }
         crash_point("revert_after_start");
         let ready = self.catch_up(&revert, force).await?;
         if ready.state == MigrationState::Migrated {
@@ -254,6 +266,7 @@ impl Engine {
             reverse: true,
             reverts: Some(id),
         };
+        crate::fault::pause_point("revert_before_insert").await;
         let revert = self
             .control
             .create_migration(

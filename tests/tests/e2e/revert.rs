@@ -393,6 +393,97 @@ async fn the_grace_period_completion_leaves_a_migration_being_reverted_alone() -
     Ok(())
 }
 
+/// Two operators run `revert M` at once, both past their checks before either recorded the
+/// revert migration (each held at the pause point `revert_before_insert`): the second's record
+/// is refused (the tenant has an active migration, the first's revert). The second then goes on
+/// as a rerun would, with the first's revert migration: exactly one cutover happens, the other
+/// command succeeds as well or says that someone else changed the migration first; before, it
+/// answered "already has an active migration …; let it finish or abort it first", advice that
+/// would have undone the revert under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reverts_at_once_make_one_revert() -> Result<()> {
+    let env = two_stores("[proxy]\nrouting_poll_ms = 100\n").await?;
+    let tenant = Uuid::new_v4();
+    seed(env.store_url("shared"), tenant, 3, 10).await?;
+    let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
+    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
+    cut_over(&env, &id).await?;
+    let first = revert(
+        &env,
+        &id,
+        &[],
+        &[("SWITCHYARD_PAUSE_AT", "revert_before_insert:3000")],
+    );
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        revert(
+            &env,
+            &id,
+            &[],
+            &[("SWITCHYARD_PAUSE_AT", "revert_before_insert:3000")],
+        )
+        .await
+    };
+    let (first, second) = tokio::join!(first, second);
+    let outs = [first?, second?];
+    let said = |out: &CommandOutput| format!("exit {}: {}{}", out.code, out.stdout, out.stderr);
+    let both = format!(
+        "{}\n{}\nserve log:\n{}",
+        said(&outs[0]),
+        said(&outs[1]),
+        serve.log()
+    );
+    let succeeded: Vec<&CommandOutput> = outs
+        .iter()
+        .filter(|o| o.code == 0 && first_json(&o.stdout).is_ok_and(|v| v["success"] == true))
+        .collect();
+    ensure!(!succeeded.is_empty(), "no revert succeeded:\n{both}");
+    for out in &outs {
+        ensure!(
+            out.code == 0 || out.stderr.contains("someone else changed it first"),
+            "the other revert:\n{both}"
+        );
+    }
+    let back = env.control_json(&["status", &id])?["reverted_by"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let ids: Vec<String> = succeeded
+        .iter()
+        .map(|o| {
+            first_json(&o.stdout).map_or_else(
+                |_| String::new(),
+                |v| {
+                    v["revert_migration_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                },
+            )
+        })
+        .collect();
+    ensure!(
+        !back.is_empty() && ids.iter().all(|i| *i == back),
+        "one revert migration, {back}:\n{both}"
+    );
+    let migrations = env.control_json(&["list"])?;
+    let of_tenant = migrations.as_array().map_or(0, |all| {
+        all.iter()
+            .filter(|m| m["tenant_id"] == tenant.to_string())
+            .count()
+    });
+    assert_eq!(of_tenant, 2, "the migration and one revert: {migrations}");
+    assert_eq!(route(&env, tenant)?.0, "shared");
+    assert_eq!(
+        (
+            fence(env.store_url("shared"), tenant).await?.as_deref(),
+            fence(env.store_url("dedicated"), tenant).await?.as_deref()
+        ),
+        (Some("open"), Some("copiers"))
+    );
+    Ok(())
+}
+
 /// Found by the model (issue 19 item 5, mutant `OPEN_TARGET_UNCONDITIONALLY`): a cutover's driver
 /// that stalls between moving the source's fence and opening the target, past its budget, is
 /// finished by `serve`'s recoverer; the tenant is then reverted, and the revert's move sets that
