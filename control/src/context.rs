@@ -60,7 +60,8 @@ impl Context {
                         .join(", ")
                 ))
             })?;
-            let store = EventStore::connect(&cfg.id, &cfg.url, 4).map_err(CliError::store(id))?;
+            let store =
+                EventStore::connect_copier(&cfg.id, &cfg.url, 4).map_err(CliError::store(id))?;
             self.stores.insert(id.to_owned(), store);
         }
         Ok(&self.stores[id])

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::control::MigrationState;
 use crate::event::{parse_timestamp, StoreError};
-use crate::url::{pg_pool, sqlite_pool, StoreUrl};
+use crate::url::{pg_pool_planning, sqlite_pool, Planning, StoreUrl};
 
 /// A database's pool, on whichever backend its URL names.
 #[derive(Clone, Debug)]
@@ -35,9 +35,15 @@ pub(crate) enum Backend {
 
 impl Backend {
     /// Opens a lazily connecting pool on `url`.
-    pub(crate) fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+    pub(crate) fn connect(
+        url: &str,
+        max_connections: u32,
+        planning: Planning,
+    ) -> Result<Self, StoreError> {
         Ok(match StoreUrl::parse(url)? {
-            StoreUrl::Postgres(url) => Self::Postgres(pg_pool(&url, max_connections)?),
+            StoreUrl::Postgres(url) => {
+                Self::Postgres(pg_pool_planning(&url, max_connections, planning)?)
+            }
             StoreUrl::Sqlite(path) => Self::Sqlite(sqlite_pool(&path, max_connections)?),
         })
     }

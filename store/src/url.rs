@@ -39,10 +39,40 @@ const SERVER_KEEPALIVES: [(&str, &str); 4] = [
 /// see `switchyard_config::tls`); without `sslmode=` it is `prefer`, whatever the environment's
 /// `PGSSLMODE` says, so the config alone decides.
 pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    pg_pool_planning(url, max_connections, Planning::Cached)
+}
+
+/// How a pool's sessions plan the statements they run again and again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// PostgreSQL's default: after five runs a session may settle on one generic plan per
+    /// prepared statement, kept until the table's statistics change. The data plane's: an
+    /// append planned afresh costs about 200 µs more (BENCHMARKS.md, `plan_cache_mode`).
+    Cached,
+    /// `plan_cache_mode = force_custom_plan`: every run planned for the tables as they are
+    /// then. The copiers' and the control plane's, whose statements run in long-lived sessions
+    /// against stores that grow by orders of magnitude under them (a bulk copy, a reverse
+    /// replication); a generic plan made on a nearly empty store read a stream's rows through
+    /// the index on `aggregate_type` and tenant, every row of that type per stream, and where
+    /// nothing analyzes the store (autovacuum off) nothing replaced it: one classifying
+    /// statement of a tail batch ran for over 7 minutes. Their statements are batches, for
+    /// which planning costs little.
+    EachRun,
+}
+
+/// [`pg_pool`] with the sessions' [`Planning`].
+pub fn pg_pool_planning(
+    url: &str,
+    max_connections: u32,
+    planning: Planning,
+) -> Result<PgPool, sqlx::Error> {
     let mut options = PgConnectOptions::from_str(url)?
         .application_name("switchyard")
         .options(SERVER_KEEPALIVES)
         .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
+    if planning == Planning::EachRun {
+        options = options.options([("plan_cache_mode", "force_custom_plan")]);
+    }
     if !switchyard_config::tls::url_sets_mode(url) {
         options = options.ssl_mode(PgSslMode::Prefer);
     }

@@ -193,7 +193,7 @@ impl Engine {
         let mut stores = HashMap::new();
         for store in &config.stores {
             let connected =
-                EventStore::connect(&store.id, &store.url, store.max_connections.min(8))
+                EventStore::connect_copier(&store.id, &store.url, store.max_connections.min(8))
                     .map_err(EngineError::store(&store.id))?;
             stores.insert(store.id.clone(), connected);
         }

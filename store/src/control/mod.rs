@@ -23,6 +23,7 @@ pub use routing::{RouteRecord, RouteUpdate, RoutingListener, RoutingState};
 
 use crate::dialect::{AsBackend, Backend};
 use crate::event::StoreError;
+use crate::url::Planning;
 
 const PG_DDL: &str = include_str!("../../sql/control-postgresql.sql");
 const SQLITE_DDL: &str = include_str!("../../sql/control-sqlite.sql");
@@ -47,9 +48,12 @@ impl AsBackend for ControlDb {
 }
 
 impl ControlDb {
+    /// Opens a lazily connecting pool on `url`. Its statements are planned at each run
+    /// ([`Planning::EachRun`]): `migration_position_map` grows by a row per copied event under
+    /// sessions that may have planned on it nearly empty; none of them is on an append's path.
     pub fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         Ok(Self {
-            backend: Backend::connect(url, max_connections)?,
+            backend: Backend::connect(url, max_connections, Planning::EachRun)?,
         })
     }
 

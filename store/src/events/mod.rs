@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::dialect::{on_backend, AsBackend, Backend};
 use crate::event::{AppendError, Appended, NewEvent, StoreError, StoredEvent, StreamRef};
+use crate::url::Planning;
 
 /// How many times an append that lost a race for its stream's next version is retried before
 /// the conflict is reported. Only `expected_version = null` appends can keep losing.
@@ -73,11 +74,28 @@ pub enum SchemaStatus {
 }
 
 impl EventStore {
-    /// Opens a lazily connecting pool on `url`.
+    /// Opens a lazily connecting pool on `url`, for the data plane (appends and reads; a
+    /// proxy's mirror too): sessions keep PostgreSQL's plan caching ([`Planning::Cached`]).
     pub fn connect(id: &str, url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_planning(id, url, max_connections, Planning::Cached)
+    }
+
+    /// Opens a lazily connecting pool on `url` for the control plane (copies, tails,
+    /// verification, cutovers): every statement planned for the store as it is when it runs
+    /// ([`Planning::EachRun`]).
+    pub fn connect_copier(id: &str, url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_planning(id, url, max_connections, Planning::EachRun)
+    }
+
+    fn connect_planning(
+        id: &str,
+        url: &str,
+        max_connections: u32,
+        planning: Planning,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             id: Arc::from(id),
-            backend: Backend::connect(url, max_connections)?,
+            backend: Backend::connect(url, max_connections, planning)?,
         })
     }
 
