@@ -429,6 +429,9 @@ struct RunResult {
     gate: GateMetrics,
     acked: u64,
     acked_on_target: u64,
+    /// The store the tenant ends the run in, where every acknowledged id is looked for.
+    ends_in: String,
+    /// Acknowledged ids found in `ends_in` (the target unless the cutover failed).
     found_in_target: u64,
     duplicated_in_target: u64,
     target_acked_found_in_source: u64,
@@ -630,7 +633,12 @@ impl Setup {
         };
         let ids: Vec<Uuid> = acked.iter().map(|(id, _)| *id).collect();
         let on_target: Vec<Uuid> = acked.iter().filter(|a| a.1).map(|a| a.0).collect();
-        let (found, duplicated) = count_ids(target_url, self.tenant, &ids).await?;
+        // Every acknowledged id must be in the store the tenant ends in: the target after a
+        // cutover, the source after one that rolled back for good (then the target, the store
+        // a revert would have returned to, is only kept current by reverse replication).
+        let ends_in = if cutover_ok { to } else { from };
+        let lives_url = if cutover_ok { target_url } else { source_url };
+        let (found, duplicated) = count_ids(lives_url, self.tenant, &ids).await?;
         let (in_source, _) = count_ids(source_url, self.tenant, &on_target).await?;
         Ok(RunResult {
             direction: if reverting {
@@ -650,6 +658,7 @@ impl Setup {
             gate,
             acked: ids.len() as u64,
             acked_on_target: on_target.len() as u64,
+            ends_in: ends_in.to_owned(),
             found_in_target: found,
             duplicated_in_target: duplicated,
             target_acked_found_in_source: in_source,
@@ -800,6 +809,7 @@ fn report(
             "fence_rejections": r.gate.fence_rejections.round(),
             "acked": r.acked,
             "acked_by_target": r.acked_on_target,
+            "ends_in": r.ends_in,
             "found_in_target": r.found_in_target,
             "lost": lost,
             "duplicated_in_target": r.duplicated_in_target,

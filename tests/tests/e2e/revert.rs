@@ -10,8 +10,8 @@ use http::StatusCode;
 use serde_json::Value;
 use switchyard_tests::{
     assert_all_acked, events_body, fence, first_json, migrate_to_dual_write, seed, stream_url,
-    tenant_events, wait_for_every, CommandOutput, Env, EventRow, GateMode, Http, Result,
-    ServeProcess, TcpGate, Writers,
+    tenant_events, wait_for_every, Backend, CommandOutput, Env, EventRow, GateMode, Http,
+    ProxyProcess, Result, ServeProcess, TcpGate, Writers,
 };
 use uuid::Uuid;
 
@@ -634,13 +634,17 @@ async fn a_control_crash_at_every_revert_step_is_finished_by_revert_again() -> R
     Ok(())
 }
 
-/// A revert whose cutover runs out of budget (the fence in the store the tenant lives in is
-/// held by an append that does not commit) rolls back by itself to exactly where it started:
-/// the revert migration rolled back, the tenant normal on `dedicated` keeping `shared` current,
-/// `shared` admitting copiers only; writers go on, and a later `revert` succeeds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revert_out_of_budget_rolls_back_and_a_later_revert_succeeds() -> Result<()> {
-    let env = two_stores("[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 3000\n").await?;
+/// The proxies' settings of the tests with writers: a routing change is seen within 100 ms, and
+/// a writer waits at a closed gate up to 3 s.
+const WITH_WRITERS: &str = "[proxy]\nrouting_poll_ms = 100\ngate_wait_ms = 3000\n";
+
+/// A tenant of 30 events migrated from `shared` to `dedicated` (reverse replication on) while 4
+/// writers append through a proxy, `serve` running; they go on. Answers what the test holds.
+async fn migrated_with_writers(
+    backend: Backend,
+) -> Result<(Env, ProxyProcess, ServeProcess, (String, Uuid), Load)> {
+    let env = Env::new(backend, &["shared", "dedicated"], WITH_WRITERS).await?;
+    env.control_json(&["init"])?;
     let tenant = Uuid::new_v4();
     seed(env.store_url("shared"), tenant, 3, 10).await?;
     let http = Http::new();
@@ -650,7 +654,68 @@ async fn a_revert_out_of_budget_rolls_back_and_a_later_revert_succeeds() -> Resu
     let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
     let load = Load::start(&http, std::slice::from_ref(&proxy.data), tenant, 4);
     cut_over(&env, &id).await?;
+    load.progress(20, Duration::from_secs(30)).await?;
+    Ok((env, proxy, serve, (id, tenant), load))
+}
+
+/// After a revert of migration `id` that did not move the tenant (rolled back or aborted):
+/// the tenant is normal on `dedicated` again under `id`'s reverse replication, `shared`
+/// admitting copiers only, and `id` can still be reverted.
+async fn reverse_replication_is_back(env: &Env, id: &str, tenant: Uuid) -> Result<()> {
+    assert_eq!(
+        route(env, tenant)?,
+        (
+            "dedicated".to_owned(),
+            "normal".to_owned(),
+            Some("shared".to_owned())
+        ),
+        "the reverse replication the revert interrupted is back"
+    );
+    assert_eq!(
+        (
+            fence(env.store_url("shared"), tenant).await?.as_deref(),
+            fence(env.store_url("dedicated"), tenant).await?.as_deref()
+        ),
+        (Some("copiers"), Some("open"))
+    );
+    let status = env.control_json(&["status", id])?;
+    assert_eq!(
+        (&status["reverse_replication"], &status["reverted_by"]),
+        (&Value::Bool(true), &Value::Null),
+        "{status}"
+    );
+    Ok(())
+}
+
+/// Then a later `revert` of `id` succeeds with a new revert migration (not `ended`) while the
+/// writers go on; once they stop, both stores hold everything acknowledged.
+async fn a_later_revert_succeeds(
+    env: &Env,
+    serve: &ServeProcess,
+    load: Load,
+    (id, tenant): (&str, Uuid),
+    ended: &str,
+) -> Result<()> {
     load.progress(20, Duration::from_secs(20)).await?;
+    let outcome = reverted(env, id, &[]).await?;
+    let again = outcome["revert_migration_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(again != ended, "a new revert migration");
+    load.progress(20, Duration::from_secs(20)).await?;
+    let record = load.stop().await?;
+    both_stores_hold_everything(env, serve, tenant, &again, &record.acked).await?;
+    Ok(())
+}
+
+/// A revert whose cutover runs out of budget (the fence in the store the tenant lives in is
+/// held by an append that does not commit) rolls back by itself to exactly where it started:
+/// the revert migration rolled back, the tenant normal on `dedicated` keeping `shared` current,
+/// `shared` admitting copiers only; writers go on, and a later `revert` succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_out_of_budget_rolls_back_and_a_later_revert_succeeds() -> Result<()> {
+    let (env, _proxy, serve, (id, tenant), load) = migrated_with_writers(Backend::Postgres).await?;
 
     let out = revert_with_fence_held(&env, &id, tenant, "dedicated", "300", &[]).await?;
     let outcome = first_json(&out.stdout)?;
@@ -665,43 +730,88 @@ async fn a_revert_out_of_budget_rolls_back_and_a_later_revert_succeeds() -> Resu
             .contains("budget"),
         "{outcome}"
     );
-    assert_eq!(
-        route(&env, tenant)?,
-        (
-            "dedicated".to_owned(),
-            "normal".to_owned(),
-            Some("shared".to_owned())
-        ),
-        "the reverse replication the revert interrupted is back"
-    );
-    assert_eq!(
-        fence(env.store_url("shared"), tenant).await?.as_deref(),
-        Some("copiers")
-    );
-    assert_eq!(
-        fence(env.store_url("dedicated"), tenant).await?.as_deref(),
-        Some("open")
-    );
-    let status = env.control_json(&["status", &id])?;
-    assert_eq!(status["reverse_replication"], true, "{status}");
-    assert_eq!(status["reverted_by"], Value::Null, "{status}");
+    reverse_replication_is_back(&env, &id, tenant).await?;
     let (actions, _) = audit(&env, failed)?;
     assert_eq!(
         actions.last().map(String::as_str),
         Some("abort"),
         "{actions:?}"
     );
-    load.progress(20, Duration::from_secs(20)).await?;
+    a_later_revert_succeeds(&env, &serve, load, (&id, tenant), failed).await?;
+    Ok(())
+}
 
-    let outcome = reverted(&env, &id, &[]).await?;
-    let back = outcome["revert_migration_id"]
+/// `abort R` of a revert in progress (its migration dual-writing, the `revert` command held
+/// before its cutover) while writers go on: R is rolled back and the tenant's route is M's
+/// reverse replication again (normal on `dedicated`, keeping `shared` current, `shared`
+/// admitting copiers only), so M can still be undone; the held `revert` then fails saying R
+/// changed, and a later `revert` succeeds with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_of_a_revert_in_progress_gives_back_the_reverse_replication() -> Result<()> {
+    let (env, _proxy, serve, (id, tenant), load) = migrated_with_writers(Backend::Postgres).await?;
+
+    let held = revert(
+        &env,
+        &id,
+        &[],
+        &[("SWITCHYARD_PAUSE_AT", "revert_before_cutover:8000")],
+    );
+    let abort = async {
+        wait_for_every(
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async {
+                Ok(env.control_json(&["status", &id])?["reverted_by_state"] == "dual_write")
+            },
+        )
+        .await
+        .context("the revert migration never reached dual_write")?;
+        let back = env.control_json(&["status", &id])?["reverted_by"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let aborted = env.control_json(&["abort", &back, "--reason", "changed my mind"])?;
+        Result::<(String, Value)>::Ok((back, aborted))
+    };
+    let (held, aborted) = tokio::join!(held, abort);
+    let (back, aborted) = aborted?;
+    let held = held?;
+    assert_eq!(aborted["state"], "rolled_back", "{aborted}");
+    assert_ne!(held.code, 0, "{}{}", held.stdout, held.stderr);
+    assert!(
+        held.stderr.contains(&back),
+        "the held revert names its revert migration: {}",
+        held.stderr
+    );
+    reverse_replication_is_back(&env, &id, tenant).await?;
+    a_later_revert_succeeds(&env, &serve, load, (&id, tenant), &back).await?;
+    Ok(())
+}
+
+/// The embedded default (SQLite stores and control database): a tenant cut over from `shared`
+/// to `dedicated` is reverted while 4 writers append through a proxy, then reverted again
+/// (the revert's revert, forward once more). Nothing acknowledged is lost or duplicated, every
+/// stream is in order, and the store the tenant left holds exactly its events each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_and_its_revert_on_sqlite_lose_nothing() -> Result<()> {
+    let (env, _proxy, serve, (id, tenant), load) = migrated_with_writers(Backend::Sqlite).await?;
+    let back = reverted(&env, &id, &[]).await?;
+    assert_eq!(back["store_id"], "shared", "{back}");
+    let back = back["revert_migration_id"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    ensure!(back != failed, "a new revert migration");
-    load.progress(20, Duration::from_secs(20)).await?;
+    load.progress(20, Duration::from_secs(30)).await?;
+    let forth = reverted(&env, &back, &[]).await?;
+    assert_eq!(forth["store_id"], "dedicated", "{forth}");
+    let forth = forth["revert_migration_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    load.progress(20, Duration::from_secs(30)).await?;
     let record = load.stop().await?;
-    both_stores_hold_everything(&env, &serve, tenant, &back, &record.acked).await?;
+    both_stores_hold_everything(&env, &serve, tenant, &forth, &record.acked).await?;
+    assert_eq!(route(&env, tenant)?.0, "dedicated");
     Ok(())
 }
 
