@@ -107,11 +107,11 @@ impl Engine {
     ) -> Result<Option<MigrationRecord>, EngineError> {
         Ok(self
             .control
-            .migrations(false)
+            .migrations_of(tenant)
             .await?
             .into_iter()
             .rev()
-            .find(|m| m.tenant_id == tenant && matches(m)))
+            .find(|m| matches(m)))
     }
 
     /// Reverts migration `id` (see the module): starts its revert migration, or continues the

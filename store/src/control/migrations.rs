@@ -486,6 +486,25 @@ impl ControlDb {
         }))
     }
 
+    /// The migrations of `tenant`, oldest first (by the `(tenant_id, created_at)` index).
+    pub async fn migrations_of(
+        &self,
+        tenant: Uuid,
+    ) -> Result<Vec<MigrationRecord>, MigrationError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tenant_migrations WHERE tenant_id = $1 ORDER BY created_at, id"
+        );
+        Ok(on_backend!(self, |pool, d| {
+            sqlx::query(&sql)
+                .bind(d.id(tenant))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(decode_migration)
+                .collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
     /// Applies `action` to migration `id` if it is still in `expected`, in one transaction:
     /// the compare-and-set of the state, `started_at` / `completed_at`, the audit row, and —
     /// when `route` is given — the tenant's route under the next routing epoch (NOTIFYed on
