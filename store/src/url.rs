@@ -50,9 +50,9 @@ pub enum Planning {
     /// append planned afresh costs about 200 µs more (BENCHMARKS.md, `plan_cache_mode`).
     Cached,
     /// `plan_cache_mode = force_custom_plan`: every run planned for the tables as they are
-    /// then. The copiers' and the control plane's, whose statements run in long-lived sessions
-    /// against stores that grow by orders of magnitude under them (a bulk copy, a reverse
-    /// replication); a generic plan made on a nearly empty store read a stream's rows through
+    /// then. The control plane's (its copies, tails, verification and cutovers), whose
+    /// statements run in long-lived sessions against stores that grow by orders of magnitude
+    /// under them (a bulk copy, a reverse replication); a generic plan made on a nearly empty store read a stream's rows through
     /// the index on `aggregate_type` and tenant, every row of that type per stream, and where
     /// nothing analyzes the store (autovacuum off) nothing replaced it: one classifying
     /// statement of a tail batch ran for over 7 minutes. Their statements are batches, for
