@@ -96,6 +96,38 @@ async fn a_proxy_cut_off_from_control_cannot_append_into_the_target_before_the_c
     Ok(())
 }
 
+/// Migrates `tenant` to `dedicated` and cuts it over while 8 writers append through proxies
+/// `a` and `b`, until both route it to `dedicated`; the writers go on. Answers the migration id.
+async fn cut_over_under_writers(
+    env: &switchyard_tests::Env,
+    http: &Http,
+    [a, b]: [&switchyard_tests::ProxyProcess; 2],
+    tenant: Uuid,
+) -> Result<(String, Writers)> {
+    let id = migrate_to_dual_write(env, tenant, "dedicated", &[]).await?;
+    let writers = Writers::start(
+        http,
+        &[a.data.clone(), b.data.clone()],
+        tenant,
+        8,
+        2,
+        Duration::from_millis(10),
+    );
+    cut_over(env, &id).await?;
+    for proxy in [a, b] {
+        route_is(
+            http,
+            proxy,
+            tenant,
+            "store_id",
+            "dedicated",
+            Duration::from_secs(10),
+        )
+        .await?;
+    }
+    Ok((id, writers))
+}
+
 /// Reverse replication (issue 19 item 2): a tenant cuts over from `shared` to `dedicated`
 /// while 8 writers append through 2 proxies, and goes on appending to `dedicated`. The store it
 /// left is kept current: the proxies mirror each append back to it and `serve`'s reverse tail
@@ -117,27 +149,7 @@ async fn reverse_replication_keeps_the_store_the_tenant_left_current_across_an_o
     a.wait_ready(&http).await?;
     b.wait_ready(&http).await?;
     let serve = ServeProcess::spawn(&env.config_path, "w", &vars)?;
-    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
-    let writers = Writers::start(
-        &http,
-        &[a.data.clone(), b.data.clone()],
-        tenant,
-        8,
-        2,
-        Duration::from_millis(10),
-    );
-    cut_over(&env, &id).await?;
-    for proxy in [&a, &b] {
-        route_is(
-            &http,
-            proxy,
-            tenant,
-            "store_id",
-            "dedicated",
-            Duration::from_secs(10),
-        )
-        .await?;
-    }
+    let (id, writers) = cut_over_under_writers(&env, &http, [&a, &b], tenant).await?;
     // The store the tenant left goes away and comes back while writers go on.
     gate.close();
     let during = tenant_events(env.store_url("dedicated"), tenant)
@@ -234,27 +246,7 @@ async fn reverse_replication_survives_a_restart_of_the_store_the_tenant_left() -
     a.wait_ready(&http).await?;
     b.wait_ready(&http).await?;
     let serve = ServeProcess::spawn(&env.config_path, "w", &[])?;
-    let id = migrate_to_dual_write(&env, tenant, "dedicated", &[]).await?;
-    let writers = Writers::start(
-        &http,
-        &[a.data.clone(), b.data.clone()],
-        tenant,
-        8,
-        2,
-        Duration::from_millis(10),
-    );
-    cut_over(&env, &id).await?;
-    for proxy in [&a, &b] {
-        route_is(
-            &http,
-            proxy,
-            tenant,
-            "store_id",
-            "dedicated",
-            Duration::from_secs(10),
-        )
-        .await?;
-    }
+    let (id, writers) = cut_over_under_writers(&env, &http, [&a, &b], tenant).await?;
     let dedicated = env.store_url("dedicated");
     let before = tenant_events(dedicated, tenant).await?.len();
     let cluster =
